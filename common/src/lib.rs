@@ -1,0 +1,217 @@
+//! Types shared between the BPF programs (`ebpf-prog`) and the node agent.
+//!
+//! Every type here is the exact byte layout of a BPF map key or value, so each
+//! one is `#[repr(C)]`, carries its padding as named fields, avoids `bool`
+//! (its bit patterns are not all valid), and has a size assertion. Byte order
+//! is documented per field: addresses and ports stay in network order because
+//! the data path copies them straight into headers.
+#![no_std]
+
+/// Name of the LPM trie that maps remote subnets to their node.
+/// Key: `Key<[u8; 4]>` (prefix length in host order, then the subnet address
+/// in network order). Value: [`RemoteNode`].
+pub const MAP_SUBNETS: &str = "SUBNETS";
+/// Name of the single-slot array holding this node's [`NodeConfig`].
+pub const MAP_NODE_CONFIG: &str = "NODE_CONFIG";
+/// Name of the per-CPU array of `u64` packet counters, indexed by [`Reason`].
+pub const MAP_COUNTERS: &str = "COUNTERS";
+
+/// Program (and pinned link) names, equal to the entry functions' names.
+pub const PROG_ENCAP_TC: &str = "weft_encap_tc";
+pub const PROG_DECAP_XDP: &str = "weft_decap_xdp";
+pub const PROG_DECAP_TC: &str = "weft_decap_tc";
+
+/// Capacity of [`MAP_SUBNETS`]. flannel networks rarely hold more than a few
+/// thousand nodes; 131072 leaves room for the 100k-lease scale benchmark.
+pub const MAX_SUBNETS: u32 = 131_072;
+
+/// VXLAN encapsulation overhead: outer IPv4 (20) + UDP (8) + VXLAN (8) +
+/// inner Ethernet (14), RFC 7348 section 5.
+pub const VXLAN_OVERHEAD: u32 = 50;
+
+/// How packets reach a remote node.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// RFC 7348 VXLAN over UDP.
+    Vxlan = 1,
+}
+
+/// Value of [`MAP_SUBNETS`]: where a remote subnet lives.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RemoteNode {
+    /// The remote node's PublicIP, network byte order.
+    pub public_ip: [u8; 4],
+    /// The remote node's VtepMAC, wire order. Used as the inner destination
+    /// MAC because a flannel vxlan peer only accepts frames addressed to it.
+    pub vtep_mac: [u8; 6],
+    /// A [`Mode`] discriminant.
+    pub mode: u8,
+    pub _pad0: u8,
+    /// VXLAN network identifier, host byte order (24 significant bits).
+    pub vni: u32,
+}
+const _: () = assert!(size_of::<RemoteNode>() == 16);
+
+/// Value of [`MAP_NODE_CONFIG`] slot 0: this node's side of the tunnel.
+/// An all-zero value (`configured == 0`) makes every program pass traffic
+/// untouched, so a half-started agent never blackholes the host.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// Non-zero once the agent has filled this in.
+    pub configured: u32,
+    /// This node's PublicIP (outer source address), network byte order.
+    pub public_ip: [u8; 4],
+    /// The VtepMAC this node publishes (inner source MAC), wire order.
+    pub vtep_mac: [u8; 6],
+    /// VXLAN UDP destination port, network byte order.
+    pub vxlan_port_be: u16,
+    /// VXLAN network identifier, host byte order.
+    pub vni: u32,
+    /// ifindex of `--iface`, host byte order.
+    pub iface_ifindex: u32,
+    /// MTU of `--iface`, host byte order.
+    pub iface_mtu: u32,
+    /// MAC address of `--iface`, wire order. Decapsulated frames get it as
+    /// their destination so the stack treats them as addressed to this host.
+    pub iface_mac: [u8; 6],
+    /// Prefix length of [`Self::cluster_network`].
+    pub cluster_prefix_len: u8,
+    /// Prefix length of [`Self::local_subnet`].
+    pub local_prefix_len: u8,
+    /// The flannel Network, network byte order.
+    pub cluster_network: [u8; 4],
+    /// This node's leased subnet, network byte order.
+    pub local_subnet: [u8; 4],
+}
+const _: () = assert!(size_of::<NodeConfig>() == 44);
+
+/// Why a program did what it did. Each variant indexes [`MAP_COUNTERS`], so the
+/// counters double as metrics (`bpftool map dump pinned <pin>/COUNTERS`).
+/// Numbers are part of the pinned-map ABI: append, never renumber.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// Encapsulated towards a remote node (success).
+    Encapsulated = 0,
+    /// Decapsulated and handed to the stack (success).
+    Decapsulated = 1,
+    /// Passed: the agent has not configured this node yet.
+    PassNotConfigured = 2,
+    /// Passed: not IPv4 (ARP, IPv6, ...).
+    PassNotIpv4 = 3,
+    /// Passed: destination is not in any remote node's subnet.
+    PassNoRemote = 4,
+    /// Passed: not VXLAN traffic for this node (other UDP, other address,
+    /// other port, outer IP options, outer fragments).
+    PassNotTunnel = 5,
+    /// Passed: VXLAN for this node but with another VNI or without the I flag.
+    PassForeignVni = 6,
+    /// Passed: a GRO/GSO aggregate on the TC decap path; this kernel lacks
+    /// `BPF_F_ADJ_ROOM_DECAP_L4_UDP`, so the stack handles it.
+    PassGso = 7,
+    /// Dropped: IPv4 header truncated or invalid (version, IHL, length).
+    DropMalformedIp = 8,
+    /// Dropped: tunnel packet too short to hold its inner Ethernet header.
+    DropMalformedTunnel = 9,
+    /// Dropped: the FIB has no route or neighbour path to the remote node.
+    DropFibLookup = 10,
+    /// Dropped: `bpf_skb_adjust_room` / `bpf_xdp_adjust_head` failed.
+    DropAdjustRoom = 11,
+    /// Dropped: writing the new headers failed.
+    DropStoreBytes = 12,
+    /// Dropped: a non-GSO packet that would exceed the underlay MTU once
+    /// encapsulated.
+    DropTooBig = 13,
+    /// Dropped: a tunnel packet for this node whose inner frame is not IPv4;
+    /// weft carries IPv4 only and the stack has no use for it.
+    DropInnerNotIpv4 = 14,
+    /// Passed untouched: too short or invalid to classify; the stack, which
+    /// owns such packets, drops them itself.
+    PassMalformed = 15,
+}
+
+impl Reason {
+    /// Number of counter slots; the size of [`MAP_COUNTERS`].
+    pub const COUNT: u32 = 16;
+
+    /// Every reason, in index order; for dumping counters.
+    pub const ALL: [Reason; Self::COUNT as usize] = [
+        Reason::Encapsulated,
+        Reason::Decapsulated,
+        Reason::PassNotConfigured,
+        Reason::PassNotIpv4,
+        Reason::PassNoRemote,
+        Reason::PassNotTunnel,
+        Reason::PassForeignVni,
+        Reason::PassGso,
+        Reason::DropMalformedIp,
+        Reason::DropMalformedTunnel,
+        Reason::DropFibLookup,
+        Reason::DropAdjustRoom,
+        Reason::DropStoreBytes,
+        Reason::DropTooBig,
+        Reason::DropInnerNotIpv4,
+        Reason::PassMalformed,
+    ];
+
+    /// Stable snake-case name, for logs and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::Encapsulated => "encapsulated",
+            Reason::Decapsulated => "decapsulated",
+            Reason::PassNotConfigured => "pass_not_configured",
+            Reason::PassNotIpv4 => "pass_not_ipv4",
+            Reason::PassNoRemote => "pass_no_remote",
+            Reason::PassNotTunnel => "pass_not_tunnel",
+            Reason::PassForeignVni => "pass_foreign_vni",
+            Reason::PassGso => "pass_gso",
+            Reason::DropMalformedIp => "drop_malformed_ip",
+            Reason::DropMalformedTunnel => "drop_malformed_tunnel",
+            Reason::DropFibLookup => "drop_fib_lookup",
+            Reason::DropAdjustRoom => "drop_adjust_room",
+            Reason::DropStoreBytes => "drop_store_bytes",
+            Reason::DropTooBig => "drop_too_big",
+            Reason::DropInnerNotIpv4 => "drop_inner_not_ipv4",
+            Reason::PassMalformed => "pass_malformed",
+        }
+    }
+
+    /// Whether the packet is dropped (as opposed to passed on untouched).
+    pub const fn is_drop(self) -> bool {
+        matches!(
+            self,
+            Reason::DropMalformedIp
+                | Reason::DropMalformedTunnel
+                | Reason::DropFibLookup
+                | Reason::DropAdjustRoom
+                | Reason::DropStoreBytes
+                | Reason::DropTooBig
+                | Reason::DropInnerNotIpv4
+        )
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: both are #[repr(C)] with explicit padding fields and only
+    // integer/byte-array members, so every bit pattern is valid.
+    unsafe impl aya::Pod for super::RemoteNode {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::NodeConfig {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reason_table_is_dense_and_ordered() {
+        for (i, r) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*r as u32, i as u32, "{} out of place", r.name());
+            assert_eq!(r.is_drop(), r.name().starts_with("drop_"), "{}", r.name());
+        }
+    }
+}

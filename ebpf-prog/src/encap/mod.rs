@@ -1,0 +1,2 @@
+//! Encapsulation header builders, one module per tunnel type.
+pub mod vxlan;

@@ -1,0 +1,182 @@
+//! VXLAN encapsulation at TC egress of `--iface`.
+//!
+//! The agent routes the whole cluster network out of `--iface` (one route),
+//! so both forwarded container traffic and host-originated traffic reach this
+//! hook with the stack's L2 header in front. Packets for a remote subnet get
+//! RFC 7348 headers inserted after that L2 header, and the L2 header is then
+//! rewritten for the underlay next hop that the kernel's FIB picks.
+
+use core::{ffi::c_void, mem::size_of};
+
+use aya_ebpf::{
+    bindings::{
+        BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
+        BPF_F_ADJ_ROOM_FIXED_GSO, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        BPF_FIB_LOOKUP_OUTPUT, TC_ACT_OK, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup,
+    },
+    helpers::{
+        bpf_fib_lookup as fib_lookup, bpf_get_hash_recalc, bpf_get_prandom_u32, bpf_redirect,
+        bpf_redirect_neigh,
+    },
+    programs::TcContext,
+};
+use ebpf_prog::{
+    encap::vxlan::{
+        ENCAP_LEN, VxlanParams, build_headers, flow_src_port, outer_frag_off, outer_tos,
+    },
+    headers::{ETH_HLEN, ETH_P_IP, IP_DF, IPPROTO_UDP, IPV4_HLEN},
+};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+use weft_common::Reason;
+
+use crate::{
+    maps::{node_config, remote_for},
+    packet::read_at,
+};
+
+const AF_INET: u8 = 2;
+
+/// `BPF_F_ADJ_ROOM_ENCAP_L2(len)` from the UAPI header, a C macro that bindgen
+/// cannot see: the inner L2 header length in the top byte.
+const fn adj_room_encap_l2(len: u64) -> u64 {
+    (len & 0xff) << 56
+}
+
+/// GSO super-packets stay whole: the kernel segments them after this hook
+/// and replicates the tunnel headers per segment (`FIXED_GSO` keeps the
+/// inner MSS, which the container MTU already sized for the overhead).
+const ENCAP_FLAGS: u64 = BPF_F_ADJ_ROOM_FIXED_GSO as u64
+    | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 as u64
+    | BPF_F_ADJ_ROOM_ENCAP_L4_UDP as u64
+    | BPF_F_ADJ_ROOM_ENCAP_L2_ETH as u64
+    | adj_room_encap_l2(ETH_HLEN as u64);
+
+enum NextHop {
+    /// Neighbour known: write its MAC and transmit on `ifindex`.
+    Resolved { ifindex: u32, l2: [u8; 12] },
+    /// Neighbour not yet resolved: let `bpf_redirect_neigh` resolve it.
+    Unresolved { ifindex: u32 },
+}
+
+pub fn try_encap(ctx: &TcContext) -> Result<i32, Reason> {
+    let cfg = node_config().ok_or(Reason::PassNotConfigured)?;
+    let l3_min = ETH_HLEN + IPV4_HLEN;
+    if ctx.data() + l3_min > ctx.data_end() && ctx.len() as usize >= l3_min {
+        // Headers may sit in paged data; a failed pull shows up below as a
+        // short window.
+        let _ = ctx.skb.pull_data(l3_min as u32);
+    }
+    let eth = read_at::<EthHdr>(ctx, 0).ok_or(Reason::PassMalformed)?;
+    if eth.ether_type != ETH_P_IP.to_be() {
+        return Err(Reason::PassNotIpv4);
+    }
+    let ip = read_at::<Ipv4Hdr>(ctx, ETH_HLEN).ok_or(Reason::DropMalformedIp)?;
+    if ip.vihl >> 4 != 4 || ip.vihl & 0x0f < 5 {
+        return Err(Reason::DropMalformedIp);
+    }
+    let remote = remote_for(ip.dst_addr).ok_or(Reason::PassNoRemote)?;
+
+    let inner_l3_len = ctx.len().saturating_sub(ETH_HLEN as u32);
+    // SAFETY: reading a field of the context the kernel handed us.
+    let gso_size = unsafe { (*ctx.skb.skb).gso_size };
+    if gso_size == 0 && inner_l3_len + ENCAP_LEN as u32 > cfg.iface_mtu {
+        return Err(Reason::DropTooBig);
+    }
+
+    let next = next_hop(ctx, cfg.iface_ifindex, cfg.public_ip, remote.public_ip)?;
+
+    let frag_off = outer_frag_off(u16::from_be_bytes(ip.frags));
+    let params = VxlanParams {
+        outer_src: cfg.public_ip,
+        outer_dst: remote.public_ip,
+        // SAFETY: helper on our own skb; it only computes the flow hash.
+        src_port: flow_src_port(unsafe { bpf_get_hash_recalc(ctx.skb.skb) }),
+        dst_port_be: cfg.vxlan_port_be,
+        vni: remote.vni,
+        inner_dst_mac: remote.vtep_mac,
+        inner_src_mac: cfg.vtep_mac,
+        inner_l3_len,
+        tos: outer_tos(ip.tos),
+        frag_off,
+        // DF packets need no ID (RFC 6864); others may be fragmented on the
+        // underlay and need one that differs between packets.
+        ip_id: if frag_off & IP_DF != 0 {
+            0
+        } else {
+            // SAFETY: helper without arguments.
+            (unsafe { bpf_get_prandom_u32() }) as u16
+        },
+    };
+    let headers = build_headers(&params);
+
+    ctx.skb
+        .adjust_room(ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, ENCAP_FLAGS)
+        .map_err(|_| Reason::DropAdjustRoom)?;
+    // From here on the packet is half-built: every failure must drop it.
+    ctx.skb
+        .store(ETH_HLEN, &headers, 0)
+        .map_err(|_| Reason::DropStoreBytes)?;
+
+    match next {
+        NextHop::Resolved { ifindex, l2 } => {
+            ctx.skb
+                .store(0, &l2, 0)
+                .map_err(|_| Reason::DropStoreBytes)?;
+            // SAFETY: reading a field of the context the kernel handed us.
+            if ifindex == unsafe { (*ctx.skb.skb).ifindex } {
+                Ok(TC_ACT_OK)
+            } else {
+                // SAFETY: plain helper call; the verdict it returns is ours.
+                Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
+            }
+        }
+        NextHop::Unresolved { ifindex } => {
+            // No explicit next hop: the kernel then routes the outer header
+            // and attaches that route to the skb. With an explicit one it
+            // keeps the inner packet's route (the cluster route), and a
+            // packet queued for ARP is sent with that route's neighbour
+            // (net/core/neighbour.c, neigh_update re-looks up via skb_dst).
+            // SAFETY: a NULL parameter block with length 0 is the documented
+            // "look it up yourself" form.
+            Ok(unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) } as i32)
+        }
+    }
+}
+
+/// Asks the kernel FIB how to reach `dst` from `src` out of `ifindex`, so the
+/// underlay may be routed, not only one L2 segment.
+#[inline(always)]
+fn next_hop(ctx: &TcContext, ifindex: u32, src: [u8; 4], dst: [u8; 4]) -> Result<NextHop, Reason> {
+    // SAFETY: bpf_fib_lookup is plain old data; all-zero is a valid value.
+    let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    fib.family = AF_INET;
+    fib.l4_protocol = IPPROTO_UDP;
+    fib.ifindex = ifindex;
+    fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
+    fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
+    // SAFETY: `fib` is a valid, fully initialised lookup structure on our
+    // stack, and the size passed matches it.
+    let rc = unsafe {
+        fib_lookup(
+            ctx.skb.skb as *mut c_void,
+            &mut fib,
+            size_of::<bpf_fib_lookup>() as i32,
+            BPF_FIB_LOOKUP_OUTPUT,
+        )
+    };
+    match rc as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => {
+            let mut l2 = [0u8; 12];
+            l2[..6].copy_from_slice(&fib.dmac);
+            l2[6..].copy_from_slice(&fib.smac);
+            Ok(NextHop::Resolved {
+                ifindex: fib.ifindex,
+                l2,
+            })
+        }
+        BPF_FIB_LKUP_RET_NO_NEIGH => Ok(NextHop::Unresolved {
+            ifindex: fib.ifindex,
+        }),
+        _ => Err(Reason::DropFibLookup),
+    }
+}

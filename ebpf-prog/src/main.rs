@@ -1,0 +1,119 @@
+//! weft's data path: one program per hook.
+//!
+//! - `weft_encap_tc`: TC egress of `--iface`. IPv4 packets to a remote node's
+//!   subnet are wrapped in VXLAN and sent towards that node.
+//! - `weft_decap_xdp`: XDP on `--iface`. VXLAN for this node loses its outer
+//!   headers and goes up the stack as the inner packet.
+//! - `weft_decap_tc`: the same at TC ingress, where XDP cannot attach.
+//!
+//! Each entry calls `try_*` and turns its `Result<action, Reason>` into a
+//! verdict plus a per-CPU counter, so every outcome is visible in `COUNTERS`.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod decap;
+#[cfg(target_arch = "bpf")]
+mod encap_tc;
+#[cfg(target_arch = "bpf")]
+mod maps;
+#[cfg(target_arch = "bpf")]
+mod packet;
+
+#[cfg(target_arch = "bpf")]
+mod entries {
+    use aya_ebpf::{
+        bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+        macros::{classifier, xdp},
+        programs::{TcContext, XdpContext},
+    };
+    use aya_log_ebpf::error;
+    use weft_common::Reason;
+
+    use crate::{decap, encap_tc, maps::count};
+
+    #[classifier]
+    pub fn weft_encap_tc(ctx: TcContext) -> i32 {
+        match encap_tc::try_encap(&ctx) {
+            Ok(action) => {
+                count(Reason::Encapsulated);
+                action
+            }
+            Err(reason) => tc_verdict(&ctx, reason),
+        }
+    }
+
+    #[xdp]
+    pub fn weft_decap_xdp(ctx: XdpContext) -> u32 {
+        match decap::try_decap_xdp(&ctx) {
+            Ok(action) => {
+                count(Reason::Decapsulated);
+                action
+            }
+            Err(reason) => {
+                count(reason);
+                if helper_failed(reason) {
+                    error!(
+                        &ctx,
+                        "weft_decap_xdp: helper failed, reason {}", reason as u32
+                    );
+                }
+                if reason.is_drop() {
+                    xdp_action::XDP_DROP
+                } else {
+                    xdp_action::XDP_PASS
+                }
+            }
+        }
+    }
+
+    #[classifier]
+    pub fn weft_decap_tc(ctx: TcContext) -> i32 {
+        match decap::try_decap_tc(&ctx) {
+            Ok(action) => {
+                count(Reason::Decapsulated);
+                action
+            }
+            Err(reason) => tc_verdict(&ctx, reason),
+        }
+    }
+
+    #[inline(always)]
+    fn tc_verdict(ctx: &TcContext, reason: Reason) -> i32 {
+        count(reason);
+        if helper_failed(reason) {
+            error!(ctx, "weft tc: helper failed, reason {}", reason as u32);
+        }
+        if reason.is_drop() {
+            TC_ACT_SHOT
+        } else {
+            TC_ACT_OK
+        }
+    }
+
+    /// Failures that mean a kernel helper refused a well-formed packet: rare
+    /// enough to log, unlike per-packet outcomes such as "no remote".
+    #[inline(always)]
+    fn helper_failed(reason: Reason) -> bool {
+        matches!(reason, Reason::DropAdjustRoom | Reason::DropStoreBytes)
+    }
+}
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // SAFETY: BPF programs cannot panic at run time; the verifier rejects any
+    // path that would reach here, so this is never executed.
+    unsafe { core::hint::unreachable_unchecked() }
+}
+
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {
+    // The programs only exist for the bpfel-unknown-none target; the host
+    // build of this crate is for the library's unit tests.
+}

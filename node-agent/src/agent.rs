@@ -1,0 +1,295 @@
+//! `node-agent run` and `node-agent cleanup`: wiring the subsystems together.
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use etcd_client::{Client, ConnectOptions};
+use ipnet::Ipv4Net;
+use tokio::io::unix::AsyncFd;
+use weft_common::NodeConfig;
+
+use crate::{
+    datapath::{self, Datapath, DecapMode},
+    flannel::{
+        Backend, KeyLayout, LeaseAttrs, NetworkConfig, SubnetEnv, VxlanConfig, VxlanLeaseData,
+        flannel_mtu, subnet_env,
+    },
+    lease_manager::LeaseManager,
+    netconf::{self, ClusterRoute, Interface},
+    peers::PeerTable,
+    watcher::PeerWatcher,
+};
+
+/// Settings of `node-agent run`, already validated by clap.
+#[derive(Debug, Clone)]
+pub struct RunSettings {
+    pub etcd_endpoints: Vec<String>,
+    pub iface: String,
+    pub public_ip: Option<Ipv4Addr>,
+    pub etcd_prefix: String,
+    pub subnet_file: PathBuf,
+    pub pin_path: PathBuf,
+    pub decap_mode: DecapMode,
+}
+
+const RETRY_MIN: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(10);
+
+pub async fn run(s: RunSettings) -> anyhow::Result<()> {
+    let keys = KeyLayout::new(&s.etcd_prefix).context("--etcd-prefix")?;
+    let iface = Interface::lookup(&s.iface).context("--iface")?;
+    let public_ip = match s.public_ip {
+        Some(ip) => ip,
+        None => iface.primary_ipv4().context("--public-ip default")?,
+    };
+    tracing::info!(iface = %iface.name, %public_ip, mtu = iface.mtu, "starting");
+
+    let mut client = connect(&s.etcd_endpoints).await;
+    let (cfg, vxlan) = wait_for_config(&mut client, &keys).await;
+
+    let mut dp = Datapath::load(&s.pin_path)
+        .with_context(|| format!("loading BPF objects under {}", s.pin_path.display()))?;
+    let logger = match aya_log::EbpfLogger::init(dp.ebpf_mut()) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::warn!(error = %e, "BPF error logs unavailable");
+            None
+        }
+    };
+
+    // The VtepMAC is the underlay interface's own MAC: decapsulated frames
+    // then already carry this host's address, and a flannel vxlan peer
+    // addresses its inner frames to it.
+    let attrs = LeaseAttrs {
+        public_ip,
+        backend_type: cfg.backend.type_name().to_owned(),
+        backend_data: Some(VxlanLeaseData {
+            vni: Some(vxlan.vni),
+            vtep_mac: iface.mac,
+        }),
+    };
+    let file_subnet = read_subnet_file(&s.subnet_file);
+    let mut leases = LeaseManager::new(client.clone(), keys.clone(), attrs.clone());
+    let held = {
+        let mut delay = RETRY_MIN;
+        loop {
+            match leases.acquire(&cfg, file_subnet).await {
+                Ok(held) => break held,
+                Err(e) => tracing::error!(error = %e, "cannot lease a subnet; retrying"),
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(RETRY_MAX);
+        }
+    };
+    tracing::info!(subnet = %held.subnet, how = held.how, "subnet leased");
+
+    let mtu = flannel_mtu(iface.mtu, &cfg.backend);
+    let env = SubnetEnv {
+        network: cfg.network,
+        subnet: held.subnet,
+        mtu,
+        ipmasq: false,
+    };
+    subnet_env::write_atomic(&s.subnet_file, &env.render())
+        .with_context(|| format!("writing {}", s.subnet_file.display()))?;
+
+    netconf::enable_ipv4_forwarding()?;
+    dp.write_node_config(&NodeConfig {
+        configured: 1,
+        public_ip: public_ip.octets(),
+        vtep_mac: iface.mac,
+        vxlan_port_be: vxlan.port.to_be(),
+        vni: vxlan.vni,
+        iface_ifindex: iface.ifindex,
+        iface_mtu: iface.mtu,
+        iface_mac: iface.mac,
+        cluster_prefix_len: cfg.network.prefix_len(),
+        local_prefix_len: held.subnet.prefix_len(),
+        cluster_network: cfg.network.network().octets(),
+        local_subnet: held.subnet.network().octets(),
+    })?;
+    let hook = dp.attach(&iface.name, s.decap_mode)?;
+    ClusterRoute {
+        network: cfg.network,
+        iface: iface.name.clone(),
+        iface_mac: iface.mac,
+        mtu,
+    }
+    .install()?;
+    tracing::info!(?hook, pin_path = %s.pin_path.display(), "data path attached");
+
+    let table = PeerTable::new(&cfg, held.subnet, public_ip);
+    let watcher = PeerWatcher::new(client, keys, table, dp.take_subnets()?, held.clone(), attrs);
+    tokio::select! {
+        err = watcher.run() => {
+            Err(anyhow::Error::new(err)).context("stopping: lease revoked; restart the agent to lease again")
+        }
+        r = leases.keep_renewed(held) => r.context("subnet lease"),
+        () = drain_bpf_logs(logger) => bail!("BPF log reader stopped"),
+        r = shutdown_signal() => {
+            r?;
+            tracing::info!("stopping; the data path stays in place (`node-agent cleanup` removes it)");
+            Ok(())
+        }
+    }
+}
+
+/// Connects to etcd, retrying until it answers. etcd-client connects lazily
+/// per request afterwards, so later outages are handled by the callers.
+async fn connect(endpoints: &[String]) -> Client {
+    let opts = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(5))
+        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+    retry("etcd connection", || async {
+        let mut c = Client::connect(endpoints, Some(opts.clone())).await?;
+        c.status().await?;
+        Ok::<_, etcd_client::Error>(c)
+    })
+    .await
+}
+
+/// Reads the network config, waiting until it exists and is valid. Each new
+/// problem is logged once, naming the key.
+async fn wait_for_config(client: &mut Client, keys: &KeyLayout) -> (NetworkConfig, VxlanConfig) {
+    let key = keys.config_key();
+    let mut last_problem = String::new();
+    loop {
+        let problem = match client.get(key.as_str(), None).await {
+            Err(e) => format!("cannot read it: {e}"),
+            Ok(resp) => match resp.kvs().first() {
+                None => "missing".to_owned(),
+                Some(kv) => match std::str::from_utf8(kv.value())
+                    .map_err(|e| e.to_string())
+                    .and_then(|v| NetworkConfig::parse(v).map_err(|e| e.to_string()))
+                {
+                    Ok(cfg) => match &cfg.backend {
+                        Backend::Vxlan(v) => {
+                            let v = *v;
+                            return (cfg, v);
+                        }
+                        other => format!(
+                            "backend {:?} is not implemented yet (weft supports vxlan)",
+                            other.type_name()
+                        ),
+                    },
+                    Err(e) => e,
+                },
+            },
+        };
+        if problem != last_problem {
+            tracing::error!(%key, %problem, "network config unusable; waiting for a valid one");
+            last_problem = problem;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+/// Retries `op` with exponential backoff, logging the first failure and each
+/// change of error, not every attempt.
+async fn retry<T, E: std::fmt::Display, F: std::future::Future<Output = Result<T, E>>>(
+    what: &str,
+    mut op: impl FnMut() -> F,
+) -> T {
+    let mut delay = RETRY_MIN;
+    let mut last = String::new();
+    loop {
+        match op().await {
+            Ok(v) => return v,
+            Err(e) => {
+                let msg = e.to_string();
+                if msg != last {
+                    tracing::warn!(error = %msg, "{what} failed; retrying");
+                    last = msg;
+                }
+            }
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(RETRY_MAX);
+    }
+}
+
+fn read_subnet_file(path: &Path) -> Option<Ipv4Net> {
+    let text = std::fs::read_to_string(path).ok()?;
+    match subnet_env::parse_subnet(&text) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "ignoring unreadable subnet file");
+            None
+        }
+    }
+}
+
+async fn drain_bpf_logs(logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>) {
+    let Some(logger) = logger else {
+        return std::future::pending().await;
+    };
+    // SAFETY: the logger owns the ring buffer's fd and moves into the
+    // AsyncFd, so the fd stays open for as long as it is registered.
+    let registered =
+        unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
+    let mut fd = match registered {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot poll BPF logs");
+            return std::future::pending().await;
+        }
+    };
+    loop {
+        match fd.readable_mut().await {
+            Ok(mut guard) => {
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "BPF log reader failed");
+                return std::future::pending().await;
+            }
+        }
+    }
+}
+
+async fn shutdown_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+/// Removes what `run` created: the cluster route and its neighbour entry,
+/// every pin (which detaches the programs), and the subnet file.
+pub fn cleanup(pin_path: &Path, subnet_file: &Path) -> anyhow::Result<()> {
+    if let Some(cfg) = datapath::pinned_node_config(pin_path)? {
+        let network = Ipv4Net::new(Ipv4Addr::from(cfg.cluster_network), cfg.cluster_prefix_len)
+            .context("pinned NODE_CONFIG holds an invalid network")?;
+        match netconf::ifname_of(cfg.iface_ifindex) {
+            Some(iface) => {
+                ClusterRoute {
+                    network,
+                    iface,
+                    iface_mac: cfg.iface_mac,
+                    mtu: 0,
+                }
+                .remove()?;
+            }
+            None => tracing::info!(
+                ifindex = cfg.iface_ifindex,
+                "interface is gone, and its route with it"
+            ),
+        }
+    }
+    datapath::remove_pins(pin_path)?;
+    match std::fs::remove_file(subnet_file) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing {}", subnet_file.display()))
+        }
+        _ => Ok(()),
+    }
+}

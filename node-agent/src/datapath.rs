@@ -1,0 +1,397 @@
+//! Loading, attaching and pinning the BPF programs and maps.
+//!
+//! Everything lives under `--pin-path`: the maps by their names and one link
+//! per program, named like the program. Pinned links keep the programs
+//! attached when the agent stops or crashes, exactly as flannel's devices and
+//! routes outlive flanneld. A restart reuses the pinned maps (their entries
+//! stay) and swaps the new programs into the pinned links atomically with
+//! `BPF_LINK_UPDATE`, so forwarding never stops.
+
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, LpmTrie, MapData, PerCpuArray},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, LinkError, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+        xdp::XdpLink,
+    },
+};
+use weft_common::{
+    MAP_COUNTERS, MAP_NODE_CONFIG, MAP_SUBNETS, NodeConfig, PROG_DECAP_TC, PROG_DECAP_XDP,
+    PROG_ENCAP_TC, Reason, RemoteNode,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("cannot create pin directory {path}: {source}")]
+    PinDir { path: PathBuf, source: io::Error },
+    #[error("cannot load the BPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("BPF program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("BPF program {name} is missing from the object")]
+    MissingProgram { name: &'static str },
+    #[error("pinned link {path}: {source}")]
+    Link { path: PathBuf, source: LinkError },
+    #[error("cannot pin {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        source: aya::pin::PinError,
+    },
+    #[error("BPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("no decapsulation hook could be attached to {iface}: XDP: {xdp}; TC: {tc}")]
+    NoDecapHook {
+        iface: String,
+        xdp: String,
+        tc: String,
+    },
+    #[error(
+        "{path} is not on a BPF filesystem, so pins would not outlive the agent; \
+         mount one (`mount -t bpf bpf /sys/fs/bpf`) or choose another --pin-path"
+    )]
+    NotBpffs { path: PathBuf },
+    #[error("cannot remove {path}: {source}")]
+    Remove { path: PathBuf, source: io::Error },
+}
+
+/// Where decapsulation runs. XDP is cheapest (before any skb exists); TC
+/// ingress works on every device, e.g. where a driver lacks XDP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DecapMode {
+    /// XDP, falling back to TC ingress if XDP cannot attach.
+    Auto,
+    Xdp,
+    Tc,
+}
+
+/// Which hook decapsulation ended up on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecapHook {
+    Xdp,
+    Tc,
+}
+
+/// A loaded object with pinned maps.
+pub struct Datapath {
+    ebpf: Ebpf,
+    pin_path: PathBuf,
+}
+
+impl Datapath {
+    /// Loads the object, creating the maps under `pin_path` or reusing the
+    /// ones already pinned there.
+    pub fn load(pin_path: &Path) -> Result<Self, DatapathError> {
+        fs::create_dir_all(pin_path).map_err(|source| DatapathError::PinDir {
+            path: pin_path.to_owned(),
+            source,
+        })?;
+        if !is_bpffs(pin_path) {
+            return Err(DatapathError::NotBpffs {
+                path: pin_path.to_owned(),
+            });
+        }
+        let ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_path)
+            .load(crate::ebpf::OBJECT)?;
+        Ok(Self {
+            ebpf,
+            pin_path: pin_path.to_owned(),
+        })
+    }
+
+    /// The loaded object, e.g. for `aya_log::EbpfLogger::init`.
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    /// Attaches encap at TC egress and decap at XDP or TC ingress of `iface`,
+    /// replacing programs in links pinned by an earlier run.
+    pub fn attach(&mut self, iface: &str, mode: DecapMode) -> Result<DecapHook, DatapathError> {
+        self.attach_tc(PROG_ENCAP_TC, iface, TcAttachType::Egress)?;
+        let hook = match mode {
+            DecapMode::Xdp => {
+                self.attach_xdp(iface)?;
+                DecapHook::Xdp
+            }
+            DecapMode::Tc => {
+                self.attach_tc(PROG_DECAP_TC, iface, TcAttachType::Ingress)?;
+                DecapHook::Tc
+            }
+            DecapMode::Auto => match self.attach_xdp(iface) {
+                Ok(()) => DecapHook::Xdp,
+                Err(xdp) => {
+                    tracing::warn!(%iface, error = %xdp, "XDP unavailable, decapsulating at TC ingress");
+                    self.attach_tc(PROG_DECAP_TC, iface, TcAttachType::Ingress)
+                        .map_err(|tc| DatapathError::NoDecapHook {
+                            iface: iface.to_owned(),
+                            xdp: xdp.to_string(),
+                            tc: tc.to_string(),
+                        })?;
+                    DecapHook::Tc
+                }
+            },
+        };
+        // Only one decap hook may stay: a pin left by a run in the other mode
+        // would decapsulate twice or shadow this one.
+        let stale = match hook {
+            DecapHook::Xdp => PROG_DECAP_TC,
+            DecapHook::Tc => PROG_DECAP_XDP,
+        };
+        remove_pin(&self.pin_path.join(stale))?;
+        Ok(hook)
+    }
+
+    fn attach_tc(
+        &mut self,
+        name: &'static str,
+        iface: &str,
+        attach_type: TcAttachType,
+    ) -> Result<(), DatapathError> {
+        let link_path = self.pin_path.join(name);
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::MissingProgram { name })?
+            .try_into()
+            .map_err(|source| DatapathError::Program { name, source })?;
+        prog.load()
+            .map_err(|source| DatapathError::Program { name, source })?;
+        let program_err = |source| DatapathError::Program { name, source };
+        let link_err = |source| DatapathError::Link {
+            path: link_path.clone(),
+            source,
+        };
+        match pinned_link(&link_path).map_err(link_err)? {
+            Some(pinned) => {
+                let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(link_err)?;
+                // The pin keeps the link; our handle may close.
+                let id = prog.attach_to_link(link).map_err(program_err)?;
+                drop(prog.take_link(id).map_err(program_err)?.try_into_fd_link());
+            }
+            None => {
+                let id = prog
+                    .attach_with_options(
+                        iface,
+                        attach_type,
+                        TcAttachOptions::TcxOrder(LinkOrder::default()),
+                    )
+                    .map_err(program_err)?;
+                let link = prog.take_link(id).map_err(program_err)?;
+                let fd: FdLink = link.try_into().map_err(link_err)?;
+                fd.pin(&link_path).map_err(|source| DatapathError::Pin {
+                    path: link_path.clone(),
+                    source,
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    fn attach_xdp(&mut self, iface: &str) -> Result<(), DatapathError> {
+        let name = PROG_DECAP_XDP;
+        let link_path = self.pin_path.join(name);
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::MissingProgram { name })?
+            .try_into()
+            .map_err(|source| DatapathError::Program { name, source })?;
+        prog.load()
+            .map_err(|source| DatapathError::Program { name, source })?;
+        let program_err = |source| DatapathError::Program { name, source };
+        let link_err = |source| DatapathError::Link {
+            path: link_path.clone(),
+            source,
+        };
+        match pinned_link(&link_path).map_err(link_err)? {
+            Some(pinned) => {
+                let link = XdpLink::try_from(FdLink::from(pinned)).map_err(link_err)?;
+                let id = prog.attach_to_link(link).map_err(program_err)?;
+                drop(prog.take_link(id).map_err(program_err)?.try_into_fd_link());
+            }
+            None => {
+                // Native mode: the frame is decapsulated before an skb exists,
+                // and veth then runs GRO on the inner packet.
+                let id = prog.attach(iface, XdpMode::Driver).map_err(program_err)?;
+                let link = prog.take_link(id).map_err(program_err)?;
+                let fd: FdLink = link.try_into().map_err(link_err)?;
+                fd.pin(&link_path).map_err(|source| DatapathError::Pin {
+                    path: link_path.clone(),
+                    source,
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn subnets(&mut self) -> Result<LpmTrie<&mut MapData, [u8; 4], RemoteNode>, DatapathError> {
+        let map = self.ebpf.map_mut(MAP_SUBNETS).ok_or(DatapathError::Map {
+            name: MAP_SUBNETS,
+            source: missing_map(MAP_SUBNETS),
+        })?;
+        LpmTrie::try_from(map).map_err(|source| DatapathError::Map {
+            name: MAP_SUBNETS,
+            source,
+        })
+    }
+
+    /// Takes the subnet map out of the object, for the map-sync task to own.
+    pub fn take_subnets(&mut self) -> Result<LpmTrie<MapData, [u8; 4], RemoteNode>, DatapathError> {
+        let map = self.ebpf.take_map(MAP_SUBNETS).ok_or(DatapathError::Map {
+            name: MAP_SUBNETS,
+            source: missing_map(MAP_SUBNETS),
+        })?;
+        LpmTrie::try_from(map).map_err(|source| DatapathError::Map {
+            name: MAP_SUBNETS,
+            source,
+        })
+    }
+
+    pub fn write_node_config(&mut self, cfg: &NodeConfig) -> Result<(), DatapathError> {
+        let err = |source| DatapathError::Map {
+            name: MAP_NODE_CONFIG,
+            source,
+        };
+        let map = self
+            .ebpf
+            .map_mut(MAP_NODE_CONFIG)
+            .ok_or(DatapathError::Map {
+                name: MAP_NODE_CONFIG,
+                source: missing_map(MAP_NODE_CONFIG),
+            })?;
+        let mut array: Array<_, NodeConfig> = Array::try_from(map).map_err(err)?;
+        array.set(0, cfg, 0).map_err(err)
+    }
+
+    /// Counter totals over all CPUs, in [`Reason`] order.
+    pub fn counters(&self) -> Result<Vec<(Reason, u64)>, DatapathError> {
+        read_counters_from(self.ebpf.map(MAP_COUNTERS).ok_or(DatapathError::Map {
+            name: MAP_COUNTERS,
+            source: missing_map(MAP_COUNTERS),
+        })?)
+    }
+}
+
+fn read_counters_from(map: &aya::maps::Map) -> Result<Vec<(Reason, u64)>, DatapathError> {
+    let err = |source| DatapathError::Map {
+        name: MAP_COUNTERS,
+        source,
+    };
+    let counters: PerCpuArray<_, u64> = PerCpuArray::try_from(map).map_err(err)?;
+    Reason::ALL
+        .iter()
+        .map(|&r| Ok((r, counters.get(&(r as u32), 0).map_err(err)?.iter().sum())))
+        .collect()
+}
+
+fn missing_map(name: &str) -> aya::maps::MapError {
+    aya::maps::MapError::InvalidName {
+        name: name.to_owned(),
+    }
+}
+
+/// Whether `path` lives on bpffs. `ip netns exec` remounts /sys, hiding the
+/// host's bpffs; pins made elsewhere would vanish with the agent.
+fn is_bpffs(path: &Path) -> bool {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: `c_path` is a valid NUL-terminated string and `buf` a properly
+    // sized, writable statfs buffer that outlives the call.
+    unsafe {
+        let mut buf: libc::statfs = std::mem::zeroed();
+        libc::statfs(c_path.as_ptr(), &mut buf) == 0 && buf.f_type as i64 == BPF_FS_MAGIC
+    }
+}
+
+/// The link pinned at `path`, or `None` if nothing is pinned there.
+fn pinned_link(path: &Path) -> Result<Option<PinnedLink>, LinkError> {
+    match PinnedLink::from_pin(path) {
+        Ok(link) => Ok(Some(link)),
+        Err(LinkError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Unpins `path`; for a link whose only reference is the pin this detaches it.
+fn remove_pin(path: &Path) -> Result<(), DatapathError> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(DatapathError::Remove {
+            path: path.to_owned(),
+            source: e,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Reads this node's configuration from a pinned `NODE_CONFIG`, for cleanup
+/// after the agent is gone.
+pub fn pinned_node_config(pin_path: &Path) -> Result<Option<NodeConfig>, DatapathError> {
+    let path = pin_path.join(MAP_NODE_CONFIG);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let err = |source| DatapathError::Map {
+        name: MAP_NODE_CONFIG,
+        source,
+    };
+    let data = MapData::from_pin(&path).map_err(err)?;
+    let array: Array<_, NodeConfig> = Array::try_from(aya::maps::Map::Array(data)).map_err(err)?;
+    let cfg = array.get(&0, 0).map_err(err)?;
+    Ok((cfg.configured != 0).then_some(cfg))
+}
+
+/// Unpins every link (detaching the programs) and map under `pin_path`, then
+/// removes the directory.
+pub fn remove_pins(pin_path: &Path) -> Result<(), DatapathError> {
+    // Links first, so no program runs against half-removed maps.
+    for name in [
+        PROG_ENCAP_TC,
+        PROG_DECAP_XDP,
+        PROG_DECAP_TC,
+        MAP_SUBNETS,
+        MAP_NODE_CONFIG,
+        MAP_COUNTERS,
+    ] {
+        remove_pin(&pin_path.join(name))?;
+    }
+    match fs::remove_dir(pin_path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(DatapathError::Remove {
+            path: pin_path.to_owned(),
+            source: e,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Converts an owned TC/XDP link into its fd so dropping it only closes our
+/// handle (the pin keeps the link) instead of detaching it.
+trait IntoFdLink {
+    fn try_into_fd_link(self) -> Option<FdLink>;
+}
+
+impl IntoFdLink for SchedClassifierLink {
+    fn try_into_fd_link(self) -> Option<FdLink> {
+        FdLink::try_from(self).ok()
+    }
+}
+
+impl IntoFdLink for XdpLink {
+    fn try_into_fd_link(self) -> Option<FdLink> {
+        FdLink::try_from(self).ok()
+    }
+}

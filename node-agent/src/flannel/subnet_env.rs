@@ -1,0 +1,264 @@
+//! `/run/flannel/subnet.env`, the file the flannel CNI plugin reads to configure pods, and
+//! from which flannel recovers its previous subnet after a restart.
+
+use std::ffi::OsString;
+use std::fs::{self, File};
+use std::io::{self, Write as _};
+use std::net::Ipv4Addr;
+use std::path::Path;
+
+use ipnet::Ipv4Net;
+use thiserror::Error;
+
+use super::config::Backend;
+
+/// flannel's default `--subnet-file`.
+pub const DEFAULT_PATH: &str = "/run/flannel/subnet.env";
+
+/// VXLAN over IPv4: outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14), flannel's
+/// vxlan `encapOverhead`.
+pub const VXLAN_OVERHEAD: u32 = 50;
+/// IP-in-IP: one extra IPv4 header.
+pub const IPIP_OVERHEAD: u32 = 20;
+
+const SUBNET_VAR: &str = "FLANNEL_SUBNET";
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum SubnetEnvError {
+    #[error("{SUBNET_VAR}={value:?}: not an IPv4 CIDR ({reason})")]
+    InvalidSubnet { value: String, reason: String },
+}
+
+/// Contents of subnet.env as flannel writes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubnetEnv {
+    pub network: Ipv4Net,
+    /// The leased subnet, in network-address form (10.244.5.0/24).
+    pub subnet: Ipv4Net,
+    pub mtu: u32,
+    pub ipmasq: bool,
+}
+
+impl SubnetEnv {
+    /// The file text, byte for byte what flannel's `WriteSubnetFile` produces for IPv4. The
+    /// subnet is written as its first host address (10.244.5.1/24) because the CNI bridge
+    /// plugin takes it as the gateway address for cni0.
+    pub fn render(&self) -> String {
+        let subnet = self.subnet.trunc();
+        let gateway = Ipv4Addr::from(u32::from(subnet.network()).saturating_add(1));
+        format!(
+            "FLANNEL_NETWORK={}\n{SUBNET_VAR}={gateway}/{}\nFLANNEL_MTU={}\nFLANNEL_IPMASQ={}\n",
+            self.network.trunc(),
+            subnet.prefix_len(),
+            self.mtu,
+            self.ipmasq,
+        )
+    }
+}
+
+/// Reads `FLANNEL_SUBNET` back from a subnet.env (flannel's `ReadCIDRFromSubnetFile`), masked to
+/// the network address. `Ok(None)` when the variable is absent. The file is parsed like the
+/// godotenv reader flannel uses: blank lines and `#` comments skipped, an optional `export `,
+/// optional quotes, and the last assignment wins.
+pub fn parse_subnet(contents: &str) -> Result<Option<Ipv4Net>, SubnetEnvError> {
+    let mut value = None;
+    for line in contents.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let line = line
+            .strip_prefix("export")
+            .filter(|rest| rest.starts_with(char::is_whitespace))
+            .unwrap_or(line);
+        let Some((key, raw)) = line.split_once('=') else {
+            continue;
+        };
+        if key.trim() == SUBNET_VAR {
+            value = Some(unquote(raw.trim()));
+        }
+    }
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    value
+        .parse::<Ipv4Net>()
+        .map(|subnet| Some(subnet.trunc()))
+        .map_err(|e| SubnetEnvError::InvalidSubnet {
+            value: value.to_owned(),
+            reason: e.to_string(),
+        })
+}
+
+/// A quoted value loses its quotes; an unquoted one ends at whitespace (where an inline
+/// `# comment` would start).
+fn unquote(raw: &str) -> &str {
+    for quote in ['"', '\''] {
+        if let Some(inner) = raw
+            .strip_prefix(quote)
+            .and_then(|rest| rest.strip_suffix(quote))
+        {
+            return inner;
+        }
+    }
+    raw.split_whitespace().next().unwrap_or("")
+}
+
+/// Writes `contents` to `path` so that readers (the CNI plugin) never see a partial file:
+/// write a temporary file in the same directory, fsync it, then rename it over `path`, as
+/// flannel does. The parent directory is created if missing.
+pub fn write_atomic(path: &Path, contents: &str) -> io::Result<()> {
+    let file_name = path.file_name().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{}: path has no file name", path.display()),
+        )
+    })?;
+    let dir = path
+        .parent()
+        .filter(|dir| !dir.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    fs::create_dir_all(dir)?;
+
+    let mut tmp_name = OsString::from(".");
+    tmp_name.push(file_name);
+    tmp_name.push(format!(".{}.tmp", std::process::id()));
+    let tmp_path = dir.join(tmp_name);
+
+    let result = File::create(&tmp_path)
+        .and_then(|mut file| {
+            file.write_all(contents.as_bytes())?;
+            file.sync_all()
+        })
+        .and_then(|()| fs::rename(&tmp_path, path));
+    if result.is_err() {
+        // Best effort: the original error is the one worth reporting.
+        let _ = fs::remove_file(&tmp_path);
+    }
+    result
+}
+
+/// The MTU to advertise to pods: the uplink's MTU minus the backend's encapsulation overhead.
+pub fn flannel_mtu(iface_mtu: u32, backend: &Backend) -> u32 {
+    match backend {
+        Backend::Vxlan(_) => iface_mtu.saturating_sub(VXLAN_OVERHEAD),
+        Backend::Ipip => iface_mtu.saturating_sub(IPIP_OVERHEAD),
+        Backend::HostGw => iface_mtu,
+    }
+}
+
+#[cfg(test)]
+#[expect(
+    clippy::unwrap_used,
+    reason = "a test should fail loudly on any unexpected error"
+)]
+mod tests {
+    use super::*;
+    use crate::flannel::config::VxlanConfig;
+
+    fn net(s: &str) -> Ipv4Net {
+        s.parse().unwrap()
+    }
+
+    fn env() -> SubnetEnv {
+        SubnetEnv {
+            network: net("10.244.0.0/16"),
+            subnet: net("10.244.5.0/24"),
+            mtu: 1450,
+            ipmasq: false,
+        }
+    }
+
+    #[test]
+    fn render_is_exact() {
+        assert_eq!(
+            env().render(),
+            "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.5.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n"
+        );
+        let other = SubnetEnv {
+            network: net("10.0.0.0/28"),
+            subnet: net("10.0.0.4/30"),
+            mtu: 1480,
+            ipmasq: true,
+        };
+        assert_eq!(
+            other.render(),
+            "FLANNEL_NETWORK=10.0.0.0/28\nFLANNEL_SUBNET=10.0.0.5/30\nFLANNEL_MTU=1480\nFLANNEL_IPMASQ=true\n"
+        );
+    }
+
+    #[test]
+    fn render_then_parse_round_trips() {
+        assert_eq!(
+            parse_subnet(&env().render()),
+            Ok(Some(net("10.244.5.0/24")))
+        );
+    }
+
+    #[test]
+    fn parse_variants() {
+        assert_eq!(
+            parse_subnet("FLANNEL_SUBNET=10.244.5.1/24"),
+            Ok(Some(net("10.244.5.0/24")))
+        );
+        assert_eq!(
+            parse_subnet("# comment\n\nexport FLANNEL_SUBNET=\"10.1.2.1/25\"\n"),
+            Ok(Some(net("10.1.2.0/25")))
+        );
+        assert_eq!(
+            parse_subnet("FLANNEL_SUBNET='10.1.2.129/25'"),
+            Ok(Some(net("10.1.2.128/25")))
+        );
+        assert_eq!(
+            parse_subnet("FLANNEL_SUBNET=10.1.2.1/24 # old\r\n"),
+            Ok(Some(net("10.1.2.0/24")))
+        );
+        assert_eq!(
+            parse_subnet("FLANNEL_SUBNET=10.1.1.1/24\nFLANNEL_SUBNET=10.1.9.1/24\n"),
+            Ok(Some(net("10.1.9.0/24")))
+        );
+        assert_eq!(parse_subnet(""), Ok(None));
+        assert_eq!(
+            parse_subnet(
+                "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_IPV6_SUBNET=fd00::1/64\nXFLANNEL_SUBNET=1.2.3.4/24\n"
+            ),
+            Ok(None)
+        );
+        for bad in [
+            "FLANNEL_SUBNET=",
+            "FLANNEL_SUBNET=10.244.5.1",
+            "FLANNEL_SUBNET=fd00::1/64",
+        ] {
+            let e = parse_subnet(bad).unwrap_err();
+            assert!(e.to_string().starts_with("FLANNEL_SUBNET="), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn write_atomic_creates_dir_and_replaces() {
+        let root = std::env::temp_dir().join(format!("weft-subnet-env-{}", std::process::id()));
+        let path = root.join("run/flannel/subnet.env");
+        write_atomic(&path, "first\n").unwrap();
+        assert_eq!(fs::read_to_string(&path).unwrap(), "first\n");
+        write_atomic(&path, &env().render()).unwrap();
+        assert_eq!(fs::read_to_string(&path).unwrap(), env().render());
+        let leftovers: Vec<_> = fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name())
+            .collect();
+        assert_eq!(leftovers, vec![OsString::from("subnet.env")]);
+        assert!(write_atomic(Path::new("/"), "x").is_err());
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn mtu_per_backend() {
+        let vxlan = Backend::Vxlan(VxlanConfig::default());
+        assert_eq!(flannel_mtu(1500, &vxlan), 1450);
+        assert_eq!(flannel_mtu(9001, &vxlan), 8951);
+        assert_eq!(flannel_mtu(1500, &Backend::Ipip), 1480);
+        assert_eq!(flannel_mtu(1500, &Backend::HostGw), 1500);
+        assert_eq!(flannel_mtu(40, &vxlan), 0);
+        assert_eq!(flannel_mtu(10, &Backend::Ipip), 0);
+    }
+}

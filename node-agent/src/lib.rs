@@ -1,0 +1,17 @@
+//! weft's node agent: flannel's control plane on etcd, driving an eBPF data path.
+//!
+//! Subsystems, each with its own error type:
+//! - [`flannel`]: config, key layout, lease values, allocation, subnet file;
+//! - [`lease_manager`]: this node's lease in etcd;
+//! - [`watcher`] and [`peers`]: other nodes' leases, mirrored into the BPF map;
+//! - [`datapath`]: loading, attaching and pinning the BPF programs;
+//! - [`netconf`]: the underlay interface, the cluster route, forwarding.
+
+pub mod agent;
+pub mod datapath;
+pub mod ebpf;
+pub mod flannel;
+pub mod lease_manager;
+pub mod netconf;
+pub mod peers;
+pub mod watcher;

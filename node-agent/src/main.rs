@@ -1,0 +1,115 @@
+//! `node-agent`: leases this node's subnet from etcd and runs weft's eBPF
+//! data path. See the README for the contract.
+
+use std::{io::IsTerminal as _, net::Ipv4Addr, path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use node_agent::{
+    agent::{self, RunSettings},
+    datapath::DecapMode,
+};
+
+#[derive(Parser)]
+#[command(version, about = "weft node agent: flannel-compatible, eBPF data path")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Lease a subnet, attach the data path and follow the other nodes.
+    Run {
+        /// etcd client URLs, comma separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        etcd_endpoints: Vec<String>,
+        /// Underlay interface: tunnels leave and arrive here.
+        #[arg(long)]
+        iface: String,
+        /// Address other nodes send tunnel traffic to [default: the primary
+        /// IPv4 address of --iface].
+        #[arg(long)]
+        public_ip: Option<Ipv4Addr>,
+        #[arg(long, default_value = "/coreos.com/network")]
+        etcd_prefix: String,
+        #[arg(long, default_value = "/run/flannel/subnet.env")]
+        subnet_file: PathBuf,
+        /// bpffs directory for the maps and program links.
+        #[arg(long, default_value = "/sys/fs/bpf/weft")]
+        pin_path: PathBuf,
+        /// Where VXLAN is decapsulated.
+        #[arg(long, value_enum, default_value_t = DecapMode::Auto)]
+        decap_mode: DecapMode,
+    },
+    /// Remove everything `run` created: programs, maps, route, subnet file.
+    Cleanup {
+        #[arg(long, default_value = "/sys/fs/bpf/weft")]
+        pin_path: PathBuf,
+        #[arg(long, default_value = "/run/flannel/subnet.env")]
+        subnet_file: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run {
+            etcd_endpoints,
+            iface,
+            public_ip,
+            etcd_prefix,
+            subnet_file,
+            pin_path,
+            decap_mode,
+        } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| {
+                rt.block_on(agent::run(RunSettings {
+                    etcd_endpoints,
+                    iface,
+                    public_ip,
+                    etcd_prefix,
+                    subnet_file,
+                    pin_path,
+                    decap_mode,
+                }))
+            }),
+        Command::Cleanup {
+            pin_path,
+            subnet_file,
+        } => agent::cleanup(&pin_path, &subnet_file),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{}", report(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error chain on one line. Our error types already print their cause,
+/// so a cause whose text is already there is not repeated.
+fn report(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+    }
+    out
+}

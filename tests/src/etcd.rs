@@ -1,0 +1,258 @@
+//! A private etcd server inside a test namespace, and `etcdctl` helpers.
+
+use std::net::Ipv4Addr;
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+use crate::netns::Netns;
+use crate::process;
+
+const ETCD: &str = "/usr/bin/etcd";
+const LOG_FILE: &str = "etcd.log";
+const ETCD_START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// An etcd 3.4 server running in a namespace, listening on one address
+/// (client 2379, peer 2380: the namespace is private, so fixed ports cannot
+/// clash). Drop kills it and removes its data directory.
+pub struct Etcd {
+    child: Option<Child>,
+    ns_name: String,
+    endpoint: String,
+    /// Holds the data directory and `etcd.log`; removed on drop.
+    dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    /// Starts etcd in `ns` on `ip`, with its data and log in a new
+    /// directory under `parent`, and waits until it reports healthy.
+    pub fn start(ns: &Netns, ip: Ipv4Addr, parent: &std::path::Path) -> Result<Self> {
+        if !std::path::Path::new(ETCD).exists() {
+            bail!("{ETCD} not found: install etcd-server (`cargo xtask setup`)");
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("etcd-")
+            .tempdir_in(parent)
+            .context("creating etcd temp dir")?;
+        let data_dir = dir.path().join("data");
+        let log_path = dir.path().join(LOG_FILE);
+        let client = format!("http://{ip}:2379");
+        let peer = format!("http://{ip}:2380");
+        let data_dir_s = data_dir.to_string_lossy().into_owned();
+        let initial_cluster = format!("weft={peer}");
+        let child = ns.spawn(
+            &[
+                ETCD,
+                "--name",
+                "weft",
+                "--data-dir",
+                &data_dir_s,
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+                "--initial-cluster",
+                &initial_cluster,
+                "--initial-cluster-state",
+                "new",
+                "--log-level",
+                "warn",
+            ],
+            &log_path,
+        )?;
+        let mut etcd = Self {
+            child: Some(child),
+            ns_name: ns.name().to_owned(),
+            endpoint: client,
+            dir,
+        };
+        etcd.wait_healthy()?;
+        Ok(etcd)
+    }
+
+    fn wait_healthy(&mut self) -> Result<()> {
+        let result = process::wait_until(ETCD_START_TIMEOUT, "etcd to become healthy", |last| {
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait().context("try_wait on etcd")?
+            {
+                bail!("etcd exited with {status}");
+            }
+            let out = process::run_output(
+                self.etcdctl(&["endpoint", "health"]),
+                process::COMMAND_TIMEOUT,
+            )?;
+            if out.status.success() {
+                return Ok(Some(()));
+            }
+            *last = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+            Ok(None)
+        });
+        result.with_context(|| format!("etcd log:\n{}", process::tail(&self.log(), 40)))
+    }
+
+    /// The client URL, e.g. `http://198.18.0.254:2379`.
+    pub fn endpoint(&self) -> String {
+        self.endpoint.clone()
+    }
+
+    /// etcd's own log so far.
+    pub fn log(&self) -> String {
+        std::fs::read(self.dir.path().join(LOG_FILE))
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// `etcdctl` (API v3) against this server, run inside its namespace.
+    pub fn etcdctl(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns_name, "etcdctl"])
+            .args([
+                "--endpoints",
+                &self.endpoint,
+                "--dial-timeout=2s",
+                "--command-timeout=5s",
+            ])
+            .args(args)
+            .env("ETCDCTL_API", "3");
+        cmd
+    }
+
+    fn ctl(&self, args: &[&str]) -> Result<String> {
+        process::run(self.etcdctl(args))
+    }
+
+    /// Writes `key` = `value`.
+    pub fn put(&self, key: &str, value: &str) -> Result<()> {
+        // `--` so a value starting with '-' is not read as a flag.
+        self.ctl(&["put", "--", key, value])
+            .with_context(|| format!("etcd put {key}"))?;
+        Ok(())
+    }
+
+    /// The value of `key`, `None` if absent.
+    pub fn get(&self, key: &str) -> Result<Option<String>> {
+        let kvs = self.get_json(&["get", "-w", "json", "--", key])?;
+        Ok(kvs.into_iter().next().map(|(_, v)| v))
+    }
+
+    /// All keys under `prefix` with their values, in key order.
+    pub fn get_prefix(&self, prefix: &str) -> Result<Vec<(String, String)>> {
+        self.get_json(&["get", "-w", "json", "--prefix", "--", prefix])
+    }
+
+    /// Deletes `key`; returns how many keys were deleted (0 or 1).
+    pub fn del(&self, key: &str) -> Result<u64> {
+        let out = self
+            .ctl(&["del", "--", key])
+            .with_context(|| format!("etcd del {key}"))?;
+        out.trim()
+            .parse()
+            .with_context(|| format!("etcdctl del printed {out:?}"))
+    }
+
+    fn get_json(&self, args: &[&str]) -> Result<Vec<(String, String)>> {
+        let out = self
+            .ctl(args)
+            .with_context(|| format!("etcdctl {}", args.join(" ")))?;
+        parse_get_json(&out).with_context(|| format!("parsing etcdctl output {out:?}"))
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Parses `etcdctl get -w json`: keys and values are base64 in `kvs`, which
+/// is absent when nothing matched.
+fn parse_get_json(text: &str) -> Result<Vec<(String, String)>> {
+    let v: Value = serde_json::from_str(text).context("not JSON")?;
+    let Some(kvs) = v.get("kvs").and_then(Value::as_array) else {
+        return Ok(Vec::new());
+    };
+    kvs.iter()
+        .map(|kv| {
+            let field = |name: &str| -> Result<String> {
+                // etcd omits empty values from the JSON entirely.
+                let b64 = kv.get(name).and_then(Value::as_str).unwrap_or("");
+                let bytes = base64_decode(b64).with_context(|| format!("{name} is not base64"))?;
+                String::from_utf8(bytes).with_context(|| format!("{name} is not UTF-8"))
+            };
+            Ok((field("key")?, field("value")?))
+        })
+        .collect()
+}
+
+/// Standard base64 with padding, as etcd's JSON output uses. Small enough
+/// not to warrant a dependency.
+fn base64_decode(s: &str) -> Result<Vec<u8>> {
+    fn sextet(c: u8) -> Result<u32> {
+        Ok(u32::from(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => bail!("invalid base64 byte {c:#x}"),
+        }))
+    }
+    let s = s.trim_end_matches('=').as_bytes();
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    for chunk in s.chunks(4) {
+        let mut acc = 0u32;
+        for &c in chunk {
+            acc = (acc << 6) | sextet(c)?;
+        }
+        let bytes = match chunk.len() {
+            4 => 3,
+            3 => {
+                acc <<= 6;
+                2
+            }
+            2 => {
+                acc <<= 12;
+                1
+            }
+            _ => bail!("truncated base64"),
+        };
+        out.extend_from_slice(&acc.to_be_bytes()[1..=bytes]);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_round_trips_known_values() -> Result<()> {
+        assert_eq!(base64_decode("")?, b"");
+        assert_eq!(base64_decode("Zg==")?, b"f");
+        assert_eq!(base64_decode("Zm8=")?, b"fo");
+        assert_eq!(base64_decode("Zm9v")?, b"foo");
+        assert_eq!(base64_decode("Zm9vYmFy")?, b"foobar");
+        assert!(base64_decode("Z").is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn parses_etcdctl_json() -> Result<()> {
+        let text = r#"{"header":{"revision":3},"kvs":[{"key":"L2E=","create_revision":2,"value":"MQ=="},{"key":"L2I=","create_revision":3}]}"#;
+        assert_eq!(
+            parse_get_json(text)?,
+            vec![("/a".into(), "1".into()), ("/b".into(), String::new())]
+        );
+        assert!(parse_get_json(r#"{"header":{}}"#)?.is_empty());
+        Ok(())
+    }
+}

@@ -1,0 +1,255 @@
+//! Fixtures for weft's end-to-end tests and `cargo xtask demo`.
+//!
+//! Everything runs in network namespaces this library creates, on the
+//! 198.18.0.0/24 underlay (RFC 2544 benchmarking range) with container
+//! addresses from the cluster network only inside namespaces. Every name
+//! carries a per-process tag ([`unique_tag`]), and every resource is
+//! released by `Drop`, so a failing or panicking test cleans up too.
+//! Resources left by a test process that was killed outright are removed by
+//! the next [`Cluster::new`] (see [`sweep_stale`]).
+
+mod cluster;
+mod etcd;
+mod netns;
+pub mod process;
+
+use std::path::{Path, PathBuf};
+use std::sync::Once;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use anyhow::{Context, Result, bail};
+
+pub use cluster::{
+    Cluster, Container, ETCD_PREFIX, Host, SWITCH_IP, Signal, SubnetEnv, TransferStats, parse_cidr,
+    parse_subnets_dump, switch_port,
+};
+pub use etcd::Etcd;
+pub use netns::{Capture, Netns, capture};
+pub use process::wait_until;
+
+/// Where bpffs must be mounted; the agent pins under it.
+pub const BPFFS: &str = "/sys/fs/bpf";
+/// Name prefixes; [`sweep_stale`] only touches names of exactly these
+/// shapes: `wtst-<tag>-...` namespaces, `weft-t<tag>-<n>` pin directories
+/// and `weft-tests-<tag>-...` temp directories.
+pub(crate) const NS_PREFIX: &str = "wtst-";
+pub(crate) const PIN_PREFIX: &str = "weft-t";
+pub(crate) const TMP_PREFIX: &str = "weft-tests-";
+/// Bits of [`unique_tag`]'s value that hold the per-process counter; the
+/// rest is the pid, which is how [`sweep_stale`] finds the owner.
+const COUNTER_BITS: u32 = 9;
+
+/// Fails unless running as root, which namespaces and BPF need.
+pub fn require_root() -> Result<()> {
+    // SAFETY: geteuid(2) cannot fail and has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    if euid != 0 {
+        bail!(
+            "must run as root: e2e tests create network namespaces and load BPF (euid is {euid})"
+        );
+    }
+    Ok(())
+}
+
+/// Fails unless bpffs is mounted at [`BPFFS`] (the agent pins there, and
+/// bpftool reads the pins).
+pub fn require_bpffs() -> Result<()> {
+    let mounts =
+        std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
+    let mounted = mounts.lines().any(|l| {
+        let mut f = l.split_whitespace();
+        let (_, dir, fstype) = (f.next(), f.next(), f.next());
+        dir == Some(BPFFS) && fstype == Some("bpf")
+    });
+    if !mounted {
+        bail!(
+            "bpffs is not mounted at {BPFFS}: run `cargo xtask setup` (or `mount -t bpf bpf {BPFFS}`)"
+        );
+    }
+    Ok(())
+}
+
+/// Fails naming the first of `tools` not found on PATH.
+pub fn require_tools(tools: &[&str]) -> Result<()> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for tool in tools {
+        let found = std::env::split_paths(&path).any(|d| d.join(tool).is_file());
+        if !found {
+            bail!("`{tool}` not found on PATH: run `cargo xtask setup`");
+        }
+    }
+    Ok(())
+}
+
+/// The cargo workspace root (this crate's parent directory).
+pub fn workspace_root() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .parent()
+        .map_or_else(|| manifest.to_path_buf(), Path::to_path_buf)
+}
+
+/// The node agent to test: `$WEFT_NODE_AGENT`, else `release/node-agent`
+/// in `$CARGO_TARGET_DIR` (relative to the workspace root) or the
+/// workspace's `target/`.
+pub fn node_agent_binary() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("WEFT_NODE_AGENT") {
+        let path = PathBuf::from(path);
+        if !path.is_file() {
+            bail!("WEFT_NODE_AGENT={} does not exist", path.display());
+        }
+        return Ok(path);
+    }
+    let root = workspace_root();
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), |t| root.join(t));
+    let path = target.join("release").join("node-agent");
+    if !path.is_file() {
+        bail!(
+            "node-agent binary not found at {}: run `cargo xtask build` first (or set WEFT_NODE_AGENT)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A short name fragment (at most 6 base-36 characters) unique among live
+/// processes: the pid with a per-process counter in the low bits.
+pub fn unique_tag() -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed) & ((1 << COUNTER_BITS) - 1);
+    // pid_max is at most 2^22, so the value stays below 2^31 < 36^6.
+    let value = (std::process::id() << COUNTER_BITS) | n;
+    to_base36(value)
+}
+
+fn to_base36(mut v: u32) -> String {
+    const DIGITS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut out = Vec::new();
+    loop {
+        out.push(DIGITS[(v % 36) as usize]);
+        v /= 36;
+        if v == 0 {
+            break;
+        }
+    }
+    out.reverse();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The pid encoded in a tag made by [`unique_tag`].
+fn tag_owner(tag: &str) -> Option<u32> {
+    u32::from_str_radix(tag, 36).ok().map(|v| v >> COUNTER_BITS)
+}
+
+/// Removes namespaces, pin directories and temp dirs that this fixture
+/// created in processes that no longer exist (a test run killed by SIGKILL
+/// or Ctrl-C never runs its Drops). Runs once per process, before this
+/// process creates anything, so names carrying this process's own pid are
+/// stale too (pid reuse).
+pub fn sweep_stale() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let me = std::process::id();
+        let stale = |tag: &str| {
+            tag_owner(tag)
+                .is_some_and(|pid| pid == me || !Path::new(&format!("/proc/{pid}")).exists())
+        };
+        if let Ok(list) = process::run(process::command("ip", &["netns", "list"])) {
+            for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
+                if let Some(tag) = ns_tag(name)
+                    && stale(tag)
+                {
+                    eprintln!("weft-tests: removing stale namespace {name}");
+                    // Dropping the handle runs the usual teardown.
+                    drop(Netns::adopt(name));
+                }
+            }
+        }
+        let dirs: [(PathBuf, TagOf); 2] = [
+            (PathBuf::from(BPFFS), pin_tag),
+            (std::env::temp_dir(), tmp_tag),
+        ];
+        for (dir, tag_of) in dirs {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if let Some(tag) = tag_of(&name)
+                    && stale(tag)
+                {
+                    eprintln!("weft-tests: removing stale {}", entry.path().display());
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+    });
+}
+
+/// Extracts the tag from a name of one of our shapes.
+type TagOf = fn(&str) -> Option<&str>;
+
+fn is_tag(s: &str) -> bool {
+    (1..=6).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase())
+}
+
+fn is_index(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// `wtst-<tag>-sw`, `wtst-<tag>-h<n>`, `wtst-<tag>-h<n>c<m>`.
+fn ns_tag(name: &str) -> Option<&str> {
+    let (tag, role) = name.strip_prefix(NS_PREFIX)?.split_once('-')?;
+    let host_or_container = role.strip_prefix('h').is_some_and(|r| {
+        let (h, c) = r.split_once('c').unwrap_or((r, "0"));
+        is_index(h) && is_index(c)
+    });
+    (is_tag(tag) && (role == "sw" || host_or_container)).then_some(tag)
+}
+
+/// `weft-t<tag>-<n>`.
+fn pin_tag(name: &str) -> Option<&str> {
+    let (tag, index) = name.strip_prefix(PIN_PREFIX)?.split_once('-')?;
+    (is_tag(tag) && is_index(index)).then_some(tag)
+}
+
+/// `weft-tests-<tag>-<random>`.
+fn tmp_tag(name: &str) -> Option<&str> {
+    let (tag, _) = name.strip_prefix(TMP_PREFIX)?.split_once('-')?;
+    is_tag(tag).then_some(tag)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tags_are_short_unique_and_encode_the_pid() {
+        let a = unique_tag();
+        let b = unique_tag();
+        assert_ne!(a, b);
+        assert!(a.len() <= 6, "{a}");
+        assert_eq!(tag_owner(&a), Some(std::process::id()));
+        assert_eq!(to_base36(0), "0");
+        assert_eq!(to_base36(35), "z");
+        assert_eq!(to_base36(36), "10");
+        assert!(to_base36((1 << 31) - 1).len() <= 6);
+    }
+
+    #[test]
+    fn sweep_matches_only_our_names() {
+        assert_eq!(ns_tag("wtst-1a2b-sw"), Some("1a2b"));
+        assert_eq!(ns_tag("wtst-1a2b-h3"), Some("1a2b"));
+        assert_eq!(ns_tag("wtst-1a2b-h3c12"), Some("1a2b"));
+        assert_eq!(ns_tag("wtst-1a2b-bench"), None);
+        assert_eq!(ns_tag("wft-1a2b-sw"), None);
+        assert_eq!(pin_tag("weft-t1a2b-3"), Some("1a2b"));
+        assert_eq!(pin_tag("weft-test-x"), None);
+        assert_eq!(pin_tag("weft"), None);
+        assert_eq!(tmp_tag("weft-tests-1a2b-Xy9"), Some("1a2b"));
+        assert_eq!(tmp_tag("weft-bench-1a2b"), None);
+    }
+}

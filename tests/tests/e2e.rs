@@ -1,0 +1,380 @@
+//! End-to-end tests: real node agents in network namespaces, a private etcd,
+//! containers attached per the CNI bridge contract, traffic between them.
+//!
+//! They need root, bpffs, the tools `cargo xtask setup` installs and a
+//! release build of node-agent (`cargo xtask build`); without any of these
+//! they fail saying which is missing. Run them one at a time
+//! (`--test-threads=1`, as `cargo xtask test` does): each builds a whole
+//! cluster, and two at once on a two-core machine only slows both down.
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use serde_json::Value;
+use weft_tests::{
+    Cluster, Container, Host, Signal, SubnetEnv, capture, node_agent_binary, parse_cidr,
+    require_bpffs, require_root, require_tools, switch_port, wait_until,
+};
+
+const CONFIG: &str =
+    r#"{"Network":"10.244.0.0/16","SubnetLen":24,"Backend":{"Type":"vxlan","VNI":1,"Port":8472}}"#;
+const NETWORK: &str = "10.244.0.0/16";
+const VXLAN_PORT: u16 = 8472;
+/// VXLAN costs 50 bytes of the 1500-byte underlay MTU.
+const EXPECTED_MTU: u32 = 1450;
+/// Generous for agent start-up and for etcd watch events to be applied;
+/// every wait polls, so passing runs do not pay it.
+const CONVERGE: Duration = Duration::from_secs(30);
+const TRANSFER_BYTES: u64 = 20 * 1024 * 1024;
+/// IPv4 (20) + ICMP (8) headers: the largest unfragmented ping payload is
+/// MTU - 28.
+const PING_OVERHEAD: u32 = 28;
+
+fn preflight() -> Result<()> {
+    require_root()?;
+    require_bpffs()?;
+    require_tools(&[
+        "ip", "nsenter", "etcdctl", "bpftool", "tcpdump", "ping", "ethtool", "sysctl", "python3",
+    ])?;
+    node_agent_binary()?;
+    Ok(())
+}
+
+/// Adds hosts `indexes`, starts an agent on each and waits for their subnet
+/// files.
+fn start_hosts<'c>(
+    cluster: &'c Cluster,
+    indexes: &[u8],
+    realistic_wire: bool,
+) -> Result<(Vec<Host<'c>>, Vec<SubnetEnv>)> {
+    let hosts = indexes
+        .iter()
+        .map(|&i| cluster.add_host(i))
+        .collect::<Result<Vec<_>>>()?;
+    for host in &hosts {
+        if realistic_wire {
+            host.use_realistic_wire()?;
+        }
+        host.start_agent(&[])?;
+    }
+    let envs = hosts
+        .iter()
+        .map(|h| h.wait_subnet_env(CONVERGE))
+        .collect::<Result<Vec<_>>>()?;
+    for (host, env) in hosts.iter().zip(&envs) {
+        check_env(cluster, host, env)?;
+    }
+    let subnets: BTreeSet<&str> = envs.iter().map(|e| e.subnet.as_str()).collect();
+    ensure!(
+        subnets.len() == envs.len(),
+        "agents leased overlapping subnets: {envs:?}"
+    );
+    Ok((hosts, envs))
+}
+
+/// The subnet file matches the config and the lease in etcd names the host.
+fn check_env(cluster: &Cluster, host: &Host<'_>, env: &SubnetEnv) -> Result<()> {
+    ensure!(
+        env.network == NETWORK,
+        "host {}: FLANNEL_NETWORK {}",
+        host.index(),
+        env.network
+    );
+    ensure!(
+        env.mtu == EXPECTED_MTU,
+        "host {}: FLANNEL_MTU {}",
+        host.index(),
+        env.mtu
+    );
+    ensure!(
+        env.prefix_len()? == 24,
+        "host {}: subnet {} is not a /24",
+        host.index(),
+        env.subnet
+    );
+    let (net, _) = parse_cidr(NETWORK)?;
+    let gw = env.gateway()?;
+    ensure!(
+        u32::from(gw) & 0xffff_0000 == u32::from(net),
+        "host {}: subnet {} outside {NETWORK}",
+        host.index(),
+        env.subnet
+    );
+    let key = cluster.lease_key(&env.subnet)?;
+    let lease = cluster
+        .etcd()
+        .get(&key)?
+        .with_context(|| format!("host {}: no lease at {key}", host.index()))?;
+    let lease: Value =
+        serde_json::from_str(&lease).with_context(|| format!("lease {key} = {lease}"))?;
+    let public_ip = host.ip().to_string();
+    ensure!(
+        lease.get("PublicIP").and_then(Value::as_str) == Some(public_ip.as_str()),
+        "lease {key} does not name host {}'s PublicIP {public_ip}: {lease}",
+        host.index()
+    );
+    Ok(())
+}
+
+/// Waits until `host`'s SUBNETS map holds every one of `peers`' subnets,
+/// each pointing at that peer's PublicIP.
+fn wait_routes(host: &Host<'_>, peers: &[(&Host<'_>, &SubnetEnv)]) -> Result<()> {
+    let want = peers
+        .iter()
+        .map(|(h, e)| Ok((e.subnet_network()?, h.ip())))
+        .collect::<Result<Vec<(String, Ipv4Addr)>>>()?;
+    wait_until(
+        CONVERGE,
+        &format!("host {}'s SUBNETS to hold {want:?}", host.index()),
+        |last| match host.map_dump_subnets() {
+            Ok(have) if want.iter().all(|w| have.contains(w)) => Ok(Some(())),
+            Ok(have) => {
+                *last = format!("{have:?}");
+                Ok(None)
+            }
+            // Not pinned yet right after start.
+            Err(e) => {
+                *last = format!("{e:#}");
+                Ok(None)
+            }
+        },
+    )
+}
+
+/// Waits until every one of `hosts` knows every other.
+fn wait_full_mesh(hosts: &[&Host<'_>], envs: &[&SubnetEnv]) -> Result<()> {
+    for (i, host) in hosts.iter().enumerate() {
+        let peers: Vec<(&Host<'_>, &SubnetEnv)> = hosts
+            .iter()
+            .zip(envs)
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, (h, e))| (*h, *e))
+            .collect();
+        wait_routes(host, &peers)?;
+    }
+    Ok(())
+}
+
+/// Convergence, then strict pings: small ones and a full-MTU one with DF.
+fn check_ping(from: &Container<'_>, to: &Container<'_>) -> Result<()> {
+    let what = || format!("{} -> {}", from.ip(), to.ip());
+    from.ping_until(to.ip(), CONVERGE).with_context(what)?;
+    from.ping(to.ip(), 3, 56, false).with_context(what)?;
+    let full = from.subnet_env().mtu - PING_OVERHEAD;
+    from.ping(to.ip(), 2, full, true)
+        .with_context(|| format!("full-MTU DF ping ({full} bytes) {}", what()))?;
+    Ok(())
+}
+
+fn check_tcp(from: &Container<'_>, to: &Container<'_>) -> Result<()> {
+    let stats = from
+        .tcp_transfer_to(to, TRANSFER_BYTES)
+        .with_context(|| format!("TCP {} -> {}", from.ip(), to.ip()))?;
+    eprintln!(
+        "TCP {} -> {}: {} bytes in {:?}",
+        from.ip(),
+        to.ip(),
+        stats.bytes,
+        stats.elapsed
+    );
+    Ok(())
+}
+
+#[test]
+fn three_hosts_connect_over_vxlan_and_a_late_joiner_becomes_reachable() -> Result<()> {
+    preflight()?;
+    let cluster = Cluster::new(CONFIG)?;
+    let (hosts, envs) = start_hosts(&cluster, &[1, 2, 3], false)?;
+    let host_refs: Vec<&Host<'_>> = hosts.iter().collect();
+    wait_full_mesh(&host_refs, &envs.iter().collect::<Vec<_>>())?;
+    let containers = hosts
+        .iter()
+        .map(Host::attach_container)
+        .collect::<Result<Vec<_>>>()?;
+
+    for (i, a) in containers.iter().enumerate() {
+        for (j, b) in containers.iter().enumerate() {
+            if i != j {
+                check_ping(a, b)?;
+            }
+        }
+    }
+    check_tcp(&containers[0], &containers[1])?;
+    check_tcp(&containers[1], &containers[0])?;
+    check_tcp(&containers[2], &containers[0])?;
+
+    // Traffic the host itself originates takes the agent's route.
+    for (host, target) in [(&hosts[0], &containers[1]), (&hosts[1], &containers[2])] {
+        host.ns()
+            .ping_until(target.ip(), CONVERGE)
+            .with_context(|| format!("host {} -> container {}", host.index(), target.ip()))?;
+        host.ping(target.ip(), 3, 56, false)?;
+    }
+
+    // On the wire between host 1 and the switch, container traffic to host
+    // 2 is VXLAN: UDP from 198.18.0.1 to 198.18.0.2:8472.
+    let filter = format!(
+        "udp and dst port {VXLAN_PORT} and dst host {}",
+        hosts[1].ip()
+    );
+    let seen = capture(
+        cluster.switch(),
+        &switch_port(hosts[0].index()),
+        &filter,
+        2,
+        Duration::from_secs(10),
+        || {
+            containers[0]
+                .ping(containers[1].ip(), 3, 56, false)
+                .map(drop)
+        },
+    )?;
+    let outer = format!("{} > {}.{VXLAN_PORT}", hosts[0].ip(), hosts[1].ip());
+    ensure!(
+        seen.lines()
+            .any(|l| l.contains(&format!("{}.", hosts[0].ip()))
+                && l.contains(&format!("{}.{VXLAN_PORT}", hosts[1].ip()))),
+        "no VXLAN packet {outer} on the underlay:\n{seen}"
+    );
+
+    // A fourth node joins while the others keep running.
+    let late = cluster.add_host(4)?;
+    late.start_agent(&[])?;
+    let late_env = late.wait_subnet_env(CONVERGE)?;
+    check_env(&cluster, &late, &late_env)?;
+    ensure!(
+        envs.iter().all(|e| e.subnet != late_env.subnet),
+        "late joiner got a subnet in use: {late_env:?} vs {envs:?}"
+    );
+    let mut all_hosts = host_refs.clone();
+    all_hosts.push(&late);
+    let mut all_envs: Vec<&SubnetEnv> = envs.iter().collect();
+    all_envs.push(&late_env);
+    wait_full_mesh(&all_hosts, &all_envs)?;
+    let late_container = late.attach_container()?;
+    for c in &containers {
+        check_ping(c, &late_container)?;
+        check_ping(&late_container, c)?;
+    }
+    check_tcp(&late_container, &containers[0])?;
+    Ok(())
+}
+
+#[test]
+fn deleting_a_lease_removes_its_route_from_the_other_agents() -> Result<()> {
+    preflight()?;
+    let cluster = Cluster::new(CONFIG)?;
+    let (hosts, envs) = start_hosts(&cluster, &[1, 2, 3], false)?;
+    wait_full_mesh(
+        &hosts.iter().collect::<Vec<_>>(),
+        &envs.iter().collect::<Vec<_>>(),
+    )?;
+
+    // Host 2's own agent could re-acquire its lease; stop it so what is
+    // observed is only the others reacting to the deletion.
+    hosts[1].kill_agent(Signal::Kill)?;
+    let gone = envs[1].subnet_network()?;
+    let key = cluster.lease_key(&envs[1].subnet)?;
+    ensure!(
+        cluster.etcd().del(&key)? == 1,
+        "lease {key} was not in etcd"
+    );
+
+    for (host, other) in [
+        (&hosts[0], (&hosts[2], &envs[2])),
+        (&hosts[2], (&hosts[0], &envs[0])),
+    ] {
+        wait_until(
+            CONVERGE,
+            &format!("host {} to drop {gone} from SUBNETS", host.index()),
+            |last| {
+                let have = host.map_dump_subnets()?;
+                if have.iter().any(|(net, _)| *net == gone) {
+                    *last = format!("{have:?}");
+                    return Ok(None);
+                }
+                Ok(Some(()))
+            },
+        )?;
+        // Only that entry goes.
+        wait_routes(host, &[other])?;
+    }
+    Ok(())
+}
+
+#[test]
+fn a_killed_agent_leaves_the_data_path_and_its_restart_adopts_it() -> Result<()> {
+    preflight()?;
+    let cluster = Cluster::new(CONFIG)?;
+    // The realistic wire here; the other tests run on veth's default
+    // offloads, so both kinds of underlay see TCP.
+    let (hosts, envs) = start_hosts(&cluster, &[1, 2], true)?;
+    wait_full_mesh(
+        &hosts.iter().collect::<Vec<_>>(),
+        &envs.iter().collect::<Vec<_>>(),
+    )?;
+    let a = hosts[0].attach_container()?;
+    let b = hosts[1].attach_container()?;
+    check_ping(&a, &b)?;
+    check_ping(&b, &a)?;
+
+    let maps = [
+        weft_common::MAP_SUBNETS,
+        weft_common::MAP_COUNTERS,
+        weft_common::MAP_NODE_CONFIG,
+    ];
+    let ids_before = maps
+        .iter()
+        .map(|m| hosts[0].pinned_map_id(m))
+        .collect::<Result<Vec<_>>>()?;
+    let pins_before = hosts[0].pinned_entries()?;
+
+    hosts[0].kill_agent(Signal::Kill)?;
+    a.ping(b.ip(), 3, 56, false)
+        .context("a -> b after SIGKILL of a's agent")?;
+    b.ping(a.ip(), 3, 56, false)
+        .context("b -> a after SIGKILL of a's agent")?;
+    ensure!(
+        hosts[0].pinned_entries()? == pins_before,
+        "pins changed when the agent was killed"
+    );
+
+    hosts[0].start_agent(&[])?;
+    let env_again = hosts[0].wait_subnet_env(CONVERGE)?;
+    ensure!(
+        env_again.subnet == envs[0].subnet,
+        "restarted agent leased {} instead of reusing {}",
+        env_again.subnet,
+        envs[0].subnet
+    );
+    wait_routes(&hosts[0], &[(&hosts[1], &envs[1])])?;
+    let ids_after = maps
+        .iter()
+        .map(|m| hosts[0].pinned_map_id(m))
+        .collect::<Result<Vec<_>>>()?;
+    ensure!(
+        ids_after == ids_before,
+        "restarted agent replaced pinned maps {maps:?}: ids {ids_before:?} -> {ids_after:?}"
+    );
+    let pins_after: BTreeSet<String> = hosts[0].pinned_entries()?.into_iter().collect();
+    let missing: Vec<&String> = pins_before
+        .iter()
+        .filter(|p| !pins_after.contains(*p))
+        .collect();
+    ensure!(missing.is_empty(), "pins gone after restart: {missing:?}");
+    check_ping(&a, &b)?;
+    check_ping(&b, &a)?;
+    check_tcp(&a, &b)?;
+    check_tcp(&b, &a)?;
+
+    // A clean stop leaves the data path in place too.
+    hosts[1].kill_agent(Signal::Term)?;
+    a.ping(b.ip(), 3, 56, false)
+        .context("a -> b after SIGTERM of b's agent")?;
+    b.ping(a.ip(), 3, 56, false)
+        .context("b -> a after SIGTERM of b's agent")?;
+    Ok(())
+}
