@@ -29,7 +29,7 @@ const CLASSIFY_LEN: usize = INNER_IP_OFF + IPV4_HLEN;
 
 pub fn try_decap_xdp(ctx: &XdpContext) -> Result<u32, Reason> {
     let cfg = node_config().ok_or(Reason::PassNotConfigured)?;
-    classify(ctx, cfg)?;
+    classify(ctx, cfg, ctx.data_end() - ctx.data())?;
 
     // SAFETY: plain helper call on this program's own context.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, ENCAP_LEN as i32) } != 0 {
@@ -58,7 +58,7 @@ pub fn try_decap_tc(ctx: &TcContext) -> Result<i32, Reason> {
         // (classify then sees a short window and passes the packet).
         let _ = ctx.skb.pull_data(CLASSIFY_LEN as u32);
     }
-    classify(ctx, cfg)?;
+    classify(ctx, cfg, ctx.len() as usize)?;
 
     // Pops outer IPv4 + UDP + VXLAN + inner Ethernet right after the outer
     // Ethernet header, whose destination already is this host's MAC.
@@ -70,8 +70,9 @@ pub fn try_decap_tc(ctx: &TcContext) -> Result<i32, Reason> {
 
 /// `Ok(())` when the packet is VXLAN for this node carrying a sane IPv4
 /// packet; otherwise the reason it is not ours (pass) or is broken (drop).
+/// `frame_len` is the whole frame's length, linear or not.
 #[inline(always)]
-fn classify(pkt: &impl PacketWindow, cfg: &NodeConfig) -> Result<(), Reason> {
+fn classify(pkt: &impl PacketWindow, cfg: &NodeConfig, frame_len: usize) -> Result<(), Reason> {
     let eth = read_at::<EthHdr>(pkt, 0).ok_or(Reason::PassMalformed)?;
     if eth.ether_type != ETH_P_IP.to_be() {
         return Err(Reason::PassNotIpv4);
@@ -101,6 +102,17 @@ fn classify(pkt: &impl PacketWindow, cfg: &NodeConfig) -> Result<(), Reason> {
     }
     let inner_ip = read_at::<Ipv4Hdr>(pkt, INNER_IP_OFF).ok_or(Reason::DropMalformedTunnel)?;
     if inner_ip.vihl >> 4 != 4 || inner_ip.vihl & 0x0f < 5 {
+        return Err(Reason::DropMalformedTunnel);
+    }
+    // A truncated tunnel packet would decapsulate into an inner packet
+    // shorter than its own header claims: drop it here, counted, rather
+    // than hand the stack a packet it can only discard.
+    let outer_len = usize::from(u16::from_be_bytes(ip.tot_len));
+    let inner_len = usize::from(u16::from_be_bytes(inner_ip.tot_len));
+    if outer_len + ETH_HLEN > frame_len
+        || inner_len + INNER_IP_OFF > frame_len
+        || inner_len < usize::from(inner_ip.vihl & 0x0f) * 4
+    {
         return Err(Reason::DropMalformedTunnel);
     }
     Ok(())

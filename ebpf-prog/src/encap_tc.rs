@@ -71,14 +71,24 @@ pub fn try_encap(ctx: &TcContext) -> Result<i32, Reason> {
         return Err(Reason::PassNotIpv4);
     }
     let ip = read_at::<Ipv4Hdr>(ctx, ETH_HLEN).ok_or(Reason::DropMalformedIp)?;
-    if ip.vihl >> 4 != 4 || ip.vihl & 0x0f < 5 {
-        return Err(Reason::DropMalformedIp);
-    }
     let remote = remote_for(ip.dst_addr).ok_or(Reason::PassNoRemote)?;
 
+    // Only well-formed IPv4 is carried: a header that claims more than the
+    // packet holds would reach the peer as garbage.
     let inner_l3_len = ctx.len().saturating_sub(ETH_HLEN as u32);
+    let header_len = u32::from(ip.vihl & 0x0f) * 4;
+    let total_len = u32::from(u16::from_be_bytes(ip.tot_len));
     // SAFETY: reading a field of the context the kernel handed us.
     let gso_size = unsafe { (*ctx.skb.skb).gso_size };
+    if ip.vihl >> 4 != 4
+        || header_len < IPV4_HLEN as u32
+        || header_len > inner_l3_len
+        || total_len > inner_l3_len
+        // BIG TCP super-packets carry tot_len 0.
+        || (total_len < header_len && gso_size == 0)
+    {
+        return Err(Reason::DropMalformedIp);
+    }
     if gso_size == 0 && inner_l3_len + ENCAP_LEN as u32 > cfg.iface_mtu {
         return Err(Reason::DropTooBig);
     }

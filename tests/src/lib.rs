@@ -39,6 +39,31 @@ pub(crate) const TMP_PREFIX: &str = "weft-tests-";
 /// rest is the pid, which is how [`sweep_stale`] finds the owner.
 const COUNTER_BITS: u32 = 9;
 
+/// A private bpffs directory for one test's pins, removed with everything
+/// in it on drop. Its name has the shape [`sweep_stale`] recognises.
+#[derive(Debug)]
+pub struct PinDir {
+    path: PathBuf,
+}
+
+impl PinDir {
+    pub fn new() -> Result<Self> {
+        let path = Path::new(BPFFS).join(format!("{PIN_PREFIX}{}-0", unique_tag()));
+        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Self { path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
 /// Fails unless running as root, which namespaces and BPF need.
 pub fn require_root() -> Result<()> {
     // SAFETY: geteuid(2) cannot fail and has no preconditions.

@@ -73,6 +73,30 @@ impl Netns {
         cmd
     }
 
+    /// Runs `f` on a thread that has entered this namespace (only the
+    /// network namespace; mounts stay the caller's). For in-process work
+    /// that must see the namespace's devices and routes, such as
+    /// `BPF_PROG_TEST_RUN`, which runs in the calling thread's namespace.
+    pub fn run_in<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
+        let path = format!("/run/netns/{}", self.name);
+        let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+        thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    use std::os::fd::AsRawFd as _;
+                    // SAFETY: setns(2) on a valid namespace fd; it only
+                    // changes this (fresh, scoped) thread's namespace.
+                    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                        return Err(std::io::Error::last_os_error())
+                            .with_context(|| format!("setns into {path}"));
+                    }
+                    Ok(f())
+                })
+                .join()
+                .map_err(|_| anyhow::anyhow!("thread in {} panicked", self.name))?
+        })
+    }
+
     /// Runs `args` in the namespace and returns its output whatever the exit
     /// status; fails only if it cannot be started or hangs.
     pub fn exec(&self, args: &[&str]) -> Result<Output> {
