@@ -263,6 +263,26 @@ async fn shutdown_signal() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Prints the peer table and the counters (what bpftool shows as raw bytes).
+pub fn status(pin_path: &Path) -> anyhow::Result<()> {
+    let st = datapath::pinned_status(pin_path)
+        .with_context(|| format!("reading the maps pinned under {}", pin_path.display()))?;
+    println!("peers ({}):", st.peers.len());
+    for (subnet, node) in &st.peers {
+        println!(
+            "  {subnet:<18} -> {:<15} vtep {} vni {}",
+            Ipv4Addr::from(node.public_ip),
+            crate::flannel::lease::format_mac(&node.vtep_mac),
+            node.vni
+        );
+    }
+    println!("counters (packets, all CPUs):");
+    for (reason, n) in &st.counters {
+        println!("  {:<22} {n}", reason.name());
+    }
+    Ok(())
+}
+
 /// Removes what `run` created: the cluster route and its neighbour entry,
 /// every pin (which detaches the programs), and the subnet file.
 pub fn cleanup(pin_path: &Path, subnet_file: &Path) -> anyhow::Result<()> {

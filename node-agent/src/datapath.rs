@@ -355,6 +355,32 @@ pub fn pinned_node_config(pin_path: &Path) -> Result<Option<NodeConfig>, Datapat
     Ok((cfg.configured != 0).then_some(cfg))
 }
 
+/// What `node-agent status` shows: the pinned peer table and counters.
+pub struct PinnedStatus {
+    pub peers: Vec<(ipnet::Ipv4Net, RemoteNode)>,
+    pub counters: Vec<(Reason, u64)>,
+}
+
+/// Reads the pinned maps of a running (or stopped) agent.
+pub fn pinned_status(pin_path: &Path) -> Result<PinnedStatus, DatapathError> {
+    let open = |name: &'static str| {
+        MapData::from_pin(pin_path.join(name)).map_err(|source| DatapathError::Map { name, source })
+    };
+    let err = |name: &'static str| move |source| DatapathError::Map { name, source };
+    let subnets: LpmTrie<_, [u8; 4], RemoteNode> =
+        LpmTrie::try_from(aya::maps::Map::LpmTrie(open(MAP_SUBNETS)?)).map_err(err(MAP_SUBNETS))?;
+    let mut peers = Vec::new();
+    for entry in subnets.iter() {
+        let (key, node) = entry.map_err(err(MAP_SUBNETS))?;
+        if let Ok(net) = ipnet::Ipv4Net::new(key.data().into(), key.prefix_len() as u8) {
+            peers.push((net, node));
+        }
+    }
+    peers.sort_by_key(|(net, _)| *net);
+    let counters = read_counters_from(&aya::maps::Map::PerCpuArray(open(MAP_COUNTERS)?))?;
+    Ok(PinnedStatus { peers, counters })
+}
+
 /// Unpins every link (detaching the programs) and map under `pin_path`, then
 /// removes the directory.
 pub fn remove_pins(pin_path: &Path) -> Result<(), DatapathError> {

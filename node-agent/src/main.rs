@@ -41,6 +41,11 @@ enum Command {
         #[arg(long, value_enum, default_value_t = DecapMode::Auto)]
         decap_mode: DecapMode,
     },
+    /// Show the pinned peer table and the data path's counters.
+    Status {
+        #[arg(long, default_value = "/sys/fs/bpf/weft")]
+        pin_path: PathBuf,
+    },
     /// Remove everything `run` created: programs, maps, route, subnet file.
     Cleanup {
         #[arg(long, default_value = "/sys/fs/bpf/weft")]
@@ -84,6 +89,7 @@ fn main() -> ExitCode {
                     decap_mode,
                 }))
             }),
+        Command::Status { pin_path } => agent::status(&pin_path),
         Command::Cleanup {
             pin_path,
             subnet_file,

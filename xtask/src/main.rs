@@ -390,6 +390,17 @@ fn demo(skip_build: bool) -> Result<()> {
         stats.bytes
     );
 
+    for host in &hosts {
+        step(&format!(
+            "host {}: node-agent status --pin-path {}",
+            host.index(),
+            host.pin_path().display()
+        ));
+        let mut status = Command::new(&agent);
+        status.arg("status").arg("--pin-path").arg(host.pin_path());
+        run(status)?;
+    }
+
     step("cleaning up (containers, agents and their pins, hosts, switch, etcd)");
     drop(a);
     drop(b);
