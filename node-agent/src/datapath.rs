@@ -42,6 +42,8 @@ pub enum DatapathError {
     MissingProgram { name: &'static str },
     #[error("pinned link {path}: {source}")]
     Link { path: PathBuf, source: LinkError },
+    #[error("link of an unexpected type: {0}")]
+    LinkType(#[from] LinkError),
     #[error("cannot pin {path}: {source}")]
     Pin {
         path: PathBuf,
@@ -161,80 +163,49 @@ impl Datapath {
         attach_type: TcAttachType,
     ) -> Result<(), DatapathError> {
         let link_path = self.pin_path.join(name);
-        let prog: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(name)
-            .ok_or(DatapathError::MissingProgram { name })?
-            .try_into()
-            .map_err(|source| DatapathError::Program { name, source })?;
-        prog.load()
-            .map_err(|source| DatapathError::Program { name, source })?;
+        let prog: &mut SchedClassifier = load_program(&mut self.ebpf, name)?;
         let program_err = |source| DatapathError::Program { name, source };
-        let link_err = |source| DatapathError::Link {
-            path: link_path.clone(),
-            source,
-        };
-        match pinned_link(&link_path).map_err(link_err)? {
-            Some(pinned) => {
-                let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(link_err)?;
-                // The pin keeps the link; our handle may close.
+        adopt_or_attach(
+            prog,
+            &link_path,
+            |prog, pinned| {
+                let link = SchedClassifierLink::try_from(pinned)?;
                 let id = prog.attach_to_link(link).map_err(program_err)?;
-                drop(prog.take_link(id).map_err(program_err)?.try_into_fd_link());
-            }
-            None => {
+                // The pin keeps the link; only our handle closes.
+                drop(FdLink::try_from(prog.take_link(id).map_err(program_err)?));
+                Ok(())
+            },
+            |prog| {
+                let order = TcAttachOptions::TcxOrder(LinkOrder::default());
                 let id = prog
-                    .attach_with_options(
-                        iface,
-                        attach_type,
-                        TcAttachOptions::TcxOrder(LinkOrder::default()),
-                    )
+                    .attach_with_options(iface, attach_type, order)
                     .map_err(program_err)?;
-                let link = prog.take_link(id).map_err(program_err)?;
-                let fd: FdLink = link.try_into().map_err(link_err)?;
-                fd.pin(&link_path).map_err(|source| DatapathError::Pin {
-                    path: link_path.clone(),
-                    source,
-                })?;
-            }
-        }
-        Ok(())
+                Ok(FdLink::try_from(prog.take_link(id).map_err(program_err)?)?)
+            },
+        )
     }
 
     fn attach_xdp(&mut self, iface: &str) -> Result<(), DatapathError> {
         let name = PROG_DECAP_XDP;
         let link_path = self.pin_path.join(name);
-        let prog: &mut Xdp = self
-            .ebpf
-            .program_mut(name)
-            .ok_or(DatapathError::MissingProgram { name })?
-            .try_into()
-            .map_err(|source| DatapathError::Program { name, source })?;
-        prog.load()
-            .map_err(|source| DatapathError::Program { name, source })?;
+        let prog: &mut Xdp = load_program(&mut self.ebpf, name)?;
         let program_err = |source| DatapathError::Program { name, source };
-        let link_err = |source| DatapathError::Link {
-            path: link_path.clone(),
-            source,
-        };
-        match pinned_link(&link_path).map_err(link_err)? {
-            Some(pinned) => {
-                let link = XdpLink::try_from(FdLink::from(pinned)).map_err(link_err)?;
+        adopt_or_attach(
+            prog,
+            &link_path,
+            |prog, pinned| {
+                let link = XdpLink::try_from(pinned)?;
                 let id = prog.attach_to_link(link).map_err(program_err)?;
-                drop(prog.take_link(id).map_err(program_err)?.try_into_fd_link());
-            }
-            None => {
-                // Native mode: the frame is decapsulated before an skb exists,
-                // and veth then runs GRO on the inner packet.
+                drop(FdLink::try_from(prog.take_link(id).map_err(program_err)?));
+                Ok(())
+            },
+            |prog| {
+                // Native mode: the frame is decapsulated before an skb
+                // exists, and veth then runs GRO on the inner packet.
                 let id = prog.attach(iface, XdpMode::Driver).map_err(program_err)?;
-                let link = prog.take_link(id).map_err(program_err)?;
-                let fd: FdLink = link.try_into().map_err(link_err)?;
-                fd.pin(&link_path).map_err(|source| DatapathError::Pin {
-                    path: link_path.clone(),
-                    source,
-                })?;
-            }
-        }
-        Ok(())
+                Ok(FdLink::try_from(prog.take_link(id).map_err(program_err)?)?)
+            },
+        )
     }
 
     pub fn subnets(&mut self) -> Result<LpmTrie<&mut MapData, [u8; 4], RemoteNode>, DatapathError> {
@@ -315,6 +286,66 @@ fn is_bpffs(path: &Path) -> bool {
     unsafe {
         let mut buf: libc::statfs = std::mem::zeroed();
         libc::statfs(c_path.as_ptr(), &mut buf) == 0 && buf.f_type as i64 == BPF_FS_MAGIC
+    }
+}
+
+/// Loads program `name` into the kernel (idempotent) and returns it typed.
+fn load_program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, DatapathError>
+where
+    P: ProgramLoad,
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let prog: &mut P = ebpf
+        .program_mut(name)
+        .ok_or(DatapathError::MissingProgram { name })?
+        .try_into()
+        .map_err(|source| DatapathError::Program { name, source })?;
+    prog.load_once()
+        .map_err(|source| DatapathError::Program { name, source })?;
+    Ok(prog)
+}
+
+/// `load()` for the program types the agent attaches.
+trait ProgramLoad {
+    fn load_once(&mut self) -> Result<(), aya::programs::ProgramError>;
+}
+
+impl ProgramLoad for SchedClassifier {
+    fn load_once(&mut self) -> Result<(), aya::programs::ProgramError> {
+        self.load()
+    }
+}
+
+impl ProgramLoad for Xdp {
+    fn load_once(&mut self) -> Result<(), aya::programs::ProgramError> {
+        self.load()
+    }
+}
+
+/// Swaps our program into the link pinned at `link_path` (`replace`), or,
+/// when nothing is pinned there, attaches it afresh (`attach`) and pins the
+/// new link so it outlives this process.
+fn adopt_or_attach<P>(
+    prog: &mut P,
+    link_path: &Path,
+    replace: impl FnOnce(&mut P, FdLink) -> Result<(), DatapathError>,
+    attach: impl FnOnce(&mut P) -> Result<FdLink, DatapathError>,
+) -> Result<(), DatapathError> {
+    let link_err = |source| DatapathError::Link {
+        path: link_path.to_owned(),
+        source,
+    };
+    match pinned_link(link_path).map_err(link_err)? {
+        Some(pinned) => replace(prog, FdLink::from(pinned)),
+        None => {
+            attach(prog)?
+                .pin(link_path)
+                .map_err(|source| DatapathError::Pin {
+                    path: link_path.to_owned(),
+                    source,
+                })?;
+            Ok(())
+        }
     }
 }
 
@@ -401,23 +432,5 @@ pub fn remove_pins(pin_path: &Path) -> Result<(), DatapathError> {
             source: e,
         }),
         _ => Ok(()),
-    }
-}
-
-/// Converts an owned TC/XDP link into its fd so dropping it only closes our
-/// handle (the pin keeps the link) instead of detaching it.
-trait IntoFdLink {
-    fn try_into_fd_link(self) -> Option<FdLink>;
-}
-
-impl IntoFdLink for SchedClassifierLink {
-    fn try_into_fd_link(self) -> Option<FdLink> {
-        FdLink::try_from(self).ok()
-    }
-}
-
-impl IntoFdLink for XdpLink {
-    fn try_into_fd_link(self) -> Option<FdLink> {
-        FdLink::try_from(self).ok()
     }
 }

@@ -36,10 +36,12 @@ pub struct ListedLease {
     pub subnet: Ipv4Net,
     pub attrs: LeaseAttrs,
     pub mod_revision: i64,
+    /// Revision that created the key: older leases win overlaps.
+    pub create_revision: i64,
     pub etcd_lease: i64,
 }
 
-/// A full listing of `<prefix>/subnets/` at one revision.
+/// A full listing of `<prefix>/subnets/` at one revision, oldest lease first.
 pub struct Listing {
     pub revision: i64,
     pub leases: Vec<ListedLease>,
@@ -63,11 +65,13 @@ pub async fn list_leases(
                 subnet,
                 attrs,
                 mod_revision: kv.mod_revision(),
+                create_revision: kv.create_revision(),
                 etcd_lease: kv.lease(),
             }),
             Err(e) => malformed.push(e),
         }
     }
+    leases.sort_by_key(|l| l.create_revision);
     Ok(Listing {
         revision,
         leases,

@@ -240,10 +240,11 @@ impl PeerTable {
         Ok(true)
     }
 
-    /// Makes the table and the map equal to exactly `leases` (a full listing):
-    /// entries for leases that vanished, including ones a previous agent left
-    /// in the pinned map, are removed. Overlapping leases are resolved in key
-    /// order: the first keeps its entry, later ones are skipped.
+    /// Makes the table and the map equal to exactly `leases` (a full listing,
+    /// oldest lease first): entries for leases that vanished, including ones a
+    /// previous agent left in the pinned map, are removed. Of overlapping
+    /// leases the first (oldest) keeps its entry, as it would have when the
+    /// later one arrived as a watch event.
     pub fn reconcile(
         &mut self,
         map: &mut impl SubnetMap,
@@ -251,15 +252,13 @@ impl PeerTable {
     ) -> ReconcileReport {
         let mut report = ReconcileReport::default();
         let mut desired: BTreeMap<Ipv4Net, RemoteNode> = BTreeMap::new();
-        let mut sorted: Vec<&(Ipv4Net, LeaseAttrs)> = leases.iter().collect();
-        sorted.sort_by_key(|(s, _)| *s);
-        for (subnet, attrs) in sorted {
+        for (subnet, attrs) in leases {
             if self.is_local(*subnet) {
                 continue;
             }
             match self.remote_node(*subnet, attrs) {
                 Ok(node) => {
-                    if let Some(other) = desired.keys().copied().find(|&o| overlaps(o, *subnet)) {
+                    if let Some(other) = overlapping(&desired, *subnet) {
                         report.skipped.push(PeerError::OverlapsPeer {
                             subnet: *subnet,
                             other,
@@ -310,6 +309,28 @@ impl PeerTable {
         }
         report
     }
+}
+
+/// A key of `table` other than `subnet` that overlaps it, in O(33 log n)
+/// rather than a scan, so that 100k leases reconcile in well under a second.
+fn overlapping<V>(table: &BTreeMap<Ipv4Net, V>, subnet: Ipv4Net) -> Option<Ipv4Net> {
+    // Keys are canonical, so at most one per prefix length can contain
+    // `subnet`: its network address truncated to that length.
+    for len in 0..=subnet.prefix_len() {
+        let outer = Ipv4Net::new(subnet.network(), len)
+            .map(|n| n.trunc())
+            .ok()?;
+        if outer != subnet && table.contains_key(&outer) {
+            return Some(outer);
+        }
+    }
+    // Keys order by address, then length: everything `subnet` contains lies
+    // between its own key and its broadcast address as a /32.
+    let last = Ipv4Net::new(subnet.broadcast(), 32).ok()?;
+    table
+        .range(subnet..=last)
+        .map(|(k, _)| *k)
+        .find(|k| *k != subnet && overlaps(*k, subnet))
 }
 
 #[cfg(test)]
@@ -429,6 +450,41 @@ mod tests {
             Err(PeerError::OverlapsPeer { .. })
         ));
         assert_eq!(m.0.len(), 1);
+    }
+
+    #[test]
+    fn overlap_lookup_finds_containing_and_contained_keys() {
+        let mut t: BTreeMap<Ipv4Net, ()> = BTreeMap::new();
+        for s in ["10.244.2.0/24", "10.244.8.0/22", "10.244.64.0/18"] {
+            t.insert(net(s), ());
+        }
+        assert_eq!(
+            overlapping(&t, net("10.244.2.0/24")),
+            None,
+            "itself is no overlap"
+        );
+        assert_eq!(
+            overlapping(&t, net("10.244.2.128/25")),
+            Some(net("10.244.2.0/24"))
+        );
+        assert_eq!(
+            overlapping(&t, net("10.244.0.0/22")),
+            Some(net("10.244.2.0/24"))
+        );
+        assert_eq!(
+            overlapping(&t, net("10.244.9.0/24")),
+            Some(net("10.244.8.0/22"))
+        );
+        assert_eq!(
+            overlapping(&t, net("10.244.0.0/16")),
+            Some(net("10.244.2.0/24"))
+        );
+        assert_eq!(
+            overlapping(&t, net("10.244.100.7/32")),
+            Some(net("10.244.64.0/18"))
+        );
+        assert_eq!(overlapping(&t, net("10.244.3.0/24")), None);
+        assert_eq!(overlapping(&t, net("10.244.12.0/22")), None);
     }
 
     #[test]

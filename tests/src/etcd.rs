@@ -2,6 +2,7 @@
 
 use std::net::Ipv4Addr;
 use std::process::{Child, Command};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -18,9 +19,12 @@ const ETCD_START_TIMEOUT: Duration = Duration::from_secs(30);
 /// (client 2379, peer 2380: the namespace is private, so fixed ports cannot
 /// clash). Drop kills it and removes its data directory.
 pub struct Etcd {
-    child: Option<Child>,
+    /// Behind a lock so tests holding the cluster shared can restart it.
+    child: Mutex<Option<Child>>,
     ns_name: String,
     endpoint: String,
+    /// The server's command line, for [`Self::restart`].
+    args: Vec<String>,
     /// Holds the data directory and `etcd.log`; removed on drop.
     dir: tempfile::TempDir,
 }
@@ -37,48 +41,75 @@ impl Etcd {
             .tempdir_in(parent)
             .context("creating etcd temp dir")?;
         let data_dir = dir.path().join("data");
-        let log_path = dir.path().join(LOG_FILE);
         let client = format!("http://{ip}:2379");
         let peer = format!("http://{ip}:2380");
         let data_dir_s = data_dir.to_string_lossy().into_owned();
         let initial_cluster = format!("weft={peer}");
-        let child = ns.spawn(
-            &[
-                ETCD,
-                "--name",
-                "weft",
-                "--data-dir",
-                &data_dir_s,
-                "--listen-client-urls",
-                &client,
-                "--advertise-client-urls",
-                &client,
-                "--listen-peer-urls",
-                &peer,
-                "--initial-advertise-peer-urls",
-                &peer,
-                "--initial-cluster",
-                &initial_cluster,
-                "--initial-cluster-state",
-                "new",
-                "--log-level",
-                "warn",
-            ],
-            &log_path,
-        )?;
-        let mut etcd = Self {
-            child: Some(child),
+        let argv: &[&str] = &[
+            ETCD,
+            "--name",
+            "weft",
+            "--data-dir",
+            &data_dir_s,
+            "--listen-client-urls",
+            &client,
+            "--advertise-client-urls",
+            &client,
+            "--listen-peer-urls",
+            &peer,
+            "--initial-advertise-peer-urls",
+            &peer,
+            "--initial-cluster",
+            &initial_cluster,
+            "--initial-cluster-state",
+            "new",
+            "--log-level",
+            "warn",
+        ];
+        let args = argv.iter().map(|a| (*a).to_owned()).collect();
+        let etcd = Self {
+            child: Mutex::new(None),
             ns_name: ns.name().to_owned(),
             endpoint: client,
+            args,
             dir,
         };
+        etcd.spawn()?;
         etcd.wait_healthy()?;
         Ok(etcd)
     }
 
-    fn wait_healthy(&mut self) -> Result<()> {
+    fn child(&self) -> std::sync::MutexGuard<'_, Option<Child>> {
+        self.child
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn spawn(&self) -> Result<()> {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        let child = crate::netns::spawn_in(&self.ns_name, &args, &self.dir.path().join(LOG_FILE))?;
+        *self.child() = Some(child);
+        Ok(())
+    }
+
+    /// Kills the server (clients see their connections drop).
+    pub fn stop(&self) {
+        if let Some(mut child) = self.child().take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same data, after [`Self::stop`].
+    pub fn restart(&self) -> Result<()> {
+        self.stop();
+        self.spawn()?;
+        self.wait_healthy()
+    }
+
+    fn wait_healthy(&self) -> Result<()> {
         let result = process::wait_until(ETCD_START_TIMEOUT, "etcd to become healthy", |last| {
-            if let Some(child) = self.child.as_mut()
+            if let Some(child) = self.child().as_mut()
                 && let Some(status) = child.try_wait().context("try_wait on etcd")?
             {
                 bail!("etcd exited with {status}");
@@ -166,10 +197,7 @@ impl Etcd {
 
 impl Drop for Etcd {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.stop();
     }
 }
 

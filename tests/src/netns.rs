@@ -124,18 +124,7 @@ impl Netns {
     /// Starts `args` in the namespace in the background with stdout and
     /// stderr appended to `log_path`. The caller owns the child.
     pub fn spawn(&self, args: &[&str], log_path: &Path) -> Result<Child> {
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log_path)
-            .with_context(|| format!("opening log {}", log_path.display()))?;
-        let log_err = log
-            .try_clone()
-            .with_context(|| format!("duplicating log {}", log_path.display()))?;
-        let mut cmd = self.command(args);
-        cmd.stdin(Stdio::null()).stdout(log).stderr(log_err);
-        cmd.spawn()
-            .with_context(|| format!("spawning `{}`", process::describe(&cmd)))
+        spawn_in(&self.name, args, log_path)
     }
 
     /// Pings `dst` `count` times with `size` payload bytes and fails unless
@@ -375,4 +364,22 @@ pub fn capture(
     let cap = Capture::start(ns, iface, filter, count)?;
     during().context("traffic generated during the capture")?;
     cap.finish(timeout)
+}
+
+/// Starts `args` in namespace `ns` (`ip netns exec`) in the background,
+/// stdout and stderr appended to `log_path`.
+pub(crate) fn spawn_in(ns: &str, args: &[&str], log_path: &Path) -> Result<Child> {
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .with_context(|| format!("opening log {}", log_path.display()))?;
+    let log_err = log
+        .try_clone()
+        .with_context(|| format!("duplicating log {}", log_path.display()))?;
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns]).args(args);
+    cmd.stdin(Stdio::null()).stdout(log).stderr(log_err);
+    cmd.spawn()
+        .with_context(|| format!("spawning `{}`", process::describe(&cmd)))
 }

@@ -552,3 +552,122 @@ fn weft_interoperates_with_a_flannel_kernel_vxlan_node() -> Result<()> {
     check_tcp(&b, &a)?;
     Ok(())
 }
+
+#[test]
+fn bad_leases_and_an_etcd_outage_do_not_stop_forwarding() -> Result<()> {
+    preflight()?;
+    let cluster = Cluster::new(CONFIG)?;
+    let (hosts, envs) = start_hosts(&cluster, &[1, 2], false)?;
+    wait_full_mesh(
+        &hosts.iter().collect::<Vec<_>>(),
+        &envs.iter().collect::<Vec<_>>(),
+    )?;
+    let a = hosts[0].attach_container()?;
+    let b = hosts[1].attach_container()?;
+    check_ping(&a, &b)?;
+
+    // Garbage the agents must log and skip: a value that is not JSON, a key
+    // that is not a subnet, a lease outside the network, and a lease that
+    // claims host 2's subnet again from another address.
+    let etcd = cluster.etcd();
+    etcd.put(&cluster.lease_key("10.244.250.1/24")?, "{not json")?;
+    etcd.put(
+        &format!("{}/subnets/not-a-subnet", weft_tests::ETCD_PREFIX),
+        r#"{"PublicIP":"198.18.0.9","BackendType":"vxlan","BackendData":{"VtepMAC":"02:00:00:00:00:09"}}"#,
+    )?;
+    etcd.put(
+        &format!("{}/subnets/10.99.0.0-24", weft_tests::ETCD_PREFIX),
+        r#"{"PublicIP":"198.18.0.9","BackendType":"vxlan","BackendData":{"VtepMAC":"02:00:00:00:00:09"}}"#,
+    )?;
+    let (b_net, _) = parse_cidr(&envs[1].subnet_network()?)?;
+    let o = b_net.octets();
+    etcd.put(
+        &format!("{}/subnets/{}.{}.{}.0-23", weft_tests::ETCD_PREFIX, o[0], o[1], o[2] & 0xfe),
+        r#"{"PublicIP":"198.18.0.9","BackendType":"vxlan","BackendData":{"VtepMAC":"02:00:00:00:00:09"}}"#,
+    )?;
+
+    // An outage: the data path keeps forwarding on the table it has.
+    etcd.stop();
+    a.ping(b.ip(), 5, 56, false)
+        .context("a -> b with etcd down")?;
+    b.ping(a.ip(), 5, 56, false)
+        .context("b -> a with etcd down")?;
+    etcd.restart()?;
+
+    // After reconnecting, the agents follow etcd again: a new node appears
+    // in their tables, the garbage never does.
+    let late = cluster.add_host(3)?;
+    late.start_agent(&[])?;
+    let late_env = late.wait_subnet_env(CONVERGE)?;
+    wait_routes(&hosts[0], &[(&hosts[1], &envs[1]), (&late, &late_env)])?;
+    wait_routes(&hosts[1], &[(&hosts[0], &envs[0]), (&late, &late_env)])?;
+    for host in &hosts {
+        let table = host.map_dump_subnets()?;
+        ensure!(
+            table.len() == 2
+                && table
+                    .iter()
+                    .all(|(_, ip)| *ip != Ipv4Addr::new(198, 18, 0, 9)),
+            "host {}: a bad lease got into SUBNETS: {table:?}",
+            host.index()
+        );
+        let log = host.agent_log();
+        ensure!(
+            log.contains("skipping"),
+            "host {}: bad leases not logged:\n{log}",
+            host.index()
+        );
+        let lost = log.matches("etcd watch lost").count();
+        ensure!(
+            lost == 1,
+            "host {}: outage reported {lost} times, want once:\n{log}",
+            host.index()
+        );
+        ensure!(host.agent_running(), "host {}: agent stopped", host.index());
+    }
+    let c = late.attach_container()?;
+    check_ping(&a, &c)?;
+    check_ping(&c, &b)?;
+    Ok(())
+}
+
+#[test]
+fn cleanup_removes_everything_the_agent_created() -> Result<()> {
+    preflight()?;
+    let cluster = Cluster::new(CONFIG)?;
+    let (hosts, _envs) = start_hosts(&cluster, &[1], false)?;
+    let host = &hosts[0];
+    let route = |host: &Host<'_>| host.ns().ip(&["route", "show", NETWORK]);
+    // The route follows the subnet file by a moment.
+    wait_until(CONVERGE, "the cluster route", |last| {
+        *last = route(host)?;
+        Ok((!last.trim().is_empty()).then_some(()))
+    })?;
+    host.kill_agent(Signal::Term)?;
+    let agent = node_agent_binary()?;
+    let (pin, file) = (host.pin_path().to_owned(), host.subnet_file().to_owned());
+    let mut cmd = host.ns().command_keep_mounts(&[
+        &agent.to_string_lossy(),
+        "cleanup",
+        "--pin-path",
+        &pin.to_string_lossy(),
+        "--subnet-file",
+        &file.to_string_lossy(),
+    ]);
+    let out = cmd.output()?;
+    ensure!(
+        out.status.success(),
+        "cleanup failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(!pin.exists(), "{} still exists", pin.display());
+    ensure!(!file.exists(), "{} still exists", file.display());
+    ensure!(
+        route(host)?.trim().is_empty(),
+        "cluster route left: {}",
+        route(host)?
+    );
+    let link = host.ns().ip(&["link", "show", "eth0"])?;
+    ensure!(!link.contains("xdp"), "XDP still attached: {link}");
+    Ok(())
+}

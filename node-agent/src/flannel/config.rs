@@ -11,7 +11,7 @@ use ipnet::Ipv4Net;
 use serde_json::{Map, Value};
 use thiserror::Error;
 
-use super::json::{as_integer, get_ci};
+use super::json::{FieldError, field, field_bool, field_int, field_str, field_u64};
 
 /// flannel's vxlan backend `defaultVNI`.
 pub const DEFAULT_VXLAN_VNI: u32 = 1;
@@ -33,18 +33,10 @@ pub enum ConfigError {
     InvalidJson(#[source] serde_json::Error),
     #[error("{field}: expected a JSON object")]
     NotAnObject { field: &'static str },
-    #[error("{field}: key given more than once with different case ({spellings})")]
-    AmbiguousKey {
-        field: &'static str,
-        spellings: String,
-    },
+    #[error(transparent)]
+    Field(#[from] FieldError),
     #[error("{field}: missing")]
     Missing { field: &'static str },
-    #[error("{field}: expected {expected}")]
-    WrongType {
-        field: &'static str,
-        expected: &'static str,
-    },
     #[error("Network {value:?}: not a valid IPv4 CIDR ({reason})")]
     InvalidNetwork { value: String, reason: String },
     #[error("{field} {value:?}: not a valid IPv4 address")]
@@ -152,15 +144,15 @@ impl NetworkConfig {
             .as_object()
             .ok_or(ConfigError::NotAnObject { field: "config" })?;
 
-        if get_bool(obj, "EnableIPv4", "EnableIPv4")? == Some(false) {
+        if field_bool(obj, "EnableIPv4", "EnableIPv4")? == Some(false) {
             return Err(ConfigError::Ipv4Disabled);
         }
-        if get_bool(obj, "EnableIPv6", "EnableIPv6")? == Some(true) {
+        if field_bool(obj, "EnableIPv6", "EnableIPv6")? == Some(true) {
             return Err(ConfigError::Ipv6Unsupported);
         }
 
-        let network_str =
-            get_str(obj, "Network", "Network")?.ok_or(ConfigError::Missing { field: "Network" })?;
+        let network_str = field_str(obj, "Network", "Network")?
+            .ok_or(ConfigError::Missing { field: "Network" })?;
         // flannel decodes Network with Go's net.ParseCIDR, which masks host bits away
         // (10.244.1.0/16 becomes 10.244.0.0/16) instead of rejecting them.
         let network = network_str
@@ -171,25 +163,19 @@ impl NetworkConfig {
             })?
             .trunc();
 
-        let explicit_len = match get(obj, "SubnetLen", "SubnetLen")? {
-            None => None,
-            Some(value) => Some(value.as_u64().ok_or(ConfigError::WrongType {
-                field: "SubnetLen",
-                expected: "a non-negative integer",
-            })?),
-        };
+        let explicit_len = field_u64(obj, "SubnetLen", "SubnetLen")?;
         let subnet_len = subnet_len_for(network, explicit_len)?;
         let subnet_size = 1u64 << (32 - u32::from(subnet_len));
         let network_start = u64::from(u32::from(network.network()));
         let network_end = u64::from(u32::from(network.broadcast()));
 
-        let subnet_min = match get_addr(obj, "SubnetMin", "SubnetMin")? {
+        let subnet_min = match field_addr(obj, "SubnetMin", "SubnetMin")? {
             // flannel skips the first subnet by default: its network address would clash with
             // the network-wide one (e.g. 10.244.0.0 on a flannel.1 in 10.244.0.0/16).
             None => to_addr(network_start + subnet_size),
             Some(addr) => check_bound("SubnetMin", addr, network, subnet_len)?,
         };
-        let subnet_max = match get_addr(obj, "SubnetMax", "SubnetMax")? {
+        let subnet_max = match field_addr(obj, "SubnetMax", "SubnetMax")? {
             None => to_addr(network_end + 1 - subnet_size),
             Some(addr) => check_bound("SubnetMax", addr, network, subnet_len)?,
         };
@@ -262,7 +248,7 @@ fn subnet_len_for(network: Ipv4Net, explicit: Option<u64>) -> Result<u8, ConfigE
 }
 
 /// Validates an explicit SubnetMin/SubnetMax. An explicit 0.0.0.0 is flannel's zero value and
-/// therefore means "use the default", which the caller handles via `None` from [`get_addr`].
+/// therefore means "use the default", which the caller handles via `None` from [`field_addr`].
 fn check_bound(
     field: &'static str,
     addr: Ipv4Addr,
@@ -288,13 +274,13 @@ fn check_bound(
 }
 
 fn parse_backend(obj: &Map<String, Value>) -> Result<Backend, ConfigError> {
-    let Some(backend) = get(obj, "Backend", "Backend")? else {
+    let Some(backend) = field(obj, "Backend", "Backend")? else {
         return Err(ConfigError::BackendTypeMissing);
     };
     let backend = backend
         .as_object()
         .ok_or(ConfigError::NotAnObject { field: "Backend" })?;
-    let type_name = get_str(backend, "Type", "Backend.Type")?
+    let type_name = field_str(backend, "Type", "Backend.Type")?
         .filter(|t| !t.is_empty())
         .ok_or(ConfigError::BackendTypeMissing)?;
 
@@ -311,86 +297,33 @@ fn parse_backend(obj: &Map<String, Value>) -> Result<Backend, ConfigError> {
 
 fn parse_vxlan(backend: &Map<String, Value>) -> Result<VxlanConfig, ConfigError> {
     let mut cfg = VxlanConfig::default();
-    if let Some(vni) = get_int(backend, "VNI", "Backend.VNI")? {
+    if let Some(vni) = field_int(backend, "VNI", "Backend.VNI")? {
         cfg.vni = u32::try_from(vni)
             .ok()
             .filter(|vni| *vni <= MAX_VNI)
             .ok_or(ConfigError::VniOutOfRange { vni })?;
     }
-    if let Some(port) = get_int(backend, "Port", "Backend.Port")? {
+    if let Some(port) = field_int(backend, "Port", "Backend.Port")? {
         let port = u16::try_from(port).map_err(|_| ConfigError::PortOutOfRange { port })?;
         // flannel passes Port 0 to netlink, where it means "kernel default" (8472).
         if port != 0 {
             cfg.port = port;
         }
     }
-    if let Some(direct) = get_bool(backend, "DirectRouting", "Backend.DirectRouting")? {
+    if let Some(direct) = field_bool(backend, "DirectRouting", "Backend.DirectRouting")? {
         cfg.direct_routing = direct;
     }
     Ok(cfg)
 }
 
-fn get<'a>(
-    obj: &'a Map<String, Value>,
-    name: &str,
-    field: &'static str,
-) -> Result<Option<&'a Value>, ConfigError> {
-    get_ci(obj, name).map_err(|spellings| ConfigError::AmbiguousKey { field, spellings })
-}
-
-fn get_str<'a>(
-    obj: &'a Map<String, Value>,
-    name: &str,
-    field: &'static str,
-) -> Result<Option<&'a str>, ConfigError> {
-    get(obj, name, field)?
-        .map(|v| {
-            v.as_str().ok_or(ConfigError::WrongType {
-                field,
-                expected: "a string",
-            })
-        })
-        .transpose()
-}
-
-fn get_bool(
-    obj: &Map<String, Value>,
-    name: &str,
-    field: &'static str,
-) -> Result<Option<bool>, ConfigError> {
-    get(obj, name, field)?
-        .map(|v| {
-            v.as_bool().ok_or(ConfigError::WrongType {
-                field,
-                expected: "true or false",
-            })
-        })
-        .transpose()
-}
-
-fn get_int(
-    obj: &Map<String, Value>,
-    name: &str,
-    field: &'static str,
-) -> Result<Option<i128>, ConfigError> {
-    get(obj, name, field)?
-        .map(|v| {
-            as_integer(v).ok_or(ConfigError::WrongType {
-                field,
-                expected: "an integer",
-            })
-        })
-        .transpose()
-}
-
 /// An IPv4 address field; 0.0.0.0 is returned as `None` because flannel treats its zero value
 /// as "not set".
-fn get_addr(
+fn field_addr(
     obj: &Map<String, Value>,
     name: &str,
     field: &'static str,
 ) -> Result<Option<Ipv4Addr>, ConfigError> {
-    let Some(text) = get_str(obj, name, field)? else {
+    let Some(text) = field_str(obj, name, field)? else {
         return Ok(None);
     };
     let addr = text
@@ -523,10 +456,10 @@ mod tests {
         assert!(
             matches!(
                 e,
-                ConfigError::AmbiguousKey {
+                ConfigError::Field(FieldError::AmbiguousKey {
                     field: "Network",
                     ..
-                }
+                })
             ),
             "{e:?}"
         );
@@ -679,10 +612,10 @@ mod tests {
             assert!(
                 matches!(
                     parse(bad).unwrap_err(),
-                    ConfigError::WrongType {
+                    ConfigError::Field(FieldError::WrongType {
                         field: "SubnetLen",
                         ..
-                    }
+                    })
                 ),
                 "{bad}"
             );
@@ -808,10 +741,10 @@ mod tests {
         assert!(
             matches!(
                 e,
-                ConfigError::WrongType {
+                ConfigError::Field(FieldError::WrongType {
                     field: "Network",
                     ..
-                }
+                })
             ),
             "{e:?}"
         );
@@ -843,10 +776,10 @@ mod tests {
         ));
         assert!(matches!(
             parse(r#"{"Type":"vxlan","VNI":"1"}"#).unwrap_err(),
-            ConfigError::WrongType {
+            ConfigError::Field(FieldError::WrongType {
                 field: "Backend.VNI",
                 ..
-            }
+            })
         ));
         assert!(matches!(
             parse(r#"{"Type":"vxlan","Port":65536}"#).unwrap_err(),
@@ -854,10 +787,10 @@ mod tests {
         ));
         assert!(matches!(
             parse(r#"{"Type":"vxlan","DirectRouting":"yes"}"#).unwrap_err(),
-            ConfigError::WrongType {
+            ConfigError::Field(FieldError::WrongType {
                 field: "Backend.DirectRouting",
                 ..
-            }
+            })
         ));
     }
 

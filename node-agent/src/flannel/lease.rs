@@ -6,11 +6,11 @@
 
 use std::net::Ipv4Addr;
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 use thiserror::Error;
 
 use super::config::MAX_VNI;
-use super::json::{as_integer, get_ci};
+use super::json::{FieldError, field, field_int, field_str};
 
 #[derive(Debug, Error)]
 pub enum LeaseError {
@@ -18,18 +18,10 @@ pub enum LeaseError {
     InvalidJson(#[source] serde_json::Error),
     #[error("{field}: expected a JSON object")]
     NotAnObject { field: &'static str },
-    #[error("{field}: key given more than once with different case ({spellings})")]
-    AmbiguousKey {
-        field: &'static str,
-        spellings: String,
-    },
+    #[error(transparent)]
+    Field(#[from] FieldError),
     #[error("{field}: missing")]
     Missing { field: &'static str },
-    #[error("{field}: expected {expected}")]
-    WrongType {
-        field: &'static str,
-        expected: &'static str,
-    },
     #[error("PublicIP {value:?}: not a valid IPv4 address")]
     InvalidPublicIp { value: String },
     #[error("BackendData.VNI {vni}: must be between 0 and {MAX_VNI}")]
@@ -101,13 +93,13 @@ pub fn parse(json: &str) -> Result<LeaseAttrs, LeaseError> {
         .ok_or(LeaseError::NotAnObject { field: "lease" })?;
 
     let ip_text =
-        get_str(obj, "PublicIP", "PublicIP")?.ok_or(LeaseError::Missing { field: "PublicIP" })?;
+        field_str(obj, "PublicIP", "PublicIP")?.ok_or(LeaseError::Missing { field: "PublicIP" })?;
     let public_ip = ip_text
         .parse::<Ipv4Addr>()
         .map_err(|_| LeaseError::InvalidPublicIp {
             value: ip_text.to_owned(),
         })?;
-    let backend_type = get_str(obj, "BackendType", "BackendType")?
+    let backend_type = field_str(obj, "BackendType", "BackendType")?
         .ok_or(LeaseError::Missing {
             field: "BackendType",
         })?
@@ -119,7 +111,7 @@ pub fn parse(json: &str) -> Result<LeaseAttrs, LeaseError> {
         backend_data: None,
     };
     if lease.is_vxlan() {
-        let data = get(obj, "BackendData", "BackendData")?.ok_or(LeaseError::Missing {
+        let data = field(obj, "BackendData", "BackendData")?.ok_or(LeaseError::Missing {
             field: "BackendData",
         })?;
         lease.backend_data = Some(parse_vxlan_data(data)?);
@@ -131,24 +123,19 @@ fn parse_vxlan_data(data: &Value) -> Result<VxlanLeaseData, LeaseError> {
     let obj = data.as_object().ok_or(LeaseError::NotAnObject {
         field: "BackendData",
     })?;
-    let vni = match get(obj, "VNI", "BackendData.VNI")? {
+    let vni = match field_int(obj, "VNI", "BackendData.VNI")? {
         None => None,
-        Some(value) => {
-            let vni = as_integer(value).ok_or(LeaseError::WrongType {
-                field: "BackendData.VNI",
-                expected: "an integer",
-            })?;
-            Some(
-                u32::try_from(vni)
-                    .ok()
-                    .filter(|vni| *vni <= MAX_VNI)
-                    .ok_or(LeaseError::VniOutOfRange { vni })?,
-            )
-        }
+        Some(vni) => Some(
+            u32::try_from(vni)
+                .ok()
+                .filter(|vni| *vni <= MAX_VNI)
+                .ok_or(LeaseError::VniOutOfRange { vni })?,
+        ),
     };
-    let mac_text = get_str(obj, "VtepMAC", "BackendData.VtepMAC")?.ok_or(LeaseError::Missing {
-        field: "BackendData.VtepMAC",
-    })?;
+    let mac_text =
+        field_str(obj, "VtepMAC", "BackendData.VtepMAC")?.ok_or(LeaseError::Missing {
+            field: "BackendData.VtepMAC",
+        })?;
     Ok(VxlanLeaseData {
         vni,
         vtep_mac: parse_mac(mac_text)?,
@@ -186,29 +173,6 @@ pub fn parse_mac(text: &str) -> Result<[u8; 6], LeaseError> {
         return Err(invalid("more than six octets"));
     }
     Ok(mac)
-}
-
-fn get<'a>(
-    obj: &'a Map<String, Value>,
-    name: &str,
-    field: &'static str,
-) -> Result<Option<&'a Value>, LeaseError> {
-    get_ci(obj, name).map_err(|spellings| LeaseError::AmbiguousKey { field, spellings })
-}
-
-fn get_str<'a>(
-    obj: &'a Map<String, Value>,
-    name: &str,
-    field: &'static str,
-) -> Result<Option<&'a str>, LeaseError> {
-    get(obj, name, field)?
-        .map(|v| {
-            v.as_str().ok_or(LeaseError::WrongType {
-                field,
-                expected: "a string",
-            })
-        })
-        .transpose()
 }
 
 #[cfg(test)]
@@ -338,6 +302,35 @@ mod tests {
             let e = parse(json).unwrap_err();
             assert!(e.to_string().contains(message), "{json}: {e}");
         }
+    }
+
+    #[test]
+    fn shared_field_errors_are_wrapped() {
+        let e = parse(r#"{"PublicIP":"1.2.3.4","publicip":"1.2.3.5","BackendType":"host-gw"}"#)
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                LeaseError::Field(FieldError::AmbiguousKey {
+                    field: "PublicIP",
+                    ..
+                })
+            ),
+            "{e:?}"
+        );
+        let json = r#"{"PublicIP":"1.2.3.4","BackendType":"vxlan","BackendData":{"VNI":1.5,"VtepMAC":"aa:bb:cc:dd:ee:ff"}}"#;
+        let e = parse(json).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                LeaseError::Field(FieldError::WrongType {
+                    field: "BackendData.VNI",
+                    expected: "an integer",
+                })
+            ),
+            "{e:?}"
+        );
+        assert_eq!(e.to_string(), "BackendData.VNI: expected an integer");
     }
 
     #[test]

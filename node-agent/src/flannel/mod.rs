@@ -13,6 +13,7 @@ pub mod subnet_env;
 mod json;
 
 pub use config::{Backend, ConfigError, NetworkConfig, VxlanConfig};
+pub use json::FieldError;
 pub use keys::{DEFAULT_PREFIX, KeyError, KeyLayout, subnet_key_name};
 pub use lease::{LeaseAttrs, LeaseError, VxlanLeaseData};
 pub use subnet::{AllocError, Reuse, choose_subnet};
