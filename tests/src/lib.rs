@@ -12,6 +12,7 @@ mod cluster;
 mod etcd;
 mod netns;
 pub mod process;
+pub mod test_run;
 
 use std::path::{Path, PathBuf};
 use std::sync::Once;

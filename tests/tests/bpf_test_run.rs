@@ -9,278 +9,12 @@
 use std::collections::BTreeSet;
 
 use anyhow::{Context as _, Result, ensure};
-use aya::{
-    maps::lpm_trie::Key,
-    programs::{ProgramError, SchedClassifier, TestRun as _, TestRunOptions, Xdp},
-};
-use node_agent::datapath::Datapath;
-use weft_common::{
-    Mode, NodeConfig, PROG_DECAP_TC, PROG_DECAP_XDP, PROG_ENCAP_TC, Reason, RemoteNode,
-};
-use weft_tests::{Netns, PinDir, require_bpffs, require_root, unique_tag};
-
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
-const TC_ACT_REDIRECT: u32 = 7;
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-
-const LOCAL_IP: [u8; 4] = [198, 18, 0, 1];
-const PEER_IP: [u8; 4] = [198, 18, 0, 2];
-const UNRESOLVED_IP: [u8; 4] = [198, 18, 0, 3];
-const PEER_UNDERLAY_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x02];
-const PEER_VTEP: [u8; 6] = [0x02, 0, 0, 0, 0x22, 0x22];
-const UNRESOLVED_VTEP: [u8; 6] = [0x02, 0, 0, 0, 0x33, 0x33];
-const RECEIVER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x44, 0x44];
-const VNI: u32 = 1;
-const PORT: u16 = 8472;
-
-/// `struct __sk_buff` as BPF_PROG_TEST_RUN's ctx_in: only the fields the
-/// kernel accepts there may be non-zero (net/bpf/test_run.c,
-/// convert___skb_to_skb).
-const SKB_CTX_LEN: usize = 192;
-const ETH_HLEN: usize = 14;
-const SKB_IFINDEX: usize = 40;
-const SKB_GSO_SIZE: usize = 176;
-
-struct Bench {
-    ns: Netns,
-    dp: Datapath,
-    _pins: PinDir,
-    ifindex: u32,
-    mac: [u8; 6],
-}
-
-impl Bench {
-    fn new() -> Result<Self> {
-        require_root()?;
-        require_bpffs()?;
-        let ns = Netns::new(&format!("wtst-{}-tr", unique_tag()))?;
-        // bpf_fib_lookup answers FWD_DISABLED unless the egress device
-        // forwards; the agent turns forwarding on for the same reason.
-        ns.run(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])?;
-        ns.ip(&["link", "add", "u0", "type", "veth", "peer", "name", "u1"])?;
-        ns.ip(&["addr", "add", "198.18.0.1/24", "dev", "u0"])?;
-        ns.ip(&["link", "set", "u0", "up"])?;
-        ns.ip(&["link", "set", "u1", "up"])?;
-        ns.ip(&[
-            "neigh",
-            "replace",
-            "198.18.0.2",
-            "lladdr",
-            "02:00:00:00:02:02",
-            "dev",
-            "u0",
-            "nud",
-            "permanent",
-        ])?;
-        let (ifindex, mac) = ns.run_in(|| read_link("u0"))??;
-        let pins = PinDir::new()?;
-        let mut dp = Datapath::load(pins.path()).context("loading the BPF object")?;
-        for name in [PROG_ENCAP_TC, PROG_DECAP_TC] {
-            let prog: &mut SchedClassifier = dp
-                .ebpf_mut()
-                .program_mut(name)
-                .with_context(|| name.to_owned())?
-                .try_into()?;
-            prog.load()
-                .with_context(|| format!("verifier rejected {name}"))?;
-        }
-        let xdp: &mut Xdp = dp
-            .ebpf_mut()
-            .program_mut(PROG_DECAP_XDP)
-            .context("xdp")?
-            .try_into()?;
-        xdp.load().context("verifier rejected the XDP program")?;
-
-        let mut subnets = dp.subnets()?;
-        for (subnet, ip, vtep) in [
-            ([10, 244, 2, 0], PEER_IP, PEER_VTEP),
-            ([10, 244, 3, 0], UNRESOLVED_IP, UNRESOLVED_VTEP),
-        ] {
-            let node = RemoteNode {
-                public_ip: ip,
-                vtep_mac: vtep,
-                mode: Mode::Vxlan as u8,
-                _pad0: 0,
-                vni: VNI,
-            };
-            subnets.insert(&Key::new(24, subnet), node, 0)?;
-        }
-        let mut bench = Self {
-            ns,
-            dp,
-            _pins: pins,
-            ifindex,
-            mac,
-        };
-        bench.configure_as_sender()?;
-        Ok(bench)
-    }
-
-    fn node_config(&self, public_ip: [u8; 4], iface_mac: [u8; 6]) -> NodeConfig {
-        NodeConfig {
-            configured: 1,
-            public_ip,
-            vtep_mac: self.mac,
-            vxlan_port_be: PORT.to_be(),
-            vni: VNI,
-            iface_ifindex: self.ifindex,
-            iface_mtu: 1500,
-            iface_mac,
-            cluster_prefix_len: 16,
-            local_prefix_len: 24,
-            cluster_network: [10, 244, 0, 0],
-            local_subnet: [10, 244, 1, 0],
-        }
-    }
-
-    fn configure_as_sender(&mut self) -> Result<()> {
-        let cfg = self.node_config(LOCAL_IP, self.mac);
-        Ok(self.dp.write_node_config(&cfg)?)
-    }
-
-    /// Makes the programs behave as the node at 198.18.0.2, so that what
-    /// the encap program produced is addressed to "us".
-    fn configure_as_receiver(&mut self) -> Result<()> {
-        let cfg = self.node_config(PEER_IP, RECEIVER_MAC);
-        Ok(self.dp.write_node_config(&cfg)?)
-    }
-
-    fn counter(&self, reason: Reason) -> Result<u64> {
-        Ok(self
-            .dp
-            .counters()?
-            .into_iter()
-            .find(|(r, _)| *r == reason)
-            .map(|(_, n)| n)
-            .unwrap_or_default())
-    }
-
-    fn run_tc(&mut self, name: &str, frame: &[u8], gso_size: u32) -> Result<(u32, Vec<u8>)> {
-        let mut ctx = [0u8; SKB_CTX_LEN];
-        ctx[SKB_IFINDEX..SKB_IFINDEX + 4].copy_from_slice(&self.ifindex.to_ne_bytes());
-        ctx[SKB_GSO_SIZE..SKB_GSO_SIZE + 4].copy_from_slice(&gso_size.to_ne_bytes());
-        let prog: &SchedClassifier = self
-            .dp
-            .ebpf_mut()
-            .program(name)
-            .with_context(|| name.to_owned())?
-            .try_into()?;
-        run_in_ns(&self.ns, |out| {
-            prog.test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(out),
-                ctx_in: Some(&ctx),
-                ..TestRunOptions::default()
-            })
-        })
-    }
-
-    fn run_xdp(&mut self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
-        let prog: &Xdp = self
-            .dp
-            .ebpf_mut()
-            .program(PROG_DECAP_XDP)
-            .context("xdp")?
-            .try_into()?;
-        run_in_ns(&self.ns, |out| {
-            prog.test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(out),
-                ..TestRunOptions::default()
-            })
-        })
-    }
-
-    fn encap(&mut self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
-        self.run_tc(PROG_ENCAP_TC, frame, 0)
-    }
-}
-
-fn run_in_ns(
-    ns: &Netns,
-    run: impl FnOnce(&mut [u8]) -> Result<aya::programs::TestRunResult, ProgramError> + Send,
-) -> Result<(u32, Vec<u8>)> {
-    ns.run_in(|| {
-        let mut out = vec![0u8; 4096];
-        let res = run(&mut out)?;
-        out.truncate(res.data_size_out as usize);
-        Ok((res.return_value, out))
-    })?
-}
-
-fn read_link(name: &str) -> Result<(u32, [u8; 6])> {
-    let ifindex = nix_ifindex(name)?;
-    let out = std::process::Command::new("ip")
-        .args(["-j", "link", "show", "dev", name])
-        .output()?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    let addr = v[0]["address"].as_str().context("no address")?;
-    let mut mac = [0u8; 6];
-    for (m, part) in mac.iter_mut().zip(addr.split(':')) {
-        *m = u8::from_str_radix(part, 16)?;
-    }
-    Ok((ifindex, mac))
-}
-
-fn nix_ifindex(name: &str) -> Result<u32> {
-    let c = std::ffi::CString::new(name)?;
-    // SAFETY: `c` is a valid NUL-terminated string.
-    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    ensure!(idx != 0, "no interface {name}");
-    Ok(idx)
-}
-
-/// An Ethernet + IPv4 + UDP frame from a local container to `dst`.
-fn inner_frame(dst: [u8; 4], sport: u16, payload: usize, df: bool) -> Vec<u8> {
-    let ip_len = 20 + 8 + payload;
-    let mut f = Vec::with_capacity(14 + ip_len);
-    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x99]); // whatever the stack put there
-    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
-    f.extend_from_slice(&[0x08, 0x00]);
-    let mut ip = vec![0x45, 0x00];
-    ip.extend_from_slice(&(ip_len as u16).to_be_bytes());
-    ip.extend_from_slice(&[0x12, 0x34, if df { 0x40 } else { 0 }, 0, 63, 17, 0, 0]);
-    ip.extend_from_slice(&[10, 244, 1, 2]);
-    ip.extend_from_slice(&dst);
-    let csum = checksum(&ip);
-    ip[10..12].copy_from_slice(&csum.to_be_bytes());
-    f.extend_from_slice(&ip);
-    f.extend_from_slice(&sport.to_be_bytes());
-    f.extend_from_slice(&5678u16.to_be_bytes());
-    f.extend_from_slice(&((8 + payload) as u16).to_be_bytes());
-    f.extend_from_slice(&[0, 0]);
-    f.extend((0..payload).map(|i| i as u8));
-    f
-}
-
-/// Whether BPF_PROG_TEST_RUN will build an skb from `frame`: it refuses
-/// frames with nothing past L2, and IP frames too short for their header
-/// (net/bpf/test_run.c), so TC programs never see those from it.
-fn skb_buildable(frame: &[u8]) -> bool {
-    let ip_min = match frame.get(12..14) {
-        Some([0x08, 0x00]) => 20,
-        Some([0x86, 0xdd]) => 40,
-        _ => 1,
-    };
-    frame.len() >= ETH_HLEN + ip_min
-}
-
-fn checksum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
+use weft_common::{PROG_DECAP_TC, Reason};
+use weft_tests::test_run::*;
 
 #[test]
 fn encap_writes_rfc7348_headers_and_keeps_the_inner_packet() -> Result<()> {
-    let mut b = Bench::new()?;
+    let mut b = ProgramBench::new()?;
     let before = b.counter(Reason::Encapsulated)?;
     let inner = inner_frame([10, 244, 2, 7], 1234, 32, true);
     let (rc, out) = b.encap(&inner)?;
@@ -349,7 +83,7 @@ fn encap_writes_rfc7348_headers_and_keeps_the_inner_packet() -> Result<()> {
 
 #[test]
 fn encap_source_port_follows_the_flow() -> Result<()> {
-    let mut b = Bench::new()?;
+    let mut b = ProgramBench::new()?;
     let mut ports = BTreeSet::new();
     for sport in 1000..1016 {
         let (rc, out) = b.encap(&inner_frame([10, 244, 2, 7], sport, 16, true))?;
@@ -372,7 +106,7 @@ fn encap_source_port_follows_the_flow() -> Result<()> {
 
 #[test]
 fn encap_redirects_via_the_kernel_when_the_next_hop_is_unresolved() -> Result<()> {
-    let mut b = Bench::new()?;
+    let mut b = ProgramBench::new()?;
     let inner = inner_frame([10, 244, 3, 9], 1234, 8, true);
     let (rc, out) = b.encap(&inner)?;
     ensure!(
@@ -386,7 +120,7 @@ fn encap_redirects_via_the_kernel_when_the_next_hop_is_unresolved() -> Result<()
 
 #[test]
 fn encap_leaves_other_traffic_alone_and_drops_what_cannot_fit() -> Result<()> {
-    let mut b = Bench::new()?;
+    let mut b = ProgramBench::new()?;
     // Not in any remote subnet.
     let local = inner_frame([10, 244, 9, 9], 1, 8, true);
     let before = b.counter(Reason::PassNoRemote)?;
@@ -425,7 +159,7 @@ fn encap_leaves_other_traffic_alone_and_drops_what_cannot_fit() -> Result<()> {
 
 #[test]
 fn decap_round_trip_gives_back_the_original_packet() -> Result<()> {
-    let mut b = Bench::new()?;
+    let mut b = ProgramBench::new()?;
     let inner = inner_frame([10, 244, 2, 7], 4321, 100, false);
     let (rc, wire) = b.encap(&inner)?;
     ensure!(rc == TC_ACT_OK);
@@ -460,7 +194,7 @@ fn decap_round_trip_gives_back_the_original_packet() -> Result<()> {
 
 #[test]
 fn decap_passes_foreign_traffic_untouched() -> Result<()> {
-    let mut b = Bench::new()?;
+    let mut b = ProgramBench::new()?;
     let (_, wire) = b.encap(&inner_frame([10, 244, 2, 7], 1, 40, true))?;
     b.configure_as_receiver()?;
 
@@ -519,10 +253,11 @@ fn decap_passes_foreign_traffic_untouched() -> Result<()> {
 
 #[test]
 fn truncated_and_garbage_packets_pass_or_drop_and_are_counted() -> Result<()> {
-    let mut b = Bench::new()?;
+    let mut b = ProgramBench::new()?;
     let (_, wire) = b.encap(&inner_frame([10, 244, 2, 7], 1, 40, true))?;
     b.configure_as_receiver()?;
-    let total = |b: &Bench| -> Result<u64> { Ok(b.dp.counters()?.iter().map(|(_, n)| n).sum()) };
+    let total =
+        |b: &ProgramBench| -> Result<u64> { Ok(b.dp.counters()?.iter().map(|(_, n)| n).sum()) };
 
     let mut frames: Vec<Vec<u8>> = (14..wire.len()).map(|n| wire[..n].to_vec()).collect();
     // Deterministic garbage, some of it dressed as IPv4/UDP to our port.
