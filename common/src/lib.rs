@@ -15,6 +15,10 @@ pub const MAP_SUBNETS: &str = "SUBNETS";
 pub const MAP_NODE_CONFIG: &str = "NODE_CONFIG";
 /// Name of the per-CPU array of `u64` packet counters, indexed by [`Reason`].
 pub const MAP_COUNTERS: &str = "COUNTERS";
+/// Name of the hash of known nodes' PublicIPs (key `[u8; 4]`, network order;
+/// value: `u32` count of subnets leased from that address). IP-in-IP is only
+/// decapsulated from these sources, so it cannot inject traffic.
+pub const MAP_NODE_IPS: &str = "NODE_IPS";
 
 /// Program (and pinned link) names, equal to the entry functions' names.
 pub const PROG_ENCAP_TC: &str = "weft_encap_tc";
@@ -28,6 +32,8 @@ pub const MAX_SUBNETS: u32 = 131_072;
 /// VXLAN encapsulation overhead: outer IPv4 (20) + UDP (8) + VXLAN (8) +
 /// inner Ethernet (14), RFC 7348 section 5.
 pub const VXLAN_OVERHEAD: u32 = 50;
+/// IP-in-IP overhead: one outer IPv4 header (RFC 2003).
+pub const IPIP_OVERHEAD: u32 = 20;
 
 /// How packets reach a remote node.
 #[repr(u8)]
@@ -35,6 +41,11 @@ pub const VXLAN_OVERHEAD: u32 = 50;
 pub enum Mode {
     /// RFC 7348 VXLAN over UDP.
     Vxlan = 1,
+    /// No encapsulation: the remote PublicIP is the next hop (host-gw, and
+    /// DirectRouting peers on this node's L2 segment).
+    Direct = 2,
+    /// RFC 2003 IP-in-IP.
+    Ipip = 3,
 }
 
 /// Value of [`MAP_SUBNETS`]: where a remote subnet lives.
@@ -85,8 +96,15 @@ pub struct NodeConfig {
     pub cluster_network: [u8; 4],
     /// This node's leased subnet, network byte order.
     pub local_subnet: [u8; 4],
+    /// Which tunnels the decap programs accept: [`DECAP_VXLAN`] | [`DECAP_IPIP`].
+    pub decap: u32,
 }
-const _: () = assert!(size_of::<NodeConfig>() == 44);
+const _: () = assert!(size_of::<NodeConfig>() == 48);
+
+/// [`NodeConfig::decap`] bit: VXLAN to `vxlan_port_be` with `vni`.
+pub const DECAP_VXLAN: u32 = 1;
+/// [`NodeConfig::decap`] bit: IP-in-IP from a source in [`MAP_NODE_IPS`].
+pub const DECAP_IPIP: u32 = 2;
 
 /// Why a program did what it did. Each variant indexes [`MAP_COUNTERS`], so the
 /// counters double as metrics (`bpftool map dump pinned <pin>/COUNTERS`).
@@ -131,11 +149,16 @@ pub enum Reason {
     /// Passed untouched: too short or invalid to classify; the stack, which
     /// owns such packets, drops them itself.
     PassMalformed = 15,
+    /// Sent to a remote node without encapsulation (host-gw, DirectRouting).
+    ForwardedDirect = 16,
+    /// Dropped: IP-in-IP from an address that is no known node's PublicIP;
+    /// decapsulating it would let anyone inject packets into containers.
+    DropUnknownSource = 17,
 }
 
 impl Reason {
     /// Number of counter slots; the size of [`MAP_COUNTERS`].
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 18;
 
     /// Every reason, in index order; for dumping counters.
     pub const ALL: [Reason; Self::COUNT as usize] = [
@@ -155,6 +178,8 @@ impl Reason {
         Reason::DropTooBig,
         Reason::DropInnerNotIpv4,
         Reason::PassMalformed,
+        Reason::ForwardedDirect,
+        Reason::DropUnknownSource,
     ];
 
     /// Stable snake-case name, for logs and metrics.
@@ -176,6 +201,8 @@ impl Reason {
             Reason::DropTooBig => "drop_too_big",
             Reason::DropInnerNotIpv4 => "drop_inner_not_ipv4",
             Reason::PassMalformed => "pass_malformed",
+            Reason::ForwardedDirect => "forwarded_direct",
+            Reason::DropUnknownSource => "drop_unknown_source",
         }
     }
 
@@ -190,6 +217,7 @@ impl Reason {
                 | Reason::DropStoreBytes
                 | Reason::DropTooBig
                 | Reason::DropInnerNotIpv4
+                | Reason::DropUnknownSource
         )
     }
 }

@@ -1,7 +1,9 @@
-//! VXLAN decapsulation, at XDP (preferred) or TC ingress (fallback).
+//! Decapsulation of VXLAN and IP-in-IP, at XDP (preferred) or TC ingress
+//! (fallback).
 //!
-//! Only UDP to this node's PublicIP and the configured port, with the VXLAN I
-//! flag and this node's VNI, is touched. Everything else passes unchanged.
+//! Only tunnel packets addressed to this node's PublicIP are touched: VXLAN
+//! to the configured port with the I flag and this node's VNI, and IP-in-IP
+//! from a known node's PublicIP. Everything else passes unchanged.
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action},
@@ -9,39 +11,72 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use ebpf_prog::{
-    encap::vxlan::{ENCAP_LEN, vni_of},
+    encap::{
+        ipip::{self, IPPROTO_IPIP},
+        vxlan::{self, vni_of},
+    },
     headers::{ETH_HLEN, ETH_P_IP, IP_MF_OFFSET, IPPROTO_UDP, IPV4_HLEN, UDP_HLEN, VXLAN_HLEN},
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, udp::UdpHdr};
-use weft_common::{NodeConfig, Reason};
+use weft_common::{DECAP_IPIP, DECAP_VXLAN, NodeConfig, Reason};
 
 use crate::{
-    maps::node_config,
+    maps::{is_known_node, node_config},
     packet::{PacketWindow, ptr_at_mut, read_at},
 };
 
-const UDP_OFF: usize = ETH_HLEN + IPV4_HLEN;
+const OUTER_IP_OFF: usize = ETH_HLEN;
+const UDP_OFF: usize = OUTER_IP_OFF + IPV4_HLEN;
 const VXLAN_OFF: usize = UDP_OFF + UDP_HLEN;
-const INNER_ETH_OFF: usize = VXLAN_OFF + VXLAN_HLEN;
-const INNER_IP_OFF: usize = INNER_ETH_OFF + ETH_HLEN;
-/// Bytes that must be in the linear window to classify a packet.
-const CLASSIFY_LEN: usize = INNER_IP_OFF + IPV4_HLEN;
+const VXLAN_INNER_ETH_OFF: usize = VXLAN_OFF + VXLAN_HLEN;
+const VXLAN_INNER_IP_OFF: usize = VXLAN_INNER_ETH_OFF + ETH_HLEN;
+const IPIP_INNER_IP_OFF: usize = OUTER_IP_OFF + IPV4_HLEN;
+/// Bytes that must be in the linear window to classify any tunnel packet.
+const CLASSIFY_LEN: usize = VXLAN_INNER_IP_OFF + IPV4_HLEN;
+
+/// A tunnel packet for this node, and how many bytes follow the outer
+/// Ethernet header before the inner packet (or inner Ethernet header).
+#[derive(Clone, Copy)]
+enum Tunnel {
+    /// Outer IPv4 + UDP + VXLAN + inner Ethernet.
+    Vxlan,
+    /// Outer IPv4.
+    Ipip,
+}
+
+impl Tunnel {
+    #[inline(always)]
+    fn encap_len(self) -> usize {
+        match self {
+            Tunnel::Vxlan => vxlan::ENCAP_LEN,
+            Tunnel::Ipip => ipip::ENCAP_LEN,
+        }
+    }
+}
 
 pub fn try_decap_xdp(ctx: &XdpContext) -> Result<u32, Reason> {
     let cfg = node_config().ok_or(Reason::PassNotConfigured)?;
-    classify(ctx, cfg, ctx.data_end() - ctx.data())?;
+    let tunnel = classify(ctx, cfg, ctx.data_end() - ctx.data())?;
+    let outer = read_at::<EthHdr>(ctx, 0).ok_or(Reason::DropMalformedTunnel)?;
 
     // SAFETY: plain helper call on this program's own context.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, ENCAP_LEN as i32) } != 0 {
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, tunnel.encap_len() as i32) } != 0 {
         return Err(Reason::DropAdjustRoom);
     }
-    // The inner frame's destination is the VtepMAC the sender looked up for
-    // this node. Give it the interface's own MAC so the stack accepts it as
-    // PACKET_HOST even when the published VtepMAC differs (RFC 7348 leaves the
-    // inner MACs to the overlay).
+    // Every earlier pointer is stale now. The frame must be addressed to the
+    // interface itself for the stack to take it as PACKET_HOST: VXLAN's inner
+    // destination is whatever VtepMAC the sender looked up (RFC 7348 leaves
+    // inner MACs to the overlay), and IP-in-IP has no inner Ethernet header,
+    // so the outer one is rebuilt in front of the inner IPv4 header.
     let eth = ptr_at_mut::<EthHdr>(ctx, 0).ok_or(Reason::DropMalformedTunnel)?;
     // SAFETY: `eth` was re-derived after adjust_head and bounds-checked.
-    unsafe { (*eth).dst_addr = cfg.iface_mac };
+    unsafe {
+        (*eth).dst_addr = cfg.iface_mac;
+        if let Tunnel::Ipip = tunnel {
+            (*eth).src_addr = outer.src_addr;
+            (*eth).ether_type = ETH_P_IP.to_be();
+        }
+    }
     Ok(xdp_action::XDP_PASS)
 }
 
@@ -58,60 +93,85 @@ pub fn try_decap_tc(ctx: &TcContext) -> Result<i32, Reason> {
         // (classify then sees a short window and passes the packet).
         let _ = ctx.skb.pull_data(CLASSIFY_LEN as u32);
     }
-    classify(ctx, cfg, ctx.len() as usize)?;
+    let tunnel = classify(ctx, cfg, ctx.len() as usize)?;
 
-    // Pops outer IPv4 + UDP + VXLAN + inner Ethernet right after the outer
-    // Ethernet header, whose destination already is this host's MAC.
+    // Pops everything between the outer Ethernet header, whose destination
+    // already is this host's MAC, and the inner IPv4 header.
     ctx.skb
-        .adjust_room(-(ENCAP_LEN as i32), BPF_ADJ_ROOM_MAC, 0)
+        .adjust_room(-(tunnel.encap_len() as i32), BPF_ADJ_ROOM_MAC, 0)
         .map_err(|_| Reason::DropAdjustRoom)?;
     Ok(TC_ACT_OK)
 }
 
-/// `Ok(())` when the packet is VXLAN for this node carrying a sane IPv4
-/// packet; otherwise the reason it is not ours (pass) or is broken (drop).
-/// `frame_len` is the whole frame's length, linear or not.
+/// Which tunnel the packet is, when it is one for this node carrying a sane
+/// IPv4 packet; otherwise the reason it is not ours (pass) or is broken or
+/// forbidden (drop). `frame_len` is the whole frame's length, linear or not.
 #[inline(always)]
-fn classify(pkt: &impl PacketWindow, cfg: &NodeConfig, frame_len: usize) -> Result<(), Reason> {
+fn classify(pkt: &impl PacketWindow, cfg: &NodeConfig, frame_len: usize) -> Result<Tunnel, Reason> {
     let eth = read_at::<EthHdr>(pkt, 0).ok_or(Reason::PassMalformed)?;
     if eth.ether_type != ETH_P_IP.to_be() {
         return Err(Reason::PassNotIpv4);
     }
-    let ip = read_at::<Ipv4Hdr>(pkt, ETH_HLEN).ok_or(Reason::PassMalformed)?;
+    let ip = read_at::<Ipv4Hdr>(pkt, OUTER_IP_OFF).ok_or(Reason::PassMalformed)?;
     if ip.vihl >> 4 != 4 {
         return Err(Reason::PassMalformed);
     }
-    if ip.proto != IPPROTO_UDP || ip.dst_addr != cfg.public_ip {
+    if ip.dst_addr != cfg.public_ip {
         return Err(Reason::PassNotTunnel);
     }
     // Outer options or fragments: the stack reassembles / parses those.
     if ip.vihl & 0x0f != 5 || u16::from_be_bytes(ip.frags) & IP_MF_OFFSET != 0 {
         return Err(Reason::PassNotTunnel);
     }
-    let udp = read_at::<UdpHdr>(pkt, UDP_OFF).ok_or(Reason::PassMalformed)?;
-    if u16::from_ne_bytes(udp.dst) != cfg.vxlan_port_be {
-        return Err(Reason::PassNotTunnel);
-    }
-    let vxlan = read_at::<[u8; VXLAN_HLEN]>(pkt, VXLAN_OFF).ok_or(Reason::DropMalformedTunnel)?;
-    if vni_of(&vxlan) != Some(cfg.vni) {
-        return Err(Reason::PassForeignVni);
-    }
-    let inner_eth = read_at::<EthHdr>(pkt, INNER_ETH_OFF).ok_or(Reason::DropMalformedTunnel)?;
-    if inner_eth.ether_type != ETH_P_IP.to_be() {
-        return Err(Reason::DropInnerNotIpv4);
-    }
-    let inner_ip = read_at::<Ipv4Hdr>(pkt, INNER_IP_OFF).ok_or(Reason::DropMalformedTunnel)?;
-    if inner_ip.vihl >> 4 != 4 || inner_ip.vihl & 0x0f < 5 {
-        return Err(Reason::DropMalformedTunnel);
-    }
-    // A truncated tunnel packet would decapsulate into an inner packet
-    // shorter than its own header claims: drop it here, counted, rather
-    // than hand the stack a packet it can only discard.
     let outer_len = usize::from(u16::from_be_bytes(ip.tot_len));
-    let inner_len = usize::from(u16::from_be_bytes(inner_ip.tot_len));
-    if outer_len + ETH_HLEN > frame_len
-        || inner_len + INNER_IP_OFF > frame_len
-        || inner_len < usize::from(inner_ip.vihl & 0x0f) * 4
+    if ip.proto == IPPROTO_UDP && cfg.decap & DECAP_VXLAN != 0 {
+        let udp = read_at::<UdpHdr>(pkt, UDP_OFF).ok_or(Reason::PassMalformed)?;
+        if u16::from_ne_bytes(udp.dst) != cfg.vxlan_port_be {
+            return Err(Reason::PassNotTunnel);
+        }
+        let vxlan =
+            read_at::<[u8; VXLAN_HLEN]>(pkt, VXLAN_OFF).ok_or(Reason::DropMalformedTunnel)?;
+        if vni_of(&vxlan) != Some(cfg.vni) {
+            return Err(Reason::PassForeignVni);
+        }
+        let inner_eth =
+            read_at::<EthHdr>(pkt, VXLAN_INNER_ETH_OFF).ok_or(Reason::DropMalformedTunnel)?;
+        if inner_eth.ether_type != ETH_P_IP.to_be() {
+            return Err(Reason::DropInnerNotIpv4);
+        }
+        check_inner(pkt, VXLAN_INNER_IP_OFF, outer_len, frame_len)?;
+        Ok(Tunnel::Vxlan)
+    } else if ip.proto == IPPROTO_IPIP && cfg.decap & DECAP_IPIP != 0 {
+        // IP-in-IP has no key or port: the source address is all that tells
+        // a peer's packet from an injected one.
+        if !is_known_node(ip.src_addr) {
+            return Err(Reason::DropUnknownSource);
+        }
+        check_inner(pkt, IPIP_INNER_IP_OFF, outer_len, frame_len)?;
+        Ok(Tunnel::Ipip)
+    } else {
+        Err(Reason::PassNotTunnel)
+    }
+}
+
+/// The inner IPv4 header at `off` must be sane, and neither it nor the outer
+/// one may claim more bytes than the frame holds: a truncated tunnel packet
+/// is dropped here, counted, rather than handed to the stack as an inner
+/// packet it can only discard.
+#[inline(always)]
+fn check_inner(
+    pkt: &impl PacketWindow,
+    off: usize,
+    outer_len: usize,
+    frame_len: usize,
+) -> Result<(), Reason> {
+    let inner = read_at::<Ipv4Hdr>(pkt, off).ok_or(Reason::DropMalformedTunnel)?;
+    let inner_len = usize::from(u16::from_be_bytes(inner.tot_len));
+    if inner.vihl >> 4 != 4
+        || inner.vihl & 0x0f < 5
+        || inner_len < usize::from(inner.vihl & 0x0f) * 4
+        || outer_len + ETH_HLEN > frame_len
+        || inner_len + off > frame_len
     {
         return Err(Reason::DropMalformedTunnel);
     }

@@ -1,10 +1,12 @@
-//! VXLAN encapsulation at TC egress of `--iface`.
+//! Sending to remote nodes, at TC egress of `--iface`.
 //!
 //! The agent routes the whole cluster network out of `--iface` (one route),
 //! so both forwarded container traffic and host-originated traffic reach this
-//! hook with the stack's L2 header in front. Packets for a remote subnet get
-//! RFC 7348 headers inserted after that L2 header, and the L2 header is then
-//! rewritten for the underlay next hop that the kernel's FIB picks.
+//! hook with the stack's L2 header in front. A packet for a remote subnet is
+//! then, per that node's mode: wrapped in VXLAN (RFC 7348) or IP-in-IP
+//! (RFC 2003) headers inserted after the L2 header, or left as it is (host-gw,
+//! DirectRouting). Either way the L2 header is rewritten for the underlay
+//! next hop that the kernel's FIB picks.
 
 use core::{ffi::c_void, mem::size_of};
 
@@ -13,6 +15,7 @@ use aya_ebpf::{
         BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
         BPF_F_ADJ_ROOM_FIXED_GSO, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
         BPF_FIB_LOOKUP_OUTPUT, TC_ACT_OK, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup,
+        bpf_redir_neigh,
     },
     helpers::{
         bpf_fib_lookup as fib_lookup, bpf_get_hash_recalc, bpf_get_prandom_u32, bpf_redirect,
@@ -21,13 +24,14 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use ebpf_prog::{
-    encap::vxlan::{
-        ENCAP_LEN, VxlanParams, build_headers, flow_src_port, outer_frag_off, outer_tos,
+    encap::{
+        ipip::{self, IpipParams},
+        vxlan::{self, VxlanParams, flow_src_port, outer_frag_off, outer_tos},
     },
     headers::{ETH_HLEN, ETH_P_IP, IP_DF, IPPROTO_UDP, IPV4_HLEN},
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
-use weft_common::Reason;
+use weft_common::{Mode, NodeConfig, Reason, RemoteNode};
 
 use crate::{
     maps::{node_config, remote_for},
@@ -45,11 +49,17 @@ const fn adj_room_encap_l2(len: u64) -> u64 {
 /// GSO super-packets stay whole: the kernel segments them after this hook
 /// and replicates the tunnel headers per segment (`FIXED_GSO` keeps the
 /// inner MSS, which the container MTU already sized for the overhead).
-const ENCAP_FLAGS: u64 = BPF_F_ADJ_ROOM_FIXED_GSO as u64
+const VXLAN_FLAGS: u64 = BPF_F_ADJ_ROOM_FIXED_GSO as u64
     | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 as u64
     | BPF_F_ADJ_ROOM_ENCAP_L4_UDP as u64
     | BPF_F_ADJ_ROOM_ENCAP_L2_ETH as u64
     | adj_room_encap_l2(ETH_HLEN as u64);
+/// An outer IPv4 header and nothing else makes the kernel mark GSO packets
+/// SKB_GSO_IPXIP4.
+const IPIP_FLAGS: u64 = BPF_F_ADJ_ROOM_FIXED_GSO as u64 | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 as u64;
+
+/// How the packet leaves: a success [`Reason`] and the TC verdict.
+pub type Sent = (Reason, i32);
 
 enum NextHop {
     /// Neighbour known: write its MAC and transmit on `ifindex`.
@@ -58,7 +68,7 @@ enum NextHop {
     Unresolved { ifindex: u32 },
 }
 
-pub fn try_encap(ctx: &TcContext) -> Result<i32, Reason> {
+pub fn try_encap(ctx: &TcContext) -> Result<Sent, Reason> {
     let cfg = node_config().ok_or(Reason::PassNotConfigured)?;
     let l3_min = ETH_HLEN + IPV4_HLEN;
     if ctx.data() + l3_min > ctx.data_end() && ctx.len() as usize >= l3_min {
@@ -89,14 +99,58 @@ pub fn try_encap(ctx: &TcContext) -> Result<i32, Reason> {
     {
         return Err(Reason::DropMalformedIp);
     }
-    if gso_size == 0 && inner_l3_len + ENCAP_LEN as u32 > cfg.iface_mtu {
-        return Err(Reason::DropTooBig);
+
+    let sent = if remote.mode == Mode::Direct as u8 {
+        // host-gw: the packet is already what the peer wants; only the next
+        // hop changes, to the peer's PublicIP.
+        let next = next_hop(ctx, cfg.iface_ifindex, cfg.public_ip, remote.public_ip)?;
+        (
+            Reason::ForwardedDirect,
+            transmit(ctx, next, Some(remote.public_ip))?,
+        )
+    } else {
+        let overhead = if remote.mode == Mode::Ipip as u8 {
+            ipip::ENCAP_LEN
+        } else {
+            vxlan::ENCAP_LEN
+        };
+        if gso_size == 0 && inner_l3_len + overhead as u32 > cfg.iface_mtu {
+            return Err(Reason::DropTooBig);
+        }
+        let next = next_hop(ctx, cfg.iface_ifindex, cfg.public_ip, remote.public_ip)?;
+        if remote.mode == Mode::Ipip as u8 {
+            push_ipip(ctx, cfg, &remote, &ip, inner_l3_len)?;
+        } else {
+            push_vxlan(ctx, cfg, &remote, &ip, inner_l3_len)?;
+        }
+        // The outer header names the next hop; the kernel routes it itself.
+        (Reason::Encapsulated, transmit(ctx, next, None)?)
+    };
+    Ok(sent)
+}
+
+/// Outer IP identification: DF packets need none (RFC 6864); others may be
+/// fragmented on the underlay and need one that differs between packets.
+#[inline(always)]
+fn outer_id(frag_off: u16) -> u16 {
+    if frag_off & IP_DF != 0 {
+        0
+    } else {
+        // SAFETY: helper without arguments.
+        (unsafe { bpf_get_prandom_u32() }) as u16
     }
+}
 
-    let next = next_hop(ctx, cfg.iface_ifindex, cfg.public_ip, remote.public_ip)?;
-
+#[inline(always)]
+fn push_vxlan(
+    ctx: &TcContext,
+    cfg: &NodeConfig,
+    remote: &RemoteNode,
+    ip: &Ipv4Hdr,
+    inner_l3_len: u32,
+) -> Result<(), Reason> {
     let frag_off = outer_frag_off(u16::from_be_bytes(ip.frags));
-    let params = VxlanParams {
+    let headers = vxlan::build_headers(&VxlanParams {
         outer_src: cfg.public_ip,
         outer_dst: remote.public_ip,
         // SAFETY: helper on our own skb; it only computes the flow hash.
@@ -108,25 +162,54 @@ pub fn try_encap(ctx: &TcContext) -> Result<i32, Reason> {
         inner_l3_len,
         tos: outer_tos(ip.tos),
         frag_off,
-        // DF packets need no ID (RFC 6864); others may be fragmented on the
-        // underlay and need one that differs between packets.
-        ip_id: if frag_off & IP_DF != 0 {
-            0
-        } else {
-            // SAFETY: helper without arguments.
-            (unsafe { bpf_get_prandom_u32() }) as u16
-        },
-    };
-    let headers = build_headers(&params);
-
+        ip_id: outer_id(frag_off),
+    });
     ctx.skb
-        .adjust_room(ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, ENCAP_FLAGS)
+        .adjust_room(vxlan::ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, VXLAN_FLAGS)
         .map_err(|_| Reason::DropAdjustRoom)?;
     // From here on the packet is half-built: every failure must drop it.
     ctx.skb
         .store(ETH_HLEN, &headers, 0)
-        .map_err(|_| Reason::DropStoreBytes)?;
+        .map_err(|_| Reason::DropStoreBytes)
+}
 
+#[inline(always)]
+fn push_ipip(
+    ctx: &TcContext,
+    cfg: &NodeConfig,
+    remote: &RemoteNode,
+    ip: &Ipv4Hdr,
+    inner_l3_len: u32,
+) -> Result<(), Reason> {
+    let frag_off = outer_frag_off(u16::from_be_bytes(ip.frags));
+    let header = ipip::build_header(&IpipParams {
+        outer_src: cfg.public_ip,
+        outer_dst: remote.public_ip,
+        inner_l3_len,
+        tos: outer_tos(ip.tos),
+        frag_off,
+        ip_id: outer_id(frag_off),
+    });
+    ctx.skb
+        .adjust_room(ipip::ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, IPIP_FLAGS)
+        .map_err(|_| Reason::DropAdjustRoom)?;
+    ctx.skb
+        .store(ETH_HLEN, &header, 0)
+        .map_err(|_| Reason::DropStoreBytes)
+}
+
+/// Sends the (possibly encapsulated) frame towards `next`. With a resolved
+/// neighbour the L2 header is rewritten here; otherwise
+/// `bpf_redirect_neigh` resolves it. `gateway` is the explicit next hop for
+/// packets whose own destination is not the next hop (host-gw); tunnel
+/// packets pass `None` so the kernel routes the outer header, because with
+/// an explicit next hop a packet queued for ARP keeps the inner packet's
+/// route (the cluster route) and leaves with that route's neighbour
+/// (net/core/neighbour.c: neigh_update re-looks up via skb_dst). The agent
+/// keeps "managed" neighbour entries for on-link peers so that host-gw rarely
+/// meets that case.
+#[inline(always)]
+fn transmit(ctx: &TcContext, next: NextHop, gateway: Option<[u8; 4]>) -> Result<i32, Reason> {
     match next {
         NextHop::Resolved { ifindex, l2 } => {
             ctx.skb
@@ -140,16 +223,24 @@ pub fn try_encap(ctx: &TcContext) -> Result<i32, Reason> {
                 Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
             }
         }
-        NextHop::Unresolved { ifindex } => {
-            // No explicit next hop: the kernel then routes the outer header
-            // and attaches that route to the skb. With an explicit one it
-            // keeps the inner packet's route (the cluster route), and a
-            // packet queued for ARP is sent with that route's neighbour
-            // (net/core/neighbour.c, neigh_update re-looks up via skb_dst).
-            // SAFETY: a NULL parameter block with length 0 is the documented
-            // "look it up yourself" form.
-            Ok(unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) } as i32)
-        }
+        NextHop::Unresolved { ifindex } => match gateway {
+            None => {
+                // SAFETY: a NULL parameter block with length 0 is the
+                // documented "look it up yourself" form.
+                Ok(unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) } as i32)
+            }
+            Some(gw) => {
+                // SAFETY: all-zero is a valid bpf_redir_neigh.
+                let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
+                nh.nh_family = u32::from(AF_INET);
+                nh.__bindgen_anon_1.ipv4_nh = u32::from_ne_bytes(gw);
+                // SAFETY: `nh` is a valid parameter block on our stack and
+                // the length passed is its size.
+                Ok(unsafe {
+                    bpf_redirect_neigh(ifindex, &mut nh, size_of::<bpf_redir_neigh>() as i32, 0)
+                } as i32)
+            }
+        },
     }
 }
 

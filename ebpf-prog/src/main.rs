@@ -1,9 +1,10 @@
 //! weft's data path: one program per hook.
 //!
 //! - `weft_encap_tc`: TC egress of `--iface`. IPv4 packets to a remote node's
-//!   subnet are wrapped in VXLAN and sent towards that node.
-//! - `weft_decap_xdp`: XDP on `--iface`. VXLAN for this node loses its outer
-//!   headers and goes up the stack as the inner packet.
+//!   subnet are wrapped in VXLAN or IP-in-IP, or routed directly (host-gw),
+//!   and sent towards that node.
+//! - `weft_decap_xdp`: XDP on `--iface`. VXLAN or IP-in-IP for this node loses
+//!   its outer headers and goes up the stack as the inner packet.
 //! - `weft_decap_tc`: the same at TC ingress, where XDP cannot attach.
 //!
 //! Each entry calls `try_*` and turns its `Result<action, Reason>` into a
@@ -35,8 +36,8 @@ mod entries {
     #[classifier]
     pub fn weft_encap_tc(ctx: TcContext) -> i32 {
         match encap_tc::try_encap(&ctx) {
-            Ok(action) => {
-                count(Reason::Encapsulated);
+            Ok((reason, action)) => {
+                count(reason);
                 action
             }
             Err(reason) => tc_verdict(&ctx, reason),

@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, LpmTrie, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
 };
 use weft_common::{MAX_SUBNETS, NodeConfig, Reason, RemoteNode};
 
@@ -12,6 +12,9 @@ pub static SUBNETS: LpmTrie<[u8; 4], RemoteNode> = LpmTrie::pinned(MAX_SUBNETS, 
 
 #[map]
 pub static NODE_CONFIG: Array<NodeConfig> = Array::pinned(1, 0);
+
+#[map]
+pub static NODE_IPS: HashMap<[u8; 4], u32> = HashMap::pinned(MAX_SUBNETS, 0);
 
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Reason::COUNT, 0);
@@ -36,4 +39,10 @@ pub fn node_config() -> Option<&'static NodeConfig> {
 #[inline(always)]
 pub fn remote_for(addr: [u8; 4]) -> Option<RemoteNode> {
     SUBNETS.get(Key::new(32, addr)).copied()
+}
+
+/// Whether `addr` (network order) is some node's PublicIP.
+#[inline(always)]
+pub fn is_known_node(addr: [u8; 4]) -> bool {
+    NODE_IPS.get_ptr(addr).is_some()
 }

@@ -10,13 +10,13 @@ use anyhow::{Context as _, bail};
 use etcd_client::{Client, ConnectOptions};
 use ipnet::Ipv4Net;
 use tokio::io::unix::AsyncFd;
-use weft_common::NodeConfig;
+use weft_common::{DECAP_IPIP, DECAP_VXLAN, NodeConfig};
 
 use crate::{
     datapath::{self, Datapath, DecapMode},
     flannel::{
-        Backend, KeyLayout, LeaseAttrs, NetworkConfig, SubnetEnv, VxlanConfig, VxlanLeaseData,
-        flannel_mtu, subnet_env,
+        Backend, KeyLayout, LeaseAttrs, NetworkConfig, SubnetEnv, VxlanLeaseData, flannel_mtu,
+        subnet_env,
     },
     lease_manager::LeaseManager,
     netconf::{self, ClusterRoute, Interface},
@@ -49,7 +49,7 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
     tracing::info!(iface = %iface.name, %public_ip, mtu = iface.mtu, "starting");
 
     let mut client = connect(&s.etcd_endpoints).await;
-    let (cfg, vxlan) = wait_for_config(&mut client, &keys).await;
+    let cfg = wait_for_config(&mut client, &keys).await;
 
     let mut dp = Datapath::load(&s.pin_path)
         .with_context(|| format!("loading BPF objects under {}", s.pin_path.display()))?;
@@ -63,12 +63,18 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
 
     // The VtepMAC is the underlay interface's own MAC: decapsulated frames
     // then already carry this host's address, and a flannel vxlan peer
-    // addresses its inner frames to it.
+    // addresses its inner frames to it. host-gw and ipip leases carry no
+    // BackendData, exactly as flannel writes them.
+    let (vxlan, decap) = match &cfg.backend {
+        Backend::Vxlan(v) => (Some(*v), DECAP_VXLAN),
+        Backend::Ipip => (None, DECAP_IPIP),
+        Backend::HostGw => (None, 0),
+    };
     let attrs = LeaseAttrs {
         public_ip,
         backend_type: cfg.backend.type_name().to_owned(),
-        backend_data: Some(VxlanLeaseData {
-            vni: Some(vxlan.vni),
+        backend_data: vxlan.map(|v| VxlanLeaseData {
+            vni: Some(v.vni),
             vtep_mac: iface.mac,
         }),
     };
@@ -102,8 +108,8 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
         configured: 1,
         public_ip: public_ip.octets(),
         vtep_mac: iface.mac,
-        vxlan_port_be: vxlan.port.to_be(),
-        vni: vxlan.vni,
+        vxlan_port_be: vxlan.map_or(0, |v| v.port.to_be()),
+        vni: vxlan.map_or(0, |v| v.vni),
         iface_ifindex: iface.ifindex,
         iface_mtu: iface.mtu,
         iface_mac: iface.mac,
@@ -111,6 +117,7 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
         local_prefix_len: held.subnet.prefix_len(),
         cluster_network: cfg.network.network().octets(),
         local_subnet: held.subnet.network().octets(),
+        decap,
     })?;
     let hook = dp.attach(&iface.name, s.decap_mode)?;
     ClusterRoute {
@@ -122,8 +129,9 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
     .install()?;
     tracing::info!(?hook, pin_path = %s.pin_path.display(), "data path attached");
 
-    let table = PeerTable::new(&cfg, held.subnet, public_ip);
-    let watcher = PeerWatcher::new(client, keys, table, dp.take_subnets()?, held.clone(), attrs);
+    let table = PeerTable::new(&cfg, held.subnet, public_ip, iface.addrs.clone());
+    let peer_maps = dp.take_peer_maps(&iface.name, iface.addrs.clone())?;
+    let watcher = PeerWatcher::new(client, keys, table, peer_maps, held.clone(), attrs);
     tokio::select! {
         err = watcher.run() => {
             Err(anyhow::Error::new(err)).context("stopping: lease revoked; restart the agent to lease again")
@@ -154,7 +162,7 @@ async fn connect(endpoints: &[String]) -> Client {
 
 /// Reads the network config, waiting until it exists and is valid. Each new
 /// problem is logged once, naming the key.
-async fn wait_for_config(client: &mut Client, keys: &KeyLayout) -> (NetworkConfig, VxlanConfig) {
+async fn wait_for_config(client: &mut Client, keys: &KeyLayout) -> NetworkConfig {
     let key = keys.config_key();
     let mut last_problem = String::new();
     loop {
@@ -166,16 +174,7 @@ async fn wait_for_config(client: &mut Client, keys: &KeyLayout) -> (NetworkConfi
                     .map_err(|e| e.to_string())
                     .and_then(|v| NetworkConfig::parse(v).map_err(|e| e.to_string()))
                 {
-                    Ok(cfg) => match &cfg.backend {
-                        Backend::Vxlan(v) => {
-                            let v = *v;
-                            return (cfg, v);
-                        }
-                        other => format!(
-                            "backend {:?} is not implemented yet (weft supports vxlan)",
-                            other.type_name()
-                        ),
-                    },
+                    Ok(cfg) => return cfg,
                     Err(e) => e,
                 },
             },

@@ -12,9 +12,12 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use std::net::Ipv4Addr;
+
+use crate::peers::SubnetMap;
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, LpmTrie, MapData, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie::Key},
     programs::{
         LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
@@ -23,8 +26,8 @@ use aya::{
     },
 };
 use weft_common::{
-    MAP_COUNTERS, MAP_NODE_CONFIG, MAP_SUBNETS, NodeConfig, PROG_DECAP_TC, PROG_DECAP_XDP,
-    PROG_ENCAP_TC, Reason, RemoteNode,
+    MAP_COUNTERS, MAP_NODE_CONFIG, MAP_NODE_IPS, MAP_SUBNETS, NodeConfig, PROG_DECAP_TC,
+    PROG_DECAP_XDP, PROG_ENCAP_TC, Reason, RemoteNode,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -219,15 +222,47 @@ impl Datapath {
         })
     }
 
-    /// Takes the subnet map out of the object, for the map-sync task to own.
-    pub fn take_subnets(&mut self) -> Result<LpmTrie<MapData, [u8; 4], RemoteNode>, DatapathError> {
-        let map = self.ebpf.take_map(MAP_SUBNETS).ok_or(DatapathError::Map {
-            name: MAP_SUBNETS,
-            source: missing_map(MAP_SUBNETS),
-        })?;
-        LpmTrie::try_from(map).map_err(|source| DatapathError::Map {
-            name: MAP_SUBNETS,
+    pub fn node_ips(&mut self) -> Result<HashMap<&mut MapData, [u8; 4], u32>, DatapathError> {
+        let err = |source| DatapathError::Map {
+            name: MAP_NODE_IPS,
             source,
+        };
+        let map = self
+            .ebpf
+            .map_mut(MAP_NODE_IPS)
+            .ok_or_else(|| err(missing_map(MAP_NODE_IPS)))?;
+        HashMap::try_from(map).map_err(err)
+    }
+
+    /// Takes the peer maps out of the object, for the watcher to own.
+    /// `iface` and `onlink` let it keep neighbour entries for on-link peers.
+    pub fn take_peer_maps(
+        &mut self,
+        iface: &str,
+        onlink: Vec<ipnet::Ipv4Net>,
+    ) -> Result<PeerMaps, DatapathError> {
+        let mut take = |name: &'static str| {
+            self.ebpf.take_map(name).ok_or(DatapathError::Map {
+                name,
+                source: missing_map(name),
+            })
+        };
+        let subnets =
+            LpmTrie::try_from(take(MAP_SUBNETS)?).map_err(|source| DatapathError::Map {
+                name: MAP_SUBNETS,
+                source,
+            })?;
+        let node_ips =
+            HashMap::try_from(take(MAP_NODE_IPS)?).map_err(|source| DatapathError::Map {
+                name: MAP_NODE_IPS,
+                source,
+            })?;
+        Ok(PeerMaps {
+            subnets,
+            node_ips,
+            iface: iface.to_owned(),
+            onlink,
+            neighbours: std::collections::BTreeSet::new(),
         })
     }
 
@@ -386,6 +421,90 @@ pub fn pinned_node_config(pin_path: &Path) -> Result<Option<NodeConfig>, Datapat
     Ok((cfg.configured != 0).then_some(cfg))
 }
 
+/// The peer-facing state of the data path: `SUBNETS`, `NODE_IPS`, and a
+/// "managed" neighbour entry per on-link peer. The kernel keeps managed
+/// entries resolved (they exist for BPF FIB lookups), so sends to a peer
+/// rarely find its neighbour unresolved.
+pub struct PeerMaps {
+    subnets: LpmTrie<MapData, [u8; 4], RemoteNode>,
+    node_ips: HashMap<MapData, [u8; 4], u32>,
+    iface: String,
+    onlink: Vec<ipnet::Ipv4Net>,
+    /// Neighbour entries this process installed, so relists do not churn them.
+    neighbours: std::collections::BTreeSet<Ipv4Addr>,
+}
+
+fn subnet_key(subnet: ipnet::Ipv4Net) -> Key<[u8; 4]> {
+    Key::new(u32::from(subnet.prefix_len()), subnet.network().octets())
+}
+
+impl SubnetMap for PeerMaps {
+    fn put(&mut self, subnet: ipnet::Ipv4Net, node: &RemoteNode) -> Result<(), MapError> {
+        self.subnets.insert(&subnet_key(subnet), node, 0)
+    }
+
+    fn delete(&mut self, subnet: ipnet::Ipv4Net) -> Result<(), MapError> {
+        match self.subnets.remove(&subnet_key(subnet)) {
+            Err(MapError::KeyNotFound) => Ok(()),
+            other => other,
+        }
+    }
+
+    fn subnets(&self) -> Result<Vec<ipnet::Ipv4Net>, MapError> {
+        self.subnets
+            .keys()
+            .map(|k| {
+                let k = k?;
+                ipnet::Ipv4Net::new(Ipv4Addr::from(k.data()), k.prefix_len() as u8)
+                    .map_err(|_| MapError::KeyNotFound)
+            })
+            .collect()
+    }
+
+    fn update_node_ips(&mut self, add: &[Ipv4Addr], remove: &[Ipv4Addr]) -> Result<(), MapError> {
+        for ip in add {
+            self.node_ips.insert(ip.octets(), 1, 0)?;
+        }
+        for ip in remove {
+            match self.node_ips.remove(&ip.octets()) {
+                Err(MapError::KeyNotFound) | Ok(()) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let onlink = |ip: &&Ipv4Addr| self.onlink.iter().any(|n| n.contains(*ip));
+        let new: Vec<Ipv4Addr> = add
+            .iter()
+            .filter(onlink)
+            .filter(|ip| !self.neighbours.contains(ip))
+            .copied()
+            .collect();
+        let gone: Vec<Ipv4Addr> = remove
+            .iter()
+            .filter(|ip| self.neighbours.contains(ip))
+            .copied()
+            .collect();
+        // Neighbour entries only speed sends up; failing to set them is
+        // logged, not fatal.
+        match crate::netconf::managed_neighbours(&self.iface, &new, &gone) {
+            Ok(()) => {
+                self.neighbours.extend(&new);
+                for ip in &gone {
+                    self.neighbours.remove(ip);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot update neighbour entries for peers"),
+        }
+        Ok(())
+    }
+
+    fn node_ips(&self) -> Result<Vec<Ipv4Addr>, MapError> {
+        self.node_ips
+            .keys()
+            .map(|k| k.map(Ipv4Addr::from))
+            .collect()
+    }
+}
+
 /// What `node-agent status` shows: the pinned peer table and counters.
 pub struct PinnedStatus {
     pub peers: Vec<(ipnet::Ipv4Net, RemoteNode)>,
@@ -421,6 +540,7 @@ pub fn remove_pins(pin_path: &Path) -> Result<(), DatapathError> {
         PROG_DECAP_XDP,
         PROG_DECAP_TC,
         MAP_SUBNETS,
+        MAP_NODE_IPS,
         MAP_NODE_CONFIG,
         MAP_COUNTERS,
     ] {

@@ -189,6 +189,64 @@ impl ClusterRoute {
     }
 }
 
+/// Installs "managed" neighbour entries for `add` (the kernel resolves them
+/// and keeps them resolved, for BPF FIB lookups) and deletes `remove`, all
+/// in one `ip -batch` run.
+pub fn managed_neighbours(
+    iface: &str,
+    add: &[Ipv4Addr],
+    remove: &[Ipv4Addr],
+) -> Result<(), NetconfError> {
+    use std::{fmt::Write as _, io::Write as _};
+    if add.is_empty() && remove.is_empty() {
+        return Ok(());
+    }
+    let mut script = String::new();
+    for ip in add {
+        let _ = writeln!(
+            script,
+            "neigh replace {ip} dev {iface} managed extern_learn"
+        );
+    }
+    for ip in remove {
+        let _ = writeln!(script, "neigh del {ip} dev {iface}");
+    }
+    let command = || {
+        format!(
+            "ip -force -batch - ({} neighbour changes)",
+            add.len() + remove.len()
+        )
+    };
+    let mut child = Command::new("ip")
+        .args(["-force", "-batch", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(NetconfError::Spawn)?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(script.as_bytes())
+            .map_err(NetconfError::Spawn)?;
+    }
+    let out = child.wait_with_output().map_err(NetconfError::Spawn)?;
+    // Deleting an entry the kernel already dropped is fine.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let real: Vec<&str> = stderr
+        .lines()
+        .filter(|l| {
+            !l.trim().is_empty() && !l.contains("No such file") && !l.contains("Command failed")
+        })
+        .collect();
+    if !real.is_empty() {
+        return Err(NetconfError::Command {
+            command: command(),
+            stderr: real.join("; "),
+        });
+    }
+    Ok(())
+}
+
 /// Containers behind the bridge need the host to forward their packets.
 pub fn enable_ipv4_forwarding() -> Result<(), NetconfError> {
     const PATH: &str = "/proc/sys/net/ipv4/ip_forward";

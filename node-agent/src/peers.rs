@@ -1,21 +1,24 @@
 //! The remote-node table: etcd leases of other nodes, validated, mirrored into
-//! the `SUBNETS` LPM trie.
+//! the BPF maps (`SUBNETS`, and the known-source set `NODE_IPS`).
 //!
-//! Every write to the BPF map goes through [`PeerTable`], which refuses what
+//! Every write to the BPF maps goes through [`PeerTable`], which refuses what
 //! would make the data path wrong: subnets outside the Network, overlapping
-//! this node's subnet or another node's, leases of another backend. A refused
-//! lease is reported and skipped; every other lease keeps forwarding.
+//! this node's subnet or another node's, leases of another backend or VNI,
+//! host-gw peers that are not on this node's L2 segment. A refused lease is
+//! reported and skipped; every other lease keeps forwarding. The forwarding
+//! mode of each peer (VXLAN, IP-in-IP, or direct) is decided here, once per
+//! lease change, never per packet.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
 };
 
-use aya::maps::{LpmTrie, MapData, MapError, lpm_trie::Key};
+use aya::maps::MapError;
 use ipnet::Ipv4Net;
 use weft_common::{Mode, RemoteNode};
 
-use crate::flannel::{LeaseAttrs, NetworkConfig, subnet::overlaps};
+use crate::flannel::{Backend, LeaseAttrs, NetworkConfig, subnet::overlaps};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PeerError {
@@ -44,44 +47,28 @@ pub enum PeerError {
         got: u32,
         want: u32,
     },
+    #[error(
+        "lease {subnet}: node {public_ip} is not on a subnet directly connected to this \
+         node's interface ({onlink}), so host-gw cannot reach it"
+    )]
+    NotOnLink {
+        subnet: Ipv4Net,
+        public_ip: Ipv4Addr,
+        onlink: String,
+    },
     #[error("lease {subnet}: BPF map update failed: {message}")]
     Map { subnet: Ipv4Net, message: String },
 }
 
-/// The subset of map operations the table needs; the BPF map in production,
-/// a `BTreeMap` in unit tests.
+/// The map operations the table needs: the BPF maps (and neighbour entries)
+/// in production, `BTreeMap`s in unit tests.
 pub trait SubnetMap {
     fn put(&mut self, subnet: Ipv4Net, node: &RemoteNode) -> Result<(), MapError>;
     fn delete(&mut self, subnet: Ipv4Net) -> Result<(), MapError>;
     fn subnets(&self) -> Result<Vec<Ipv4Net>, MapError>;
-}
-
-impl SubnetMap for LpmTrie<MapData, [u8; 4], RemoteNode> {
-    fn put(&mut self, subnet: Ipv4Net, node: &RemoteNode) -> Result<(), MapError> {
-        self.insert(&key(subnet), node, 0)
-    }
-
-    fn delete(&mut self, subnet: Ipv4Net) -> Result<(), MapError> {
-        match self.remove(&key(subnet)) {
-            Err(MapError::KeyNotFound) => Ok(()),
-            other => other,
-        }
-    }
-
-    fn subnets(&self) -> Result<Vec<Ipv4Net>, MapError> {
-        self.keys()
-            .map(|k| {
-                let k = k?;
-                let data = k.data();
-                Ipv4Net::new(Ipv4Addr::from(data), k.prefix_len() as u8)
-                    .map_err(|_| MapError::KeyNotFound)
-            })
-            .collect()
-    }
-}
-
-fn key(subnet: Ipv4Net) -> Key<[u8; 4]> {
-    Key::new(u32::from(subnet.prefix_len()), subnet.network().octets())
+    /// Adds and removes known node addresses, in one batch.
+    fn update_node_ips(&mut self, add: &[Ipv4Addr], remove: &[Ipv4Addr]) -> Result<(), MapError>;
+    fn node_ips(&self) -> Result<Vec<Ipv4Addr>, MapError>;
 }
 
 /// What [`PeerTable::upsert`] did.
@@ -101,26 +88,52 @@ pub struct ReconcileReport {
     pub skipped: Vec<PeerError>,
 }
 
+/// How this node reaches its peers, from the network config.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PeerBackend {
+    Vxlan { vni: u32, direct_routing: bool },
+    HostGw,
+    Ipip,
+}
+
 pub struct PeerTable {
     network: Ipv4Net,
     local: Ipv4Net,
     local_ip: Ipv4Addr,
-    vni: u32,
+    backend: PeerBackend,
+    type_name: &'static str,
+    /// Subnets directly connected to `--iface`: host-gw and DirectRouting
+    /// peers must be in one of them.
+    onlink: Vec<Ipv4Net>,
     peers: BTreeMap<Ipv4Net, RemoteNode>,
+    /// Known node addresses, with the number of leases naming each.
+    node_ips: BTreeMap<Ipv4Addr, usize>,
 }
 
 impl PeerTable {
-    pub fn new(cfg: &NetworkConfig, local: Ipv4Net, local_ip: Ipv4Addr) -> Self {
-        let vni = match &cfg.backend {
-            crate::flannel::Backend::Vxlan(v) => v.vni,
-            _ => 0,
+    pub fn new(
+        cfg: &NetworkConfig,
+        local: Ipv4Net,
+        local_ip: Ipv4Addr,
+        onlink: Vec<Ipv4Net>,
+    ) -> Self {
+        let backend = match &cfg.backend {
+            Backend::Vxlan(v) => PeerBackend::Vxlan {
+                vni: v.vni,
+                direct_routing: v.direct_routing,
+            },
+            Backend::HostGw => PeerBackend::HostGw,
+            Backend::Ipip => PeerBackend::Ipip,
         };
         Self {
             network: cfg.network,
             local,
             local_ip,
-            vni,
+            backend,
+            type_name: cfg.backend.type_name(),
+            onlink,
             peers: BTreeMap::new(),
+            node_ips: BTreeMap::new(),
         }
     }
 
@@ -141,9 +154,13 @@ impl PeerTable {
         subnet == self.local
     }
 
+    fn is_onlink(&self, ip: Ipv4Addr) -> bool {
+        self.onlink.iter().any(|net| net.contains(&ip))
+    }
+
     /// Validates a lease against the network and this node, and turns it into
-    /// a map value. Overlaps with other peers are checked by the caller, which
-    /// knows the rest of the table.
+    /// a map value, choosing how to reach the node. Overlaps with other peers
+    /// are checked by the caller, which knows the rest of the table.
     pub fn remote_node(
         &self,
         subnet: Ipv4Net,
@@ -167,41 +184,67 @@ impl PeerTable {
                 public_ip: attrs.public_ip,
             });
         }
-        if !attrs.backend_type.eq_ignore_ascii_case("vxlan") {
+        if !attrs.backend_type.eq_ignore_ascii_case(self.type_name) {
             return Err(PeerError::Backend {
                 subnet,
                 got: attrs.backend_type.clone(),
-                want: "vxlan",
+                want: self.type_name,
             });
         }
-        let data = attrs
-            .backend_data
-            .as_ref()
-            .ok_or(PeerError::MissingVtep { subnet })?;
-        // flannel releases before 0.10 published no VNI; they used the
-        // network's, so that is what a missing one means.
-        let vni = data.vni.unwrap_or(self.vni);
-        if vni != self.vni {
-            return Err(PeerError::Vni {
-                subnet,
-                got: vni,
-                want: self.vni,
-            });
-        }
-        Ok(RemoteNode {
+        let mut node = RemoteNode {
             public_ip: attrs.public_ip.octets(),
-            vtep_mac: data.vtep_mac,
-            mode: Mode::Vxlan as u8,
+            vtep_mac: [0; 6],
+            mode: Mode::Direct as u8,
             _pad0: 0,
-            vni,
-        })
+            vni: 0,
+        };
+        match self.backend {
+            PeerBackend::Vxlan {
+                vni: own_vni,
+                direct_routing,
+            } => {
+                let data = attrs
+                    .backend_data
+                    .as_ref()
+                    .ok_or(PeerError::MissingVtep { subnet })?;
+                // flannel releases before 0.10 published no VNI; they used the
+                // network's, so that is what a missing one means.
+                let vni = data.vni.unwrap_or(own_vni);
+                if vni != own_vni {
+                    return Err(PeerError::Vni {
+                        subnet,
+                        got: vni,
+                        want: own_vni,
+                    });
+                }
+                node.vtep_mac = data.vtep_mac;
+                node.vni = vni;
+                // DirectRouting: peers on this L2 segment need no tunnel.
+                if !(direct_routing && self.is_onlink(attrs.public_ip)) {
+                    node.mode = Mode::Vxlan as u8;
+                }
+            }
+            PeerBackend::HostGw => {
+                if !self.is_onlink(attrs.public_ip) {
+                    return Err(PeerError::NotOnLink {
+                        subnet,
+                        public_ip: attrs.public_ip,
+                        onlink: self
+                            .onlink
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    });
+                }
+            }
+            PeerBackend::Ipip => node.mode = Mode::Ipip as u8,
+        }
+        Ok(node)
     }
 
     fn overlapping_peer(&self, subnet: Ipv4Net) -> Option<Ipv4Net> {
-        self.peers
-            .keys()
-            .copied()
-            .find(|&other| other != subnet && overlaps(other, subnet))
+        overlapping(&self.peers, subnet)
     }
 
     /// Adds or updates one lease (a watch PUT event).
@@ -215,34 +258,62 @@ impl PeerTable {
         if let Some(other) = self.overlapping_peer(subnet) {
             return Err(PeerError::OverlapsPeer { subnet, other });
         }
-        let change = match self.peers.get(&subnet) {
+        let old = self.peers.get(&subnet).copied();
+        let change = match old {
             None => Change::Added,
-            Some(old) if *old == node => return Ok(Change::Unchanged),
+            Some(old) if old == node => return Ok(Change::Unchanged),
             Some(_) => Change::Updated,
         };
-        map.put(subnet, &node).map_err(|e| PeerError::Map {
+        // The source first: an IP-in-IP packet from the new node must not be
+        // dropped as unknown once its subnet is routable.
+        let map_err = |e: MapError| PeerError::Map {
             subnet,
             message: e.to_string(),
-        })?;
+        };
+        let ip = Ipv4Addr::from(node.public_ip);
+        if !self.node_ips.contains_key(&ip) {
+            map.update_node_ips(&[ip], &[]).map_err(map_err)?;
+        }
+        map.put(subnet, &node).map_err(map_err)?;
+        *self.node_ips.entry(ip).or_default() += 1;
         self.peers.insert(subnet, node);
+        if let Some(old) = old {
+            self.release_ip(map, Ipv4Addr::from(old.public_ip))
+                .map_err(map_err)?;
+        }
         Ok(change)
     }
 
     /// Removes one lease (a watch DELETE event). Returns whether it was known.
     pub fn remove(&mut self, map: &mut impl SubnetMap, subnet: Ipv4Net) -> Result<bool, PeerError> {
-        if self.peers.remove(&subnet).is_none() {
+        let Some(old) = self.peers.remove(&subnet) else {
             return Ok(false);
-        }
-        map.delete(subnet).map_err(|e| PeerError::Map {
+        };
+        let map_err = |e: MapError| PeerError::Map {
             subnet,
             message: e.to_string(),
-        })?;
+        };
+        map.delete(subnet).map_err(map_err)?;
+        self.release_ip(map, Ipv4Addr::from(old.public_ip))
+            .map_err(map_err)?;
         Ok(true)
     }
 
-    /// Makes the table and the map equal to exactly `leases` (a full listing,
+    fn release_ip(&mut self, map: &mut impl SubnetMap, ip: Ipv4Addr) -> Result<(), MapError> {
+        let Some(count) = self.node_ips.get_mut(&ip) else {
+            return Ok(());
+        };
+        *count -= 1;
+        if *count == 0 {
+            self.node_ips.remove(&ip);
+            map.update_node_ips(&[], &[ip])?;
+        }
+        Ok(())
+    }
+
+    /// Makes the table and the maps equal to exactly `leases` (a full listing,
     /// oldest lease first): entries for leases that vanished, including ones a
-    /// previous agent left in the pinned map, are removed. Of overlapping
+    /// previous agent left in the pinned maps, are removed. Of overlapping
     /// leases the first (oldest) keeps its entry, as it would have when the
     /// later one arrived as a watch event.
     pub fn reconcile(
@@ -257,18 +328,38 @@ impl PeerTable {
                 continue;
             }
             match self.remote_node(*subnet, attrs) {
-                Ok(node) => {
-                    if let Some(other) = overlapping(&desired, *subnet) {
-                        report.skipped.push(PeerError::OverlapsPeer {
-                            subnet: *subnet,
-                            other,
-                        });
-                    } else {
+                Ok(node) => match overlapping(&desired, *subnet) {
+                    Some(other) => report.skipped.push(PeerError::OverlapsPeer {
+                        subnet: *subnet,
+                        other,
+                    }),
+                    None => {
                         desired.insert(*subnet, node);
                     }
-                }
+                },
                 Err(e) => report.skipped.push(e),
             }
+        }
+        let mut want_ips: BTreeMap<Ipv4Addr, usize> = BTreeMap::new();
+        for node in desired.values() {
+            *want_ips.entry(Ipv4Addr::from(node.public_ip)).or_default() += 1;
+        }
+
+        // Sources before routes (see upsert); stale sources after them.
+        let mut have_ips: BTreeSet<Ipv4Addr> = self.node_ips.keys().copied().collect();
+        match map.node_ips() {
+            Ok(in_map) => have_ips.extend(in_map),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list NODE_IPS; reconciling known entries only")
+            }
+        }
+        let add: Vec<Ipv4Addr> = want_ips.keys().copied().collect();
+        let remove: Vec<Ipv4Addr> = have_ips
+            .into_iter()
+            .filter(|ip| !want_ips.contains_key(ip))
+            .collect();
+        if let Err(e) = map.update_node_ips(&add, &[]) {
+            tracing::error!(error = %e, "cannot update NODE_IPS");
         }
 
         let mut stale: BTreeSet<Ipv4Net> = self.peers.keys().copied().collect();
@@ -307,6 +398,10 @@ impl PeerTable {
                 _ => report.updated += 1,
             }
         }
+        if let Err(e) = map.update_node_ips(&[], &remove) {
+            tracing::error!(error = %e, "cannot remove stale NODE_IPS entries");
+        }
+        self.node_ips = want_ips;
         report
     }
 }
@@ -340,7 +435,7 @@ mod tests {
     use crate::flannel::VxlanLeaseData;
 
     #[derive(Default)]
-    struct FakeMap(BTreeMap<Ipv4Net, RemoteNode>);
+    struct FakeMap(BTreeMap<Ipv4Net, RemoteNode>, BTreeSet<Ipv4Addr>);
 
     impl SubnetMap for FakeMap {
         fn put(&mut self, subnet: Ipv4Net, node: &RemoteNode) -> Result<(), MapError> {
@@ -354,6 +449,34 @@ mod tests {
         fn subnets(&self) -> Result<Vec<Ipv4Net>, MapError> {
             Ok(self.0.keys().copied().collect())
         }
+        fn update_node_ips(
+            &mut self,
+            add: &[Ipv4Addr],
+            remove: &[Ipv4Addr],
+        ) -> Result<(), MapError> {
+            self.1.extend(add);
+            for ip in remove {
+                self.1.remove(ip);
+            }
+            Ok(())
+        }
+        fn node_ips(&self) -> Result<Vec<Ipv4Addr>, MapError> {
+            Ok(self.1.iter().copied().collect())
+        }
+    }
+
+    fn onlink() -> Vec<Ipv4Net> {
+        vec![net("198.18.0.0/24")]
+    }
+
+    fn table_for(config: &str) -> PeerTable {
+        let cfg = NetworkConfig::parse(config).unwrap();
+        PeerTable::new(
+            &cfg,
+            net("10.244.1.0/24"),
+            Ipv4Addr::new(198, 18, 0, 1),
+            onlink(),
+        )
     }
 
     fn net(s: &str) -> Ipv4Net {
@@ -361,11 +484,7 @@ mod tests {
     }
 
     fn table() -> PeerTable {
-        let cfg = NetworkConfig::parse(
-            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","VNI":1}}"#,
-        )
-        .unwrap();
-        PeerTable::new(&cfg, net("10.244.1.0/24"), Ipv4Addr::new(198, 18, 0, 1))
+        table_for(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","VNI":1}}"#)
     }
 
     fn lease(ip: [u8; 4], vni: Option<u32>) -> LeaseAttrs {
@@ -514,5 +633,75 @@ mod tests {
         // A second identical listing changes nothing.
         let again = t.reconcile(&mut m, &leases);
         assert_eq!((again.added, again.updated, again.removed), (0, 0, 0));
+    }
+
+    fn bare(ip: [u8; 4], backend_type: &str) -> LeaseAttrs {
+        LeaseAttrs {
+            public_ip: Ipv4Addr::from(ip),
+            backend_type: backend_type.into(),
+            backend_data: None,
+        }
+    }
+
+    #[test]
+    fn known_sources_follow_the_leases() {
+        let (mut t, mut m) = (table(), FakeMap::default());
+        let ip2 = Ipv4Addr::new(198, 18, 0, 2);
+        t.upsert(&mut m, net("10.244.2.0/24"), &lease([198, 18, 0, 2], None))
+            .unwrap();
+        t.upsert(&mut m, net("10.244.3.0/24"), &lease([198, 18, 0, 2], None))
+            .unwrap();
+        assert!(m.1.contains(&ip2));
+        t.remove(&mut m, net("10.244.2.0/24")).unwrap();
+        assert!(m.1.contains(&ip2), "still named by 10.244.3.0/24");
+        t.upsert(&mut m, net("10.244.3.0/24"), &lease([198, 18, 0, 7], None))
+            .unwrap();
+        assert_eq!(
+            m.1.iter().copied().collect::<Vec<_>>(),
+            vec![Ipv4Addr::new(198, 18, 0, 7)]
+        );
+        // A pinned map left with a stale source loses it on reconcile.
+        m.1.insert(Ipv4Addr::new(198, 18, 0, 99));
+        t.reconcile(
+            &mut m,
+            &[(net("10.244.3.0/24"), lease([198, 18, 0, 7], None))],
+        );
+        assert_eq!(m.1.len(), 1);
+    }
+
+    #[test]
+    fn modes_follow_the_backend_and_the_link() {
+        let far = [198, 19, 7, 7];
+        let t = table_for(
+            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","DirectRouting":true}}"#,
+        );
+        let near = t
+            .remote_node(net("10.244.2.0/24"), &lease([198, 18, 0, 2], None))
+            .unwrap();
+        assert_eq!(near.mode, Mode::Direct as u8, "same L2: no tunnel");
+        let routed = t
+            .remote_node(net("10.244.3.0/24"), &lease(far, None))
+            .unwrap();
+        assert_eq!(routed.mode, Mode::Vxlan as u8, "behind a router: VXLAN");
+
+        let t = table_for(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#);
+        let near = t
+            .remote_node(net("10.244.2.0/24"), &bare([198, 18, 0, 2], "host-gw"))
+            .unwrap();
+        assert_eq!(near.mode, Mode::Direct as u8);
+        assert!(matches!(
+            t.remote_node(net("10.244.3.0/24"), &bare(far, "host-gw")),
+            Err(PeerError::NotOnLink { .. })
+        ));
+        assert!(matches!(
+            t.remote_node(net("10.244.3.0/24"), &lease([198, 18, 0, 3], None)),
+            Err(PeerError::Backend { .. })
+        ));
+
+        let t = table_for(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"ipip"}}"#);
+        let any = t
+            .remote_node(net("10.244.3.0/24"), &bare(far, "ipip"))
+            .unwrap();
+        assert_eq!((any.mode, any.public_ip), (Mode::Ipip as u8, far));
     }
 }

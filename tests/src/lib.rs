@@ -8,6 +8,7 @@
 //! Resources left by a test process that was killed outright are removed by
 //! the next [`Cluster::new`] (see [`sweep_stale`]).
 
+pub mod baseline;
 mod cluster;
 mod etcd;
 mod netns;

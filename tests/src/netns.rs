@@ -245,7 +245,48 @@ impl Capture {
     /// this call is seen.
     pub fn start(ns: &Netns, iface: &str, filter: &str, count: u32) -> Result<Self> {
         let count_s = count.to_string();
-        let mut cmd = ns.command(&["tcpdump", "-n", "-l", "-c", &count_s, "-i", iface, filter]);
+        let cmd = ns.command(&["tcpdump", "-n", "-l", "-c", &count_s, "-i", iface, filter]);
+        Self::spawn(cmd, "listening on", count)
+    }
+
+    /// Like [`Self::start`] with tshark, which dissects what it captures:
+    /// prints one line per packet with `fields` (tab-separated; a field
+    /// that occurs in several layers, e.g. `ip.proto` of a tunnel packet, is
+    /// comma-separated, outer first). UDP 8472 is decoded as VXLAN, as
+    /// flannel uses it, and IPv4 header checksums are verified
+    /// (`ip.checksum.status`: 2 = good).
+    pub fn start_tshark(
+        ns: &Netns,
+        iface: &str,
+        filter: &str,
+        count: u32,
+        fields: &[&str],
+    ) -> Result<Self> {
+        let count_s = count.to_string();
+        let mut args = vec![
+            "tshark",
+            "-n",
+            "-l",
+            "-i",
+            iface,
+            "-c",
+            &count_s,
+            "-f",
+            filter,
+            "-d",
+            "udp.port==8472,vxlan",
+            "-o",
+            "ip.check_checksum:TRUE",
+            "-T",
+            "fields",
+        ];
+        for f in fields {
+            args.extend(["-e", f]);
+        }
+        Self::spawn(ns.command(&args), "Capturing on", count)
+    }
+
+    fn spawn(mut cmd: Command, ready: &str, count: u32) -> Result<Self> {
         let desc = process::describe(&cmd);
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -286,7 +327,7 @@ impl Capture {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
-                Ok(line) if line.contains("listening on") => return Ok(capture),
+                Ok(line) if line.contains(ready) => return Ok(capture),
                 Ok(_) => {}
                 Err(_) => {
                     let err = capture.stderr_text();

@@ -16,7 +16,8 @@ use aya::{
 };
 use node_agent::datapath::Datapath;
 use weft_common::{
-    Mode, NodeConfig, PROG_DECAP_TC, PROG_DECAP_XDP, PROG_ENCAP_TC, Reason, RemoteNode,
+    DECAP_IPIP, DECAP_VXLAN, Mode, NodeConfig, PROG_DECAP_TC, PROG_DECAP_XDP, PROG_ENCAP_TC,
+    Reason, RemoteNode,
 };
 
 use crate::{Netns, PinDir, require_bpffs, require_root, unique_tag};
@@ -122,6 +123,7 @@ impl ProgramBench {
             local_prefix_len: 24,
             cluster_network: [10, 244, 0, 0],
             local_subnet: [10, 244, 1, 0],
+            decap: DECAP_VXLAN | DECAP_IPIP,
         }
     }
 
@@ -208,7 +210,7 @@ impl ProgramBench {
         })
     }
 
-    /// Adds a remote node's subnet to `SUBNETS` (for scale runs).
+    /// Adds a VXLAN node's subnet to `SUBNETS` (e.g. for scale runs).
     pub fn add_peer(
         &mut self,
         subnet: [u8; 4],
@@ -216,13 +218,27 @@ impl ProgramBench {
         public_ip: [u8; 4],
         vtep_mac: [u8; 6],
     ) -> Result<()> {
+        self.add_peer_with_mode(subnet, prefix_len, public_ip, vtep_mac, Mode::Vxlan)
+    }
+
+    /// Adds a remote node reached by `mode`, and its PublicIP to the known
+    /// sources, as the agent does.
+    pub fn add_peer_with_mode(
+        &mut self,
+        subnet: [u8; 4],
+        prefix_len: u32,
+        public_ip: [u8; 4],
+        vtep_mac: [u8; 6],
+        mode: Mode,
+    ) -> Result<()> {
         let node = RemoteNode {
             public_ip,
             vtep_mac,
-            mode: Mode::Vxlan as u8,
+            mode: mode as u8,
             _pad0: 0,
-            vni: VNI,
+            vni: if mode == Mode::Vxlan { VNI } else { 0 },
         };
+        self.dp.node_ips()?.insert(public_ip, 1, 0)?;
         self.dp
             .subnets()?
             .insert(&Key::new(prefix_len, subnet), node, 0)?;

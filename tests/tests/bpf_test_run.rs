@@ -9,7 +9,7 @@
 use std::collections::BTreeSet;
 
 use anyhow::{Context as _, Result, ensure};
-use weft_common::{PROG_DECAP_TC, Reason};
+use weft_common::{Mode, PROG_DECAP_TC, Reason};
 use weft_tests::test_run::*;
 
 #[test]
@@ -326,5 +326,117 @@ fn truncated_and_garbage_packets_pass_or_drop_and_are_counted() -> Result<()> {
             frame.len()
         );
     }
+    Ok(())
+}
+
+#[test]
+fn ipip_encap_pushes_one_rfc2003_header() -> Result<()> {
+    let mut b = ProgramBench::new()?;
+    b.add_peer_with_mode([10, 244, 4, 0], 24, PEER_IP, [0; 6], Mode::Ipip)?;
+    let inner = inner_frame([10, 244, 4, 7], 1234, 32, true);
+    let (rc, out) = b.encap(&inner)?;
+    ensure!(rc == TC_ACT_OK, "verdict {rc}");
+    ensure!(out.len() == inner.len() + 20, "length {}", out.len());
+    ensure!(out[0..6] == PEER_UNDERLAY_MAC && out[6..12] == b.mac && out[12..14] == [8, 0]);
+    let ip = &out[14..34];
+    ensure!(
+        ip[0] == 0x45 && ip[6] & 0x40 != 0 && ip[8] == 64 && ip[9] == 4,
+        "outer {ip:02x?}"
+    );
+    ensure!(usize::from(u16::from_be_bytes([ip[2], ip[3]])) == out.len() - 14);
+    ensure!(ip[12..16] == LOCAL_IP && ip[16..20] == PEER_IP);
+    ensure!(checksum(ip) == 0, "outer IPv4 checksum does not verify");
+    ensure!(
+        out[34..] == inner[14..],
+        "inner packet changed (TTL included)"
+    );
+    Ok(())
+}
+
+#[test]
+fn ipip_decap_round_trip_and_unknown_sources_are_dropped() -> Result<()> {
+    let mut b = ProgramBench::new()?;
+    b.add_peer_with_mode([10, 244, 4, 0], 24, PEER_IP, [0; 6], Mode::Ipip)?;
+    let inner = inner_frame([10, 244, 4, 7], 4321, 64, false);
+    let (_, wire) = b.encap(&inner)?;
+    b.configure_as_receiver()?;
+    // As the receiver, the sender (198.18.0.1) is a known node.
+    b.dp.node_ips()?.insert(LOCAL_IP, 1, 0)?;
+
+    let (rc, out) = b.run_xdp(&wire)?;
+    ensure!(rc == XDP_PASS, "XDP verdict {rc}");
+    ensure!(out[0..6] == RECEIVER_MAC && out[6..12] == wire[6..12] && out[12..14] == [8, 0]);
+    ensure!(
+        out[14..] == inner[14..],
+        "XDP decap changed the inner packet"
+    );
+    let (rc, out) = b.run_tc(PROG_DECAP_TC, &wire, 0)?;
+    ensure!(
+        rc == TC_ACT_OK && out[14..] == inner[14..],
+        "TC decap: verdict {rc}"
+    );
+
+    // The same packet from an address that is no node's.
+    let mut spoofed = wire.clone();
+    spoofed[26..30].copy_from_slice(&[198, 18, 0, 77]);
+    let before = b.counter(Reason::DropUnknownSource)?;
+    let (rc, _) = b.run_xdp(&spoofed)?;
+    ensure!(
+        rc == XDP_DROP,
+        "IP-in-IP from an unknown source: verdict {rc}"
+    );
+    ensure!(b.counter(Reason::DropUnknownSource)? == before + 1);
+    let (rc, _) = b.run_tc(PROG_DECAP_TC, &spoofed, 0)?;
+    ensure!(
+        rc == TC_ACT_SHOT,
+        "TC: IP-in-IP from an unknown source: verdict {rc}"
+    );
+
+    // Outer fragments go to the stack untouched; truncated packets are
+    // dropped or passed, never half-decapsulated.
+    let mut fragment = wire.clone();
+    fragment[20] = 0x20;
+    let (rc, out) = b.run_xdp(&fragment)?;
+    ensure!(
+        rc == XDP_PASS && out == fragment,
+        "outer fragment: verdict {rc}"
+    );
+    for n in 14..wire.len() {
+        let (rc, out) = b.run_xdp(&wire[..n])?;
+        ensure!(
+            rc == XDP_DROP || (rc == XDP_PASS && out == wire[..n]),
+            "{n}-byte IP-in-IP prefix: verdict {rc}, {} bytes out",
+            out.len()
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn host_gw_rewrites_only_the_l2_header() -> Result<()> {
+    let mut b = ProgramBench::new()?;
+    b.add_peer_with_mode([10, 244, 5, 0], 24, PEER_IP, [0; 6], Mode::Direct)?;
+    b.add_peer_with_mode([10, 244, 6, 0], 24, UNRESOLVED_IP, [0; 6], Mode::Direct)?;
+    let before = b.counter(Reason::ForwardedDirect)?;
+    let inner = inner_frame([10, 244, 5, 9], 1, 1400, true);
+    let (rc, out) = b.encap(&inner)?;
+    ensure!(rc == TC_ACT_OK, "verdict {rc}");
+    ensure!(out.len() == inner.len(), "host-gw must not grow the packet");
+    ensure!(
+        out[0..6] == PEER_UNDERLAY_MAC && out[6..12] == b.mac,
+        "next hop is the peer's PublicIP"
+    );
+    ensure!(out[12..] == inner[12..], "the IP packet must be untouched");
+    ensure!(b.counter(Reason::ForwardedDirect)? == before + 1);
+    // The full underlay MTU is fine: nothing is added.
+    let big = inner_frame([10, 244, 5, 9], 1, 1472, true);
+    let (rc, _) = b.encap(&big)?;
+    ensure!(rc == TC_ACT_OK, "1500-byte host-gw packet: verdict {rc}");
+    let (rc, out) = b.encap(&inner_frame([10, 244, 6, 9], 1, 8, true))?;
+    ensure!(
+        rc == TC_ACT_REDIRECT,
+        "unresolved next hop: verdict {rc}, want bpf_redirect_neigh"
+    );
+    ensure!(out.len() == 14 + 36);
     Ok(())
 }

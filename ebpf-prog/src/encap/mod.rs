@@ -1,2 +1,3 @@
 //! Encapsulation header builders, one module per tunnel type.
+pub mod ipip;
 pub mod vxlan;

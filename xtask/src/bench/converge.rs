@@ -1,0 +1,173 @@
+//! Convergence: from the etcd put of a new lease to the entry in a peer's
+//! map, and to the first reply across the new route.
+//!
+//! Each join puts a lease for a fresh subnet S carrying host B's PublicIP
+//! and VtepMAC (B's own lease value) and gives B the address S.1 on its
+//! bridge. The bench then polls host A's pinned SUBNETS for S, and from
+//! container A sends a UDP probe to S.1 every 100 µs on a connected socket:
+//! B answers with ICMP port unreachable, which the socket reports as
+//! ECONNREFUSED, so the first error is the first packet delivered and
+//! answered. B's own lease is never touched (deleting it stops B's agent).
+
+use std::io::ErrorKind;
+use std::net::{Ipv4Addr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use aya::maps::{LpmTrie, Map, MapData, lpm_trie::Key};
+use etcd_client::Client;
+use serde_json::{Value, json};
+use weft_common::{MAP_SUBNETS, RemoteNode};
+
+use super::{ModeEnv, percentile};
+
+const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
+const PROBE_INTERVAL: Duration = Duration::from_micros(100);
+/// UDP port nothing listens on, so B answers port unreachable.
+const PROBE_PORT: u16 = 33434;
+
+#[derive(Clone, Debug, Default)]
+pub struct Convergence {
+    pub map_ms: Vec<f64>,
+    pub reply_ms: Vec<f64>,
+    pub failures: Vec<String>,
+}
+
+impl Convergence {
+    pub fn to_json(&self) -> Value {
+        json!({"map_ms": self.map_ms, "first_reply_ms": self.reply_ms,
+               "failures": self.failures,
+               "map_p50_ms": percentile(&self.map_ms, 0.5), "map_p99_ms": percentile(&self.map_ms, 0.99),
+               "reply_p50_ms": percentile(&self.reply_ms, 0.5), "reply_p99_ms": percentile(&self.reply_ms, 0.99)})
+    }
+}
+
+pub fn run(env: &ModeEnv<'_>, joins: usize) -> Result<Convergence> {
+    let host_a = env.a.host();
+    let host_b = env.b.host();
+    let cluster = host_a.cluster();
+    let (a_net, _) = weft_tests::parse_cidr(&env.a.subnet_env().subnet)?;
+    let (b_net, _) = weft_tests::parse_cidr(&env.b.subnet_env().subnet)?;
+    let b_key = cluster.lease_key(&env.b.subnet_env().subnet)?;
+    let b_value = cluster
+        .etcd()
+        .get(&b_key)?
+        .with_context(|| format!("host B's lease {b_key} is missing"))?;
+    // One reply per probe burst would otherwise be rate limited to ~1/s.
+    host_b
+        .ns()
+        .run(&["sysctl", "-q", "-w", "net.ipv4.icmp_ratelimit=0"])?;
+    let pin = host_a.pin_path().join(MAP_SUBNETS);
+    let trie: LpmTrie<MapData, [u8; 4], RemoteNode> = LpmTrie::try_from(
+        Map::from_map_data(MapData::from_pin(&pin).context("opening host A's SUBNETS pin")?)
+            .context("SUBNETS as a map")?,
+    )
+    .context("SUBNETS as an LPM trie")?;
+    let subnets: Vec<u8> = (100..=255u8)
+        .filter(|k| *k != a_net.octets()[2] && *k != b_net.octets()[2])
+        .take(joins)
+        .collect();
+    let endpoint = cluster.etcd().endpoint();
+    let a_ns = env.a.ns();
+    let mut out = Convergence::default();
+    // The etcd client lives on a thread in the switch namespace; the probe
+    // socket is created in container A's namespace and used from here.
+    cluster.switch().run_in(|| -> Result<()> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("building a tokio runtime")?;
+        let mut client = rt
+            .block_on(Client::connect([endpoint], None))
+            .context("connecting to etcd")?;
+        for k in subnets {
+            let s = Ipv4Addr::new(10, 244, k, 0);
+            let target = Ipv4Addr::new(10, 244, k, 1);
+            let key = cluster.lease_key(&format!("{s}/24"))?;
+            host_b
+                .ns()
+                .ip(&["addr", "add", &format!("{target}/24"), "dev", "cni0"])?;
+            let probe = a_ns.run_in(|| -> Result<UdpSocket> {
+                let sock = UdpSocket::bind("0.0.0.0:0").context("probe bind")?;
+                sock.connect((target, PROBE_PORT)).context("probe connect")?;
+                sock.set_nonblocking(true).context("probe non-blocking")?;
+                Ok(sock)
+            })??;
+            let start = Instant::now();
+            rt.block_on(client.put(key.as_str(), b_value.as_str(), None))
+                .context("etcd put")?;
+            let res = wait_join(&trie, s, &probe, start);
+            match res {
+                Ok((map, reply)) => {
+                    out.map_ms.push(map.as_secs_f64() * 1e3);
+                    out.reply_ms.push(reply.as_secs_f64() * 1e3);
+                }
+                Err(e) => out.failures.push(format!("{s}/24: {e:#}")),
+            }
+            rt.block_on(client.delete(key.as_str(), None))
+                .context("etcd delete")?;
+            host_b
+                .ns()
+                .ip(&["addr", "del", &format!("{target}/24"), "dev", "cni0"])?;
+        }
+        Ok(())
+    })??;
+    println!(
+        "    {} joins: map p50 {:.1} ms p99 {:.1} ms; first reply p50 {:.1} ms p99 {:.1} ms; {} failed",
+        out.map_ms.len(),
+        percentile(&out.map_ms, 0.5).unwrap_or(f64::NAN),
+        percentile(&out.map_ms, 0.99).unwrap_or(f64::NAN),
+        percentile(&out.reply_ms, 0.5).unwrap_or(f64::NAN),
+        percentile(&out.reply_ms, 0.99).unwrap_or(f64::NAN),
+        out.failures.len()
+    );
+    Ok(out)
+}
+
+/// Polls until `s` is in the map and a probe has been answered; returns
+/// both times since `start`.
+fn wait_join(
+    trie: &LpmTrie<MapData, [u8; 4], RemoteNode>,
+    s: Ipv4Addr,
+    probe: &UdpSocket,
+    start: Instant,
+) -> Result<(Duration, Duration)> {
+    let key = Key::new(24, s.octets());
+    let mut map_at = None;
+    let mut reply_at = None;
+    let mut last_probe = None::<Instant>;
+    let mut buf = [0u8; 16];
+    loop {
+        let now = start.elapsed();
+        if now > JOIN_TIMEOUT {
+            bail!(
+                "timed out (map entry {}, reply {})",
+                map_at.is_some(),
+                reply_at.is_some()
+            );
+        }
+        if map_at.is_none() && trie.get(&key, 0).is_ok() {
+            map_at = Some(now);
+        }
+        if reply_at.is_none() {
+            match probe.recv(&mut buf) {
+                Err(e) if e.kind() == ErrorKind::ConnectionRefused => reply_at = Some(now),
+                _ => {}
+            }
+        }
+        if let (Some(m), Some(r)) = (map_at, reply_at) {
+            return Ok((m, r));
+        }
+        if last_probe.is_none_or(|t| t.elapsed() >= PROBE_INTERVAL) {
+            // A send may itself report an earlier ICMP error.
+            if let Err(e) = probe.send(&[0u8])
+                && e.kind() == ErrorKind::ConnectionRefused
+                && reply_at.is_none()
+            {
+                reply_at = Some(start.elapsed());
+            }
+            last_probe = Some(Instant::now());
+        }
+        std::thread::sleep(Duration::from_micros(20));
+    }
+}

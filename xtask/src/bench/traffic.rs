@@ -1,0 +1,183 @@
+//! Running the traffic measurements between two container namespaces:
+//! iperf3 for TCP throughput, the bench's own tools for packet rate and
+//! request/response latency.
+
+use std::net::Ipv4Addr;
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+use weft_tests::Netns;
+use weft_tests::process;
+
+const IPERF_PORT: u16 = 5201;
+const PPS_PORT: u16 = 9000;
+const RR_PORT: u16 = 9001;
+/// UDP payload of the packet-rate test.
+pub const SMALL_PAYLOAD: usize = 64;
+
+/// Kills and reaps a background tool on every exit path.
+pub struct Background(Option<Child>);
+
+impl Background {
+    fn wait(mut self, timeout: Duration, desc: &str) -> Result<String> {
+        let child = self.0.take().context("already waited")?;
+        let out = process::wait_output(child, desc, timeout)?;
+        process::check(desc, &out)
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn spawn(ns: &Netns, args: &[&str]) -> Result<Background> {
+    let mut cmd = ns.command(args);
+    let desc = process::describe(&cmd);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = cmd.spawn().with_context(|| format!("spawning `{desc}`"))?;
+    Ok(Background(Some(child)))
+}
+
+fn self_exe() -> Result<String> {
+    Ok(std::env::current_exe()
+        .context("locating the xtask binary")?
+        .to_string_lossy()
+        .into_owned())
+}
+
+fn json(text: &str, what: &str) -> Result<Value> {
+    serde_json::from_str(text.trim()).with_context(|| format!("{what} printed {text:?}"))
+}
+
+/// A persistent iperf3 server in `ns` bound to `ip`.
+pub fn iperf_server(ns: &Netns, ip: Ipv4Addr) -> Result<Background> {
+    let bg = spawn(
+        ns,
+        &["iperf3", "-s", "-B", &ip.to_string(), "-p", &IPERF_PORT.to_string()],
+    )?;
+    // iperf3 listens within milliseconds; the client retries anyway.
+    std::thread::sleep(Duration::from_millis(300));
+    Ok(bg)
+}
+
+/// TCP throughput from `client` to the iperf3 server at `dst`, Gbit/s as
+/// the receiver counted it.
+pub fn tcp_gbps(client: &Netns, dst: Ipv4Addr, streams: u32, secs: u32) -> Result<f64> {
+    let mut last = String::new();
+    for _ in 0..3 {
+        let out = client.exec(&[
+            "iperf3",
+            "-c",
+            &dst.to_string(),
+            "-p",
+            &IPERF_PORT.to_string(),
+            "-t",
+            &secs.to_string(),
+            "-P",
+            &streams.to_string(),
+            "-J",
+        ])?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if out.status.success() {
+            let v = json(&text, "iperf3")?;
+            let bps = v["end"]["sum_received"]["bits_per_second"]
+                .as_f64()
+                .context("iperf3 JSON without end.sum_received")?;
+            return Ok(bps / 1e9);
+        }
+        // "the server is busy" right after a previous test: try again.
+        last = format!("{text} {}", String::from_utf8_lossy(&out.stderr));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    bail!("iperf3 to {dst} failed: {last}")
+}
+
+/// What one packet-rate run measured.
+#[derive(Clone, Copy, Debug)]
+pub struct Pps {
+    pub sent_pps: f64,
+    pub received_pps: f64,
+    pub loss: f64,
+}
+
+/// 64-byte UDP from `gen_ns` to a sink in `sink_ns` at `dst`.
+pub fn udp_pps(gen_ns: &Netns, sink_ns: &Netns, dst: Ipv4Addr, secs: f64) -> Result<Pps> {
+    let exe = self_exe()?;
+    let bind = format!("{dst}:{PPS_PORT}");
+    let max = format!("{}", secs + 10.0);
+    let sink = spawn(
+        sink_ns,
+        &[&exe, "udpsink", "--bind", &bind, "--max-secs", &max, "--idle-ms", "500"],
+    )?;
+    std::thread::sleep(Duration::from_millis(200));
+    let secs_s = format!("{secs}");
+    let size = SMALL_PAYLOAD.to_string();
+    let out = process::run_timeout(
+        gen_ns.command(&[
+            &exe, "udpgen", "--dst", &bind, "--secs", &secs_s, "--threads", "2", "--size", &size,
+        ]),
+        Duration::from_secs_f64(secs + 20.0),
+    )
+    .context("udpgen")?;
+    let g = json(&out, "udpgen")?;
+    let sent = g["sent"].as_f64().context("udpgen: sent")?;
+    let elapsed = g["secs"].as_f64().context("udpgen: secs")?;
+    let s = json(
+        &sink.wait(Duration::from_secs_f64(secs + 15.0), "udpsink")?,
+        "udpsink",
+    )?;
+    let received = s["received"].as_f64().context("udpsink: received")?;
+    Ok(Pps {
+        sent_pps: sent / elapsed,
+        received_pps: received / elapsed,
+        loss: if sent > 0.0 {
+            (1.0 - received / sent).max(0.0)
+        } else {
+            1.0
+        },
+    })
+}
+
+/// What one request/response run measured.
+#[derive(Clone, Copy, Debug)]
+pub struct Rr {
+    pub tps: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+}
+
+/// TCP 1-byte request/response from `client_ns` to a server in
+/// `server_ns` at `dst`.
+pub fn tcp_rr(client_ns: &Netns, server_ns: &Netns, dst: Ipv4Addr, secs: f64) -> Result<Rr> {
+    let exe = self_exe()?;
+    let addr = format!("{dst}:{RR_PORT}");
+    let max = format!("{}", secs + 15.0);
+    let _server = spawn(
+        server_ns,
+        &[&exe, "rr-server", "--bind", &addr, "--max-secs", &max],
+    )?;
+    std::thread::sleep(Duration::from_millis(200));
+    let secs_s = format!("{secs}");
+    let out = process::run_timeout(
+        client_ns.command(&[&exe, "rr-client", "--dst", &addr, "--secs", &secs_s]),
+        Duration::from_secs_f64(secs + 20.0),
+    )
+    .context("rr-client")?;
+    let v = json(&out, "rr-client")?;
+    let n = v["transactions"].as_f64().context("transactions")?;
+    let elapsed = v["secs"].as_f64().context("secs")?;
+    Ok(Rr {
+        tps: n / elapsed,
+        p50_us: v["p50_us"].as_f64().context("p50_us")?,
+        p99_us: v["p99_us"].as_f64().context("p99_us")?,
+    })
+}
