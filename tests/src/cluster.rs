@@ -33,6 +33,9 @@ pub const SWITCH_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
 const UNDERLAY_PREFIX_LEN: u8 = 24;
 const UNDERLAY_MTU: u32 = 1500;
 const BRIDGE: &str = "br0";
+/// Where [`Cluster::add_routed_host`] puts hosts: the other half of the
+/// 198.18.0.0/15 benchmarking range.
+const ROUTED_UNDERLAY: &str = "198.19.0.0/16";
 const CNI_BRIDGE: &str = "cni0";
 const TCP_PORT: &str = "7777";
 const AGENT_STOP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -132,8 +135,52 @@ impl Cluster {
             (1..=253).contains(&index),
             "host index {index} outside 1..=253"
         );
+        let ip = host_ip(index);
+        let host = self.cable_host(index, &switch_port(index), ip)?;
+        self.switch
+            .ip(&["link", "set", &switch_port(index), "master", BRIDGE, "up"])?;
+        // Routed hosts (see add_routed_host) sit behind the switch namespace.
+        host.ns.ip(&[
+            "route",
+            "add",
+            ROUTED_UNDERLAY,
+            "via",
+            &SWITCH_IP.to_string(),
+        ])?;
+        Ok(host)
+    }
+
+    /// A host on its own underlay segment, 198.19.<index>.0/24, behind the
+    /// switch namespace acting as a router: not on the bridge hosts' L2, so
+    /// reaching it takes a routed underlay (DirectRouting must tunnel to it).
+    pub fn add_routed_host(&self, index: u8) -> Result<Host<'_>> {
+        ensure!(
+            (1..=253).contains(&index),
+            "host index {index} outside 1..=253"
+        );
+        let ip = Ipv4Addr::new(198, 19, index, 1);
+        let gateway = Ipv4Addr::new(198, 19, index, 254);
+        let port = format!("r{index}");
+        let host = self.cable_host(index, &port, ip)?;
+        self.switch
+            .run(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])?;
+        self.switch.ip(&[
+            "addr",
+            "add",
+            &format!("{gateway}/{UNDERLAY_PREFIX_LEN}"),
+            "dev",
+            &port,
+        ])?;
+        self.switch.ip(&["link", "set", &port, "up"])?;
+        host.ns
+            .ip(&["route", "add", "default", "via", &gateway.to_string()])?;
+        Ok(host)
+    }
+
+    /// A new host namespace whose `eth0` (address `ip`) is cabled to the
+    /// switch namespace's `port`.
+    fn cable_host(&self, index: u8, port: &str, ip: Ipv4Addr) -> Result<Host<'_>> {
         let ns = Netns::new(&format!("{}{}-h{index}", crate::NS_PREFIX, self.tag))?;
-        let port = switch_port(index);
         // Both ends are created directly in their namespaces so no device
         // ever appears in the machine's own namespace.
         process::run(process::command(
@@ -149,13 +196,12 @@ impl Cluster {
                 "veth",
                 "peer",
                 "name",
-                &port,
+                port,
                 "netns",
                 self.switch.name(),
             ],
         ))
         .with_context(|| format!("cabling host {index} to the switch"))?;
-        let ip = host_ip(index);
         ns.ip(&[
             "addr",
             "add",
@@ -171,8 +217,6 @@ impl Cluster {
             &UNDERLAY_MTU.to_string(),
             "up",
         ])?;
-        self.switch
-            .ip(&["link", "set", &port, "master", BRIDGE, "up"])?;
         let dir = self.work_dir.path().join(format!("host{index}"));
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         Ok(Host {

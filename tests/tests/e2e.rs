@@ -14,16 +14,87 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 use weft_tests::{
-    Cluster, Container, Host, Signal, SubnetEnv, capture, node_agent_binary, parse_cidr,
-    require_bpffs, require_root, require_tools, switch_port, wait_until,
+    Cluster, Container, Host, Signal, SubnetEnv, node_agent_binary, parse_cidr, require_bpffs,
+    require_root, require_tools, switch_port, wait_until,
 };
 
 const CONFIG: &str =
     r#"{"Network":"10.244.0.0/16","SubnetLen":24,"Backend":{"Type":"vxlan","VNI":1,"Port":8472}}"#;
+
+/// A backend under test: its config, the MTU flannel gives containers with
+/// it, and what its packets look like on the underlay.
+#[derive(Clone, Copy, Debug)]
+struct Backend {
+    config: &'static str,
+    mtu: u32,
+    wire: Wire,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wire {
+    /// UDP to 8472 carrying VXLAN with VNI 1.
+    Vxlan,
+    /// IP protocol 4.
+    Ipip,
+    /// The container packets themselves, routed to the peer.
+    Plain,
+}
+
+const VXLAN: Backend = Backend {
+    config: CONFIG,
+    mtu: 1450,
+    wire: Wire::Vxlan,
+};
+const IPIP: Backend = Backend {
+    config: r#"{"Network":"10.244.0.0/16","SubnetLen":24,"Backend":{"Type":"ipip"}}"#,
+    mtu: 1480,
+    wire: Wire::Ipip,
+};
+const HOST_GW: Backend = Backend {
+    config: r#"{"Network":"10.244.0.0/16","SubnetLen":24,"Backend":{"Type":"host-gw"}}"#,
+    mtu: 1500,
+    wire: Wire::Plain,
+};
+/// Every host of the shared-bridge topology is on the same L2 segment, so
+/// DirectRouting sends them plain packets; its MTU stays VXLAN's because
+/// other peers may still need the tunnel.
+const VXLAN_DIRECT: Backend = Backend {
+    config: r#"{"Network":"10.244.0.0/16","SubnetLen":24,"Backend":{"Type":"vxlan","DirectRouting":true}}"#,
+    mtu: 1450,
+    wire: Wire::Plain,
+};
+
+/// Runs test function `$name(backend)` once per backend, as
+/// `$name::{vxlan, ipip, host_gw, vxlan_direct_routing}`.
+macro_rules! per_backend {
+    ($name:ident) => {
+        mod $name {
+            use super::*;
+
+            #[test]
+            fn vxlan() -> Result<()> {
+                super::$name(VXLAN)
+            }
+
+            #[test]
+            fn ipip() -> Result<()> {
+                super::$name(IPIP)
+            }
+
+            #[test]
+            fn host_gw() -> Result<()> {
+                super::$name(HOST_GW)
+            }
+
+            #[test]
+            fn vxlan_direct_routing() -> Result<()> {
+                super::$name(VXLAN_DIRECT)
+            }
+        }
+    };
+}
 const NETWORK: &str = "10.244.0.0/16";
 const VXLAN_PORT: u16 = 8472;
-/// VXLAN costs 50 bytes of the 1500-byte underlay MTU.
-const EXPECTED_MTU: u32 = 1450;
 /// Generous for agent start-up and for etcd watch events to be applied;
 /// every wait polls, so passing runs do not pay it.
 const CONVERGE: Duration = Duration::from_secs(30);
@@ -82,8 +153,12 @@ fn check_env(cluster: &Cluster, host: &Host<'_>, env: &SubnetEnv) -> Result<()> 
         host.index(),
         env.network
     );
+    let expected_mtu = [VXLAN, IPIP, HOST_GW, VXLAN_DIRECT]
+        .iter()
+        .find(|b| b.config == cluster.config())
+        .map_or(VXLAN.mtu, |b| b.mtu);
     ensure!(
-        env.mtu == EXPECTED_MTU,
+        env.mtu == expected_mtu,
         "host {}: FLANNEL_MTU {}",
         host.index(),
         env.mtu
@@ -183,10 +258,77 @@ fn check_tcp(from: &Container<'_>, to: &Container<'_>) -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn three_hosts_connect_over_vxlan_and_a_late_joiner_becomes_reachable() -> Result<()> {
+/// Captures container traffic from `from` to `to` on `from`'s switch port
+/// with tshark and checks that it is what `backend` puts on the wire and
+/// that it decodes cleanly, outer IPv4 checksums verified.
+fn check_wire(
+    cluster: &Cluster,
+    backend: Backend,
+    from: (&Host<'_>, &Container<'_>),
+    to: (&Host<'_>, &Container<'_>),
+) -> Result<()> {
+    let (filter, want_proto) = match backend.wire {
+        Wire::Vxlan => (
+            format!("udp and dst port {VXLAN_PORT} and dst host {}", to.0.ip()),
+            "17,1",
+        ),
+        Wire::Ipip => (format!("ip proto 4 and dst host {}", to.0.ip()), "4,1"),
+        Wire::Plain => (format!("icmp and dst host {}", to.1.ip()), "1"),
+    };
+    let fields = [
+        "ip.src",
+        "ip.dst",
+        "ip.proto",
+        "vxlan.vni",
+        "ip.checksum.status",
+    ];
+    let capture = weft_tests::Capture::start_tshark(
+        cluster.switch(),
+        &switch_port(from.0.index()),
+        &filter,
+        2,
+        &fields,
+    )?;
+    from.1.ping(to.1.ip(), 3, 56, false)?;
+    let seen = capture.finish(Duration::from_secs(10))?;
+    let line = seen
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .with_context(|| format!("nothing matching `{filter}` on the underlay"))?;
+    let cols: Vec<&str> = line.split('\t').collect();
+    ensure!(
+        cols.len() == fields.len(),
+        "unexpected tshark line {line:?}"
+    );
+    let outer_src = cols[0].split(',').next().unwrap_or_default();
+    let want_src = match backend.wire {
+        Wire::Plain => from.1.ip(),
+        _ => from.0.ip(),
+    };
+    ensure!(
+        outer_src == want_src.to_string(),
+        "outer source {outer_src}, want {want_src}: {line:?}"
+    );
+    ensure!(
+        cols[2] == want_proto,
+        "IP protocols {}, want {want_proto}: {line:?}",
+        cols[2]
+    );
+    if backend.wire == Wire::Vxlan {
+        ensure!(cols[3] == "1", "VNI {}, want 1: {line:?}", cols[3]);
+    }
+    let outer_checksum = cols[4].split(',').next().unwrap_or_default();
+    ensure!(
+        outer_checksum == "1",
+        "outer IPv4 checksum not good ({outer_checksum}): {line:?}"
+    );
+    Ok(())
+}
+
+per_backend!(three_hosts_connect_and_a_late_joiner_becomes_reachable);
+fn three_hosts_connect_and_a_late_joiner_becomes_reachable(backend: Backend) -> Result<()> {
     preflight()?;
-    let cluster = Cluster::new(CONFIG)?;
+    let cluster = Cluster::new(backend.config)?;
     let (hosts, envs) = start_hosts(&cluster, &[1, 2, 3], false)?;
     let host_refs: Vec<&Host<'_>> = hosts.iter().collect();
     wait_full_mesh(&host_refs, &envs.iter().collect::<Vec<_>>())?;
@@ -215,30 +357,13 @@ fn three_hosts_connect_over_vxlan_and_a_late_joiner_becomes_reachable() -> Resul
     }
 
     // On the wire between host 1 and the switch, container traffic to host
-    // 2 is VXLAN: UDP from 198.18.0.1 to 198.18.0.2:8472.
-    let filter = format!(
-        "udp and dst port {VXLAN_PORT} and dst host {}",
-        hosts[1].ip()
-    );
-    let seen = capture(
-        cluster.switch(),
-        &switch_port(hosts[0].index()),
-        &filter,
-        2,
-        Duration::from_secs(10),
-        || {
-            containers[0]
-                .ping(containers[1].ip(), 3, 56, false)
-                .map(drop)
-        },
+    // 2 looks as the backend says, and tshark decodes it cleanly.
+    check_wire(
+        &cluster,
+        backend,
+        (&hosts[0], &containers[0]),
+        (&hosts[1], &containers[1]),
     )?;
-    let outer = format!("{} > {}.{VXLAN_PORT}", hosts[0].ip(), hosts[1].ip());
-    ensure!(
-        seen.lines()
-            .any(|l| l.contains(&format!("{}.", hosts[0].ip()))
-                && l.contains(&format!("{}.{VXLAN_PORT}", hosts[1].ip()))),
-        "no VXLAN packet {outer} on the underlay:\n{seen}"
-    );
 
     // A fourth node joins while the others keep running.
     let late = cluster.add_host(4)?;
@@ -263,10 +388,10 @@ fn three_hosts_connect_over_vxlan_and_a_late_joiner_becomes_reachable() -> Resul
     Ok(())
 }
 
-#[test]
-fn deleting_a_lease_removes_its_route_from_the_other_agents() -> Result<()> {
+per_backend!(deleting_a_lease_removes_its_route_from_the_other_agents);
+fn deleting_a_lease_removes_its_route_from_the_other_agents(backend: Backend) -> Result<()> {
     preflight()?;
-    let cluster = Cluster::new(CONFIG)?;
+    let cluster = Cluster::new(backend.config)?;
     let (hosts, envs) = start_hosts(&cluster, &[1, 2, 3], false)?;
     wait_full_mesh(
         &hosts.iter().collect::<Vec<_>>(),
@@ -305,10 +430,10 @@ fn deleting_a_lease_removes_its_route_from_the_other_agents() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn a_killed_agent_leaves_the_data_path_and_its_restart_adopts_it() -> Result<()> {
+per_backend!(a_killed_agent_leaves_the_data_path_and_its_restart_adopts_it);
+fn a_killed_agent_leaves_the_data_path_and_its_restart_adopts_it(backend: Backend) -> Result<()> {
     preflight()?;
-    let cluster = Cluster::new(CONFIG)?;
+    let cluster = Cluster::new(backend.config)?;
     // The realistic wire here; the other tests run on veth's default
     // offloads, so both kinds of underlay see TCP.
     let (hosts, envs) = start_hosts(&cluster, &[1, 2], true)?;
@@ -669,5 +794,37 @@ fn cleanup_removes_everything_the_agent_created() -> Result<()> {
     );
     let link = host.ns().ip(&["link", "show", "eth0"])?;
     ensure!(!link.contains("xdp"), "XDP still attached: {link}");
+    Ok(())
+}
+
+#[test]
+fn direct_routing_tunnels_only_to_peers_off_the_local_segment() -> Result<()> {
+    preflight()?;
+    let cluster = Cluster::new(VXLAN_DIRECT.config)?;
+    let near = cluster.add_host(1)?;
+    let neighbour = cluster.add_host(2)?;
+    // Behind the switch namespace acting as a router: another L2 segment.
+    let far = cluster.add_routed_host(3)?;
+    let hosts = [&near, &neighbour, &far];
+    for host in hosts {
+        host.start_agent(&[])?;
+    }
+    let envs = hosts
+        .iter()
+        .map(|h| h.wait_subnet_env(CONVERGE))
+        .collect::<Result<Vec<_>>>()?;
+    wait_full_mesh(&hosts, &envs.iter().collect::<Vec<_>>())?;
+    let a = near.attach_container()?;
+    let b = neighbour.attach_container()?;
+    let c = far.attach_container()?;
+    for (x, y) in [(&a, &b), (&b, &a), (&a, &c), (&c, &a), (&b, &c)] {
+        check_ping(x, y)?;
+    }
+    check_tcp(&a, &c)?;
+    check_tcp(&c, &a)?;
+    // The capture on host 1's port shows plain packets to the peer on its
+    // segment and VXLAN to the one behind the router.
+    check_wire(&cluster, VXLAN_DIRECT, (&near, &a), (&neighbour, &b))?;
+    check_wire(&cluster, VXLAN, (&near, &a), (&far, &c))?;
     Ok(())
 }
