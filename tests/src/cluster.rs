@@ -596,12 +596,20 @@ impl<'c> Host<'c> {
     /// free address (first container: .2), MTU FLANNEL_MTU, default route
     /// via the bridge. Waits for the subnet file if needed.
     pub fn attach_container(&self) -> Result<Container<'_>> {
+        self.attach_container_with_mtu(None)
+    }
+
+    /// [`Self::attach_container`] with the container's veth MTU set to
+    /// `container_mtu` instead of FLANNEL_MTU: a misconfigured container, for
+    /// path-MTU tests.
+    pub fn attach_container_with_mtu(&self, container_mtu: Option<u32>) -> Result<Container<'_>> {
         let env_text = fs::read_to_string(&self.subnet_file);
         let env = match env_text.as_deref().map(SubnetEnv::parse) {
             Ok(Ok(env)) => env,
             _ => self.wait_subnet_env(CONTAINER_ENV_TIMEOUT)?,
         };
-        let mtu = env.mtu.to_string();
+        let bridge_mtu = env.mtu.to_string();
+        let mtu = container_mtu.unwrap_or(env.mtu).to_string();
         let exists = self
             .ns
             .exec(&["ip", "link", "show", CNI_BRIDGE])?
@@ -609,7 +617,15 @@ impl<'c> Host<'c> {
             .success();
         if !exists {
             self.ns
-                .ip(&["link", "add", CNI_BRIDGE, "mtu", &mtu, "type", "bridge"])
+                .ip(&[
+                    "link",
+                    "add",
+                    CNI_BRIDGE,
+                    "mtu",
+                    &bridge_mtu,
+                    "type",
+                    "bridge",
+                ])
                 .context("creating cni0")?;
             self.ns
                 .ip(&["addr", "add", &env.subnet, "dev", CNI_BRIDGE])?;

@@ -241,6 +241,10 @@ fn check_ping(from: &Container<'_>, to: &Container<'_>) -> Result<()> {
     let full = from.subnet_env().mtu - PING_OVERHEAD;
     from.ping(to.ip(), 2, full, true)
         .with_context(|| format!("full-MTU DF ping ({full} bytes) {}", what()))?;
+    // Larger than the MTU without DF: the sender fragments, each fragment
+    // crosses on its own, the receiver reassembles.
+    from.ping(to.ip(), 2, 3000, false)
+        .with_context(|| format!("fragmented 3000-byte ping {}", what()))?;
     Ok(())
 }
 
@@ -826,5 +830,29 @@ fn direct_routing_tunnels_only_to_peers_off_the_local_segment() -> Result<()> {
     // segment and VXLAN to the one behind the router.
     check_wire(&cluster, VXLAN_DIRECT, (&near, &a), (&neighbour, &b))?;
     check_wire(&cluster, VXLAN, (&near, &a), (&far, &c))?;
+    Ok(())
+}
+
+per_backend!(tcp_completes_from_containers_whose_mtu_is_too_high);
+fn tcp_completes_from_containers_whose_mtu_is_too_high(backend: Backend) -> Result<()> {
+    preflight()?;
+    let cluster = Cluster::new(backend.config)?;
+    let (hosts, envs) = start_hosts(&cluster, &[1, 2], true)?;
+    wait_full_mesh(
+        &hosts.iter().collect::<Vec<_>>(),
+        &envs.iter().collect::<Vec<_>>(),
+    )?;
+    // Both ends too high, so MSS clamping cannot hide the problem: full-size
+    // DF segments must meet "fragmentation needed" and path MTU discovery
+    // must shrink them.
+    let too_high = Some(backend.mtu + 500);
+    let a = hosts[0].attach_container_with_mtu(too_high)?;
+    let b = hosts[1].attach_container_with_mtu(too_high)?;
+    a.ping_until(b.ip(), CONVERGE)?;
+    check_tcp(&a, &b)?;
+    check_tcp(&b, &a)?;
+    let full = backend.mtu - PING_OVERHEAD;
+    a.ping(b.ip(), 2, full, true)
+        .context("full-MTU ping after PMTU discovery")?;
     Ok(())
 }
