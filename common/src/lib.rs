@@ -154,11 +154,14 @@ pub enum Reason {
     /// Dropped: IP-in-IP from an address that is no known node's PublicIP;
     /// decapsulating it would let anyone inject packets into containers.
     DropUnknownSource = 17,
+    /// A DF packet too big once encapsulated was answered with ICMP
+    /// "fragmentation needed" carrying the tunnel's MTU.
+    FragNeeded = 18,
 }
 
 impl Reason {
     /// Number of counter slots; the size of [`MAP_COUNTERS`].
-    pub const COUNT: u32 = 18;
+    pub const COUNT: u32 = 19;
 
     /// Every reason, in index order; for dumping counters.
     pub const ALL: [Reason; Self::COUNT as usize] = [
@@ -180,6 +183,7 @@ impl Reason {
         Reason::PassMalformed,
         Reason::ForwardedDirect,
         Reason::DropUnknownSource,
+        Reason::FragNeeded,
     ];
 
     /// Stable snake-case name, for logs and metrics.
@@ -203,6 +207,7 @@ impl Reason {
             Reason::PassMalformed => "pass_malformed",
             Reason::ForwardedDirect => "forwarded_direct",
             Reason::DropUnknownSource => "drop_unknown_source",
+            Reason::FragNeeded => "frag_needed",
         }
     }
 

@@ -13,13 +13,13 @@ use core::{ffi::c_void, mem::size_of};
 use aya_ebpf::{
     bindings::{
         BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
-        BPF_F_ADJ_ROOM_FIXED_GSO, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
-        BPF_FIB_LOOKUP_OUTPUT, TC_ACT_OK, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup,
-        bpf_redir_neigh,
+        BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_INGRESS, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, TC_ACT_OK,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup, bpf_redir_neigh,
     },
     helpers::{
         bpf_fib_lookup as fib_lookup, bpf_get_hash_recalc, bpf_get_prandom_u32, bpf_redirect,
-        bpf_redirect_neigh,
+        bpf_redirect_neigh, bpf_skb_change_tail,
     },
     programs::TcContext,
 };
@@ -29,6 +29,7 @@ use ebpf_prog::{
         vxlan::{self, VxlanParams, flow_src_port, outer_frag_off, outer_tos},
     },
     headers::{ETH_HLEN, ETH_P_IP, IP_DF, IPPROTO_UDP, IPV4_HLEN},
+    icmp,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 use weft_common::{Mode, NodeConfig, Reason, RemoteNode};
@@ -115,7 +116,11 @@ pub fn try_encap(ctx: &TcContext) -> Result<Sent, Reason> {
             vxlan::ENCAP_LEN
         };
         if gso_size == 0 && inner_l3_len + overhead as u32 > cfg.iface_mtu {
-            return Err(Reason::DropTooBig);
+            // The cluster route's MTU makes the stack itself answer most of
+            // these; this catches what bypasses it.
+            let next_hop_mtu = cfg.iface_mtu.saturating_sub(overhead as u32);
+            let verdict = frag_needed(ctx, cfg, &ip, next_hop_mtu)?;
+            return Ok((Reason::FragNeeded, verdict));
         }
         let next = next_hop(ctx, cfg.iface_ifindex, cfg.public_ip, remote.public_ip)?;
         if remote.mode == Mode::Ipip as u8 {
@@ -127,6 +132,42 @@ pub fn try_encap(ctx: &TcContext) -> Result<Sent, Reason> {
         (Reason::Encapsulated, transmit(ctx, next, None)?)
     };
     Ok(sent)
+}
+
+/// Turns a too-big DF packet into the ICMP "fragmentation needed" its sender
+/// needs for path MTU discovery, and hands that back to the stack as if it
+/// had arrived on `--iface`, which routes it to the sender (a container or
+/// this host). Packets without DF, or with IP options (whose quote would not
+/// be the 28 bytes built here), are dropped instead.
+#[inline(always)]
+fn frag_needed(
+    ctx: &TcContext,
+    cfg: &NodeConfig,
+    ip: &Ipv4Hdr,
+    next_hop_mtu: u32,
+) -> Result<i32, Reason> {
+    if u16::from_be_bytes(ip.frags) & IP_DF == 0 || ip.vihl != 0x45 {
+        return Err(Reason::DropTooBig);
+    }
+    let quote = read_at::<[u8; icmp::QUOTE_LEN]>(ctx, ETH_HLEN).ok_or(Reason::DropTooBig)?;
+    let reply = icmp::frag_needed(&quote, next_hop_mtu as u16);
+    // SAFETY: helper on our own skb; every pointer is re-derived (by the
+    // stores below) after it.
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, (ETH_HLEN + icmp::REPLY_LEN) as u32, 0) } != 0 {
+        return Err(Reason::DropAdjustRoom);
+    }
+    ctx.skb
+        .store(ETH_HLEN, &reply, 0)
+        .map_err(|_| Reason::DropStoreBytes)?;
+    // Addressed to the interface itself, so the stack takes it as its own.
+    let mut l2 = [0u8; 12];
+    l2[..6].copy_from_slice(&cfg.iface_mac);
+    l2[6..].copy_from_slice(&cfg.iface_mac);
+    ctx.skb
+        .store(0, &l2, 0)
+        .map_err(|_| Reason::DropStoreBytes)?;
+    // SAFETY: plain helper call; the verdict it returns is ours.
+    Ok(unsafe { bpf_redirect(cfg.iface_ifindex, u64::from(BPF_F_INGRESS)) } as i32)
 }
 
 /// Outer IP identification: DF packets need none (RFC 6864); others may be

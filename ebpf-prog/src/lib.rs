@@ -5,3 +5,4 @@
 pub mod checksum;
 pub mod encap;
 pub mod headers;
+pub mod icmp;

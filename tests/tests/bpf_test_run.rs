@@ -135,11 +135,12 @@ fn encap_leaves_other_traffic_alone_and_drops_what_cannot_fit() -> Result<()> {
     arp[12..14].copy_from_slice(&[0x08, 0x06]);
     let (rc, out) = b.encap(&arp)?;
     ensure!(rc == TC_ACT_OK && out == arp, "ARP must pass untouched");
-    // 1480-byte packet: 1530 once encapsulated, over the 1500 MTU.
-    let big = inner_frame([10, 244, 2, 7], 1, 1452, true);
+    // 1480-byte packet without DF: 1530 once encapsulated, over the 1500
+    // MTU, and nobody to tell.
+    let big = inner_frame([10, 244, 2, 7], 1, 1452, false);
     let before = b.counter(Reason::DropTooBig)?;
     let (rc, _) = b.encap(&big)?;
-    ensure!(rc == TC_ACT_SHOT, "oversized non-GSO packet: verdict {rc}");
+    ensure!(rc == TC_ACT_SHOT, "oversized non-DF packet: verdict {rc}");
     ensure!(b.counter(Reason::DropTooBig)? == before + 1);
     // GSO super-packets are exempt (the kernel segments them after
     // encapsulation); BPF_PROG_TEST_RUN cannot build a TCP GSO skb, so the
@@ -438,5 +439,54 @@ fn host_gw_rewrites_only_the_l2_header() -> Result<()> {
         "unresolved next hop: verdict {rc}, want bpf_redirect_neigh"
     );
     ensure!(out.len() == 14 + 36);
+    Ok(())
+}
+
+#[test]
+fn too_big_df_packets_get_icmp_fragmentation_needed() -> Result<()> {
+    let mut b = ProgramBench::new()?;
+    b.add_peer_with_mode([10, 244, 4, 0], 24, PEER_IP, [0; 6], Mode::Ipip)?;
+    for (dst, overhead) in [([10, 244, 2, 7], 50u16), ([10, 244, 4, 7], 20)] {
+        let big = inner_frame(dst, 4444, 1472, true);
+        let before = b.counter(Reason::FragNeeded)?;
+        let (rc, out) = b.encap(&big)?;
+        ensure!(
+            rc == TC_ACT_REDIRECT,
+            "verdict {rc}: the reply goes back in via bpf_redirect"
+        );
+        ensure!(b.counter(Reason::FragNeeded)? == before + 1);
+        ensure!(out.len() == 14 + 20 + 8 + 28, "reply length {}", out.len());
+        ensure!(
+            out[0..6] == b.mac && out[12..14] == [8, 0],
+            "addressed to the interface"
+        );
+        let ip = &out[14..34];
+        ensure!(
+            ip[0] == 0x45 && ip[9] == 1 && checksum(ip) == 0,
+            "reply IPv4 {ip:02x?}"
+        );
+        ensure!(
+            ip[12..16] == big[30..34] && ip[16..20] == big[26..30],
+            "addresses swapped"
+        );
+        let icmp = &out[34..];
+        ensure!(
+            icmp[0] == 3 && icmp[1] == 4,
+            "type/code {}/{}",
+            icmp[0],
+            icmp[1]
+        );
+        let mtu = u16::from_be_bytes([icmp[6], icmp[7]]);
+        ensure!(
+            mtu == 1500 - overhead,
+            "next-hop MTU {mtu}, want {}",
+            1500 - overhead
+        );
+        ensure!(
+            icmp[8..] == big[14..42],
+            "quote is the IPv4 header and 8 payload bytes"
+        );
+        ensure!(checksum(icmp) == 0, "ICMP checksum does not verify");
+    }
     Ok(())
 }

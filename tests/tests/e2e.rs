@@ -854,5 +854,39 @@ fn tcp_completes_from_containers_whose_mtu_is_too_high(backend: Backend) -> Resu
     let full = backend.mtu - PING_OVERHEAD;
     a.ping(b.ip(), 2, full, true)
         .context("full-MTU ping after PMTU discovery")?;
+
+    // A socket in IP_PMTUDISC_PROBE mode sets DF and ignores the route MTU,
+    // so its datagram reaches the encap program too big; the program's own
+    // ICMP reply must reach the socket's error queue naming the tunnel MTU.
+    if backend.wire != Wire::Plain {
+        let script = r#"
+import socket, struct, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IP, 10, 3)  # IP_MTU_DISCOVER = IP_PMTUDISC_PROBE
+s.setsockopt(socket.IPPROTO_IP, 11, 1)  # IP_RECVERR
+s.connect((sys.argv[1], 9))
+s.send(b"x" * 1472)
+deadline = time.time() + 3
+while time.time() < deadline:
+    try:
+        _, anc, _, _ = s.recvmsg(2048, 1024, socket.MSG_ERRQUEUE | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        time.sleep(0.05)
+        continue
+    for level, kind, data in anc:
+        if level == socket.IPPROTO_IP and kind == 11:
+            _, origin, icmp_type, icmp_code, _, info = struct.unpack("IBBBBI", data[:12])
+            print(f"origin={origin} type={icmp_type} code={icmp_code} mtu={info}")
+            sys.exit(0)
+print("no error queued")
+"#;
+        let dst = b.ip().to_string();
+        let out = hosts[0].ns().run(&["python3", "-c", script, &dst])?;
+        let want = format!("origin=2 type=3 code=4 mtu={}", backend.mtu);
+        ensure!(
+            out.contains(&want),
+            "want an ICMP error {want} on the socket, got: {out}"
+        );
+    }
     Ok(())
 }
