@@ -10,7 +10,7 @@ use anyhow::{Context as _, bail};
 use etcd_client::{Client, ConnectOptions};
 use ipnet::Ipv4Net;
 use tokio::io::unix::AsyncFd;
-use weft_common::{DECAP_IPIP, DECAP_VXLAN, NodeConfig};
+use weft_common::{DECAP_IPIP, DECAP_VXLAN, Mode, NodeConfig};
 
 use crate::{
     datapath::{self, Datapath, DecapMode},
@@ -268,11 +268,19 @@ pub fn status(pin_path: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("reading the maps pinned under {}", pin_path.display()))?;
     println!("peers ({}):", st.peers.len());
     for (subnet, node) in &st.peers {
+        let how = match node.mode {
+            m if m == Mode::Vxlan as u8 => format!(
+                "vxlan vtep {} vni {}",
+                crate::flannel::lease::format_mac(&node.vtep_mac),
+                node.vni
+            ),
+            m if m == Mode::Ipip as u8 => "ipip".to_owned(),
+            m if m == Mode::Direct as u8 => "direct".to_owned(),
+            m => format!("mode {m}?"),
+        };
         println!(
-            "  {subnet:<18} -> {:<15} vtep {} vni {}",
-            Ipv4Addr::from(node.public_ip),
-            crate::flannel::lease::format_mac(&node.vtep_mac),
-            node.vni
+            "  {subnet:<18} -> {:<15} {how}",
+            Ipv4Addr::from(node.public_ip)
         );
     }
     println!("counters (packets, all CPUs):");
