@@ -291,13 +291,15 @@ pub fn status(pin_path: &Path) -> anyhow::Result<()> {
 }
 
 /// Removes what `run` created: the cluster route and its neighbour entry,
-/// every pin (which detaches the programs), and the subnet file.
+/// the peers' managed neighbour entries, every pin (which detaches the
+/// programs), and the subnet file.
 pub fn cleanup(pin_path: &Path, subnet_file: &Path) -> anyhow::Result<()> {
     if let Some(cfg) = datapath::pinned_node_config(pin_path)? {
         let network = Ipv4Net::new(Ipv4Addr::from(cfg.cluster_network), cfg.cluster_prefix_len)
             .context("pinned NODE_CONFIG holds an invalid network")?;
         match netconf::ifname_of(cfg.iface_ifindex) {
             Some(iface) => {
+                netconf::remove_managed_neighbours(&iface)?;
                 ClusterRoute {
                     network,
                     iface,

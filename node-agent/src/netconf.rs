@@ -247,6 +247,18 @@ pub fn managed_neighbours(
     Ok(())
 }
 
+/// Deletes every managed, externally learned neighbour entry on `iface`: the
+/// ones [`managed_neighbours`] created (cleanup no longer knows the peers).
+pub fn remove_managed_neighbours(iface: &str) -> Result<(), NetconfError> {
+    let entries = ip_json(&["neigh", "show", "dev", iface])?;
+    let ours: Vec<Ipv4Addr> = entries
+        .iter()
+        .filter(|n| n.get("managed").is_some() && n.get("extern_learn").is_some())
+        .filter_map(|n| n.get("dst")?.as_str()?.parse().ok())
+        .collect();
+    managed_neighbours(iface, &[], &ours)
+}
+
 /// Containers behind the bridge need the host to forward their packets.
 pub fn enable_ipv4_forwarding() -> Result<(), NetconfError> {
     const PATH: &str = "/proc/sys/net/ipv4/ip_forward";

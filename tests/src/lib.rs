@@ -13,6 +13,7 @@ mod cluster;
 mod etcd;
 mod netns;
 pub mod process;
+#[cfg(feature = "bpf")]
 pub mod test_run;
 
 use std::path::{Path, PathBuf};

@@ -764,14 +764,31 @@ fn bad_leases_and_an_etcd_outage_do_not_stop_forwarding() -> Result<()> {
 fn cleanup_removes_everything_the_agent_created() -> Result<()> {
     preflight()?;
     let cluster = Cluster::new(CONFIG)?;
-    let (hosts, _envs) = start_hosts(&cluster, &[1], false)?;
+    let (hosts, envs) = start_hosts(&cluster, &[1, 2], false)?;
+    wait_full_mesh(
+        &hosts.iter().collect::<Vec<_>>(),
+        &envs.iter().collect::<Vec<_>>(),
+    )?;
     let host = &hosts[0];
     let route = |host: &Host<'_>| host.ns().ip(&["route", "show", NETWORK]);
-    // The route follows the subnet file by a moment.
-    wait_until(CONVERGE, "the cluster route", |last| {
-        *last = route(host)?;
-        Ok((!last.trim().is_empty()).then_some(()))
-    })?;
+    let managed = |host: &Host<'_>| -> Result<String> {
+        let neigh = host.ns().ip(&["neigh", "show", "dev", "eth0"])?;
+        Ok(neigh
+            .lines()
+            .filter(|l| l.contains("managed"))
+            .collect::<Vec<_>>()
+            .join("\n"))
+    };
+    // The route follows the subnet file by a moment, and the managed
+    // neighbour entry for the peer follows its lease.
+    wait_until(
+        CONVERGE,
+        "the cluster route and the peer's neighbour entry",
+        |last| {
+            *last = format!("{}{}", route(host)?, managed(host)?);
+            Ok((!route(host)?.trim().is_empty() && !managed(host)?.is_empty()).then_some(()))
+        },
+    )?;
     host.kill_agent(Signal::Term)?;
     let agent = node_agent_binary()?;
     let (pin, file) = (host.pin_path().to_owned(), host.subnet_file().to_owned());
@@ -791,6 +808,11 @@ fn cleanup_removes_everything_the_agent_created() -> Result<()> {
     );
     ensure!(!pin.exists(), "{} still exists", pin.display());
     ensure!(!file.exists(), "{} still exists", file.display());
+    ensure!(
+        managed(host)?.is_empty(),
+        "managed neighbours left: {}",
+        managed(host)?
+    );
     ensure!(
         route(host)?.trim().is_empty(),
         "cluster route left: {}",

@@ -1,5 +1,8 @@
-//! `cargo xtask <setup|build|test|demo>`: the project's task runner.
+//! `cargo xtask <setup|build|test|demo|bench>`: the project's task runner.
 
+mod bench;
+
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
@@ -30,8 +33,27 @@ const PACKAGES: &[&str] = &[
 const BPF_CRATE: &str = "ebpf-prog";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
-const DEMO_CONFIG: &str =
-    r#"{"Network":"10.244.0.0/16","SubnetLen":24,"Backend":{"Type":"vxlan","VNI":1,"Port":8472}}"#;
+/// The demo's network config for `--backend`.
+fn demo_config(backend: DemoBackend) -> &'static str {
+    match backend {
+        DemoBackend::Vxlan => {
+            r#"{"Network":"10.244.0.0/16","SubnetLen":24,"Backend":{"Type":"vxlan","VNI":1,"Port":8472}}"#
+        }
+        DemoBackend::Ipip => {
+            r#"{"Network":"10.244.0.0/16","SubnetLen":24,"Backend":{"Type":"ipip"}}"#
+        }
+        DemoBackend::HostGw => {
+            r#"{"Network":"10.244.0.0/16","SubnetLen":24,"Backend":{"Type":"host-gw"}}"#
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum DemoBackend {
+    Vxlan,
+    Ipip,
+    HostGw,
+}
 const DEMO_TRANSFER_BYTES: u64 = 20 * 1024 * 1024;
 
 #[derive(Parser)]
@@ -57,6 +79,68 @@ enum Task {
         /// running setup and build first; for iterating on the demo.
         #[arg(long)]
         skip_build: bool,
+        /// The flannel backend the demo cluster uses.
+        #[arg(long, value_enum, default_value_t = DemoBackend::Vxlan)]
+        backend: DemoBackend,
+    },
+    /// Benchmark weft against plain routing and the kernel vxlan device on
+    /// one topology (needs root and `cargo xtask build` first); writes
+    /// BENCHMARKS.md, docs/bench-modes.svg and bench-results/*.json.
+    Bench {
+        /// A short run (under 3 minutes) for development; its report goes
+        /// to target/bench-quick/ instead of BENCHMARKS.md.
+        #[arg(long)]
+        quick: bool,
+        /// Use the node-agent already built (or $WEFT_NODE_AGENT) instead of
+        /// running `build` first.
+        #[arg(long)]
+        skip_build: bool,
+        /// Only render BENCHMARKS.md and the chart again from a run's JSON
+        /// (bench-results/<run>.json); measures nothing.
+        #[arg(long, value_name = "JSON")]
+        report_from: Option<PathBuf>,
+    },
+    /// The bench's UDP generator (run inside a namespace by `bench`).
+    #[command(hide = true)]
+    Udpgen {
+        #[arg(long)]
+        dst: SocketAddr,
+        #[arg(long)]
+        secs: f64,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+    },
+    /// The bench's UDP sink.
+    #[command(hide = true)]
+    Udpsink {
+        #[arg(long)]
+        bind: SocketAddr,
+        #[arg(long)]
+        max_secs: f64,
+        #[arg(long, default_value_t = 500)]
+        idle_ms: u64,
+    },
+    /// The bench's TCP request/response server.
+    #[command(hide = true)]
+    RrServer {
+        #[arg(long)]
+        bind: SocketAddr,
+        #[arg(long)]
+        max_secs: f64,
+        #[arg(long)]
+        cpu: Option<usize>,
+    },
+    /// The bench's TCP request/response client.
+    #[command(hide = true)]
+    RrClient {
+        #[arg(long)]
+        dst: SocketAddr,
+        #[arg(long)]
+        secs: f64,
+        #[arg(long)]
+        cpu: Option<usize>,
     },
 }
 
@@ -65,7 +149,45 @@ fn main() -> Result<()> {
         Task::Setup => setup(),
         Task::Build => build(),
         Task::Test => test(),
-        Task::Demo { skip_build } => demo(skip_build),
+        Task::Demo {
+            skip_build,
+            backend,
+        } => demo(skip_build, backend),
+        Task::Bench {
+            report_from: Some(json),
+            ..
+        } => bench::rerender(&json),
+        Task::Bench {
+            quick, skip_build, ..
+        } => {
+            if !skip_build {
+                build()?;
+            }
+            bench::run(quick)
+        }
+        Task::Udpgen {
+            dst,
+            secs,
+            threads,
+            size,
+        } => bench::tools::udpgen(dst, secs, threads, size),
+        Task::Udpsink {
+            bind,
+            max_secs,
+            idle_ms,
+        } => bench::tools::udpsink(bind, max_secs, idle_ms),
+        Task::RrServer {
+            bind,
+            max_secs,
+            cpu,
+        } => {
+            bench::tools::pin_cpu(cpu)?;
+            bench::tools::rr_server(bind, max_secs)
+        }
+        Task::RrClient { dst, secs, cpu } => {
+            bench::tools::pin_cpu(cpu)?;
+            bench::tools::rr_client(dst, secs)
+        }
     }
 }
 
@@ -229,13 +351,15 @@ fn test() -> Result<()> {
         "weft-tests",
     ]);
     run(unit)?;
-    step("weft-tests: fixture unit tests and end-to-end tests, one at a time");
+    step("weft-tests: fixture unit tests, BPF_PROG_TEST_RUN and end-to-end tests, one at a time");
     let mut e2e = cargo();
     e2e.args([
         "test",
         "--release",
         "-p",
         "weft-tests",
+        "--features",
+        "bpf",
         "--",
         "--test-threads=1",
     ]);
@@ -275,7 +399,7 @@ fn check_bpf_crate_is_tested() -> Result<()> {
     Ok(())
 }
 
-fn demo(skip_build: bool) -> Result<()> {
+fn demo(skip_build: bool, backend: DemoBackend) -> Result<()> {
     require_root().context("the demo creates network namespaces and loads BPF")?;
     if !skip_build {
         setup()?;
@@ -286,7 +410,7 @@ fn demo(skip_build: bool) -> Result<()> {
     step(&format!("agent binary: {}", agent.display()));
 
     step("creating the underlay switch (bridge 198.18.0.254/24) and starting etcd on it");
-    let cluster = Cluster::new(DEMO_CONFIG)?;
+    let cluster = Cluster::new(demo_config(backend))?;
     // The demo narrates; agent logs would only drown that out.
     cluster.set_dump_logs_on_drop(false);
     println!("    etcd endpoint: {}", cluster.etcd().endpoint());

@@ -89,7 +89,8 @@ pub fn run(env: &ModeEnv<'_>, joins: usize) -> Result<Convergence> {
                 .ip(&["addr", "add", &format!("{target}/24"), "dev", "cni0"])?;
             let probe = a_ns.run_in(|| -> Result<UdpSocket> {
                 let sock = UdpSocket::bind("0.0.0.0:0").context("probe bind")?;
-                sock.connect((target, PROBE_PORT)).context("probe connect")?;
+                sock.connect((target, PROBE_PORT))
+                    .context("probe connect")?;
                 sock.set_nonblocking(true).context("probe non-blocking")?;
                 Ok(sock)
             })??;

@@ -29,6 +29,8 @@ pub struct Plan {
     pub tcp_secs: u32,
     pub pps_secs: f64,
     pub rr_secs: f64,
+    /// Rounds of the scale throughput comparison.
+    pub scale_rounds: usize,
     /// Rounds of the default-veth variant (TCP and pps only).
     pub default_rounds: usize,
     pub scale_sizes: Vec<usize>,
@@ -44,7 +46,8 @@ impl Plan {
                 rounds: 3,
                 tcp_secs: 1,
                 pps_secs: 1.0,
-                rr_secs: 1.0,
+                rr_secs: 0.5,
+                scale_rounds: 1,
                 default_rounds: 1,
                 scale_sizes: vec![10, 1_000],
                 joins: 20,
@@ -53,10 +56,11 @@ impl Plan {
         } else {
             Self {
                 quick,
-                rounds: 3,
+                rounds: 5,
                 tcp_secs: 5,
                 pps_secs: 4.0,
                 rr_secs: 3.0,
+                scale_rounds: 3,
                 default_rounds: 3,
                 scale_sizes: vec![10, 1_000, 10_000, 100_000],
                 joins: 100,
@@ -78,6 +82,8 @@ pub struct ModeSpec {
     pub key: &'static str,
     pub label: &'static str,
     pub kind: Kind,
+    /// Extra `node-agent run` flags (weft modes).
+    pub args: &'static [&'static str],
 }
 
 /// Config of the kernel baselines' etcd (nothing reads it: no agent runs).
@@ -89,21 +95,33 @@ pub const MODES: &[ModeSpec] = &[
         key: "plain",
         label: "plain routing (kernel, host-gw)",
         kind: Kind::Plain,
+        args: &[],
     },
     ModeSpec {
         key: "kernel-vxlan",
         label: "kernel vxlan (flanneld's flannel.1)",
         kind: Kind::KernelVxlan,
+        args: &[],
     },
     ModeSpec {
         key: "weft-vxlan",
         label: "weft vxlan",
         kind: Kind::Weft(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#),
+        args: &[],
+    },
+    ModeSpec {
+        key: "weft-vxlan-tc",
+        label: "weft vxlan, --decap-mode tc",
+        kind: Kind::Weft(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#),
+        // Decapsulation at TC ingress instead of XDP: shows what the XDP
+        // attachment on the receiving veth costs.
+        args: &["--decap-mode", "tc"],
     },
     ModeSpec {
         key: "weft-host-gw",
         label: "weft host-gw",
         kind: Kind::Weft(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#),
+        args: &[],
     },
     ModeSpec {
         key: "weft-vxlan-dr",
@@ -111,11 +129,13 @@ pub const MODES: &[ModeSpec] = &[
         kind: Kind::Weft(
             r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","DirectRouting":true}}"#,
         ),
+        args: &[],
     },
     ModeSpec {
         key: "weft-ipip",
         label: "weft ipip",
         kind: Kind::Weft(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"ipip"}}"#),
+        args: &[],
     },
 ];
 
@@ -200,6 +220,11 @@ pub struct Results {
     pub elapsed_secs: f64,
 }
 
+/// See [`report::rerender`].
+pub fn rerender(json: &std::path::Path) -> Result<()> {
+    report::rerender(json)
+}
+
 pub fn run(quick: bool) -> Result<()> {
     weft_tests::require_root().context("the bench creates namespaces and loads BPF")?;
     weft_tests::require_bpffs()?;
@@ -221,8 +246,13 @@ pub fn run(quick: bool) -> Result<()> {
     // BPF cost first: it needs no topology and is the least noisy figure.
     println!("==> per-packet cost of the BPF programs (BPF_PROG_TEST_RUN)");
     match scale::program_cost(&plan) {
-        Ok(c) => results.cost = c,
-        Err(e) => results.notes.push(format!("BPF program cost failed: {e:#}")),
+        Ok((c, note)) => {
+            results.cost = c;
+            results.notes.push(note);
+        }
+        Err(e) => results
+            .notes
+            .push(format!("BPF program cost failed: {e:#}")),
     }
 
     println!("==> setting up one topology per mode");
@@ -319,11 +349,15 @@ pub fn run(quick: bool) -> Result<()> {
     drop(hosts);
     drop(clusters);
     results.elapsed_secs = begin.elapsed().as_secs_f64();
-    report::write(&results)?;
-    println!(
-        "==> bench finished in {:.0} s",
-        results.elapsed_secs
+    results.system.insert(
+        "loadavg_at_end".into(),
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+            .to_owned(),
     );
+    report::write(&results)?;
+    println!("==> bench finished in {:.0} s", results.elapsed_secs);
     Ok(())
 }
 
@@ -374,7 +408,13 @@ fn na_reason(e: &anyhow::Error) -> String {
     if text.contains("not implemented") {
         "n/a (not implemented in this build)".to_owned()
     } else {
-        let first: String = text.lines().next().unwrap_or("").chars().take(200).collect();
+        let first: String = text
+            .lines()
+            .next()
+            .unwrap_or("")
+            .chars()
+            .take(200)
+            .collect();
         format!("n/a (did not come up: {first})")
     }
 }
@@ -409,7 +449,7 @@ fn make_hosts<'c>(spec: &ModeSpec, cluster: &'c Cluster) -> Result<Vec<Host<'c>>
         }
         Kind::Weft(_) => {
             for h in &hosts {
-                h.start_agent(&[])?;
+                h.start_agent(spec.args)?;
             }
             for h in &hosts {
                 if let Err(e) = h.wait_subnet_env(MODE_UP_TIMEOUT) {

@@ -142,6 +142,23 @@ fn set_rcvbuf(sock: &UdpSocket, bytes: libc::c_int) {
     }
 }
 
+/// Pins the calling process to `cpu`, so client and server sit on fixed,
+/// different cores in every mode (as on two real hosts) instead of
+/// wherever the scheduler happens to put them, which makes the RTT bimodal.
+pub fn pin_cpu(cpu: Option<usize>) -> Result<()> {
+    let Some(cpu) = cpu else { return Ok(()) };
+    // SAFETY: cpu_set_t is plain old data; CPU_SET writes within it and
+    // sched_setaffinity reads it for the size given.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error()).context("sched_setaffinity");
+        }
+    }
+    Ok(())
+}
+
 pub fn rr_server(bind: SocketAddr, max_secs: f64) -> Result<()> {
     let listener = TcpListener::bind(bind).with_context(|| format!("binding {bind}"))?;
     let deadline = Instant::now() + Duration::from_secs_f64(max_secs);
@@ -175,8 +192,8 @@ pub fn rr_client(dst: SocketAddr, secs: f64) -> Result<()> {
     let mut conn = loop {
         match TcpStream::connect_timeout(&dst, Duration::from_secs(1)) {
             Ok(c) => break c,
-            Err(e) if start.elapsed() < Duration::from_secs(10) => {
-                let _ = e;
+            // The server may not listen yet: retry for a while.
+            Err(_) if start.elapsed() < Duration::from_secs(10) => {
                 std::thread::sleep(Duration::from_millis(20));
             }
             Err(e) => return Err(e).with_context(|| format!("connecting to {dst}")),

@@ -62,7 +62,14 @@ fn json(text: &str, what: &str) -> Result<Value> {
 pub fn iperf_server(ns: &Netns, ip: Ipv4Addr) -> Result<Background> {
     let bg = spawn(
         ns,
-        &["iperf3", "-s", "-B", &ip.to_string(), "-p", &IPERF_PORT.to_string()],
+        &[
+            "iperf3",
+            "-s",
+            "-B",
+            &ip.to_string(),
+            "-p",
+            &IPERF_PORT.to_string(),
+        ],
     )?;
     // iperf3 listens within milliseconds; the client retries anyway.
     std::thread::sleep(Duration::from_millis(300));
@@ -85,6 +92,10 @@ pub fn tcp_gbps(client: &Netns, dst: Ipv4Addr, streams: u32, secs: u32) -> Resul
             "-P",
             &streams.to_string(),
             "-J",
+            // Client on core 0, server on core 1 in every mode: the same
+            // placement each time instead of the scheduler's choice.
+            "-A",
+            "0,1",
         ])?;
         let text = String::from_utf8_lossy(&out.stdout);
         if out.status.success() {
@@ -116,14 +127,32 @@ pub fn udp_pps(gen_ns: &Netns, sink_ns: &Netns, dst: Ipv4Addr, secs: f64) -> Res
     let max = format!("{}", secs + 10.0);
     let sink = spawn(
         sink_ns,
-        &[&exe, "udpsink", "--bind", &bind, "--max-secs", &max, "--idle-ms", "500"],
+        &[
+            &exe,
+            "udpsink",
+            "--bind",
+            &bind,
+            "--max-secs",
+            &max,
+            "--idle-ms",
+            "500",
+        ],
     )?;
     std::thread::sleep(Duration::from_millis(200));
     let secs_s = format!("{secs}");
     let size = SMALL_PAYLOAD.to_string();
     let out = process::run_timeout(
         gen_ns.command(&[
-            &exe, "udpgen", "--dst", &bind, "--secs", &secs_s, "--threads", "2", "--size", &size,
+            &exe,
+            "udpgen",
+            "--dst",
+            &bind,
+            "--secs",
+            &secs_s,
+            "--threads",
+            "2",
+            "--size",
+            &size,
         ]),
         Duration::from_secs_f64(secs + 20.0),
     )
@@ -163,12 +192,30 @@ pub fn tcp_rr(client_ns: &Netns, server_ns: &Netns, dst: Ipv4Addr, secs: f64) ->
     let max = format!("{}", secs + 15.0);
     let _server = spawn(
         server_ns,
-        &[&exe, "rr-server", "--bind", &addr, "--max-secs", &max],
+        &[
+            &exe,
+            "rr-server",
+            "--bind",
+            &addr,
+            "--max-secs",
+            &max,
+            "--cpu",
+            "1",
+        ],
     )?;
     std::thread::sleep(Duration::from_millis(200));
     let secs_s = format!("{secs}");
     let out = process::run_timeout(
-        client_ns.command(&[&exe, "rr-client", "--dst", &addr, "--secs", &secs_s]),
+        client_ns.command(&[
+            &exe,
+            "rr-client",
+            "--dst",
+            &addr,
+            "--secs",
+            &secs_s,
+            "--cpu",
+            "0",
+        ]),
         Duration::from_secs_f64(secs + 20.0),
     )
     .context("rr-client")?;
