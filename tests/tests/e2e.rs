@@ -14,8 +14,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 use weft_tests::{
-    Cluster, Container, Host, Signal, SubnetEnv, node_agent_binary, parse_cidr, require_bpffs,
-    require_root, require_tools, switch_port, wait_until,
+    Cluster, Container, Host, Signal, SubnetEnv, baseline, node_agent_binary, parse_cidr,
+    require_bpffs, require_root, require_tools, switch_port, wait_until,
 };
 
 const CONFIG: &str =
@@ -556,121 +556,36 @@ fn tc_ingress_decapsulation_interoperates_with_xdp() -> Result<()> {
     Ok(())
 }
 
-/// A node as flanneld's vxlan backend sets one up, with the kernel's vxlan
-/// device: `flannel.1` (VNI 1, port 8472, nolearning, MTU 1450) holding
-/// `<subnet>.0/32`, and per peer a permanent neighbour entry for
-/// `<peer subnet>.0` with the peer's VtepMAC, an fdb entry sending that MAC
-/// to the peer's PublicIP, and a route via `<peer subnet>.0` onlink. Its
-/// lease goes into etcd in flannel's format. Returns the lease's subnet.
-fn flannel_kernel_node(cluster: &Cluster, host: &Host<'_>, subnet: u8) -> Result<SubnetEnv> {
-    let ns = host.ns();
-    let local = host.ip().to_string();
-    ns.ip(&[
-        "link",
-        "add",
-        "flannel.1",
-        "type",
-        "vxlan",
-        "id",
-        "1",
-        "local",
-        &local,
-        "dev",
-        "eth0",
-        "dstport",
-        "8472",
-        "nolearning",
-    ])?;
-    ns.ip(&["link", "set", "flannel.1", "mtu", "1450", "up"])?;
-    ns.ip(&[
-        "addr",
-        "add",
-        &format!("10.244.{subnet}.0/32"),
-        "dev",
-        "flannel.1",
-    ])?;
-    ns.run(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])?;
-    let link: Value = serde_json::from_str(&ns.ip(&["-j", "link", "show", "flannel.1"])?)?;
-    let vtep = link[0]["address"]
-        .as_str()
-        .context("flannel.1 has no MAC")?
-        .to_owned();
-    cluster.etcd().put(
-        &cluster.lease_key(&format!("10.244.{subnet}.1/24"))?,
-        &format!(
-            r#"{{"PublicIP":"{local}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{vtep}"}}}}"#
-        ),
-    )?;
-    let text = format!(
-        "FLANNEL_NETWORK={NETWORK}\nFLANNEL_SUBNET=10.244.{subnet}.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n"
-    );
-    std::fs::write(host.subnet_file(), &text)?;
-    SubnetEnv::parse(&text)
-}
-
-/// Adds `peer`'s lease to a [`flannel_kernel_node`], as flanneld does when it
-/// sees the lease.
-fn flannel_kernel_add_peer(cluster: &Cluster, host: &Host<'_>, peer: &SubnetEnv) -> Result<()> {
-    let key = cluster.lease_key(&peer.subnet)?;
-    let lease: Value = serde_json::from_str(
-        &cluster
-            .etcd()
-            .get(&key)?
-            .with_context(|| format!("no lease {key}"))?,
-    )?;
-    let public_ip = lease["PublicIP"].as_str().context("PublicIP")?;
-    let vtep = lease["BackendData"]["VtepMAC"]
-        .as_str()
-        .context("VtepMAC")?;
-    let (net, len) = parse_cidr(&peer.subnet_network()?)?;
-    let gw = net.to_string();
-    let ns = host.ns();
-    ns.ip(&[
-        "neigh",
-        "replace",
-        &gw,
-        "lladdr",
-        vtep,
-        "dev",
-        "flannel.1",
-        "nud",
-        "permanent",
-    ])?;
-    ns.run(&[
-        "bridge",
-        "fdb",
-        "replace",
-        vtep,
-        "dev",
-        "flannel.1",
-        "dst",
-        public_ip,
-        "self",
-        "permanent",
-    ])?;
-    ns.ip(&[
-        "route",
-        "replace",
-        &format!("{net}/{len}"),
-        "via",
-        &gw,
-        "dev",
-        "flannel.1",
-        "onlink",
-    ])?;
-    Ok(())
-}
-
 #[test]
 fn weft_interoperates_with_a_flannel_kernel_vxlan_node() -> Result<()> {
     preflight()?;
     let cluster = Cluster::new(CONFIG)?;
     let weft = cluster.add_host(1)?;
     let flannel = cluster.add_host(2)?;
-    let flannel_env = flannel_kernel_node(&cluster, &flannel, 200)?;
+    // Host 2 is set up exactly as flanneld's vxlan backend does it, with its
+    // lease in etcd as flanneld writes it.
+    let (flannel_env, vtep) = baseline::flannel_vxlan_node(&flannel, 200)?;
+    cluster.etcd().put(
+        &cluster.lease_key(&flannel_env.subnet)?,
+        &format!(
+            r#"{{"PublicIP":"{}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{vtep}"}}}}"#,
+            flannel.ip()
+        ),
+    )?;
     weft.start_agent(&[])?;
     let weft_env = weft.wait_subnet_env(CONVERGE)?;
-    flannel_kernel_add_peer(&cluster, &flannel, &weft_env)?;
+    // flanneld would read weft's lease from etcd the same way.
+    let key = cluster.lease_key(&weft_env.subnet)?;
+    let lease: Value = serde_json::from_str(
+        &cluster
+            .etcd()
+            .get(&key)?
+            .with_context(|| format!("no lease {key}"))?,
+    )?;
+    let weft_vtep = lease["BackendData"]["VtepMAC"]
+        .as_str()
+        .context("VtepMAC")?;
+    baseline::flannel_vxlan_add_peer(&flannel, weft.ip(), weft_vtep, &weft_env)?;
     wait_routes(&weft, &[(&flannel, &flannel_env)])?;
 
     let a = weft.attach_container()?;
