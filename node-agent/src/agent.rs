@@ -119,7 +119,10 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
         local_subnet: held.subnet.network().octets(),
         decap,
     })?;
-    let hook = dp.attach(&iface.name, s.decap_mode)?;
+    // host-gw receives plain packets: no decap hook at all. On a veth an XDP
+    // program would even turn TSO off on the peer, for nothing.
+    let decap_mode = (decap != 0).then_some(s.decap_mode);
+    let hook = dp.attach(&iface.name, decap_mode)?;
     ClusterRoute {
         network: cfg.network,
         iface: iface.name.clone(),

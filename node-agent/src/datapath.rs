@@ -122,21 +122,27 @@ impl Datapath {
         &mut self.ebpf
     }
 
-    /// Attaches encap at TC egress and decap at XDP or TC ingress of `iface`,
-    /// replacing programs in links pinned by an earlier run.
-    pub fn attach(&mut self, iface: &str, mode: DecapMode) -> Result<DecapHook, DatapathError> {
+    /// Attaches encap at TC egress and, when `decap` is given, decap at XDP
+    /// or TC ingress of `iface`, replacing programs in links pinned by an
+    /// earlier run. Returns the decap hook used, if any.
+    pub fn attach(
+        &mut self,
+        iface: &str,
+        decap: Option<DecapMode>,
+    ) -> Result<Option<DecapHook>, DatapathError> {
         self.attach_tc(PROG_ENCAP_TC, iface, TcAttachType::Egress)?;
-        let hook = match mode {
-            DecapMode::Xdp => {
+        let hook = match decap {
+            None => None,
+            Some(DecapMode::Xdp) => {
                 self.attach_xdp(iface)?;
-                DecapHook::Xdp
+                Some(DecapHook::Xdp)
             }
-            DecapMode::Tc => {
+            Some(DecapMode::Tc) => {
                 self.attach_tc(PROG_DECAP_TC, iface, TcAttachType::Ingress)?;
-                DecapHook::Tc
+                Some(DecapHook::Tc)
             }
-            DecapMode::Auto => match self.attach_xdp(iface) {
-                Ok(()) => DecapHook::Xdp,
+            Some(DecapMode::Auto) => match self.attach_xdp(iface) {
+                Ok(()) => Some(DecapHook::Xdp),
                 Err(xdp) => {
                     tracing::warn!(%iface, error = %xdp, "XDP unavailable, decapsulating at TC ingress");
                     self.attach_tc(PROG_DECAP_TC, iface, TcAttachType::Ingress)
@@ -145,17 +151,21 @@ impl Datapath {
                             xdp: xdp.to_string(),
                             tc: tc.to_string(),
                         })?;
-                    DecapHook::Tc
+                    Some(DecapHook::Tc)
                 }
             },
         };
-        // Only one decap hook may stay: a pin left by a run in the other mode
-        // would decapsulate twice or shadow this one.
-        let stale = match hook {
-            DecapHook::Xdp => PROG_DECAP_TC,
-            DecapHook::Tc => PROG_DECAP_XDP,
-        };
-        remove_pin(&self.pin_path.join(stale))?;
+        // At most one decap hook may stay: a pin left by a run in another
+        // mode would decapsulate twice or shadow this one, and one left when
+        // nothing needs decapsulating (host-gw) costs every received frame.
+        for (stale_hook, name) in [
+            (DecapHook::Xdp, PROG_DECAP_XDP),
+            (DecapHook::Tc, PROG_DECAP_TC),
+        ] {
+            if hook != Some(stale_hook) {
+                remove_pin(&self.pin_path.join(name))?;
+            }
+        }
         Ok(hook)
     }
 

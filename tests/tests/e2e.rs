@@ -336,6 +336,16 @@ fn three_hosts_connect_and_a_late_joiner_becomes_reachable(backend: Backend) -> 
     let (hosts, envs) = start_hosts(&cluster, &[1, 2, 3], false)?;
     let host_refs: Vec<&Host<'_>> = hosts.iter().collect();
     wait_full_mesh(&host_refs, &envs.iter().collect::<Vec<_>>())?;
+    // Decap hooks exactly where something arrives encapsulated.
+    for host in &hosts {
+        let pins = host.pinned_entries()?;
+        let decap = pins.iter().any(|p| p.contains("weft_decap"));
+        ensure!(
+            decap == (backend.config != HOST_GW.config),
+            "host {}: decap hook pinned: {decap}, backend {backend:?}: {pins:?}",
+            host.index()
+        );
+    }
     let containers = hosts
         .iter()
         .map(Host::attach_container)
