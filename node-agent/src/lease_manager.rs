@@ -49,26 +49,54 @@ pub struct Listing {
     pub malformed: Vec<String>,
 }
 
+/// Leases per range request. etcd-client (tonic) refuses responses over
+/// 4 MiB; a flannel lease value is ~150 bytes, so 5,000 per page stays far
+/// below that even for 100,000-node networks.
+const LIST_PAGE: i64 = 5_000;
+
+/// Lists every lease, page by page, all pages at the revision of the first,
+/// so the listing is one consistent snapshot a watch can continue from.
 pub async fn list_leases(
     client: &mut Client,
     keys: &KeyLayout,
 ) -> Result<Listing, etcd_client::Error> {
-    let resp = client
-        .get(keys.subnets_prefix(), Some(GetOptions::new().with_prefix()))
-        .await?;
-    let revision = resp.header().map(|h| h.revision()).unwrap_or_default();
+    let prefix = keys.subnets_prefix();
+    let end = prefix_end(prefix.as_bytes());
+    let mut start = prefix.into_bytes();
+    let mut revision = 0;
     let mut leases = Vec::new();
     let mut malformed = Vec::new();
-    for kv in resp.kvs() {
-        match parse_kv(keys, kv.key(), kv.value()) {
-            Ok((subnet, attrs)) => leases.push(ListedLease {
-                subnet,
-                attrs,
-                mod_revision: kv.mod_revision(),
-                create_revision: kv.create_revision(),
-                etcd_lease: kv.lease(),
-            }),
-            Err(e) => malformed.push(e),
+    loop {
+        let mut opts = GetOptions::new()
+            .with_range(end.clone())
+            .with_limit(LIST_PAGE);
+        if revision != 0 {
+            opts = opts.with_revision(revision);
+        }
+        let resp = client.get(start.clone(), Some(opts)).await?;
+        if revision == 0 {
+            revision = resp.header().map(|h| h.revision()).unwrap_or_default();
+        }
+        for kv in resp.kvs() {
+            match parse_kv(keys, kv.key(), kv.value()) {
+                Ok((subnet, attrs)) => leases.push(ListedLease {
+                    subnet,
+                    attrs,
+                    mod_revision: kv.mod_revision(),
+                    create_revision: kv.create_revision(),
+                    etcd_lease: kv.lease(),
+                }),
+                Err(e) => malformed.push(e),
+            }
+        }
+        // Ranges come back in key order; the next page starts just after
+        // the last key.
+        match resp.kvs().last() {
+            Some(last) if resp.more() => {
+                start = last.key().to_vec();
+                start.push(0);
+            }
+            _ => break,
         }
     }
     leases.sort_by_key(|l| l.create_revision);
@@ -77,6 +105,20 @@ pub async fn list_leases(
         leases,
         malformed,
     })
+}
+
+/// The end of the key range holding every key that starts with `prefix`
+/// (etcd's "prefix end": the prefix with its last byte incremented).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // All 0xff (or empty): to the end of the keyspace.
+    vec![0]
 }
 
 /// Parses one subnet key and its value; the error names both.
@@ -273,5 +315,20 @@ impl LeaseManager {
         } else {
             Err(LeaseError::Lost(held.etcd_lease, held.subnet))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_end;
+
+    #[test]
+    fn prefix_end_increments_the_last_byte() {
+        assert_eq!(
+            prefix_end(b"/coreos.com/network/subnets/"),
+            b"/coreos.com/network/subnets0".to_vec()
+        );
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_end(b"\xff"), vec![0]);
     }
 }
