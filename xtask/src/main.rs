@@ -1,7 +1,9 @@
 //! `cargo xtask <setup|build|test|demo|bench>`: the project's task runner.
 
+#[cfg(feature = "bench")]
 mod bench;
 
+#[cfg(feature = "bench")]
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
@@ -102,6 +104,7 @@ enum Task {
     },
     /// The bench's UDP generator (run inside a namespace by `bench`).
     #[command(hide = true)]
+    #[cfg(feature = "bench")]
     Udpgen {
         #[arg(long)]
         dst: SocketAddr,
@@ -114,6 +117,7 @@ enum Task {
     },
     /// The bench's UDP sink.
     #[command(hide = true)]
+    #[cfg(feature = "bench")]
     Udpsink {
         #[arg(long)]
         bind: SocketAddr,
@@ -124,6 +128,7 @@ enum Task {
     },
     /// The bench's TCP request/response server.
     #[command(hide = true)]
+    #[cfg(feature = "bench")]
     RrServer {
         #[arg(long)]
         bind: SocketAddr,
@@ -134,6 +139,7 @@ enum Task {
     },
     /// The bench's TCP request/response client.
     #[command(hide = true)]
+    #[cfg(feature = "bench")]
     RrClient {
         #[arg(long)]
         dst: SocketAddr,
@@ -154,28 +160,24 @@ fn main() -> Result<()> {
             backend,
         } => demo(skip_build, backend),
         Task::Bench {
-            report_from: Some(json),
-            ..
-        } => bench::rerender(&json),
-        Task::Bench {
-            quick, skip_build, ..
-        } => {
-            if !skip_build {
-                build()?;
-            }
-            bench::run(quick)
-        }
+            quick,
+            skip_build,
+            report_from,
+        } => bench_entry(quick, skip_build, report_from),
+        #[cfg(feature = "bench")]
         Task::Udpgen {
             dst,
             secs,
             threads,
             size,
         } => bench::tools::udpgen(dst, secs, threads, size),
+        #[cfg(feature = "bench")]
         Task::Udpsink {
             bind,
             max_secs,
             idle_ms,
         } => bench::tools::udpsink(bind, max_secs, idle_ms),
+        #[cfg(feature = "bench")]
         Task::RrServer {
             bind,
             max_secs,
@@ -184,11 +186,54 @@ fn main() -> Result<()> {
             bench::tools::pin_cpu(cpu)?;
             bench::tools::rr_server(bind, max_secs)
         }
+        #[cfg(feature = "bench")]
         Task::RrClient { dst, secs, cpu } => {
             bench::tools::pin_cpu(cpu)?;
             bench::tools::rr_client(dst, secs)
         }
     }
+}
+
+#[cfg(feature = "bench")]
+fn bench_entry(quick: bool, skip_build: bool, report_from: Option<PathBuf>) -> Result<()> {
+    if let Some(json) = report_from {
+        return bench::rerender(&json);
+    }
+    if !skip_build {
+        build()?;
+    }
+    bench::run(quick)
+}
+
+/// Without the `bench` feature (the default: see xtask/Cargo.toml), set up
+/// and build, then rebuild xtask with the feature and run the bench there.
+#[cfg(not(feature = "bench"))]
+fn bench_entry(quick: bool, skip_build: bool, report_from: Option<PathBuf>) -> Result<()> {
+    if !skip_build && report_from.is_none() {
+        setup()?;
+        build()?;
+    }
+    step("building xtask with the `bench` feature and handing over");
+    let mut cmd = cargo();
+    cmd.args([
+        "run",
+        "--release",
+        "--quiet",
+        "-p",
+        "xtask",
+        "--features",
+        "bench",
+        "--",
+        "bench",
+        "--skip-build",
+    ]);
+    if quick {
+        cmd.arg("--quick");
+    }
+    if let Some(json) = report_from {
+        cmd.arg("--report-from").arg(json);
+    }
+    run(cmd)
 }
 
 fn step(msg: &str) {
@@ -343,10 +388,13 @@ fn test() -> Result<()> {
         "unit tests of every workspace crate (including {BPF_CRATE}'s host library)"
     ));
     let mut unit = cargo();
+    // All features: the bench's code is tested too, not only the default
+    // light build of xtask.
     unit.args([
         "test",
         "--workspace",
         "--release",
+        "--all-features",
         "--exclude",
         "weft-tests",
     ]);

@@ -230,7 +230,20 @@ pub fn run(quick: bool) -> Result<()> {
     weft_tests::require_bpffs()?;
     weft_tests::require_tools(&["iperf3", "ethtool", "ip", "bridge", "nsenter", "bpftool"])?;
     let begin = Instant::now();
-    let plan = Plan::new(quick);
+    let mut plan = Plan::new(quick);
+    // For investigating the scale section alone: WEFT_BENCH_SCALE_ONLY=<sizes,...>.
+    let scale_only = std::env::var("WEFT_BENCH_SCALE_ONLY").ok();
+    if let Some(sizes) = &scale_only {
+        plan.scale_sizes = sizes
+            .split(',')
+            .map(|s| s.trim().parse().context("WEFT_BENCH_SCALE_ONLY"))
+            .collect::<Result<_>>()?;
+        let mut scale = scale::ScaleResults::default();
+        let _agent = pin_agent_binary()?;
+        scale::run(&plan, None, &mut scale)?;
+        println!("{:#}", scale.to_json());
+        return Ok(());
+    }
     let _agent = pin_agent_binary()?;
     let mut results = Results {
         started: report::utc_now(),
@@ -294,6 +307,12 @@ pub fn run(quick: bool) -> Result<()> {
         println!("==> phase {phase}: {rounds} round(s), modes interleaved");
         for h in hosts.iter().flatten().flatten() {
             baseline::set_wire_offloads(h, !realistic)?;
+        }
+        if !realistic {
+            results.notes.push(format!(
+                "default veth: TCP segmentation offload on the switch side of host 1's cable after requesting it on (the kernel turns it off on the peer of a veth with an XDP program): {}",
+                peer_tso(&envs)
+            ));
         }
         let phase_map = results.phases.entry(phase.to_owned()).or_default();
         for round in 0..rounds {
@@ -512,6 +531,30 @@ fn measure_mode(env: &ModeEnv<'_>, plan: &Plan, realistic: bool, s: &mut Samples
             Err(e) => s.errors.push(format!("rr: {e:#}")),
         }
     }
+}
+
+/// `mode: on|off` for each mode: the switch-side end of host 1's cable's
+/// `tcp-segmentation-offload` as `ethtool -k` reports it.
+fn peer_tso(envs: &[ModeEnv<'_>]) -> String {
+    envs.iter()
+        .map(|e| {
+            let host = e.a.host();
+            let port = weft_tests::switch_port(host.index());
+            let state = host
+                .cluster()
+                .switch()
+                .run(&["ethtool", "-k", &port])
+                .ok()
+                .and_then(|out| {
+                    out.lines()
+                        .find_map(|l| l.strip_prefix("tcp-segmentation-offload:"))
+                        .map(|v| v.trim().to_owned())
+                })
+                .unwrap_or_else(|| "?".into());
+            format!("{} {state}", e.spec.key)
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The gateway of a host's subnet file.

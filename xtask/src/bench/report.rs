@@ -265,13 +265,24 @@ impl Targets<'_> {
             .iter()
             .find(|(n, _)| *n == 100_000)
             .map(|(_, s)| *s);
+        let load_failed = self
+            .r
+            .scale
+            .errors
+            .iter()
+            .any(|e| e.starts_with("load time at 100000:"));
         rows.push((
             "100k leases loaded < 3 s".into(),
-            load.map_or_else(
-                || "not measured in this run".into(),
-                |s| format!("{s:.2} s"),
-            ),
-            load.map(|s| s < 3.0),
+            match load {
+                Some(s) => format!("{s:.2} s"),
+                None if load_failed => "failed: the agent never loaded them (see Scale)".into(),
+                None => "not measured in this run".into(),
+            },
+            if load_failed {
+                Some(false)
+            } else {
+                load.map(|s| s < 3.0)
+            },
         ));
         let conv = self
             .r
@@ -338,12 +349,29 @@ fn markdown(r: &Results, kind: &str, svg_rel: &str, json_rel: &str) -> String {
         );
     }
 
-    o.push_str("\n## Scale\n\nReal leases written to etcd (flannel's format, one 24 h etcd lease, transactions of 128 puts) on a cluster with `Network` 10.0.0.0/8 and `SubnetLen` 25 (a /8 holds only 65,536 /24s, so 100k leases need /25s). \"Load time\" is from starting `node-agent run` (after `node-agent cleanup`, so nothing is adopted from pins) to every lease being in its SUBNETS map. The plain-routing baseline gets the same number of kernel routes (`ip -batch`, one `route add <subnet>/25 via <peer>` per lease).\n\n| entries | leases written to etcd (s) | agent start → all in map (s) | kernel routes installed (s) |\n|---|---|---|---|\n");
+    o.push_str("\n## Scale\n\nReal leases written to etcd (flannel's format, one 24 h etcd lease, transactions of 128 puts) on a cluster with `Network` 10.0.0.0/8 and `SubnetLen` 25 (a /8 holds only 65,536 /24s, so 100k leases need /25s). \"Load time\" is from starting `node-agent run` (after `node-agent cleanup`, so nothing is adopted from pins) to every lease being in its SUBNETS map. The plain-routing baseline gets the same number of kernel routes (`ip -batch`, one `route add <subnet>/25 via <peer>` per lease).\n\n| entries | leases written to etcd (s) | running agent: write start → all in map, via its watch (s) | agent start → all in map (s) | kernel routes installed (s) |\n|---|---|---|---|---|\n");
     let s = &r.scale;
     for (n, w) in &s.write_secs {
         let load = s.load_secs.iter().find(|(m, _)| m == n).map(|(_, v)| *v);
         let route = s.route_secs.iter().find(|(m, _)| m == n).map(|(_, v)| *v);
-        let _ = writeln!(o, "| {n} | {w:.2} | {} | {} |", f(load, 3), f(route, 2));
+        let watch = s.watch_secs.iter().find(|(m, _)| m == n).map(|(_, v)| *v);
+        let load = match load {
+            Some(v) => format!("{v:.3}"),
+            None if s
+                .errors
+                .iter()
+                .any(|e| e.starts_with(&format!("load time at {n}:"))) =>
+            {
+                "**failed** (below)".into()
+            }
+            None => "–".into(),
+        };
+        let _ = writeln!(
+            o,
+            "| {n} | {w:.2} | {} | {load} | {} |",
+            f(watch, 3),
+            f(route, 2)
+        );
     }
     if !s.tput.is_empty() {
         o.push_str("\n| entries | weft vxlan TCP 1 stream Gbit/s | weft vxlan 64 B pps | plain routing + as many routes, TCP Gbit/s | plain + routes, 64 B pps |\n|---|---|---|---|---|\n");
@@ -454,7 +482,7 @@ fn gaps(o: &mut String, r: &Results) {
             why,
             " weft host-gw, which encapsulates nothing, reaches {hg:.2} Gbit/s{}",
             if hg < plain * 0.5 {
-                ": the cap is not the encapsulation but something every weft mode shares, the XDP program on the underlay veth (an XDP-attached veth handles every frame one by one, in pages) or the TC program at its egress. Which of the two is the next thing to measure; on a real NIC, driver-mode XDP sees MTU-sized frames anyway, which the realistic-wire table models."
+                ": the cap is not the encapsulation but what every weft mode shares, the XDP program on the underlay `eth0`. With an XDP program attached to a veth the kernel turns TCP segmentation offload off on its peer (`ethtool -k` on the switch-side end shows `tcp-segmentation-offload: off` though on was requested), so the switch segments every super-packet in software before the host receives it and TCP runs at the per-frame rate. On a real NIC, driver-mode XDP sees MTU-sized frames anyway, which is what the realistic-wire table models."
             } else {
                 "."
             }
@@ -809,6 +837,7 @@ pub fn from_json(v: &Value) -> Result<Results> {
     let scale = ScaleResults {
         write_secs: pairs(&s["lease_write_secs"]),
         load_secs: pairs(&s["agent_load_secs"]),
+        watch_secs: pairs(&s["running_agent_watch_secs"]),
         route_secs: pairs(&s["kernel_route_install_secs"]),
         tput: s["throughput"]
             .as_array()

@@ -28,7 +28,7 @@ const SCALE_CONFIG: &str = r#"{"Network":"10.0.0.0/8","SubnetLen":25,"Backend":{
 const TXN_OPS: usize = 128;
 /// Transactions in flight while writing leases.
 const TXN_CONCURRENCY: usize = 8;
-const LOAD_TIMEOUT: Duration = Duration::from_secs(120);
+const LOAD_TIMEOUT: Duration = Duration::from_secs(60);
 /// A full-MTU inner packet: the container MTU (1450) is what fits the
 /// underlay's 1500 with the 50-byte VXLAN overhead.
 const FULL_INNER_IP: usize = 1450;
@@ -179,6 +179,9 @@ pub struct ScaleResults {
     pub write_secs: Vec<(usize, f64)>,
     /// (leases, seconds from `node-agent run` to all of them in its map)
     pub load_secs: Vec<(usize, f64)>,
+    /// (leases, seconds from the start of their etcd write until the
+    /// running agent has them all in its map, through its watch)
+    pub watch_secs: Vec<(usize, f64)>,
     /// (routes, seconds for `ip -batch` to install them)
     pub route_secs: Vec<(usize, f64)>,
     pub tput: Vec<ScaleTput>,
@@ -190,6 +193,7 @@ impl ScaleResults {
         json!({
             "lease_write_secs": self.write_secs,
             "agent_load_secs": self.load_secs,
+            "running_agent_watch_secs": self.watch_secs,
             "kernel_route_install_secs": self.route_secs,
             "throughput": self.tput.iter().map(|t| json!({
                 "entries": t.entries, "weft_tcp1_gbps": t.weft_tcp1, "weft_pps": t.weft_pps,
@@ -314,14 +318,11 @@ pub fn run(plan: &Plan, plain: Option<&ModeEnv<'_>>, out: &mut ScaleResults) -> 
             t.elapsed().as_secs_f64()
         );
 
-        // A starting agent: stop it, remove its pins (else the restart
-        // adopts the filled map), start it, time until the map is full.
-        match agent_load_time(&a, &fakes[..n], &env_b) {
-            Ok(secs) => {
-                println!("    {n:>6} leases: agent loaded them in {secs:.3} s");
-                out.load_secs.push((n, secs));
-            }
-            Err(e) => out.errors.push(format!("load time at {n}: {e:#}")),
+        // The running agent picks the new leases up through its watch;
+        // the table must be full before throughput is measured on it.
+        match samples_of(&fakes[..n], &env_b).and_then(|smp| wait_loaded(&a, &smp, n + 1, t)) {
+            Ok(secs) => out.watch_secs.push((n, secs)),
+            Err(e) => out.errors.push(format!("watch catch-up at {n}: {e:#}")),
         }
 
         if let Some(ns) = route_ns {
@@ -336,16 +337,25 @@ pub fn run(plan: &Plan, plain: Option<&ModeEnv<'_>>, out: &mut ScaleResults) -> 
                 entries: n,
                 ..ScaleTput::default()
             };
-            // The restarted agent needs its peer entry back before traffic.
-            ca.ping_until(cb.ip(), Duration::from_secs(30))?;
-            for _ in 0..plan.scale_rounds {
-                match traffic::tcp_gbps(ca.ns(), cb.ip(), 1, plan.tcp_secs) {
-                    Ok(v) => t.weft_tcp1.push(v),
-                    Err(e) => out.errors.push(format!("weft tcp at {n}: {e:#}")),
+            let weft_ok = match ca.ping_until(cb.ip(), Duration::from_secs(30)) {
+                Ok(()) => true,
+                Err(e) => {
+                    out.errors.push(format!(
+                        "weft throughput at {n}: container A cannot reach container B: {e:#}"
+                    ));
+                    false
                 }
-                match traffic::udp_pps(ca.ns(), cb.ns(), cb.ip(), plan.pps_secs) {
-                    Ok(p) => t.weft_pps.push(p.received_pps),
-                    Err(e) => out.errors.push(format!("weft pps at {n}: {e:#}")),
+            };
+            for _ in 0..plan.scale_rounds {
+                if weft_ok {
+                    match traffic::tcp_gbps(ca.ns(), cb.ip(), 1, plan.tcp_secs) {
+                        Ok(v) => t.weft_tcp1.push(v),
+                        Err(e) => out.errors.push(format!("weft tcp at {n}: {e:#}")),
+                    }
+                    match traffic::udp_pps(ca.ns(), cb.ns(), cb.ip(), plan.pps_secs) {
+                        Ok(p) => t.weft_pps.push(p.received_pps),
+                        Err(e) => out.errors.push(format!("weft pps at {n}: {e:#}")),
+                    }
                 }
                 if let Some(p) = plain {
                     match traffic::tcp_gbps(p.a.ns(), p.b.ip(), 1, plan.tcp_secs) {
@@ -366,6 +376,20 @@ pub fn run(plan: &Plan, plain: Option<&ModeEnv<'_>>, out: &mut ScaleResults) -> 
                 median(&t.plain_pps).unwrap_or(f64::NAN)
             );
             out.tput.push(t);
+        }
+
+        // A starting agent: stop it, remove its pins (else the restart
+        // adopts the filled map), start it, time until the map is full.
+        // Last, because a failure here leaves host A without its agent.
+        match agent_load_time(&a, &fakes[..n], &env_b) {
+            Ok(secs) => {
+                println!("    {n:>6} leases: agent loaded them in {secs:.3} s");
+                out.load_secs.push((n, secs));
+            }
+            Err(e) => {
+                println!("    {n:>6} leases: load failed: {e:#}");
+                out.errors.push(format!("load time at {n}: {e:#}"));
+            }
         }
     }
     if let Some(ns) = route_ns {
@@ -396,6 +420,70 @@ fn add_routes(ns: &weft_tests::Netns, fakes: &[(Ipv4Addr, Ipv4Addr, [u8; 6])]) -
     Ok(())
 }
 
+/// Lookup samples for "all of `fakes` and host B's subnet are in the map":
+/// 64 evenly spaced leases, the last one and host B's, cheap to look up
+/// every few ms, unlike counting 100k entries.
+fn samples_of(
+    fakes: &[(Ipv4Addr, Ipv4Addr, [u8; 6])],
+    env_b: &weft_tests::SubnetEnv,
+) -> Result<Vec<Ipv4Addr>> {
+    let (b_net, _) = weft_tests::parse_cidr(&env_b.subnet_network()?)?;
+    let step = (fakes.len() / 64).max(1);
+    let mut samples: Vec<Ipv4Addr> = fakes.iter().step_by(step).map(|f| f.0).collect();
+    if let Some(l) = fakes.last() {
+        samples.push(l.0);
+    }
+    samples.push(b_net);
+    Ok(samples)
+}
+
+/// Waits until `a`'s SUBNETS holds every sample and at least `want`
+/// entries; returns the seconds since `start` at which the samples were
+/// all there. The error carries the last line of the agent's log.
+fn wait_loaded(
+    a: &weft_tests::Host<'_>,
+    samples: &[Ipv4Addr],
+    want: usize,
+    start: Instant,
+) -> Result<f64> {
+    let last_log = || {
+        a.agent_log()
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .chars()
+            .take(400)
+            .collect::<String>()
+    };
+    let mut seen_at = None;
+    loop {
+        let elapsed = start.elapsed();
+        ensure!(
+            elapsed < LOAD_TIMEOUT,
+            "the agent did not load {want} entries within {LOAD_TIMEOUT:?}; its last log line: {}",
+            last_log()
+        );
+        ensure!(
+            a.agent_running(),
+            "the agent exited; its last log line: {}",
+            last_log()
+        );
+        if let Some(trie) = open_subnets(a.pin_path())
+            && has_all(&trie, samples, SCALE_PREFIX_LEN)
+        {
+            let at = *seen_at.get_or_insert(elapsed);
+            // Confirms with a full count (the agent may insert in any
+            // order); the time is when the samples were all there.
+            let count = trie.keys().filter(Result::is_ok).count();
+            if count >= want {
+                return Ok(at.as_secs_f64());
+            }
+            seen_at = None;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 fn agent_load_time(
     a: &weft_tests::Host<'_>,
     fakes: &[(Ipv4Addr, Ipv4Addr, [u8; 6])],
@@ -415,38 +503,8 @@ fn agent_load_time(
         &file,
     ]))
     .context("node-agent cleanup")?;
-    // 64 evenly spaced leases, the last one and host B's: cheap to look up
-    // every few ms, unlike counting 100k entries.
-    let (b_net, _) = weft_tests::parse_cidr(&env_b.subnet_network()?)?;
-    let step = (fakes.len() / 64).max(1);
-    let mut samples: Vec<Ipv4Addr> = fakes.iter().step_by(step).map(|f| f.0).collect();
-    if let Some(l) = fakes.last() {
-        samples.push(l.0);
-    }
-    samples.push(b_net);
-    let want = fakes.len() + 1;
+    let samples = samples_of(fakes, env_b)?;
     let start = Instant::now();
     a.start_agent(&[])?;
-    let mut seen_at = None;
-    loop {
-        let elapsed = start.elapsed();
-        ensure!(
-            elapsed < LOAD_TIMEOUT,
-            "the agent did not load {want} entries within {LOAD_TIMEOUT:?}"
-        );
-        ensure!(a.agent_running(), "the agent exited:\n{}", a.agent_log());
-        if let Some(trie) = open_subnets(a.pin_path())
-            && has_all(&trie, &samples, SCALE_PREFIX_LEN)
-        {
-            let at = *seen_at.get_or_insert(elapsed);
-            // Confirms with a full count (the agent may insert in any
-            // order); the time is when the samples were all there.
-            let count = trie.keys().filter(Result::is_ok).count();
-            if count >= want {
-                return Ok(at.as_secs_f64());
-            }
-            seen_at = None;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    wait_loaded(a, &samples, fakes.len() + 1, start)
 }
