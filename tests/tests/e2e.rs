@@ -108,6 +108,7 @@ fn preflight() -> Result<()> {
     require_bpffs()?;
     require_tools(&[
         "ip", "nsenter", "etcdctl", "bpftool", "tcpdump", "ping", "ethtool", "sysctl", "python3",
+        "tshark", "bridge",
     ])?;
     node_agent_binary()?;
     Ok(())
