@@ -114,8 +114,8 @@ fn preflight() -> Result<()> {
     Ok(())
 }
 
-/// Adds hosts `indexes`, starts an agent on each and waits for their subnet
-/// files.
+/// Adds hosts `indexes`, starts an agent on each, and waits for their subnet
+/// files and for every agent to have every other one in its map.
 fn start_hosts<'c>(
     cluster: &'c Cluster,
     indexes: &[u8],
@@ -143,6 +143,10 @@ fn start_hosts<'c>(
         subnets.len() == envs.len(),
         "agents leased overlapping subnets: {envs:?}"
     );
+    wait_full_mesh(
+        &hosts.iter().collect::<Vec<_>>(),
+        &envs.iter().collect::<Vec<_>>(),
+    )?;
     Ok((hosts, envs))
 }
 
@@ -336,7 +340,6 @@ fn three_hosts_connect_and_a_late_joiner_becomes_reachable(backend: Backend) -> 
     let cluster = Cluster::new(backend.config)?;
     let (hosts, envs) = start_hosts(&cluster, &[1, 2, 3], false)?;
     let host_refs: Vec<&Host<'_>> = hosts.iter().collect();
-    wait_full_mesh(&host_refs, &envs.iter().collect::<Vec<_>>())?;
     // Decap hooks exactly where something arrives encapsulated.
     for host in &hosts {
         let pins = host.pinned_entries()?;
@@ -408,10 +411,6 @@ fn deleting_a_lease_removes_its_route_from_the_other_agents(backend: Backend) ->
     preflight()?;
     let cluster = Cluster::new(backend.config)?;
     let (hosts, envs) = start_hosts(&cluster, &[1, 2, 3], false)?;
-    wait_full_mesh(
-        &hosts.iter().collect::<Vec<_>>(),
-        &envs.iter().collect::<Vec<_>>(),
-    )?;
 
     // Host 2's own agent could re-acquire its lease; stop it so what is
     // observed is only the others reacting to the deletion.
@@ -452,10 +451,6 @@ fn a_killed_agent_leaves_the_data_path_and_its_restart_adopts_it(backend: Backen
     // The realistic wire here; the other tests run on veth's default
     // offloads, so both kinds of underlay see TCP.
     let (hosts, envs) = start_hosts(&cluster, &[1, 2], true)?;
-    wait_full_mesh(
-        &hosts.iter().collect::<Vec<_>>(),
-        &envs.iter().collect::<Vec<_>>(),
-    )?;
     let a = hosts[0].attach_container()?;
     let b = hosts[1].attach_container()?;
     check_ping(&a, &b)?;
@@ -613,10 +608,6 @@ fn bad_leases_and_an_etcd_outage_do_not_stop_forwarding() -> Result<()> {
     preflight()?;
     let cluster = Cluster::new(CONFIG)?;
     let (hosts, envs) = start_hosts(&cluster, &[1, 2], false)?;
-    wait_full_mesh(
-        &hosts.iter().collect::<Vec<_>>(),
-        &envs.iter().collect::<Vec<_>>(),
-    )?;
     let a = hosts[0].attach_container()?;
     let b = hosts[1].attach_container()?;
     check_ping(&a, &b)?;
@@ -690,11 +681,7 @@ fn bad_leases_and_an_etcd_outage_do_not_stop_forwarding() -> Result<()> {
 fn cleanup_removes_everything_the_agent_created() -> Result<()> {
     preflight()?;
     let cluster = Cluster::new(CONFIG)?;
-    let (hosts, envs) = start_hosts(&cluster, &[1, 2], false)?;
-    wait_full_mesh(
-        &hosts.iter().collect::<Vec<_>>(),
-        &envs.iter().collect::<Vec<_>>(),
-    )?;
+    let (hosts, _envs) = start_hosts(&cluster, &[1, 2], false)?;
     let host = &hosts[0];
     let route = |host: &Host<'_>| host.ns().ip(&["route", "show", NETWORK]);
     let managed = |host: &Host<'_>| -> Result<String> {
@@ -785,11 +772,7 @@ per_backend!(tcp_completes_from_containers_whose_mtu_is_too_high);
 fn tcp_completes_from_containers_whose_mtu_is_too_high(backend: Backend) -> Result<()> {
     preflight()?;
     let cluster = Cluster::new(backend.config)?;
-    let (hosts, envs) = start_hosts(&cluster, &[1, 2], true)?;
-    wait_full_mesh(
-        &hosts.iter().collect::<Vec<_>>(),
-        &envs.iter().collect::<Vec<_>>(),
-    )?;
+    let (hosts, _envs) = start_hosts(&cluster, &[1, 2], true)?;
     // Both ends too high, so MSS clamping cannot hide the problem: full-size
     // DF segments must meet "fragmentation needed" and path MTU discovery
     // must shrink them.
