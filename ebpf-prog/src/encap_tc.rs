@@ -205,13 +205,7 @@ fn push_vxlan(
         frag_off,
         ip_id: outer_id(frag_off),
     });
-    ctx.skb
-        .adjust_room(vxlan::ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, VXLAN_FLAGS)
-        .map_err(|_| Reason::DropAdjustRoom)?;
-    // From here on the packet is half-built: every failure must drop it.
-    ctx.skb
-        .store(ETH_HLEN, &headers, 0)
-        .map_err(|_| Reason::DropStoreBytes)
+    insert_after_l2(ctx, &headers, VXLAN_FLAGS)
 }
 
 #[inline(always)]
@@ -231,11 +225,22 @@ fn push_ipip(
         frag_off,
         ip_id: outer_id(frag_off),
     });
+    insert_after_l2(ctx, &header, IPIP_FLAGS)
+}
+
+/// Makes room for `headers` right after the L2 header and writes them.
+#[inline(always)]
+fn insert_after_l2<const N: usize>(
+    ctx: &TcContext,
+    headers: &[u8; N],
+    flags: u64,
+) -> Result<(), Reason> {
     ctx.skb
-        .adjust_room(ipip::ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, IPIP_FLAGS)
+        .adjust_room(N as i32, BPF_ADJ_ROOM_MAC, flags)
         .map_err(|_| Reason::DropAdjustRoom)?;
+    // From here on the packet is half-built: every failure must drop it.
     ctx.skb
-        .store(ETH_HLEN, &header, 0)
+        .store(ETH_HLEN, headers, 0)
         .map_err(|_| Reason::DropStoreBytes)
 }
 

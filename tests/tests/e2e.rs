@@ -267,6 +267,14 @@ fn check_tcp(from: &Container<'_>, to: &Container<'_>) -> Result<()> {
     Ok(())
 }
 
+/// Ping (including full-MTU DF and fragmented) and TCP, each way.
+fn check_both_ways(a: &Container<'_>, b: &Container<'_>) -> Result<()> {
+    check_ping(a, b)?;
+    check_ping(b, a)?;
+    check_tcp(a, b)?;
+    check_tcp(b, a)
+}
+
 /// Captures container traffic from `from` to `to` on `from`'s switch port
 /// with tshark and checks that it is what `backend` puts on the wire and
 /// that it decodes cleanly, outer IPv4 checksums verified.
@@ -511,10 +519,7 @@ fn a_killed_agent_leaves_the_data_path_and_its_restart_adopts_it(backend: Backen
         .filter(|p| !pins_after.contains(*p))
         .collect();
     ensure!(missing.is_empty(), "pins gone after restart: {missing:?}");
-    check_ping(&a, &b)?;
-    check_ping(&b, &a)?;
-    check_tcp(&a, &b)?;
-    check_tcp(&b, &a)?;
+    check_both_ways(&a, &b)?;
 
     // A clean stop leaves the data path in place too.
     hosts[1].kill_agent(Signal::Term)?;
@@ -555,10 +560,7 @@ fn tc_ingress_decapsulation_interoperates_with_xdp() -> Result<()> {
     );
     let a = tc_host.attach_container()?;
     let b = xdp_host.attach_container()?;
-    check_ping(&a, &b)?;
-    check_ping(&b, &a)?;
-    check_tcp(&a, &b)?;
-    check_tcp(&b, &a)?;
+    check_both_ways(&a, &b)?;
     Ok(())
 }
 
@@ -596,10 +598,7 @@ fn weft_interoperates_with_a_flannel_kernel_vxlan_node() -> Result<()> {
 
     let a = weft.attach_container()?;
     let b = flannel.attach_container()?;
-    check_ping(&a, &b)?;
-    check_ping(&b, &a)?;
-    check_tcp(&a, &b)?;
-    check_tcp(&b, &a)?;
+    check_both_ways(&a, &b)?;
     Ok(())
 }
 
