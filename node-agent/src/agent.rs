@@ -21,6 +21,7 @@ use crate::{
     lease_manager::LeaseManager,
     netconf::{self, ClusterRoute, Interface},
     peers::PeerTable,
+    pinned::PinnedState,
     watcher::PeerWatcher,
 };
 
@@ -133,7 +134,7 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
     tracing::info!(?hook, pin_path = %s.pin_path.display(), "data path attached");
 
     let table = PeerTable::new(&cfg, held.subnet, public_ip, iface.addrs.clone());
-    let peer_maps = dp.take_peer_maps(&iface.name, iface.addrs.clone())?;
+    let peer_maps = dp.take_peer_maps()?;
     let watcher = PeerWatcher::new(client, keys, table, peer_maps, held.clone(), attrs);
     tokio::select! {
         err = watcher.run() => {
@@ -267,10 +268,11 @@ async fn shutdown_signal() -> anyhow::Result<()> {
 
 /// Prints the peer table and the counters (what bpftool shows as raw bytes).
 pub fn status(pin_path: &Path) -> anyhow::Result<()> {
-    let st = datapath::pinned_status(pin_path)
-        .with_context(|| format!("reading the maps pinned under {}", pin_path.display()))?;
-    println!("peers ({}):", st.peers.len());
-    for (subnet, node) in &st.peers {
+    let reading = || format!("reading the maps pinned under {}", pin_path.display());
+    let state = PinnedState::open(pin_path).with_context(reading)?;
+    let peers = state.peers().with_context(reading)?;
+    println!("peers ({}):", peers.len());
+    for (subnet, node) in &peers {
         let how = match node.mode {
             m if m == Mode::Vxlan as u8 => format!(
                 "vxlan vtep {} vni {}",
@@ -287,7 +289,7 @@ pub fn status(pin_path: &Path) -> anyhow::Result<()> {
         );
     }
     println!("counters (packets, all CPUs):");
-    for (reason, n) in &st.counters {
+    for (reason, n) in &state.counters().with_context(reading)? {
         println!("  {:<22} {n}", reason.name());
     }
     Ok(())
@@ -297,7 +299,12 @@ pub fn status(pin_path: &Path) -> anyhow::Result<()> {
 /// the peers' managed neighbour entries, every pin (which detaches the
 /// programs), and the subnet file.
 pub fn cleanup(pin_path: &Path, subnet_file: &Path) -> anyhow::Result<()> {
-    if let Some(cfg) = datapath::pinned_node_config(pin_path)? {
+    let pinned_cfg = if PinnedState::exists(pin_path) {
+        PinnedState::open(pin_path)?.node_config()?
+    } else {
+        None
+    };
+    if let Some(cfg) = pinned_cfg {
         let network = Ipv4Net::new(Ipv4Addr::from(cfg.cluster_network), cfg.cluster_prefix_len)
             .context("pinned NODE_CONFIG holds an invalid network")?;
         match netconf::ifname_of(cfg.iface_ifindex) {

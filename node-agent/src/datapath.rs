@@ -12,12 +12,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use std::net::Ipv4Addr;
-
-use crate::peers::SubnetMap;
+use crate::pinned::{PeerMaps, PinnedError};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray},
     programs::{
         LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
@@ -70,6 +68,8 @@ pub enum DatapathError {
     NotBpffs { path: PathBuf },
     #[error("cannot remove {path}: {source}")]
     Remove { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Pinned(#[from] PinnedError),
 }
 
 /// Where decapsulation runs. XDP is cheapest (before any skb exists); TC
@@ -245,12 +245,7 @@ impl Datapath {
     }
 
     /// Takes the peer maps out of the object, for the watcher to own.
-    /// `iface` and `onlink` let it keep neighbour entries for on-link peers.
-    pub fn take_peer_maps(
-        &mut self,
-        iface: &str,
-        onlink: Vec<ipnet::Ipv4Net>,
-    ) -> Result<PeerMaps, DatapathError> {
+    pub fn take_peer_maps(&mut self) -> Result<PeerMaps, DatapathError> {
         let mut take = |name: &'static str| {
             self.ebpf.take_map(name).ok_or(DatapathError::Map {
                 name,
@@ -267,13 +262,7 @@ impl Datapath {
                 name: MAP_NODE_IPS,
                 source,
             })?;
-        Ok(PeerMaps {
-            subnets,
-            node_ips,
-            iface: iface.to_owned(),
-            onlink,
-            neighbours: std::collections::BTreeSet::new(),
-        })
+        Ok(PeerMaps::new(subnets, node_ips))
     }
 
     pub fn write_node_config(&mut self, cfg: &NodeConfig) -> Result<(), DatapathError> {
@@ -294,23 +283,17 @@ impl Datapath {
 
     /// Counter totals over all CPUs, in [`Reason`] order.
     pub fn counters(&self) -> Result<Vec<(Reason, u64)>, DatapathError> {
-        read_counters_from(self.ebpf.map(MAP_COUNTERS).ok_or(DatapathError::Map {
+        let map = self.ebpf.map(MAP_COUNTERS).ok_or(DatapathError::Map {
             name: MAP_COUNTERS,
             source: missing_map(MAP_COUNTERS),
-        })?)
+        })?;
+        let counters: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(map).map_err(|source| DatapathError::Map {
+                name: MAP_COUNTERS,
+                source,
+            })?;
+        Ok(crate::pinned::read_counters(&counters)?)
     }
-}
-
-fn read_counters_from(map: &aya::maps::Map) -> Result<Vec<(Reason, u64)>, DatapathError> {
-    let err = |source| DatapathError::Map {
-        name: MAP_COUNTERS,
-        source,
-    };
-    let counters: PerCpuArray<_, u64> = PerCpuArray::try_from(map).map_err(err)?;
-    Reason::ALL
-        .iter()
-        .map(|&r| Ok((r, counters.get(&(r as u32), 0).map_err(err)?.iter().sum())))
-        .collect()
 }
 
 fn missing_map(name: &str) -> aya::maps::MapError {
@@ -412,133 +395,6 @@ fn remove_pin(path: &Path) -> Result<(), DatapathError> {
         }),
         _ => Ok(()),
     }
-}
-
-/// Reads this node's configuration from a pinned `NODE_CONFIG`, for cleanup
-/// after the agent is gone.
-pub fn pinned_node_config(pin_path: &Path) -> Result<Option<NodeConfig>, DatapathError> {
-    let path = pin_path.join(MAP_NODE_CONFIG);
-    if !path.exists() {
-        return Ok(None);
-    }
-    let err = |source| DatapathError::Map {
-        name: MAP_NODE_CONFIG,
-        source,
-    };
-    let data = MapData::from_pin(&path).map_err(err)?;
-    let array: Array<_, NodeConfig> = Array::try_from(aya::maps::Map::Array(data)).map_err(err)?;
-    let cfg = array.get(&0, 0).map_err(err)?;
-    Ok((cfg.configured != 0).then_some(cfg))
-}
-
-/// The peer-facing state of the data path: `SUBNETS`, `NODE_IPS`, and a
-/// "managed" neighbour entry per on-link peer. The kernel keeps managed
-/// entries resolved (they exist for BPF FIB lookups), so sends to a peer
-/// rarely find its neighbour unresolved.
-pub struct PeerMaps {
-    subnets: LpmTrie<MapData, [u8; 4], RemoteNode>,
-    node_ips: HashMap<MapData, [u8; 4], u32>,
-    iface: String,
-    onlink: Vec<ipnet::Ipv4Net>,
-    /// Neighbour entries this process installed, so relists do not churn them.
-    neighbours: std::collections::BTreeSet<Ipv4Addr>,
-}
-
-fn subnet_key(subnet: ipnet::Ipv4Net) -> Key<[u8; 4]> {
-    Key::new(u32::from(subnet.prefix_len()), subnet.network().octets())
-}
-
-impl SubnetMap for PeerMaps {
-    fn put(&mut self, subnet: ipnet::Ipv4Net, node: &RemoteNode) -> Result<(), MapError> {
-        self.subnets.insert(&subnet_key(subnet), node, 0)
-    }
-
-    fn delete(&mut self, subnet: ipnet::Ipv4Net) -> Result<(), MapError> {
-        match self.subnets.remove(&subnet_key(subnet)) {
-            Err(MapError::KeyNotFound) => Ok(()),
-            other => other,
-        }
-    }
-
-    fn subnets(&self) -> Result<Vec<ipnet::Ipv4Net>, MapError> {
-        self.subnets
-            .keys()
-            .map(|k| {
-                let k = k?;
-                ipnet::Ipv4Net::new(Ipv4Addr::from(k.data()), k.prefix_len() as u8)
-                    .map_err(|_| MapError::KeyNotFound)
-            })
-            .collect()
-    }
-
-    fn update_node_ips(&mut self, add: &[Ipv4Addr], remove: &[Ipv4Addr]) -> Result<(), MapError> {
-        for ip in add {
-            self.node_ips.insert(ip.octets(), 1, 0)?;
-        }
-        for ip in remove {
-            match self.node_ips.remove(&ip.octets()) {
-                Err(MapError::KeyNotFound) | Ok(()) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        let onlink = |ip: &&Ipv4Addr| self.onlink.iter().any(|n| n.contains(*ip));
-        let new: Vec<Ipv4Addr> = add
-            .iter()
-            .filter(onlink)
-            .filter(|ip| !self.neighbours.contains(ip))
-            .copied()
-            .collect();
-        let gone: Vec<Ipv4Addr> = remove
-            .iter()
-            .filter(|ip| self.neighbours.contains(ip))
-            .copied()
-            .collect();
-        // Neighbour entries only speed sends up; failing to set them is
-        // logged, not fatal.
-        match crate::netconf::managed_neighbours(&self.iface, &new, &gone) {
-            Ok(()) => {
-                self.neighbours.extend(&new);
-                for ip in &gone {
-                    self.neighbours.remove(ip);
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot update neighbour entries for peers"),
-        }
-        Ok(())
-    }
-
-    fn node_ips(&self) -> Result<Vec<Ipv4Addr>, MapError> {
-        self.node_ips
-            .keys()
-            .map(|k| k.map(Ipv4Addr::from))
-            .collect()
-    }
-}
-
-/// What `node-agent status` shows: the pinned peer table and counters.
-pub struct PinnedStatus {
-    pub peers: Vec<(ipnet::Ipv4Net, RemoteNode)>,
-    pub counters: Vec<(Reason, u64)>,
-}
-
-/// Reads the pinned maps of a running (or stopped) agent.
-pub fn pinned_status(pin_path: &Path) -> Result<PinnedStatus, DatapathError> {
-    let open = |name: &'static str| {
-        MapData::from_pin(pin_path.join(name)).map_err(|source| DatapathError::Map { name, source })
-    };
-    let err = |name: &'static str| move |source| DatapathError::Map { name, source };
-    let subnets: LpmTrie<_, [u8; 4], RemoteNode> =
-        LpmTrie::try_from(aya::maps::Map::LpmTrie(open(MAP_SUBNETS)?)).map_err(err(MAP_SUBNETS))?;
-    let mut peers = Vec::new();
-    for entry in subnets.iter() {
-        let (key, node) = entry.map_err(err(MAP_SUBNETS))?;
-        if let Ok(net) = ipnet::Ipv4Net::new(key.data().into(), key.prefix_len() as u8) {
-            peers.push((net, node));
-        }
-    }
-    peers.sort_by_key(|(net, _)| *net);
-    let counters = read_counters_from(&aya::maps::Map::PerCpuArray(open(MAP_COUNTERS)?))?;
-    Ok(PinnedStatus { peers, counters })
 }
 
 /// Unpins every link (detaching the programs) and map under `pin_path`, then

@@ -5,6 +5,7 @@
 //! - [`lease_manager`]: this node's lease in etcd;
 //! - [`watcher`] and [`peers`]: other nodes' leases, mirrored into the BPF map;
 //! - [`datapath`]: loading, attaching and pinning the BPF programs;
+//! - [`pinned`]: the one reader of pinned state, and the peer-map writer;
 //! - [`netconf`]: the underlay interface, the cluster route, forwarding.
 
 pub mod agent;
@@ -14,4 +15,5 @@ pub mod flannel;
 pub mod lease_manager;
 pub mod netconf;
 pub mod peers;
+pub mod pinned;
 pub mod watcher;

@@ -1,0 +1,232 @@
+//! The data path's state as it is pinned under `--pin-path`: the one way to
+//! read it, and the agent's writer of the peer maps.
+//!
+//! [`PinnedState`] opens the pins of a running (or stopped) agent read-only;
+//! `node-agent status`, `node-agent cleanup`, the tests and the benchmark all
+//! read through it, so the key and value layouts of `weft-common` are decoded
+//! in exactly one place. [`PeerMaps`] is what the watcher writes through.
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key};
+use ipnet::Ipv4Net;
+use weft_common::{
+    MAP_COUNTERS, MAP_NODE_CONFIG, MAP_NODE_IPS, MAP_SUBNETS, NodeConfig, Reason, RemoteNode,
+};
+
+use crate::peers::SubnetMap;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PinnedError {
+    #[error("pinned map {path}: {source}")]
+    Open { path: PathBuf, source: MapError },
+    #[error("BPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: MapError,
+    },
+    #[error("BPF map {name} holds an invalid key {key:?}")]
+    BadKey { name: &'static str, key: String },
+}
+
+fn map_err(name: &'static str) -> impl Fn(MapError) -> PinnedError {
+    move |source| PinnedError::Map { name, source }
+}
+
+/// The LPM key of `subnet`: prefix length (host order), address (network order).
+pub fn subnet_key(subnet: Ipv4Net) -> Key<[u8; 4]> {
+    Key::new(u32::from(subnet.prefix_len()), subnet.network().octets())
+}
+
+fn key_subnet(key: &Key<[u8; 4]>) -> Result<Ipv4Net, PinnedError> {
+    u8::try_from(key.prefix_len())
+        .ok()
+        .and_then(|len| Ipv4Net::new(Ipv4Addr::from(key.data()), len).ok())
+        .ok_or_else(|| PinnedError::BadKey {
+            name: MAP_SUBNETS,
+            key: format!("{:?}/{}", key.data(), key.prefix_len()),
+        })
+}
+
+/// Read access to every map pinned under one pin path.
+pub struct PinnedState {
+    subnets: LpmTrie<MapData, [u8; 4], RemoteNode>,
+    node_ips: HashMap<MapData, [u8; 4], u32>,
+    node_config: Array<MapData, NodeConfig>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+impl PinnedState {
+    /// Opens the maps an agent pinned under `pin_path`.
+    pub fn open(pin_path: &Path) -> Result<Self, PinnedError> {
+        let open = |name: &'static str, wrap: fn(MapData) -> Map| {
+            let path = pin_path.join(name);
+            MapData::from_pin(&path)
+                .map(wrap)
+                .map_err(|source| PinnedError::Open { path, source })
+        };
+        Ok(Self {
+            subnets: LpmTrie::try_from(open(MAP_SUBNETS, Map::LpmTrie)?)
+                .map_err(map_err(MAP_SUBNETS))?,
+            node_ips: HashMap::try_from(open(MAP_NODE_IPS, Map::HashMap)?)
+                .map_err(map_err(MAP_NODE_IPS))?,
+            node_config: Array::try_from(open(MAP_NODE_CONFIG, Map::Array)?)
+                .map_err(map_err(MAP_NODE_CONFIG))?,
+            counters: PerCpuArray::try_from(open(MAP_COUNTERS, Map::PerCpuArray)?)
+                .map_err(map_err(MAP_COUNTERS))?,
+        })
+    }
+
+    /// Whether anything is pinned under `pin_path` (cleanup of a node that
+    /// never ran is not an error).
+    pub fn exists(pin_path: &Path) -> bool {
+        pin_path.join(MAP_NODE_CONFIG).exists()
+    }
+
+    /// Every remote subnet and its node, sorted by subnet.
+    pub fn peers(&self) -> Result<Vec<(Ipv4Net, RemoteNode)>, PinnedError> {
+        let mut peers = self
+            .subnets
+            .iter()
+            .map(|entry| {
+                let (key, node) = entry.map_err(map_err(MAP_SUBNETS))?;
+                Ok((key_subnet(&key)?, node))
+            })
+            .collect::<Result<Vec<_>, PinnedError>>()?;
+        peers.sort_by_key(|(net, _)| *net);
+        Ok(peers)
+    }
+
+    /// The entry stored for exactly `subnet`, if any.
+    pub fn peer(&self, subnet: Ipv4Net) -> Result<Option<RemoteNode>, PinnedError> {
+        match self.subnets.get(&subnet_key(subnet), 0) {
+            Ok(node) => Ok(Some(node)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(MAP_SUBNETS)(e)),
+        }
+    }
+
+    /// What the encap program finds for a packet to `dst`: the longest match.
+    pub fn lookup(&self, dst: Ipv4Addr) -> Result<Option<RemoteNode>, PinnedError> {
+        match self.subnets.get(&Key::new(32, dst.octets()), 0) {
+            Ok(node) => Ok(Some(node)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(MAP_SUBNETS)(e)),
+        }
+    }
+
+    /// The PublicIPs IP-in-IP is accepted from, sorted.
+    pub fn node_ips(&self) -> Result<Vec<Ipv4Addr>, PinnedError> {
+        let mut ips = self
+            .node_ips
+            .keys()
+            .map(|k| k.map(Ipv4Addr::from))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err(MAP_NODE_IPS))?;
+        ips.sort();
+        Ok(ips)
+    }
+
+    /// This node's configuration, or `None` before the agent filled it in.
+    pub fn node_config(&self) -> Result<Option<NodeConfig>, PinnedError> {
+        let cfg = self
+            .node_config
+            .get(&0, 0)
+            .map_err(map_err(MAP_NODE_CONFIG))?;
+        Ok((cfg.configured != 0).then_some(cfg))
+    }
+
+    /// Counter totals over all CPUs, in [`Reason`] order.
+    pub fn counters(&self) -> Result<Vec<(Reason, u64)>, PinnedError> {
+        read_counters(&self.counters)
+    }
+
+    /// One counter's total over all CPUs.
+    pub fn counter(&self, reason: Reason) -> Result<u64, PinnedError> {
+        counter_total(&self.counters, reason)
+    }
+}
+
+fn counter_total<T: std::borrow::Borrow<MapData>>(
+    counters: &PerCpuArray<T, u64>,
+    reason: Reason,
+) -> Result<u64, PinnedError> {
+    Ok(counters
+        .get(&(reason as u32), 0)
+        .map_err(map_err(MAP_COUNTERS))?
+        .iter()
+        .sum())
+}
+
+/// Every counter's total, in [`Reason`] order.
+pub fn read_counters<T: std::borrow::Borrow<MapData>>(
+    counters: &PerCpuArray<T, u64>,
+) -> Result<Vec<(Reason, u64)>, PinnedError> {
+    Reason::ALL
+        .iter()
+        .map(|&r| Ok((r, counter_total(counters, r)?)))
+        .collect()
+}
+
+/// The peer-facing maps the watcher owns: `SUBNETS` and `NODE_IPS`.
+pub struct PeerMaps {
+    subnets: LpmTrie<MapData, [u8; 4], RemoteNode>,
+    node_ips: HashMap<MapData, [u8; 4], u32>,
+}
+
+impl PeerMaps {
+    pub fn new(
+        subnets: LpmTrie<MapData, [u8; 4], RemoteNode>,
+        node_ips: HashMap<MapData, [u8; 4], u32>,
+    ) -> Self {
+        Self { subnets, node_ips }
+    }
+}
+
+impl SubnetMap for PeerMaps {
+    fn put(&mut self, subnet: Ipv4Net, node: &RemoteNode) -> Result<(), MapError> {
+        self.subnets.insert(&subnet_key(subnet), node, 0)
+    }
+
+    fn delete(&mut self, subnet: Ipv4Net) -> Result<(), MapError> {
+        match self.subnets.remove(&subnet_key(subnet)) {
+            Err(MapError::KeyNotFound) => Ok(()),
+            other => other,
+        }
+    }
+
+    fn subnets(&self) -> Result<Vec<Ipv4Net>, MapError> {
+        self.subnets
+            .keys()
+            .map(|k| {
+                let k = k?;
+                // A key the agent cannot read back is reported like a
+                // missing one: reconciliation then rewrites the map.
+                key_subnet(&k).map_err(|_| MapError::KeyNotFound)
+            })
+            .collect()
+    }
+
+    fn update_node_ips(&mut self, add: &[Ipv4Addr], remove: &[Ipv4Addr]) -> Result<(), MapError> {
+        for ip in add {
+            self.node_ips.insert(ip.octets(), 1, 0)?;
+        }
+        for ip in remove {
+            match self.node_ips.remove(&ip.octets()) {
+                Err(MapError::KeyNotFound) | Ok(()) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn node_ips(&self) -> Result<Vec<Ipv4Addr>, MapError> {
+        self.node_ips
+            .keys()
+            .map(|k| k.map(Ipv4Addr::from))
+            .collect()
+    }
+}
