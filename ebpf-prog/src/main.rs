@@ -103,9 +103,16 @@ mod entries {
 #[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
-    // SAFETY: BPF programs cannot panic at run time; the verifier rejects any
-    // path that would reach here, so this is never executed.
-    unsafe { core::hint::unreachable_unchecked() }
+    // A plain loop, as aya's ebpf-panic does, not `unreachable_unchecked`:
+    // that would let LLVM treat every path into a panic as impossible and
+    // delete it, hiding a bounds check's failure branch from the verifier.
+    // The loop keeps the path in the program, where the verifier rejects it
+    // (no unbounded loops), so a reachable panic fails to load.
+    #[expect(
+        clippy::empty_loop,
+        reason = "the verifier rejects the loop, see above"
+    )]
+    loop {}
 }
 
 #[cfg(target_arch = "bpf")]

@@ -1,6 +1,7 @@
 //! `node-agent run` and `node-agent cleanup`: wiring the subsystems together.
 
 use std::{
+    collections::BTreeSet,
     net::Ipv4Addr,
     path::{Path, PathBuf},
     time::Duration,
@@ -19,7 +20,8 @@ use crate::{
         subnet_env,
     },
     lease_manager::LeaseManager,
-    netconf::{self, ClusterRoute, Interface},
+    netconf::{self, ClusterRoute, HostNetworking, Interface},
+    netlink::{Netlink as _, NetlinkEvents, RtNetlink},
     peers::PeerTable,
     pinned::PinnedState,
     watcher::PeerWatcher,
@@ -42,7 +44,8 @@ const RETRY_MAX: Duration = Duration::from_secs(10);
 
 pub async fn run(s: RunSettings) -> anyhow::Result<()> {
     let keys = KeyLayout::new(&s.etcd_prefix).context("--etcd-prefix")?;
-    let iface = Interface::lookup(&s.iface).context("--iface")?;
+    let nl = RtNetlink::open().context("netlink")?;
+    let iface = Interface::lookup(&nl, &s.iface).await.context("--iface")?;
     let public_ip = match s.public_ip {
         Some(ip) => ip,
         None => iface.primary_ipv4().context("--public-ip default")?,
@@ -124,19 +127,36 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
     // program would even turn TSO off on the peer, for nothing.
     let decap_mode = (decap != 0).then_some(s.decap_mode);
     let hook = dp.attach(&iface.name, decap_mode)?;
-    ClusterRoute {
-        network: cfg.network,
-        iface: iface.name.clone(),
-        iface_mac: iface.mac,
-        mtu,
-    }
-    .install()?;
+    // Subscribed before the route goes in, so no removal of it is missed.
+    let events = NetlinkEvents::subscribe().context("netlink events")?;
+    let mut host = HostNetworking::new(
+        ClusterRoute {
+            network: cfg.network,
+            ifindex: iface.ifindex,
+            iface_mac: iface.mac,
+            mtu: Some(mtu),
+        },
+        iface.addrs.clone(),
+    );
+    host.ensure_route(&nl)
+        .await
+        .context("installing the cluster route")?;
     tracing::info!(?hook, pin_path = %s.pin_path.display(), "data path attached");
 
     let table = PeerTable::new(&cfg, held.subnet, public_ip, iface.addrs.clone());
     let peer_maps = dp.take_peer_maps()?;
-    let watcher = PeerWatcher::new(client, keys, table, peer_maps, held.clone(), attrs);
+    let (peer_ips, peer_ips_rx) = tokio::sync::watch::channel(BTreeSet::new());
+    let watcher = PeerWatcher::new(
+        client,
+        keys,
+        table,
+        peer_maps,
+        held.clone(),
+        attrs,
+        peer_ips,
+    );
     tokio::select! {
+        () = host.run(&nl, events, peer_ips_rx) => bail!("host networking task stopped"),
         err = watcher.run() => {
             Err(anyhow::Error::new(err)).context("stopping: lease revoked; restart the agent to lease again")
         }
@@ -298,7 +318,7 @@ pub fn status(pin_path: &Path) -> anyhow::Result<()> {
 /// Removes what `run` created: the cluster route and its neighbour entry,
 /// the peers' managed neighbour entries, every pin (which detaches the
 /// programs), and the subnet file.
-pub fn cleanup(pin_path: &Path, subnet_file: &Path) -> anyhow::Result<()> {
+pub async fn cleanup(pin_path: &Path, subnet_file: &Path) -> anyhow::Result<()> {
     let pinned_cfg = if PinnedState::exists(pin_path) {
         PinnedState::open(pin_path)?.node_config()?
     } else {
@@ -307,21 +327,23 @@ pub fn cleanup(pin_path: &Path, subnet_file: &Path) -> anyhow::Result<()> {
     if let Some(cfg) = pinned_cfg {
         let network = Ipv4Net::new(Ipv4Addr::from(cfg.cluster_network), cfg.cluster_prefix_len)
             .context("pinned NODE_CONFIG holds an invalid network")?;
-        match netconf::ifname_of(cfg.iface_ifindex) {
-            Some(iface) => {
-                netconf::remove_managed_neighbours(&iface)?;
-                ClusterRoute {
-                    network,
-                    iface,
-                    iface_mac: cfg.iface_mac,
-                    mtu: 0,
-                }
-                .remove()?;
+        let nl = RtNetlink::open().context("netlink")?;
+        if nl.link_by_index(cfg.iface_ifindex).await?.is_some() {
+            let removed = netconf::remove_managed_neighbours(&nl, cfg.iface_ifindex).await?;
+            tracing::debug!(removed, "peer neighbour entries removed");
+            ClusterRoute {
+                network,
+                ifindex: cfg.iface_ifindex,
+                iface_mac: cfg.iface_mac,
+                mtu: None,
             }
-            None => tracing::info!(
+            .remove(&nl)
+            .await?;
+        } else {
+            tracing::info!(
                 ifindex = cfg.iface_ifindex,
                 "interface is gone, and its route with it"
-            ),
+            );
         }
     }
     datapath::remove_pins(pin_path)?;

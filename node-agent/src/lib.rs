@@ -6,7 +6,9 @@
 //! - [`watcher`] and [`peers`]: other nodes' leases, mirrored into the BPF map;
 //! - [`datapath`]: loading, attaching and pinning the BPF programs;
 //! - [`pinned`]: the one reader of pinned state, and the peer-map writer;
-//! - [`netconf`]: the underlay interface, the cluster route, forwarding.
+//! - [`netconf`]: the underlay interface, the cluster route, peers' neighbour
+//!   entries (kept in place against removals), forwarding;
+//! - [`netlink`]: the typed rtnetlink layer everything above talks through.
 
 pub mod agent;
 pub mod datapath;
@@ -14,6 +16,7 @@ pub mod ebpf;
 pub mod flannel;
 pub mod lease_manager;
 pub mod netconf;
+pub mod netlink;
 pub mod peers;
 pub mod pinned;
 pub mod watcher;

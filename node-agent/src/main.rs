@@ -66,6 +66,25 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Status { pin_path } => agent::status(&pin_path),
+        command => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(run_async(command))),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{}", report(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The commands that talk to etcd or netlink, on one current-thread runtime.
+async fn run_async(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Run {
             etcd_endpoints,
             iface,
@@ -74,33 +93,23 @@ fn main() -> ExitCode {
             subnet_file,
             pin_path,
             decap_mode,
-        } => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(anyhow::Error::from)
-            .and_then(|rt| {
-                rt.block_on(agent::run(RunSettings {
-                    etcd_endpoints,
-                    iface,
-                    public_ip,
-                    etcd_prefix,
-                    subnet_file,
-                    pin_path,
-                    decap_mode,
-                }))
-            }),
+        } => {
+            agent::run(RunSettings {
+                etcd_endpoints,
+                iface,
+                public_ip,
+                etcd_prefix,
+                subnet_file,
+                pin_path,
+                decap_mode,
+            })
+            .await
+        }
         Command::Status { pin_path } => agent::status(&pin_path),
         Command::Cleanup {
             pin_path,
             subnet_file,
-        } => agent::cleanup(&pin_path, &subnet_file),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{}", report(&e));
-            ExitCode::FAILURE
-        }
+        } => agent::cleanup(&pin_path, &subnet_file).await,
     }
 }
 

@@ -1,30 +1,27 @@
-//! The host networking the agent reads and sets up: the underlay interface's
-//! facts, the single cluster route, and IP forwarding.
-//!
-//! Route and neighbour changes go through iproute2 (`ip`), present on every
-//! host flannel runs on; each call is idempotent (`replace`), so restarts and
-//! adoption never fail on "File exists".
+//! The host networking the agent reads and keeps in place: the underlay
+//! interface's facts, the single cluster route, the peers' neighbour
+//! entries, and IP forwarding. Everything goes through [`Netlink`]; every
+//! change is idempotent (`replace`), so restarts and adoption never fail on
+//! "File exists", and [`HostNetworking`] puts back what someone else removes.
 
-use std::{fs, net::Ipv4Addr, process::Command};
+use std::{collections::BTreeSet, fs, net::Ipv4Addr, time::Duration};
 
 use ipnet::Ipv4Net;
+
+use crate::netlink::{
+    Link, Neighbour, NeighbourKind, Netlink, NetlinkError, NetlinkEvent, NetlinkEvents, Route,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetconfError {
     #[error("interface {iface:?} not found")]
     NoInterface { iface: String },
-    #[error("interface {iface:?}: cannot parse {what} {value:?}")]
-    BadAttribute {
-        iface: String,
-        what: &'static str,
-        value: String,
-    },
+    #[error("interface {iface:?} has no Ethernet address")]
+    NoMac { iface: String },
     #[error("interface {iface:?} has no IPv4 address; pass --public-ip")]
     NoIpv4 { iface: String },
-    #[error("`{command}` failed: {stderr}")]
-    Command { command: String, stderr: String },
-    #[error("cannot run `ip` (iproute2): {0}")]
-    Spawn(#[source] std::io::Error),
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
     #[error("cannot enable IPv4 forwarding: {0}")]
     Forwarding(#[source] std::io::Error),
 }
@@ -41,41 +38,27 @@ pub struct Interface {
 }
 
 impl Interface {
-    /// Reads the interface through netlink (`ip -j`), which answers for the
-    /// caller's network namespace; sysfs would answer for whichever
-    /// namespace mounted it.
-    pub fn lookup(name: &str) -> Result<Self, NetconfError> {
-        let links = ip_json(&["link", "show", "dev", name])?;
-        let link = links.first().ok_or_else(|| NetconfError::NoInterface {
-            iface: name.to_owned(),
+    /// Reads the interface through netlink, which answers for the caller's
+    /// network namespace; sysfs would answer for whichever namespace
+    /// mounted it.
+    pub async fn lookup(nl: &impl Netlink, name: &str) -> Result<Self, NetconfError> {
+        let link = nl.link_by_name(name).await.map_err(|e| match e {
+            NetlinkError::NoSuchLink(_) => NetconfError::NoInterface {
+                iface: name.to_owned(),
+            },
+            other => other.into(),
         })?;
-        let bad = |what, value: &serde_json::Value| NetconfError::BadAttribute {
-            iface: name.to_owned(),
-            what,
-            value: value.to_string(),
-        };
-        let field = |key: &str| link.get(key).cloned().unwrap_or(serde_json::Value::Null);
-        let ifindex = field("ifindex");
-        let ifindex = ifindex
-            .as_u64()
-            .and_then(|v| u32::try_from(v).ok())
-            .ok_or_else(|| bad("ifindex", &ifindex))?;
-        let mtu = field("mtu");
-        let mtu = mtu
-            .as_u64()
-            .and_then(|v| u32::try_from(v).ok())
-            .ok_or_else(|| bad("mtu", &mtu))?;
-        let address = field("address");
-        let mac = address
-            .as_str()
-            .and_then(|a| crate::flannel::lease::parse_mac(a).ok())
-            .ok_or_else(|| bad("address", &address))?;
-        let addrs = ipv4_addrs(name)?;
+        if link.mac == [0; 6] {
+            return Err(NetconfError::NoMac {
+                iface: name.to_owned(),
+            });
+        }
+        let addrs = nl.ipv4_addrs(link.index).await?;
         Ok(Self {
-            name: name.to_owned(),
-            ifindex,
-            mac,
-            mtu,
+            name: link.name,
+            ifindex: link.index,
+            mac: link.mac,
+            mtu: link.mtu,
             addrs,
         })
     }
@@ -91,28 +74,6 @@ impl Interface {
     }
 }
 
-fn ipv4_addrs(iface: &str) -> Result<Vec<Ipv4Net>, NetconfError> {
-    let mut addrs = Vec::new();
-    for link in ip_json(&["-4", "addr", "show", "dev", iface])? {
-        let Some(infos) = link.get("addr_info").and_then(|v| v.as_array()) else {
-            continue;
-        };
-        for a in infos {
-            let local = a
-                .get("local")
-                .and_then(|v| v.as_str())
-                .and_then(|s| s.parse().ok());
-            let len = a.get("prefixlen").and_then(serde_json::Value::as_u64);
-            if let (Some(local), Some(len)) = (local, len)
-                && let Ok(net) = Ipv4Net::new(local, len as u8)
-            {
-                addrs.push(net);
-            }
-        }
-    }
-    Ok(addrs)
-}
-
 /// The one route that sends the whole cluster network to `--iface`, where the
 /// encap program picks it up at TC egress. Its gateway is the Network's own
 /// address, which flannel never leases (SubnetMin skips the first subnet), so
@@ -120,12 +81,13 @@ fn ipv4_addrs(iface: &str) -> Result<Vec<Ipv4Net>, NetconfError> {
 /// keeps the stack from ever ARPing (the encap program rewrites the L2 header
 /// anyway). The route MTU leaves room for the encapsulation, so host-originated
 /// packets and forwarded DF packets get correct PMTU feedback from the stack.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ClusterRoute {
     pub network: Ipv4Net,
-    pub iface: String,
+    pub ifindex: u32,
     pub iface_mac: [u8; 6],
-    pub mtu: u32,
+    /// The route's MTU; `None` when only removing it.
+    pub mtu: Option<u32>,
 }
 
 impl ClusterRoute {
@@ -133,130 +95,256 @@ impl ClusterRoute {
         self.network.network()
     }
 
-    pub fn install(&self) -> Result<(), NetconfError> {
-        let gw = self.gateway().to_string();
-        let mac = crate::flannel::lease::format_mac(&self.iface_mac);
-        ip(&[
-            "neigh",
-            "replace",
-            &gw,
-            "lladdr",
-            &mac,
-            "dev",
-            &self.iface,
-            "nud",
-            "permanent",
-        ])?;
-        ip(&[
-            "route",
-            "replace",
-            &self.network.to_string(),
-            "via",
-            &gw,
-            "dev",
-            &self.iface,
-            "onlink",
-            "mtu",
-            &self.mtu.to_string(),
-        ])?;
+    fn route(&self) -> Route {
+        Route {
+            dst: self.network,
+            gateway: self.gateway(),
+            ifindex: self.ifindex,
+            onlink: true,
+            mtu: self.mtu,
+        }
+    }
+
+    fn neighbour(&self) -> Neighbour {
+        Neighbour {
+            ifindex: self.ifindex,
+            dst: self.gateway(),
+            kind: NeighbourKind::Permanent {
+                mac: self.iface_mac,
+            },
+        }
+    }
+
+    /// Whether a route event or listing entry is this route.
+    fn is(&self, route: &Route) -> bool {
+        route.dst == self.network
+            && route.gateway == self.gateway()
+            && route.ifindex == self.ifindex
+    }
+
+    pub async fn install(&self, nl: &impl Netlink) -> Result<(), NetconfError> {
+        nl.neighbour_replace(&self.neighbour()).await?;
+        nl.route_replace(&self.route()).await?;
         Ok(())
+    }
+
+    /// Whether the route is in the main table with the MTU it should carry.
+    pub async fn is_installed(&self, nl: &impl Netlink) -> Result<bool, NetconfError> {
+        Ok(nl
+            .routes_to(self.network)
+            .await?
+            .iter()
+            .any(|r| self.is(r) && r.mtu == self.mtu))
     }
 
     /// Removes the route and neighbour entry; absent ones are not an error.
-    pub fn remove(&self) -> Result<(), NetconfError> {
-        let gw = self.gateway().to_string();
-        let ignore_missing = |r: Result<String, NetconfError>| match r {
-            Err(NetconfError::Command { stderr, .. })
-                if stderr.contains("No such process")
-                    || stderr.contains("No such file")
-                    || stderr.contains("Cannot find device") =>
-            {
-                Ok(())
-            }
-            other => other.map(drop),
-        };
-        ignore_missing(ip(&[
-            "route",
-            "del",
-            &self.network.to_string(),
-            "via",
-            &gw,
-            "dev",
-            &self.iface,
-        ]))?;
-        ignore_missing(ip(&["neigh", "del", &gw, "dev", &self.iface]))?;
+    pub async fn remove(&self, nl: &impl Netlink) -> Result<(), NetconfError> {
+        nl.route_delete(&self.route()).await?;
+        nl.neighbour_delete(self.ifindex, self.gateway()).await?;
         Ok(())
     }
 }
 
-/// Installs "managed" neighbour entries for `add` (the kernel resolves them
-/// and keeps them resolved, for BPF FIB lookups) and deletes `remove`, all
-/// in one `ip -batch` run.
-pub fn managed_neighbours(
-    iface: &str,
-    add: &[Ipv4Addr],
-    remove: &[Ipv4Addr],
-) -> Result<(), NetconfError> {
-    use std::{fmt::Write as _, io::Write as _};
-    if add.is_empty() && remove.is_empty() {
-        return Ok(());
+/// Deletes every managed, externally learned neighbour entry on `ifindex`:
+/// the ones [`HostNetworking`] created for peers (cleanup no longer knows
+/// the peers).
+pub async fn remove_managed_neighbours(
+    nl: &impl Netlink,
+    ifindex: u32,
+) -> Result<usize, NetconfError> {
+    let mut removed = 0;
+    for entry in nl.neighbours(ifindex).await? {
+        if entry.managed && nl.neighbour_delete(ifindex, entry.dst).await? {
+            removed += 1;
+        }
     }
-    let mut script = String::new();
-    for ip in add {
-        let _ = writeln!(
-            script,
-            "neigh replace {ip} dev {iface} managed extern_learn"
-        );
-    }
-    for ip in remove {
-        let _ = writeln!(script, "neigh del {ip} dev {iface}");
-    }
-    let command = || {
-        format!(
-            "ip -force -batch - ({} neighbour changes)",
-            add.len() + remove.len()
-        )
-    };
-    let mut child = Command::new("ip")
-        .args(["-force", "-batch", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map_err(NetconfError::Spawn)?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(script.as_bytes())
-            .map_err(NetconfError::Spawn)?;
-    }
-    let out = child.wait_with_output().map_err(NetconfError::Spawn)?;
-    // Deleting an entry the kernel already dropped is fine.
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let real: Vec<&str> = stderr
-        .lines()
-        .filter(|l| {
-            !l.trim().is_empty() && !l.contains("No such file") && !l.contains("Command failed")
-        })
-        .collect();
-    if !real.is_empty() {
-        return Err(NetconfError::Command {
-            command: command(),
-            stderr: real.join("; "),
-        });
-    }
-    Ok(())
+    Ok(removed)
 }
 
-/// Deletes every managed, externally learned neighbour entry on `iface`: the
-/// ones [`managed_neighbours`] created (cleanup no longer knows the peers).
-pub fn remove_managed_neighbours(iface: &str) -> Result<(), NetconfError> {
-    let entries = ip_json(&["neigh", "show", "dev", iface])?;
-    let ours: Vec<Ipv4Addr> = entries
-        .iter()
-        .filter(|n| n.get("managed").is_some() && n.get("extern_learn").is_some())
-        .filter_map(|n| n.get("dst")?.as_str()?.parse().ok())
-        .collect();
-    managed_neighbours(iface, &[], &ours)
+/// How often the route is checked even without events, in case the kernel
+/// dropped notifications (a full socket buffer loses them silently).
+pub const RESYNC_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Keeps the host networking the data path depends on in place for as long
+/// as the agent runs: the cluster route with its neighbour entry, and a
+/// "managed" neighbour entry for each on-link peer. The kernel keeps managed
+/// entries resolved (they exist for BPF FIB lookups), so sends to a peer
+/// rarely find its neighbour unresolved.
+///
+/// The peers come from the watcher as a set of PublicIPs; the kernel's
+/// events say when something of ours was removed: the route by a link going
+/// down (the kernel flushes its routes) or by hand, a neighbour by a flush.
+/// Each is put back, and said so once.
+pub struct HostNetworking {
+    route: ClusterRoute,
+    /// The subnets directly on `--iface`: peers there get neighbour entries.
+    onlink: Vec<Ipv4Net>,
+    /// Neighbour entries this process installed, so resyncs do not churn them.
+    neighbours: BTreeSet<Ipv4Addr>,
+    route_missing: bool,
+}
+
+impl HostNetworking {
+    pub fn new(route: ClusterRoute, onlink: Vec<Ipv4Net>) -> Self {
+        Self {
+            route,
+            onlink,
+            neighbours: BTreeSet::new(),
+            route_missing: true,
+        }
+    }
+
+    /// Installs the cluster route (and its neighbour entry) if it is marked
+    /// missing; on failure it stays marked, for the next event or resync.
+    pub async fn ensure_route(&mut self, nl: &impl Netlink) -> Result<(), NetconfError> {
+        if self.route_missing {
+            self.route.install(nl).await?;
+            self.route_missing = false;
+        }
+        Ok(())
+    }
+
+    /// Makes the managed neighbour entries match the on-link members of
+    /// `peers`: adds the new ones, deletes the ones no longer wanted.
+    pub async fn sync_neighbours(
+        &mut self,
+        nl: &impl Netlink,
+        peers: &BTreeSet<Ipv4Addr>,
+    ) -> Result<(), NetconfError> {
+        let wanted: BTreeSet<Ipv4Addr> = peers
+            .iter()
+            .filter(|ip| self.onlink.iter().any(|n| n.contains(*ip)))
+            .copied()
+            .collect();
+        let gone: Vec<Ipv4Addr> = self.neighbours.difference(&wanted).copied().collect();
+        for ip in gone {
+            nl.neighbour_delete(self.route.ifindex, ip).await?;
+            self.neighbours.remove(&ip);
+        }
+        let new: Vec<Ipv4Addr> = wanted.difference(&self.neighbours).copied().collect();
+        for ip in new {
+            nl.neighbour_replace(&Neighbour {
+                ifindex: self.route.ifindex,
+                dst: ip,
+                kind: NeighbourKind::Managed,
+            })
+            .await?;
+            self.neighbours.insert(ip);
+        }
+        Ok(())
+    }
+
+    /// Notes what an event removed of ours. Returns whether anything needs
+    /// putting back.
+    pub fn on_event(&mut self, event: &NetlinkEvent) -> bool {
+        let ifindex = self.route.ifindex;
+        match event {
+            NetlinkEvent::RouteRemoved(r) if self.route.is(r) => {
+                tracing::warn!(route = %self.route.network, "cluster route was removed; putting it back");
+                self.route_missing = true;
+            }
+            NetlinkEvent::NeighbourRemoved { ifindex: i, dst } if *i == ifindex => {
+                if *dst == self.route.gateway() {
+                    tracing::warn!(gateway = %dst, "cluster route's neighbour entry was removed; putting it back");
+                    self.route_missing = true;
+                } else if self.neighbours.remove(dst) {
+                    tracing::info!(peer = %dst, "peer neighbour entry was removed; putting it back");
+                } else {
+                    return false;
+                }
+            }
+            // A link that comes back up has lost the routes through it.
+            NetlinkEvent::LinkChanged(Link {
+                index, up: true, ..
+            }) if *index == ifindex => {
+                self.route_missing = true;
+            }
+            _ => return false,
+        }
+        true
+    }
+
+    /// Marks the route missing if it is not in the table: the safety net
+    /// for notifications the kernel dropped.
+    pub async fn check_route(&mut self, nl: &impl Netlink) -> Result<(), NetconfError> {
+        if !self.route_missing && !self.route.is_installed(nl).await? {
+            tracing::warn!(route = %self.route.network, "cluster route is missing; putting it back");
+            self.route_missing = true;
+        }
+        Ok(())
+    }
+
+    /// Puts everything back that is missing.
+    async fn repair(&mut self, nl: &impl Netlink, peers: &BTreeSet<Ipv4Addr>) {
+        if let Err(e) = self.ensure_route(nl).await {
+            // Typically the link is down; its coming up is an event.
+            tracing::warn!(error = %e, "cannot install the cluster route yet; retrying on the next link change or resync");
+        }
+        if let Err(e) = self.sync_neighbours(nl, peers).await {
+            tracing::warn!(error = %e, "cannot update neighbour entries for peers");
+        }
+    }
+
+    /// Runs until the peer set's sender is dropped: follows kernel events
+    /// and the watcher's peer set, and resyncs every [`RESYNC_INTERVAL`].
+    pub async fn run(
+        mut self,
+        nl: &impl Netlink,
+        mut events: NetlinkEvents,
+        mut peers: tokio::sync::watch::Receiver<BTreeSet<Ipv4Addr>>,
+    ) {
+        let mut resync = tokio::time::interval(RESYNC_INTERVAL);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let current = peers.borrow_and_update().clone();
+            self.repair(nl, &current).await;
+            tokio::select! {
+                changed = peers.changed() => if changed.is_err() { return },
+                event = events.next() => match event {
+                    Some(event) => { self.on_event(&event); }
+                    None => {
+                        // The kernel closed the socket (e.g. its buffer
+                        // overflowed): subscribe again and check everything.
+                        tracing::warn!("netlink event socket closed; subscribing again");
+                        match NetlinkEvents::subscribe() {
+                            Ok(e) => events = e,
+                            Err(e) => {
+                                tracing::error!(error = %e, "cannot follow netlink events; relying on the periodic check");
+                                return self.run_without_events(nl, peers).await;
+                            }
+                        }
+                        self.neighbours.clear();
+                        self.route_missing = true;
+                    }
+                },
+                _ = resync.tick() => {
+                    if let Err(e) = self.check_route(nl).await {
+                        tracing::warn!(error = %e, "cannot check the cluster route");
+                    }
+                }
+            }
+        }
+    }
+
+    async fn run_without_events(
+        mut self,
+        nl: &impl Netlink,
+        mut peers: tokio::sync::watch::Receiver<BTreeSet<Ipv4Addr>>,
+    ) {
+        let mut resync = tokio::time::interval(RESYNC_INTERVAL);
+        loop {
+            let current = peers.borrow_and_update().clone();
+            self.repair(nl, &current).await;
+            tokio::select! {
+                changed = peers.changed() => if changed.is_err() { return },
+                _ = resync.tick() => {
+                    if let Err(e) = self.check_route(nl).await {
+                        tracing::warn!(error = %e, "cannot check the cluster route");
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Containers behind the bridge need the host to forward their packets.
@@ -271,41 +359,361 @@ pub fn enable_ipv4_forwarding() -> Result<(), NetconfError> {
     fs::write(PATH, "1").map_err(NetconfError::Forwarding)
 }
 
-/// The name of the interface with this ifindex, if it still exists.
-pub fn ifname_of(ifindex: u32) -> Option<String> {
-    ip_json(&["link", "show"]).ok()?.into_iter().find_map(|l| {
-        (l.get("ifindex")?.as_u64()? == u64::from(ifindex))
-            .then(|| l.get("ifname")?.as_str().map(str::to_owned))?
-    })
-}
+#[cfg(test)]
+mod tests {
+    use std::{cell::RefCell, collections::BTreeMap};
 
-fn ip_json(args: &[&str]) -> Result<Vec<serde_json::Value>, NetconfError> {
-    let mut full = vec!["-j"];
-    full.extend_from_slice(args);
-    let out = match ip(&full) {
-        Err(NetconfError::Command { stderr, .. }) if stderr.contains("does not exist") => {
-            return Err(NetconfError::NoInterface {
-                iface: args.last().copied().unwrap_or_default().to_owned(),
-            });
-        }
-        other => other?,
-    };
-    serde_json::from_str(&out).map_err(|e| NetconfError::Command {
-        command: format!("ip {}", full.join(" ")),
-        stderr: format!("unparsable output: {e}"),
-    })
-}
+    use super::*;
+    use crate::netlink::NeighbourEntry;
 
-fn ip(args: &[&str]) -> Result<String, NetconfError> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(NetconfError::Spawn)?;
-    if !out.status.success() {
-        return Err(NetconfError::Command {
-            command: format!("ip {}", args.join(" ")),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
+    /// The kernel's tables as a fake netlink sees them: enough state to
+    /// check what the logic above installs, deletes and puts back.
+    #[derive(Default)]
+    struct FakeNetlink {
+        links: Vec<(Link, Vec<Ipv4Net>)>,
+        routes: RefCell<Vec<Route>>,
+        neighbours: RefCell<BTreeMap<(u32, Ipv4Addr), NeighbourKind>>,
+        /// Every mutating call, in order, to check for churn.
+        calls: RefCell<Vec<String>>,
+        /// Makes route_replace fail with this errno, as a down link does.
+        route_errno: RefCell<Option<i32>>,
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+
+    fn kernel_error(op: &str, errno: i32) -> NetlinkError {
+        NetlinkError::Kernel {
+            op: op.to_owned(),
+            errno,
+            source: std::io::Error::from_raw_os_error(errno),
+        }
+    }
+
+    impl Netlink for FakeNetlink {
+        async fn link_by_name(&self, name: &str) -> Result<Link, NetlinkError> {
+            self.links
+                .iter()
+                .find(|(l, _)| l.name == name)
+                .map(|(l, _)| l.clone())
+                .ok_or_else(|| NetlinkError::NoSuchLink(name.to_owned()))
+        }
+        async fn link_by_index(&self, index: u32) -> Result<Option<Link>, NetlinkError> {
+            Ok(self
+                .links
+                .iter()
+                .find(|(l, _)| l.index == index)
+                .map(|(l, _)| l.clone()))
+        }
+        async fn ipv4_addrs(&self, ifindex: u32) -> Result<Vec<Ipv4Net>, NetlinkError> {
+            Ok(self
+                .links
+                .iter()
+                .find(|(l, _)| l.index == ifindex)
+                .map(|(_, a)| a.clone())
+                .unwrap_or_default())
+        }
+        async fn neighbour_replace(&self, n: &Neighbour) -> Result<(), NetlinkError> {
+            self.calls
+                .borrow_mut()
+                .push(format!("neigh replace {}", n.dst));
+            self.neighbours
+                .borrow_mut()
+                .insert((n.ifindex, n.dst), n.kind);
+            Ok(())
+        }
+        async fn neighbour_delete(
+            &self,
+            ifindex: u32,
+            dst: Ipv4Addr,
+        ) -> Result<bool, NetlinkError> {
+            self.calls.borrow_mut().push(format!("neigh del {dst}"));
+            Ok(self
+                .neighbours
+                .borrow_mut()
+                .remove(&(ifindex, dst))
+                .is_some())
+        }
+        async fn neighbours(&self, ifindex: u32) -> Result<Vec<NeighbourEntry>, NetlinkError> {
+            Ok(self
+                .neighbours
+                .borrow()
+                .iter()
+                .filter(|((i, _), _)| *i == ifindex)
+                .map(|((_, dst), kind)| NeighbourEntry {
+                    dst: *dst,
+                    managed: *kind == NeighbourKind::Managed,
+                })
+                .collect())
+        }
+        async fn route_replace(&self, route: &Route) -> Result<(), NetlinkError> {
+            if let Some(errno) = *self.route_errno.borrow() {
+                return Err(kernel_error("route replace", errno));
+            }
+            self.calls
+                .borrow_mut()
+                .push(format!("route replace {}", route.dst));
+            let mut routes = self.routes.borrow_mut();
+            routes.retain(|r| r.dst != route.dst);
+            routes.push(*route);
+            Ok(())
+        }
+        async fn route_delete(&self, route: &Route) -> Result<bool, NetlinkError> {
+            self.calls
+                .borrow_mut()
+                .push(format!("route del {}", route.dst));
+            let mut routes = self.routes.borrow_mut();
+            let before = routes.len();
+            routes.retain(|r| !(r.dst == route.dst && r.gateway == route.gateway));
+            Ok(routes.len() != before)
+        }
+        async fn routes_to(&self, dst: Ipv4Net) -> Result<Vec<Route>, NetlinkError> {
+            Ok(self
+                .routes
+                .borrow()
+                .iter()
+                .filter(|r| r.dst == dst)
+                .copied()
+                .collect())
+        }
+    }
+
+    const MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
+
+    fn net(s: &str) -> Ipv4Net {
+        s.parse().expect("test network")
+    }
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().expect("test address")
+    }
+
+    fn eth0() -> FakeNetlink {
+        FakeNetlink {
+            links: vec![(
+                Link {
+                    index: 7,
+                    name: "eth0".to_owned(),
+                    mac: MAC,
+                    mtu: 1500,
+                    up: true,
+                },
+                vec![net("198.18.0.1/24"), net("198.18.5.1/24")],
+            )],
+            ..FakeNetlink::default()
+        }
+    }
+
+    fn cluster_route() -> ClusterRoute {
+        ClusterRoute {
+            network: net("10.244.0.0/16"),
+            ifindex: 7,
+            iface_mac: MAC,
+            mtu: Some(1450),
+        }
+    }
+
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(f)
+    }
+
+    #[test]
+    fn interface_lookup_reads_link_and_addresses_primary_first() {
+        let nl = eth0();
+        let iface = block_on(Interface::lookup(&nl, "eth0")).expect("lookup");
+        assert_eq!(iface.ifindex, 7);
+        assert_eq!(iface.mac, MAC);
+        assert_eq!(iface.mtu, 1500);
+        assert_eq!(iface.primary_ipv4().expect("primary"), ip("198.18.0.1"));
+    }
+
+    #[test]
+    fn missing_interface_and_missing_address_are_named_errors() {
+        let nl = eth0();
+        let err = block_on(Interface::lookup(&nl, "eth9")).expect_err("no eth9");
+        assert!(matches!(err, NetconfError::NoInterface { ref iface } if iface == "eth9"));
+        let bare = Interface {
+            name: "eth1".to_owned(),
+            ifindex: 8,
+            mac: MAC,
+            mtu: 1500,
+            addrs: vec![],
+        };
+        assert!(matches!(
+            bare.primary_ipv4(),
+            Err(NetconfError::NoIpv4 { .. })
+        ));
+    }
+
+    #[test]
+    fn cluster_route_is_onlink_via_the_network_address_with_a_permanent_neighbour() {
+        let nl = eth0();
+        let route = cluster_route();
+        block_on(route.install(&nl)).expect("install");
+        let routes = nl.routes.borrow().clone();
+        assert_eq!(
+            routes,
+            vec![Route {
+                dst: net("10.244.0.0/16"),
+                gateway: ip("10.244.0.0"),
+                ifindex: 7,
+                onlink: true,
+                mtu: Some(1450),
+            }]
+        );
+        assert_eq!(
+            nl.neighbours.borrow().get(&(7, ip("10.244.0.0"))),
+            Some(&NeighbourKind::Permanent { mac: MAC })
+        );
+        assert!(block_on(route.is_installed(&nl)).expect("check"));
+        // Installing again replaces, never fails on "File exists".
+        block_on(route.install(&nl)).expect("install again");
+        assert_eq!(nl.routes.borrow().len(), 1);
+    }
+
+    #[test]
+    fn removing_an_absent_cluster_route_is_not_an_error() {
+        let nl = eth0();
+        let route = ClusterRoute {
+            mtu: None,
+            ..cluster_route()
+        };
+        block_on(route.remove(&nl)).expect("remove of nothing");
+        block_on(cluster_route().install(&nl)).expect("install");
+        block_on(route.remove(&nl)).expect("remove");
+        assert!(nl.routes.borrow().is_empty());
+        assert!(nl.neighbours.borrow().is_empty());
+    }
+
+    #[test]
+    fn a_route_with_another_mtu_counts_as_not_installed() {
+        let nl = eth0();
+        block_on(
+            ClusterRoute {
+                mtu: Some(1500),
+                ..cluster_route()
+            }
+            .install(&nl),
+        )
+        .expect("install");
+        assert!(!block_on(cluster_route().is_installed(&nl)).expect("check"));
+    }
+
+    #[test]
+    fn neighbours_follow_on_link_peers_without_churn() {
+        let nl = eth0();
+        let mut host = HostNetworking::new(cluster_route(), vec![net("198.18.0.0/24")]);
+        let peers: BTreeSet<_> = [ip("198.18.0.2"), ip("198.18.0.3"), ip("203.0.113.9")].into();
+        block_on(host.sync_neighbours(&nl, &peers)).expect("sync");
+        let managed: Vec<_> = nl.neighbours.borrow().keys().map(|(_, d)| *d).collect();
+        // The routed peer (not on any of eth0's subnets) gets no entry.
+        assert_eq!(managed, vec![ip("198.18.0.2"), ip("198.18.0.3")]);
+
+        nl.calls.borrow_mut().clear();
+        block_on(host.sync_neighbours(&nl, &peers)).expect("resync");
+        assert!(
+            nl.calls.borrow().is_empty(),
+            "a resync with no change touches nothing"
+        );
+
+        let fewer: BTreeSet<_> = [ip("198.18.0.3")].into();
+        block_on(host.sync_neighbours(&nl, &fewer)).expect("shrink");
+        assert_eq!(*nl.calls.borrow(), vec!["neigh del 198.18.0.2".to_owned()]);
+    }
+
+    #[test]
+    fn cleanup_removes_only_managed_entries() {
+        let nl = eth0();
+        block_on(cluster_route().install(&nl)).expect("install");
+        let mut host = HostNetworking::new(cluster_route(), vec![net("198.18.0.0/24")]);
+        block_on(host.sync_neighbours(&nl, &[ip("198.18.0.2")].into())).expect("sync");
+        assert_eq!(
+            block_on(remove_managed_neighbours(&nl, 7)).expect("cleanup"),
+            1
+        );
+        // The cluster route's permanent entry is not a peer's.
+        assert_eq!(nl.neighbours.borrow().len(), 1);
+    }
+
+    #[test]
+    fn removed_route_neighbour_or_link_flap_is_put_back() {
+        let nl = eth0();
+        let mut host = HostNetworking::new(cluster_route(), vec![net("198.18.0.0/24")]);
+        let peers: BTreeSet<_> = [ip("198.18.0.2")].into();
+        block_on(host.repair(&nl, &peers));
+        assert_eq!(nl.routes.borrow().len(), 1);
+
+        // Someone deletes the route: the event marks it, repair restores it.
+        let removed = nl.routes.borrow_mut().remove(0);
+        assert!(host.on_event(&NetlinkEvent::RouteRemoved(removed)));
+        block_on(host.repair(&nl, &peers));
+        assert!(block_on(cluster_route().is_installed(&nl)).expect("check"));
+
+        // A peer's neighbour entry is flushed.
+        nl.neighbours.borrow_mut().remove(&(7, ip("198.18.0.2")));
+        assert!(host.on_event(&NetlinkEvent::NeighbourRemoved {
+            ifindex: 7,
+            dst: ip("198.18.0.2"),
+        }));
+        block_on(host.repair(&nl, &peers));
+        assert!(nl.neighbours.borrow().contains_key(&(7, ip("198.18.0.2"))));
+
+        // Events about other routes, links and neighbours change nothing.
+        let mut other = removed;
+        other.dst = net("10.99.0.0/16");
+        assert!(!host.on_event(&NetlinkEvent::RouteRemoved(other)));
+        assert!(!host.on_event(&NetlinkEvent::NeighbourRemoved {
+            ifindex: 9,
+            dst: ip("198.18.0.2"),
+        }));
+        let mut lo = nl.links[0].0.clone();
+        lo.index = 1;
+        assert!(!host.on_event(&NetlinkEvent::LinkChanged(lo)));
+
+        // The link comes back up after a flap: the kernel flushed the route.
+        let up = nl.links[0].0.clone();
+        nl.routes.borrow_mut().clear();
+        assert!(host.on_event(&NetlinkEvent::LinkChanged(up)));
+        block_on(host.repair(&nl, &peers));
+        assert!(block_on(cluster_route().is_installed(&nl)).expect("check"));
+    }
+
+    #[test]
+    fn a_failed_install_stays_pending_until_it_succeeds() {
+        let nl = eth0();
+        let mut host = HostNetworking::new(cluster_route(), vec![]);
+        *nl.route_errno.borrow_mut() = Some(libc::ENETDOWN);
+        let err = block_on(host.ensure_route(&nl)).expect_err("link down");
+        assert_eq!(
+            match err {
+                NetconfError::Netlink(e) => e.errno(),
+                _ => None,
+            },
+            Some(libc::ENETDOWN)
+        );
+        *nl.route_errno.borrow_mut() = None;
+        block_on(host.ensure_route(&nl)).expect("link up again");
+        assert_eq!(nl.routes.borrow().len(), 1);
+    }
+
+    #[test]
+    fn resync_notices_a_route_removed_without_an_event() {
+        let nl = eth0();
+        let mut host = HostNetworking::new(cluster_route(), vec![]);
+        block_on(host.ensure_route(&nl)).expect("install");
+        nl.routes.borrow_mut().clear();
+        block_on(host.check_route(&nl)).expect("check");
+        block_on(host.ensure_route(&nl)).expect("reinstall");
+        assert!(block_on(cluster_route().is_installed(&nl)).expect("check"));
+    }
+
+    #[test]
+    fn errno_classification_is_by_number() {
+        assert!(kernel_error("x", libc::ENOENT).is_not_found());
+        assert!(kernel_error("x", libc::ESRCH).is_not_found());
+        assert!(kernel_error("x", libc::ENODEV).is_not_found());
+        assert!(!kernel_error("x", libc::EPERM).is_not_found());
+        assert!(NetlinkError::NoSuchLink("eth9".to_owned()).is_not_found());
+    }
 }

@@ -60,8 +60,7 @@ pub enum PeerError {
     Map { subnet: Ipv4Net, message: String },
 }
 
-/// The map operations the table needs: the BPF maps (and neighbour entries)
-/// in production, `BTreeMap`s in unit tests.
+/// The map operations the table needs: the BPF maps in production, `BTreeMap`s in unit tests.
 pub trait SubnetMap {
     fn put(&mut self, subnet: Ipv4Net, node: &RemoteNode) -> Result<(), MapError>;
     fn delete(&mut self, subnet: Ipv4Net) -> Result<(), MapError>;
@@ -139,6 +138,11 @@ impl PeerTable {
 
     pub fn len(&self) -> usize {
         self.peers.len()
+    }
+
+    /// Every known node's PublicIP.
+    pub fn node_ips(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+        self.node_ips.keys().copied()
     }
 
     pub fn is_empty(&self) -> bool {

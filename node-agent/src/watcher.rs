@@ -6,9 +6,10 @@
 //! loop backs off, lists again and reconciles, which removes entries whose
 //! deletion it missed and adds what it missed.
 
-use std::time::Duration;
+use std::{collections::BTreeSet, net::Ipv4Addr, time::Duration};
 
 use etcd_client::{Client, EventType, WatchOptions};
+use tokio::sync::watch;
 
 use crate::{
     flannel::{KeyLayout, LeaseAttrs},
@@ -42,6 +43,8 @@ pub struct PeerWatcher<M> {
     map: M,
     own: Acquired,
     own_attrs: LeaseAttrs,
+    /// Every known node's PublicIP, for the host networking's neighbour entries.
+    peer_ips: watch::Sender<BTreeSet<Ipv4Addr>>,
 }
 
 impl<M: SubnetMap> PeerWatcher<M> {
@@ -52,6 +55,7 @@ impl<M: SubnetMap> PeerWatcher<M> {
         map: M,
         own: Acquired,
         own_attrs: LeaseAttrs,
+        peer_ips: watch::Sender<BTreeSet<Ipv4Addr>>,
     ) -> Self {
         Self {
             client,
@@ -60,7 +64,18 @@ impl<M: SubnetMap> PeerWatcher<M> {
             map,
             own,
             own_attrs,
+            peer_ips,
         }
+    }
+
+    /// Publishes the table's node addresses when they changed.
+    fn publish_peer_ips(&self) {
+        let now: BTreeSet<Ipv4Addr> = self.table.node_ips().collect();
+        self.peer_ips.send_if_modified(|ips| {
+            let changed = *ips != now;
+            *ips = now;
+            changed
+        });
     }
 
     /// Runs until this node's own lease is revoked, which it returns, like
@@ -103,6 +118,7 @@ impl<M: SubnetMap> PeerWatcher<M> {
             return WatchError::Revoked(self.own.subnet);
         }
         let report = self.table.reconcile(&mut self.map, &pairs);
+        self.publish_peer_ips();
         for e in &report.skipped {
             tracing::error!(error = %e, "skipping lease");
         }
@@ -147,11 +163,15 @@ impl<M: SubnetMap> PeerWatcher<M> {
             for event in resp.events() {
                 let Some(kv) = event.kv() else { continue };
                 match event.event_type() {
-                    EventType::Put => self.on_put(kv.key(), kv.value()),
+                    EventType::Put => {
+                        self.on_put(kv.key(), kv.value());
+                        self.publish_peer_ips();
+                    }
                     EventType::Delete => {
                         if let Some(revoked) = self.on_delete(kv.key()) {
                             return revoked;
                         }
+                        self.publish_peer_ips();
                     }
                 }
             }

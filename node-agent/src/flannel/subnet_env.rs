@@ -12,14 +12,9 @@ use thiserror::Error;
 
 use super::config::Backend;
 
-/// flannel's default `--subnet-file`.
-pub const DEFAULT_PATH: &str = "/run/flannel/subnet.env";
-
-/// VXLAN over IPv4: outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14), flannel's
-/// vxlan `encapOverhead`.
-pub const VXLAN_OVERHEAD: u32 = 50;
-/// IP-in-IP: one extra IPv4 header.
-pub const IPIP_OVERHEAD: u32 = 20;
+// The overheads are the data path's (weft-common), equal to flannel's
+// vxlan and ipip `encapOverhead`.
+use weft_common::{IPIP_OVERHEAD, VXLAN_OVERHEAD};
 
 const SUBNET_VAR: &str = "FLANNEL_SUBNET";
 

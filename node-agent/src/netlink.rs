@@ -1,0 +1,511 @@
+//! The agent's one way to talk to the kernel's networking: rtnetlink.
+//!
+//! [`Netlink`] is the small typed surface the rest of the agent needs
+//! (links, addresses, routes, neighbours); [`RtNetlink`] implements it over
+//! the `rtnetlink` crate, as flannel does over vishvananda/netlink, and
+//! [`NetlinkEvents`] follows the kernel's notifications for those objects.
+//! Errors carry the kernel's errno, so callers decide on "already gone" by
+//! number, never by message text. Unit tests drive the logic above this
+//! trait with a fake.
+
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr},
+};
+
+use futures::{StreamExt as _, TryStreamExt as _, channel::mpsc::UnboundedReceiver};
+use ipnet::Ipv4Net;
+use rtnetlink::{
+    Handle, MulticastGroup, RouteMessageBuilder,
+    packet_core::{NetlinkMessage, NetlinkPayload},
+    packet_route::{
+        AddressFamily, RouteNetlinkMessage,
+        address::AddressAttribute,
+        link::{LinkAttribute, LinkFlags, LinkMessage},
+        neighbour::{
+            NeighbourAddress, NeighbourAttribute, NeighbourExtFlags, NeighbourFlags,
+            NeighbourMessage, NeighbourState,
+        },
+        route::{RouteAddress, RouteAttribute, RouteMessage, RouteMetric},
+    },
+    sys::SocketAddr,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetlinkError {
+    #[error("cannot open a netlink socket: {0}")]
+    Socket(#[source] io::Error),
+    /// The kernel refused a request; `errno` is positive (`libc::ENOENT`...).
+    #[error("{op}: {source}")]
+    Kernel {
+        op: String,
+        errno: i32,
+        source: io::Error,
+    },
+    #[error("{op}: {detail}")]
+    Protocol { op: String, detail: String },
+    #[error("interface {0:?} not found")]
+    NoSuchLink(String),
+}
+
+impl NetlinkError {
+    fn from_rtnetlink(op: impl Into<String>, e: rtnetlink::Error) -> Self {
+        let op = op.into();
+        match e {
+            rtnetlink::Error::NetlinkError(msg) => match msg.code {
+                Some(code) => {
+                    let errno = code.get().abs();
+                    Self::Kernel {
+                        op,
+                        errno,
+                        source: io::Error::from_raw_os_error(errno),
+                    }
+                }
+                None => Self::Protocol {
+                    op,
+                    detail: "error message without an error code".to_owned(),
+                },
+            },
+            other => Self::Protocol {
+                op,
+                detail: other.to_string(),
+            },
+        }
+    }
+
+    /// The kernel's errno, when the kernel refused the request.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            Self::Kernel { errno, .. } => Some(*errno),
+            _ => None,
+        }
+    }
+
+    /// Whether the object (route, neighbour, link) does not exist: what a
+    /// delete of something already gone answers.
+    pub fn is_not_found(&self) -> bool {
+        matches!(
+            self.errno(),
+            Some(libc::ENOENT | libc::ESRCH | libc::ENODEV)
+        ) || matches!(self, Self::NoSuchLink(_))
+    }
+}
+
+/// The facts of one network interface the agent uses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    /// All zeros for a link without an Ethernet address.
+    pub mac: [u8; 6],
+    pub mtu: u32,
+    pub up: bool,
+}
+
+/// How a neighbour entry the agent installs behaves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NeighbourKind {
+    /// A fixed address that never expires (`nud permanent`).
+    Permanent { mac: [u8; 6] },
+    /// Resolved and kept resolved by the kernel (`managed extern_learn`,
+    /// Linux 5.16+), so BPF FIB lookups find it valid; `extern_learn`
+    /// marks it as the agent's, which cleanup relies on.
+    Managed,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Neighbour {
+    pub ifindex: u32,
+    pub dst: Ipv4Addr,
+    pub kind: NeighbourKind,
+}
+
+/// An IPv4 neighbour entry as the kernel lists it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NeighbourEntry {
+    pub dst: Ipv4Addr,
+    /// `managed` and `extern_learn`: an entry [`NeighbourKind::Managed`] made.
+    pub managed: bool,
+}
+
+/// A unicast IPv4 route in the main table with one gateway.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub dst: Ipv4Net,
+    pub gateway: Ipv4Addr,
+    pub ifindex: u32,
+    /// The gateway is reachable on the link without a connected subnet.
+    pub onlink: bool,
+    /// The route's MTU metric, if any.
+    pub mtu: Option<u32>,
+}
+
+/// What the agent needs from the kernel's networking. Every call answers
+/// for the caller's network namespace.
+#[expect(
+    async_fn_in_trait,
+    reason = "used with static dispatch on the agent's current-thread runtime; no Send bound needed"
+)]
+pub trait Netlink {
+    async fn link_by_name(&self, name: &str) -> Result<Link, NetlinkError>;
+    /// `None` when no interface has this index.
+    async fn link_by_index(&self, index: u32) -> Result<Option<Link>, NetlinkError>;
+    /// IPv4 addresses of the interface with their prefixes, primary first.
+    async fn ipv4_addrs(&self, ifindex: u32) -> Result<Vec<Ipv4Net>, NetlinkError>;
+    /// Creates or replaces the entry (`ip neigh replace`).
+    async fn neighbour_replace(&self, neighbour: &Neighbour) -> Result<(), NetlinkError>;
+    /// Deletes the entry; `Ok(false)` when there was none.
+    async fn neighbour_delete(&self, ifindex: u32, dst: Ipv4Addr) -> Result<bool, NetlinkError>;
+    async fn neighbours(&self, ifindex: u32) -> Result<Vec<NeighbourEntry>, NetlinkError>;
+    /// Creates or replaces the route (`ip route replace`).
+    async fn route_replace(&self, route: &Route) -> Result<(), NetlinkError>;
+    /// Deletes the route; `Ok(false)` when there was none.
+    async fn route_delete(&self, route: &Route) -> Result<bool, NetlinkError>;
+    /// The main table's IPv4 routes to exactly `dst` that have a gateway.
+    async fn routes_to(&self, dst: Ipv4Net) -> Result<Vec<Route>, NetlinkError>;
+}
+
+/// [`Netlink`] over an rtnetlink socket of the caller's network namespace.
+#[derive(Clone)]
+pub struct RtNetlink {
+    handle: Handle,
+}
+
+impl RtNetlink {
+    /// Opens the socket and spawns its connection task on the current tokio
+    /// runtime. The socket is bound to the namespace the thread is in now.
+    pub fn open() -> Result<Self, NetlinkError> {
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(NetlinkError::Socket)?;
+        tokio::spawn(conn);
+        Ok(Self { handle })
+    }
+}
+
+fn link_from(msg: &LinkMessage) -> Link {
+    let mut link = Link {
+        index: msg.header.index,
+        name: String::new(),
+        mac: [0; 6],
+        mtu: 0,
+        up: msg.header.flags.contains(LinkFlags::Up),
+    };
+    for attr in &msg.attributes {
+        match attr {
+            LinkAttribute::IfName(name) => link.name.clone_from(name),
+            LinkAttribute::Mtu(mtu) => link.mtu = *mtu,
+            LinkAttribute::Address(a) => {
+                if let Ok(mac) = <[u8; 6]>::try_from(a.as_slice()) {
+                    link.mac = mac;
+                }
+            }
+            _ => {}
+        }
+    }
+    link
+}
+
+fn route_message(route: &Route) -> RouteMessage {
+    let mut builder = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(route.dst.network(), route.dst.prefix_len())
+        .gateway(route.gateway)
+        .output_interface(route.ifindex);
+    if route.onlink {
+        builder = builder.onlink();
+    }
+    let mut msg = builder.build();
+    if let Some(mtu) = route.mtu {
+        msg.attributes
+            .push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(mtu)]));
+    }
+    msg
+}
+
+/// The route in `msg`, if it is an IPv4 unicast route with one gateway.
+fn route_from(msg: &RouteMessage) -> Option<Route> {
+    if msg.header.address_family != AddressFamily::Inet {
+        return None;
+    }
+    let mut dst = Ipv4Addr::UNSPECIFIED;
+    let (mut gateway, mut ifindex, mut mtu) = (None, None, None);
+    for attr in &msg.attributes {
+        match attr {
+            RouteAttribute::Destination(RouteAddress::Inet(a)) => dst = *a,
+            RouteAttribute::Gateway(RouteAddress::Inet(a)) => gateway = Some(*a),
+            RouteAttribute::Oif(i) => ifindex = Some(*i),
+            RouteAttribute::Metrics(metrics) => {
+                mtu = metrics.iter().find_map(|m| match m {
+                    RouteMetric::Mtu(v) => Some(*v),
+                    _ => None,
+                });
+            }
+            _ => {}
+        }
+    }
+    Some(Route {
+        dst: Ipv4Net::new(dst, msg.header.destination_prefix_length).ok()?,
+        gateway: gateway?,
+        ifindex: ifindex?,
+        onlink: msg
+            .header
+            .flags
+            .contains(rtnetlink::packet_route::route::RouteFlags::Onlink),
+        mtu,
+    })
+}
+
+fn neighbour_dst(msg: &NeighbourMessage) -> Option<Ipv4Addr> {
+    msg.attributes.iter().find_map(|a| match a {
+        NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
+        _ => None,
+    })
+}
+
+fn neighbour_managed(msg: &NeighbourMessage) -> bool {
+    let managed = msg.attributes.iter().any(
+        |a| matches!(a, NeighbourAttribute::ExtFlags(f) if f.contains(NeighbourExtFlags::Managed)),
+    );
+    managed && msg.header.flags.contains(NeighbourFlags::ExtLearned)
+}
+
+impl Netlink for RtNetlink {
+    async fn link_by_name(&self, name: &str) -> Result<Link, NetlinkError> {
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_owned())
+            .execute();
+        match links.try_next().await {
+            Ok(Some(msg)) => Ok(link_from(&msg)),
+            Ok(None) => Err(NetlinkError::NoSuchLink(name.to_owned())),
+            Err(e) => {
+                let e = NetlinkError::from_rtnetlink(format!("looking up interface {name:?}"), e);
+                if e.is_not_found() {
+                    Err(NetlinkError::NoSuchLink(name.to_owned()))
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    async fn link_by_index(&self, index: u32) -> Result<Option<Link>, NetlinkError> {
+        let mut links = self.handle.link().get().match_index(index).execute();
+        match links.try_next().await {
+            Ok(found) => Ok(found.as_ref().map(link_from)),
+            Err(e) => {
+                let e = NetlinkError::from_rtnetlink(format!("looking up ifindex {index}"), e);
+                if e.is_not_found() { Ok(None) } else { Err(e) }
+            }
+        }
+    }
+
+    async fn ipv4_addrs(&self, ifindex: u32) -> Result<Vec<Ipv4Net>, NetlinkError> {
+        let op = || format!("listing addresses of ifindex {ifindex}");
+        let msgs: Vec<_> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(ifindex)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| NetlinkError::from_rtnetlink(op(), e))?;
+        // The kernel lists a link's addresses primary first, in the order
+        // they were added, as `ip addr` shows them.
+        Ok(msgs
+            .iter()
+            .filter(|m| m.header.family == AddressFamily::Inet && m.header.index == ifindex)
+            .filter_map(|m| {
+                let local = m.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Local(IpAddr::V4(ip)) => Some(*ip),
+                    _ => None,
+                })?;
+                Ipv4Net::new(local, m.header.prefix_len).ok()
+            })
+            .collect())
+    }
+
+    async fn neighbour_replace(&self, n: &Neighbour) -> Result<(), NetlinkError> {
+        let mut req = self
+            .handle
+            .neighbours()
+            .add(n.ifindex, IpAddr::V4(n.dst))
+            .replace();
+        match n.kind {
+            NeighbourKind::Permanent { mac } => {
+                req = req
+                    .state(NeighbourState::Permanent)
+                    .link_layer_address(&mac);
+            }
+            NeighbourKind::Managed => {
+                // The kernel refuses NTF_EXT_MANAGED on a permanent entry; with
+                // no state it creates the entry and starts resolving it.
+                req = req
+                    .state(NeighbourState::None)
+                    .flags(NeighbourFlags::ExtLearned);
+                req.message_mut()
+                    .attributes
+                    .push(NeighbourAttribute::ExtFlags(NeighbourExtFlags::Managed));
+            }
+        }
+        req.execute().await.map_err(|e| {
+            NetlinkError::from_rtnetlink(
+                format!("neighbour replace {} ifindex {}", n.dst, n.ifindex),
+                e,
+            )
+        })
+    }
+
+    async fn neighbour_delete(&self, ifindex: u32, dst: Ipv4Addr) -> Result<bool, NetlinkError> {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = AddressFamily::Inet;
+        msg.header.ifindex = ifindex;
+        msg.attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(dst)));
+        match self.handle.neighbours().del(msg).execute().await {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                let e = NetlinkError::from_rtnetlink(
+                    format!("neighbour delete {dst} ifindex {ifindex}"),
+                    e,
+                );
+                if e.is_not_found() { Ok(false) } else { Err(e) }
+            }
+        }
+    }
+
+    async fn neighbours(&self, ifindex: u32) -> Result<Vec<NeighbourEntry>, NetlinkError> {
+        let msgs: Vec<_> = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Inet)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| NetlinkError::from_rtnetlink("listing neighbours", e))?;
+        Ok(msgs
+            .iter()
+            .filter(|m| m.header.ifindex == ifindex)
+            .filter_map(|m| {
+                Some(NeighbourEntry {
+                    dst: neighbour_dst(m)?,
+                    managed: neighbour_managed(m),
+                })
+            })
+            .collect())
+    }
+
+    async fn route_replace(&self, route: &Route) -> Result<(), NetlinkError> {
+        self.handle
+            .route()
+            .add(route_message(route))
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| {
+                NetlinkError::from_rtnetlink(
+                    format!("route replace {} via {}", route.dst, route.gateway),
+                    e,
+                )
+            })
+    }
+
+    async fn route_delete(&self, route: &Route) -> Result<bool, NetlinkError> {
+        match self
+            .handle
+            .route()
+            .del(route_message(route))
+            .execute()
+            .await
+        {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                let e = NetlinkError::from_rtnetlink(
+                    format!("route delete {} via {}", route.dst, route.gateway),
+                    e,
+                );
+                if e.is_not_found() { Ok(false) } else { Err(e) }
+            }
+        }
+    }
+
+    async fn routes_to(&self, dst: Ipv4Net) -> Result<Vec<Route>, NetlinkError> {
+        let filter = RouteMessageBuilder::<Ipv4Addr>::new().build();
+        let msgs: Vec<_> = self
+            .handle
+            .route()
+            .get(filter)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| NetlinkError::from_rtnetlink("listing routes", e))?;
+        Ok(msgs
+            .iter()
+            .filter_map(route_from)
+            .filter(|r| r.dst == dst)
+            .collect())
+    }
+}
+
+/// A change the kernel announced that the agent may have to answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NetlinkEvent {
+    /// A link appeared or changed (e.g. came up again after a flap).
+    LinkChanged(Link),
+    LinkRemoved {
+        index: u32,
+    },
+    RouteRemoved(Route),
+    NeighbourRemoved {
+        ifindex: u32,
+        dst: Ipv4Addr,
+    },
+}
+
+/// The kernel's link, IPv4 route and neighbour notifications (what
+/// `ip monitor link route neigh` shows), for the caller's namespace.
+pub struct NetlinkEvents {
+    messages: UnboundedReceiver<(NetlinkMessage<RouteNetlinkMessage>, SocketAddr)>,
+}
+
+impl NetlinkEvents {
+    pub fn subscribe() -> Result<Self, NetlinkError> {
+        let (conn, _handle, messages) = rtnetlink::new_multicast_connection(&[
+            MulticastGroup::Link,
+            MulticastGroup::Ipv4Route,
+            MulticastGroup::Neigh,
+        ])
+        .map_err(NetlinkError::Socket)?;
+        tokio::spawn(conn);
+        Ok(Self { messages })
+    }
+
+    /// The next event the agent cares about; `None` if the socket closed.
+    pub async fn next(&mut self) -> Option<NetlinkEvent> {
+        loop {
+            let (msg, _) = self.messages.next().await?;
+            let NetlinkPayload::InnerMessage(inner) = msg.payload else {
+                continue;
+            };
+            let event = match inner {
+                RouteNetlinkMessage::NewLink(l) => Some(NetlinkEvent::LinkChanged(link_from(&l))),
+                RouteNetlinkMessage::DelLink(l) => Some(NetlinkEvent::LinkRemoved {
+                    index: l.header.index,
+                }),
+                RouteNetlinkMessage::DelRoute(r) => route_from(&r).map(NetlinkEvent::RouteRemoved),
+                RouteNetlinkMessage::DelNeighbour(n) => {
+                    neighbour_dst(&n).map(|dst| NetlinkEvent::NeighbourRemoved {
+                        ifindex: n.header.ifindex,
+                        dst,
+                    })
+                }
+                _ => None,
+            };
+            if event.is_some() {
+                return event;
+            }
+        }
+    }
+}
