@@ -182,6 +182,11 @@ pub struct HostNetworking {
     /// Neighbour entries this process installed, so resyncs do not churn them.
     neighbours: BTreeSet<Ipv4Addr>,
     route_missing: bool,
+    /// The route may be gone without an event saying so: the kernel flushes
+    /// a link's routes silently when it goes down.
+    route_unverified: bool,
+    /// The last repair failure logged, so an outage is reported once.
+    last_failure: Option<String>,
 }
 
 impl HostNetworking {
@@ -191,6 +196,8 @@ impl HostNetworking {
             onlink,
             neighbours: BTreeSet::new(),
             route_missing: true,
+            route_unverified: false,
+            last_failure: None,
         }
     }
 
@@ -271,18 +278,41 @@ impl HostNetworking {
             tracing::warn!(route = %self.route.network, "cluster route is missing; putting it back");
             self.route_missing = true;
         }
+        self.route_unverified = false;
         Ok(())
     }
 
     /// Puts everything back that is missing.
     async fn repair(&mut self, nl: &impl Netlink, peers: &BTreeSet<Ipv4Addr>) {
-        if let Err(e) = self.ensure_route(nl).await {
-            // Typically the link is down; its coming up is an event.
-            tracing::warn!(error = %e, "cannot install the cluster route yet; retrying on the next link change or resync");
+        let verified = if self.route_unverified {
+            self.check_route(nl).await
+        } else {
+            Ok(())
+        };
+        // Typically the link is down; its coming up is an event.
+        let route = match verified {
+            Ok(()) => self.ensure_route(nl).await,
+            Err(e) => Err(e),
         }
-        if let Err(e) = self.sync_neighbours(nl, peers).await {
-            tracing::warn!(error = %e, "cannot update neighbour entries for peers");
+        .err()
+        .map(|e| format!("cannot install the cluster route yet: {e}"));
+        let neighbours = self
+            .sync_neighbours(nl, peers)
+            .await
+            .err()
+            .map(|e| format!("cannot update neighbour entries for peers: {e}"));
+        let failure = match (route, neighbours) {
+            (Some(r), Some(n)) => Some(format!("{r}; {n}")),
+            (r, n) => r.or(n),
+        };
+        match (&failure, &self.last_failure) {
+            (Some(now), last) if last.as_ref() != Some(now) => {
+                tracing::warn!("{now}; retrying on the next change or resync");
+            }
+            (None, Some(_)) => tracing::info!("host networking repaired"),
+            _ => {}
         }
+        self.last_failure = failure;
     }
 
     /// Runs until the peer set's sender is dropped: follows kernel events

@@ -820,3 +820,69 @@ print("no error queued")
     }
     Ok(())
 }
+
+#[test]
+fn the_agent_puts_back_its_route_and_neighbours_after_removal_and_a_link_flap() -> Result<()> {
+    preflight()?;
+    let cluster = Cluster::new(CONFIG)?;
+    let (hosts, _envs) = start_hosts(&cluster, &[1, 2], false)?;
+    let a = hosts[0].attach_container()?;
+    let b = hosts[1].attach_container()?;
+    check_ping(&a, &b)?;
+    let host = &hosts[0];
+    let peer_ip = hosts[1].ip().to_string();
+    let route = |host: &Host<'_>| host.ns().ip(&["route", "show", NETWORK]);
+    let managed = |host: &Host<'_>| -> Result<bool> {
+        let neigh = host.ns().ip(&["neigh", "show", &peer_ip, "dev", "eth0"])?;
+        Ok(neigh.contains("managed"))
+    };
+    let wait_route_back = |what: &str| {
+        wait_until(CONVERGE, what, |last| {
+            *last = route(host)?;
+            Ok(last.contains("onlink").then_some(()))
+        })
+    };
+    wait_until(CONVERGE, "the peer's managed neighbour entry", |last| {
+        *last = host.ns().ip(&["neigh", "show", "dev", "eth0"])?;
+        Ok(managed(host)?.then_some(()))
+    })?;
+
+    // Removed by hand, as a careless `ip route flush` would.
+    host.ns().ip(&["route", "del", NETWORK])?;
+    wait_route_back("the cluster route, deleted by hand, back")?;
+    check_ping(&a, &b)?;
+
+    // The gateway's permanent neighbour entry and the peer's managed one.
+    host.ns()
+        .ip(&["neigh", "del", "10.244.0.0", "dev", "eth0"])?;
+    host.ns().ip(&["neigh", "del", &peer_ip, "dev", "eth0"])?;
+    wait_until(CONVERGE, "both neighbour entries back", |last| {
+        *last = host.ns().ip(&["neigh", "show", "dev", "eth0"])?;
+        Ok((last.contains("10.244.0.0") && managed(host)?).then_some(()))
+    })?;
+
+    // A link flap: the kernel flushes the routes through eth0 when it goes
+    // down; the agent puts the cluster route back when it comes up.
+    host.ns().ip(&["link", "set", "eth0", "down"])?;
+    wait_until(CONVERGE, "the kernel to flush the route", |last| {
+        *last = route(host)?;
+        Ok(last.trim().is_empty().then_some(()))
+    })?;
+    host.ns().ip(&["link", "set", "eth0", "up"])?;
+    wait_route_back("the cluster route back after the link came up")?;
+    ensure!(
+        route(host)?.contains(&format!("mtu {}", a.subnet_env().mtu)),
+        "route lost its MTU: {}",
+        route(host)?
+    );
+    check_both_ways(&a, &b)?;
+
+    let log = host.agent_log();
+    ensure!(
+        log.contains("cluster route was removed; putting it back")
+            && log.contains("host networking repaired"),
+        "repairs not logged:\n{log}"
+    );
+    ensure!(host.agent_running(), "agent stopped:\n{log}");
+    Ok(())
+}
