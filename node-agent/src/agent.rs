@@ -22,6 +22,7 @@ use crate::{
     lease_manager::LeaseManager,
     netconf::{self, ClusterRoute, HostNetworking, Interface},
     netlink::{Netlink as _, NetlinkEvents, RtNetlink},
+    nft::{Firewall, FirewallPlan, Nft, Repairs},
     peers::PeerTable,
     pinned::PinnedState,
     watcher::PeerWatcher,
@@ -37,6 +38,12 @@ pub struct RunSettings {
     pub subnet_file: PathBuf,
     pub pin_path: PathBuf,
     pub decap_mode: DecapMode,
+    /// Masquerade container traffic leaving the cluster network.
+    pub ip_masq: bool,
+    /// Accept cluster traffic in iptables' FORWARD chain.
+    pub forward_rules: bool,
+    /// How often the firewall rules are checked and restored.
+    pub firewall_resync: Duration,
 }
 
 const RETRY_MIN: Duration = Duration::from_millis(500);
@@ -102,12 +109,27 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
         network: cfg.network,
         subnet: held.subnet,
         mtu,
-        ipmasq: false,
+        ipmasq: s.ip_masq,
     };
     subnet_env::write_atomic(&s.subnet_file, &env.render())
         .with_context(|| format!("writing {}", s.subnet_file.display()))?;
 
     netconf::enable_ipv4_forwarding()?;
+    let firewall = Firewall::new(FirewallPlan {
+        network: cfg.network,
+        subnet: held.subnet,
+        ip_masq: s.ip_masq,
+        forward_rules: s.forward_rules,
+    });
+    let mut nft = Nft::open().context("netfilter")?;
+    firewall
+        .sync(&mut nft)
+        .context("installing the firewall rules (--ip-masq, --iptables-forward-rules)")?;
+    tracing::info!(
+        ip_masq = s.ip_masq,
+        forward_rules = s.forward_rules,
+        "firewall rules in place"
+    );
     dp.write_node_config(&NodeConfig {
         configured: 1,
         public_ip: public_ip.octets(),
@@ -157,6 +179,7 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
     );
     tokio::select! {
         () = host.run(&nl, events, peer_ips_rx) => bail!("host networking task stopped"),
+        () = keep_firewall(&firewall, nft, s.firewall_resync) => bail!("firewall task stopped"),
         err = watcher.run() => {
             Err(anyhow::Error::new(err)).context("stopping: lease revoked; restart the agent to lease again")
         }
@@ -166,6 +189,48 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
             r?;
             tracing::info!("stopping; the data path stays in place (`node-agent cleanup` removes it)");
             Ok(())
+        }
+    }
+}
+
+/// Checks the firewall rules every `every` and puts back what is missing or
+/// changed, as flanneld's `--iptables-resync` does. A repair or a new
+/// failure is logged once.
+async fn keep_firewall(firewall: &Firewall, nft: Nft, every: Duration) {
+    let mut nft = Some(nft);
+    let mut last_failure: Option<String> = None;
+    loop {
+        tokio::time::sleep(every).await;
+        let result = match nft.take() {
+            Some(n) => Ok(n),
+            None => Nft::open(),
+        }
+        .and_then(|mut n| {
+            let repairs = firewall.sync(&mut n);
+            nft = Some(n);
+            repairs
+        });
+        match result {
+            Ok(repairs) => {
+                if repairs != Repairs::default() {
+                    tracing::warn!(
+                        masquerade = repairs.masq,
+                        forward = repairs.forward,
+                        "firewall rules were missing or changed; restored"
+                    );
+                } else if last_failure.is_some() {
+                    tracing::info!("firewall rules in place again");
+                }
+                last_failure = None;
+            }
+            Err(e) => {
+                let text = e.to_string();
+                if last_failure.as_deref() != Some(text.as_str()) {
+                    tracing::warn!(error = %text, "cannot check the firewall rules; retrying");
+                }
+                last_failure = Some(text);
+                nft = None;
+            }
         }
     }
 }
@@ -312,12 +377,37 @@ pub fn status(pin_path: &Path) -> anyhow::Result<()> {
     for (reason, n) in &state.counters().with_context(reading)? {
         println!("  {:<22} {n}", reason.name());
     }
+    // The firewall rules are this network namespace's, not pinned state.
+    match Nft::open().and_then(|mut nft| Firewall::installed(&mut nft)) {
+        Ok(installed) => {
+            println!("firewall (table ip {}):", crate::nft::TABLE);
+            if installed.masq.is_empty() {
+                println!("  no masquerade rules (--ip-masq off)");
+            }
+            for comment in &installed.masq {
+                println!("  {comment}");
+            }
+            match &installed.forward {
+                None => println!("iptables FORWARD chain: none here, no forward rules needed"),
+                Some(rules) => {
+                    println!("iptables FORWARD chain (table ip filter):");
+                    if rules.is_empty() {
+                        println!("  no weft rules (--iptables-forward-rules off)");
+                    }
+                    for comment in rules {
+                        println!("  {comment}");
+                    }
+                }
+            }
+        }
+        Err(e) => println!("firewall: cannot read ({e})"),
+    }
     Ok(())
 }
 
 /// Removes what `run` created: the cluster route and its neighbour entry,
-/// the peers' managed neighbour entries, every pin (which detaches the
-/// programs), and the subnet file.
+/// the peers' managed neighbour entries, weft's firewall rules, every pin
+/// (which detaches the programs), and the subnet file.
 pub async fn cleanup(pin_path: &Path, subnet_file: &Path) -> anyhow::Result<()> {
     let pinned_cfg = if PinnedState::exists(pin_path) {
         PinnedState::open(pin_path)?.node_config()?
@@ -346,6 +436,8 @@ pub async fn cleanup(pin_path: &Path, subnet_file: &Path) -> anyhow::Result<()> 
             );
         }
     }
+    let mut nft = Nft::open().context("netfilter")?;
+    Firewall::remove(&mut nft).context("removing weft's firewall rules")?;
     datapath::remove_pins(pin_path)?;
     match std::fs::remove_file(subnet_file) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {

@@ -8,7 +8,8 @@
 //! - [`pinned`]: the one reader of pinned state, and the peer-map writer;
 //! - [`netconf`]: the underlay interface, the cluster route, peers' neighbour
 //!   entries (kept in place against removals), forwarding;
-//! - [`netlink`]: the typed rtnetlink layer everything above talks through.
+//! - [`netlink`]: the typed rtnetlink layer everything above talks through;
+//! - [`nft`]: `--ip-masq` and the forward rules, over nf_tables netlink.
 
 pub mod agent;
 pub mod datapath;
@@ -17,6 +18,7 @@ pub mod flannel;
 pub mod lease_manager;
 pub mod netconf;
 pub mod netlink;
+pub mod nft;
 pub mod peers;
 pub mod pinned;
 pub mod watcher;

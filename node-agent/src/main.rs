@@ -40,13 +40,25 @@ enum Command {
         /// Where VXLAN is decapsulated.
         #[arg(long, value_enum, default_value_t = DecapMode::Auto)]
         decap_mode: DecapMode,
+        /// Masquerade traffic from this node's containers to destinations
+        /// outside the cluster network (flannel's --ip-masq).
+        #[arg(long, env = "FLANNELD_IP_MASQ")]
+        ip_masq: bool,
+        /// Accept cluster-network traffic in iptables' FORWARD chain, so a
+        /// DROP policy (Docker sets one) does not stop it.
+        #[arg(long, env = "FLANNELD_IPTABLES_FORWARD_RULES", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+        iptables_forward_rules: bool,
+        /// Seconds between checks that the firewall rules are still in place.
+        #[arg(long, env = "FLANNELD_IPTABLES_RESYNC", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+        iptables_resync: u64,
     },
     /// Show the pinned peer table and the data path's counters.
     Status {
         #[arg(long, default_value = "/sys/fs/bpf/weft")]
         pin_path: PathBuf,
     },
-    /// Remove everything `run` created: programs, maps, route, subnet file.
+    /// Remove everything `run` created: programs, maps, route, firewall
+    /// rules, subnet file.
     Cleanup {
         #[arg(long, default_value = "/sys/fs/bpf/weft")]
         pin_path: PathBuf,
@@ -93,6 +105,9 @@ async fn run_async(command: Command) -> anyhow::Result<()> {
             subnet_file,
             pin_path,
             decap_mode,
+            ip_masq,
+            iptables_forward_rules,
+            iptables_resync,
         } => {
             agent::run(RunSettings {
                 etcd_endpoints,
@@ -102,6 +117,9 @@ async fn run_async(command: Command) -> anyhow::Result<()> {
                 subnet_file,
                 pin_path,
                 decap_mode,
+                ip_masq,
+                forward_rules: iptables_forward_rules,
+                firewall_resync: std::time::Duration::from_secs(iptables_resync),
             })
             .await
         }
