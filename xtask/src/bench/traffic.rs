@@ -2,14 +2,13 @@
 //! iperf3 for TCP throughput, the bench's own tools for packet rate and
 //! request/response latency.
 
-use std::net::Ipv4Addr;
-use std::process::{Child, Stdio};
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 use weft_tests::Netns;
-use weft_tests::process;
+use weft_tests::process::{self, Background, Bound};
 
 const IPERF_PORT: u16 = 5201;
 const PPS_PORT: u16 = 9000;
@@ -17,34 +16,15 @@ const RR_PORT: u16 = 9001;
 /// UDP payload of the packet-rate test.
 pub const SMALL_PAYLOAD: usize = 64;
 
-/// Kills and reaps a background tool on every exit path.
-pub struct Background(Option<Child>);
+/// How long a server gets to bind its socket.
+const SERVER_READY_TIMEOUT: Duration = Duration::from_secs(10);
 
-impl Background {
-    fn wait(mut self, timeout: Duration, desc: &str) -> Result<String> {
-        let child = self.0.take().context("already waited")?;
-        let out = process::wait_output(child, desc, timeout)?;
-        process::check(desc, &out)
-    }
-}
-
-impl Drop for Background {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn spawn(ns: &Netns, args: &[&str]) -> Result<Background> {
-    let mut cmd = ns.command(args);
-    let desc = process::describe(&cmd);
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let child = cmd.spawn().with_context(|| format!("spawning `{desc}`"))?;
-    Ok(Background(Some(child)))
+/// Starts server `args` in `ns` and waits until it has bound `addr` as
+/// `bound` says, so the client that follows never races its start-up.
+fn start_server(ns: &Netns, args: &[&str], bound: Bound, addr: SocketAddrV4) -> Result<Background> {
+    let mut server = Background::spawn(ns.command(args))?;
+    server.wait_bound(bound, addr, SERVER_READY_TIMEOUT)?;
+    Ok(server)
 }
 
 fn self_exe() -> Result<String> {
@@ -60,7 +40,7 @@ fn json(text: &str, what: &str) -> Result<Value> {
 
 /// A persistent iperf3 server in `ns` bound to `ip`.
 pub fn iperf_server(ns: &Netns, ip: Ipv4Addr) -> Result<Background> {
-    let bg = spawn(
+    start_server(
         ns,
         &[
             "iperf3",
@@ -70,10 +50,9 @@ pub fn iperf_server(ns: &Netns, ip: Ipv4Addr) -> Result<Background> {
             "-p",
             &IPERF_PORT.to_string(),
         ],
-    )?;
-    // iperf3 listens within milliseconds; the client retries anyway.
-    std::thread::sleep(Duration::from_millis(300));
-    Ok(bg)
+        Bound::TcpListen,
+        SocketAddrV4::new(ip, IPERF_PORT),
+    )
 }
 
 /// TCP throughput from `client` to the iperf3 server at `dst`, Gbit/s as
@@ -123,9 +102,10 @@ pub struct Pps {
 /// 64-byte UDP from `gen_ns` to a sink in `sink_ns` at `dst`.
 pub fn udp_pps(gen_ns: &Netns, sink_ns: &Netns, dst: Ipv4Addr, secs: f64) -> Result<Pps> {
     let exe = self_exe()?;
-    let bind = format!("{dst}:{PPS_PORT}");
+    let addr = SocketAddrV4::new(dst, PPS_PORT);
+    let bind = addr.to_string();
     let max = format!("{}", secs + 10.0);
-    let sink = spawn(
+    let sink = start_server(
         sink_ns,
         &[
             &exe,
@@ -137,8 +117,9 @@ pub fn udp_pps(gen_ns: &Netns, sink_ns: &Netns, dst: Ipv4Addr, secs: f64) -> Res
             "--idle-ms",
             "500",
         ],
+        Bound::Udp,
+        addr,
     )?;
-    std::thread::sleep(Duration::from_millis(200));
     let secs_s = format!("{secs}");
     let size = SMALL_PAYLOAD.to_string();
     let out = process::run_timeout(
@@ -161,7 +142,7 @@ pub fn udp_pps(gen_ns: &Netns, sink_ns: &Netns, dst: Ipv4Addr, secs: f64) -> Res
     let sent = g["sent"].as_f64().context("udpgen: sent")?;
     let elapsed = g["secs"].as_f64().context("udpgen: secs")?;
     let s = json(
-        &sink.wait(Duration::from_secs_f64(secs + 15.0), "udpsink")?,
+        &sink.finish(Duration::from_secs_f64(secs + 15.0))?,
         "udpsink",
     )?;
     let received = s["received"].as_f64().context("udpsink: received")?;
@@ -188,9 +169,10 @@ pub struct Rr {
 /// `server_ns` at `dst`.
 pub fn tcp_rr(client_ns: &Netns, server_ns: &Netns, dst: Ipv4Addr, secs: f64) -> Result<Rr> {
     let exe = self_exe()?;
-    let addr = format!("{dst}:{RR_PORT}");
+    let bind = SocketAddrV4::new(dst, RR_PORT);
+    let addr = bind.to_string();
     let max = format!("{}", secs + 15.0);
-    let _server = spawn(
+    let _server = start_server(
         server_ns,
         &[
             &exe,
@@ -202,8 +184,9 @@ pub fn tcp_rr(client_ns: &Netns, server_ns: &Netns, dst: Ipv4Addr, secs: f64) ->
             "--cpu",
             "1",
         ],
+        Bound::TcpListen,
+        bind,
     )?;
-    std::thread::sleep(Duration::from_millis(200));
     let secs_s = format!("{secs}");
     let out = process::run_timeout(
         client_ns.command(&[
