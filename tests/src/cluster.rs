@@ -309,8 +309,9 @@ impl SubnetEnvExt for SubnetEnv {
     }
 
     fn host_addr(&self, n: u8) -> Result<Ipv4Addr> {
+        // The last address is the broadcast; u64 so a /0 cannot overflow.
         ensure!(
-            u32::from(n) + 1 < 1 << (32 - u32::from(self.subnet.prefix_len())),
+            u64::from(n) + 1 < 1u64 << (32 - u32::from(self.subnet.prefix_len())),
             "subnet {} has no host {n}",
             self.subnet
         );

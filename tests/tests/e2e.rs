@@ -234,6 +234,26 @@ fn wait_full_mesh(hosts: &[&Host<'_>], envs: &[&SubnetEnv]) -> Result<()> {
     Ok(())
 }
 
+/// The README's `bpftool map dump pinned <pin>/SUBNETS` works on the
+/// agent's pins and lists what the agent's own reader sees. Only the entry
+/// count is taken from bpftool: decoding the table is `PinnedState`'s job.
+fn check_bpftool_dump(host: &Host<'_>) -> Result<()> {
+    let pin = host.pin_path().join(weft_common::MAP_SUBNETS);
+    let out = weft_tests::process::run(weft_tests::process::command(
+        "bpftool",
+        &["-j", "map", "dump", "pinned", &pin.to_string_lossy()],
+    ))?;
+    let dump: serde_json::Value =
+        serde_json::from_str(&out).with_context(|| format!("bpftool printed {out:?}"))?;
+    let listed = dump.as_array().map_or(0, Vec::len);
+    let peers = host.peers()?;
+    ensure!(
+        listed == peers.len(),
+        "bpftool lists {listed} SUBNETS entries, the agent's reader {peers:?}"
+    );
+    Ok(())
+}
+
 /// Convergence, then strict pings: small ones and a full-MTU one with DF.
 fn check_ping(from: &Container<'_>, to: &Container<'_>) -> Result<()> {
     let what = || format!("{} -> {}", from.ip(), to.ip());
@@ -354,6 +374,7 @@ fn three_hosts_connect_and_a_late_joiner_becomes_reachable(backend: Backend) -> 
             host.index()
         );
     }
+    check_bpftool_dump(&hosts[0])?;
     let containers = hosts
         .iter()
         .map(Host::attach_container)
