@@ -8,36 +8,44 @@
 //!   permanent neighbour entry, an fdb entry and a route via `<subnet>.0`
 //!   onlink.
 //!
-//! No agent runs on these hosts; the subnet file is written here so that
-//! [`Host::attach_container`] attaches containers as usual.
+//! No agent runs on these hosts; the subnet file is written here, by the
+//! agent's own renderer, so that [`Host::attach_container`] attaches
+//! containers as usual.
 
 use std::net::Ipv4Addr;
 
 use anyhow::{Context, Result};
-use serde_json::Value;
+use ipnet::Ipv4Net;
+use node_agent::flannel::lease::format_mac;
+use node_agent::flannel::subnet_env::VXLAN_OVERHEAD;
+use node_agent::flannel::{LeaseAttrs, SubnetEnv, VxlanLeaseData};
 
-use crate::{Host, SubnetEnv, parse_cidr, switch_port};
+use crate::Host;
 
 /// The cluster network both baselines use (as the weft modes do).
-pub const BASELINE_NETWORK: &str = "10.244.0.0/16";
+pub const BASELINE_NETWORK: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(10, 244, 0, 0), 16);
 const FLANNEL_DEVICE: &str = "flannel.1";
+const FLANNEL_VNI: u32 = 1;
+const UNDERLAY_MTU: u32 = 1500;
 
 /// Writes `host`'s subnet file for subnet `10.244.<subnet>.0/24` with `mtu`.
 pub fn write_subnet_file(host: &Host<'_>, subnet: u8, mtu: u32) -> Result<SubnetEnv> {
-    let text = format!(
-        "FLANNEL_NETWORK={BASELINE_NETWORK}\nFLANNEL_SUBNET=10.244.{subnet}.1/24\nFLANNEL_MTU={mtu}\nFLANNEL_IPMASQ=false\n"
-    );
-    std::fs::write(host.subnet_file(), &text)
+    let env = SubnetEnv {
+        network: BASELINE_NETWORK,
+        subnet: Ipv4Net::new(Ipv4Addr::new(10, 244, subnet, 0), 24)?,
+        mtu,
+        ipmasq: false,
+    };
+    std::fs::write(host.subnet_file(), env.render())
         .with_context(|| format!("writing {}", host.subnet_file().display()))?;
-    SubnetEnv::parse(&text)
+    Ok(env)
 }
 
 /// A host-gw node: forwarding on, subnet file with the full underlay MTU
 /// (host-gw has no encapsulation overhead).
 pub fn host_gw_node(host: &Host<'_>, subnet: u8) -> Result<SubnetEnv> {
-    host.ns()
-        .run(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])?;
-    write_subnet_file(host, subnet, 1500)
+    host.ns().sysctl("net.ipv4.ip_forward", "1")?;
+    write_subnet_file(host, subnet, UNDERLAY_MTU)
 }
 
 /// Adds flanneld host-gw's route for `peer`'s subnet on `host`.
@@ -45,7 +53,7 @@ pub fn host_gw_add_peer(host: &Host<'_>, peer: &Host<'_>, peer_env: &SubnetEnv) 
     host.ns().ip(&[
         "route",
         "replace",
-        &peer_env.subnet_network()?,
+        &peer_env.subnet.to_string(),
         "via",
         &peer.ip().to_string(),
         "dev",
@@ -56,10 +64,12 @@ pub fn host_gw_add_peer(host: &Host<'_>, peer: &Host<'_>, peer_env: &SubnetEnv) 
 
 /// A flanneld vxlan node: `flannel.1` as flanneld creates it, its address
 /// `10.244.<subnet>.0/32`, forwarding on, subnet file with MTU 1450.
-/// Returns the subnet file and the device's MAC (its VtepMAC).
-pub fn flannel_vxlan_node(host: &Host<'_>, subnet: u8) -> Result<(SubnetEnv, String)> {
+/// Returns the subnet file and the lease flanneld would publish for it.
+pub fn flannel_vxlan_node(host: &Host<'_>, subnet: u8) -> Result<(SubnetEnv, LeaseAttrs)> {
     let ns = host.ns();
     let local = host.ip().to_string();
+    let vni = FLANNEL_VNI.to_string();
+    let mtu = (UNDERLAY_MTU - VXLAN_OVERHEAD).to_string();
     ns.ip(&[
         "link",
         "add",
@@ -67,7 +77,7 @@ pub fn flannel_vxlan_node(host: &Host<'_>, subnet: u8) -> Result<(SubnetEnv, Str
         "type",
         "vxlan",
         "id",
-        "1",
+        &vni,
         "local",
         &local,
         "dev",
@@ -76,7 +86,7 @@ pub fn flannel_vxlan_node(host: &Host<'_>, subnet: u8) -> Result<(SubnetEnv, Str
         "8472",
         "nolearning",
     ])?;
-    ns.ip(&["link", "set", FLANNEL_DEVICE, "mtu", "1450", "up"])?;
+    ns.ip(&["link", "set", FLANNEL_DEVICE, "mtu", &mtu, "up"])?;
     ns.ip(&[
         "addr",
         "add",
@@ -84,33 +94,39 @@ pub fn flannel_vxlan_node(host: &Host<'_>, subnet: u8) -> Result<(SubnetEnv, Str
         "dev",
         FLANNEL_DEVICE,
     ])?;
-    ns.run(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])?;
-    let link: Value = serde_json::from_str(&ns.ip(&["-j", "link", "show", FLANNEL_DEVICE])?)
-        .context("parsing `ip -j link show flannel.1`")?;
-    let vtep = link[0]["address"]
-        .as_str()
-        .context("flannel.1 has no MAC")?
-        .to_owned();
-    Ok((write_subnet_file(host, subnet, 1450)?, vtep))
+    ns.sysctl("net.ipv4.ip_forward", "1")?;
+    let (_, vtep_mac) = ns.link(FLANNEL_DEVICE)?;
+    let lease = LeaseAttrs {
+        public_ip: host.ip(),
+        backend_type: "vxlan".to_owned(),
+        backend_data: Some(VxlanLeaseData {
+            vni: Some(FLANNEL_VNI),
+            vtep_mac,
+        }),
+    };
+    let env = write_subnet_file(host, subnet, UNDERLAY_MTU - VXLAN_OVERHEAD)?;
+    Ok((env, lease))
 }
 
-/// What flanneld's vxlan backend installs on `host` for a peer with
-/// PublicIP `public_ip`, VtepMAC `vtep` and subnet `peer_env`.
+/// What flanneld's vxlan backend installs on `host` for a peer whose lease
+/// is `peer` (PublicIP, VtepMAC) and subnet file `peer_env`.
 pub fn flannel_vxlan_add_peer(
     host: &Host<'_>,
-    public_ip: Ipv4Addr,
-    vtep: &str,
+    peer: &LeaseAttrs,
     peer_env: &SubnetEnv,
 ) -> Result<()> {
-    let (net, len) = parse_cidr(&peer_env.subnet_network()?)?;
-    let gw = net.to_string();
+    let data = peer
+        .backend_data
+        .with_context(|| format!("lease {} has no VtepMAC", peer.to_json()))?;
+    let vtep = format_mac(&data.vtep_mac);
+    let gw = peer_env.subnet.network().to_string();
     let ns = host.ns();
     ns.ip(&[
         "neigh",
         "replace",
         &gw,
         "lladdr",
-        vtep,
+        &vtep,
         "dev",
         FLANNEL_DEVICE,
         "nud",
@@ -120,39 +136,23 @@ pub fn flannel_vxlan_add_peer(
         "bridge",
         "fdb",
         "replace",
-        vtep,
+        &vtep,
         "dev",
         FLANNEL_DEVICE,
         "dst",
-        &public_ip.to_string(),
+        &peer.public_ip.to_string(),
         "self",
         "permanent",
     ])?;
     ns.ip(&[
         "route",
         "replace",
-        &format!("{net}/{len}"),
+        &peer_env.subnet.to_string(),
         "via",
         &gw,
         "dev",
         FLANNEL_DEVICE,
         "onlink",
     ])?;
-    Ok(())
-}
-
-/// Turns TSO and GSO on `host`'s underlay cable (both ends) on or off.
-/// Off is [`Host::use_realistic_wire`]; on restores the veth default.
-pub fn set_wire_offloads(host: &Host<'_>, on: bool) -> Result<()> {
-    let state = if on { "on" } else { "off" };
-    let args = ["-K", "eth0", "tso", state, "gso", state];
-    host.ns()
-        .run(&[&["ethtool"], &args[..]].concat())
-        .context("ethtool on the host side")?;
-    let port = switch_port(host.index());
-    host.cluster()
-        .switch()
-        .run(&["ethtool", "-K", &port, "tso", state, "gso", state])
-        .context("ethtool on the switch side")?;
     Ok(())
 }

@@ -14,20 +14,21 @@ use std::io::Write;
 use std::net::Ipv4Addr;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ExitStatus};
+use std::process::ExitStatus;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use serde_json::Value;
+use ipnet::Ipv4Net;
+use node_agent::flannel::subnet_env::parse_subnet;
+use node_agent::flannel::{KeyLayout, LeaseAttrs, NetworkConfig, SubnetEnv};
+use node_agent::pinned::PinnedState;
 
 use crate::etcd::Etcd;
 use crate::netns::Netns;
-use crate::process;
+use crate::process::{self, Background};
 
-/// flannel's default etcd prefix, which the agent also defaults to.
-pub const ETCD_PREFIX: &str = "/coreos.com/network";
 /// The switch's address, where etcd listens.
 pub const SWITCH_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
 const UNDERLAY_PREFIX_LEN: u8 = 24;
@@ -39,6 +40,7 @@ const ROUTED_UNDERLAY: &str = "198.19.0.0/16";
 const CNI_BRIDGE: &str = "cni0";
 const TCP_PORT: &str = "7777";
 const AGENT_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+const AGENT_CLEANUP_TIMEOUT: Duration = Duration::from_secs(20);
 const CONTAINER_ENV_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The underlay switch, etcd, and the scratch directory every host's files
@@ -49,6 +51,8 @@ pub struct Cluster {
     switch: Netns,
     tag: String,
     config: String,
+    /// flannel's default layout, which the agent also defaults to.
+    keys: KeyLayout,
     dump_logs: AtomicBool,
     work_dir: tempfile::TempDir,
 }
@@ -58,15 +62,12 @@ impl Cluster {
     /// [`SWITCH_IP`] and stores `network_config_json` as
     /// `<prefix>/config`.
     pub fn new(network_config_json: &str) -> Result<Self> {
-        serde_json::from_str::<Value>(network_config_json)
-            .context("the network config is not valid JSON")?;
-        crate::sweep_stale();
+        // The agent's own parser: a config it would reject is a fixture bug.
+        NetworkConfig::parse(network_config_json)
+            .context("the agent rejects this network config")?;
         let tag = crate::unique_tag();
-        let work_dir = tempfile::Builder::new()
-            .prefix(&format!("{}{tag}-", crate::TMP_PREFIX))
-            .tempdir()
-            .context("creating the cluster's temp dir")?;
-        let switch = Netns::new(&format!("{}{tag}-sw", crate::NS_PREFIX))?;
+        let work_dir = crate::scratch_dir().context("creating the cluster's temp dir")?;
+        let switch = Netns::new(&crate::ns_name(&tag, "sw"))?;
         switch
             .ip(&["link", "add", BRIDGE, "type", "bridge"])
             .context("creating the underlay bridge")?;
@@ -84,12 +85,13 @@ impl Cluster {
             switch,
             tag,
             config: network_config_json.to_owned(),
+            keys: KeyLayout::default(),
             dump_logs: AtomicBool::new(true),
             work_dir,
         };
         cluster
             .etcd
-            .put(&format!("{ETCD_PREFIX}/config"), network_config_json)
+            .put(&cluster.keys.config_key(), network_config_json)
             .context("storing the network config")?;
         Ok(cluster)
     }
@@ -113,12 +115,29 @@ impl Cluster {
         &self.config
     }
 
-    /// The etcd key of the lease for `subnet` (`10.244.5.0/24` or
-    /// `10.244.5.1/24`), in flannel's `10.244.5.0-24` form.
-    pub fn lease_key(&self, subnet: &str) -> Result<String> {
-        let (addr, len) = parse_cidr(subnet)?;
-        let net = network_of(addr, len);
-        Ok(format!("{ETCD_PREFIX}/subnets/{net}-{len}"))
+    /// The etcd key layout the agents use (flannel's default prefix).
+    pub fn keys(&self) -> &KeyLayout {
+        &self.keys
+    }
+
+    /// The etcd key of the lease for `subnet`.
+    pub fn lease_key(&self, subnet: Ipv4Net) -> String {
+        self.keys.subnet_key(subnet)
+    }
+
+    /// The lease stored for `subnet`, parsed as the agent parses it; `None`
+    /// if there is none.
+    pub fn lease(&self, subnet: Ipv4Net) -> Result<Option<LeaseAttrs>> {
+        let key = self.lease_key(subnet);
+        self.etcd
+            .get(&key)?
+            .map(|v| LeaseAttrs::parse(&v).with_context(|| format!("lease {key} = {v}")))
+            .transpose()
+    }
+
+    /// Stores a lease for `subnet` as flanneld or an agent would.
+    pub fn put_lease(&self, subnet: Ipv4Net, lease: &LeaseAttrs) -> Result<()> {
+        self.etcd.put(&self.lease_key(subnet), &lease.to_json())
     }
 
     /// Whether hosts print the tail of their agent log when dropped (on by
@@ -162,8 +181,7 @@ impl Cluster {
         let gateway = Ipv4Addr::new(198, 19, index, 254);
         let port = format!("r{index}");
         let host = self.cable_host(index, &port, ip)?;
-        self.switch
-            .run(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])?;
+        self.switch.sysctl("net.ipv4.ip_forward", "1")?;
         self.switch.ip(&[
             "addr",
             "add",
@@ -180,28 +198,9 @@ impl Cluster {
     /// A new host namespace whose `eth0` (address `ip`) is cabled to the
     /// switch namespace's `port`.
     fn cable_host(&self, index: u8, port: &str, ip: Ipv4Addr) -> Result<Host<'_>> {
-        let ns = Netns::new(&format!("{}{}-h{index}", crate::NS_PREFIX, self.tag))?;
-        // Both ends are created directly in their namespaces so no device
-        // ever appears in the machine's own namespace.
-        process::run(process::command(
-            "ip",
-            &[
-                "link",
-                "add",
-                "name",
-                "eth0",
-                "netns",
-                ns.name(),
-                "type",
-                "veth",
-                "peer",
-                "name",
-                port,
-                "netns",
-                self.switch.name(),
-            ],
-        ))
-        .with_context(|| format!("cabling host {index} to the switch"))?;
+        let ns = Netns::new(&crate::ns_name(&self.tag, &format!("h{index}")))?;
+        ns.add_veth("eth0", &self.switch, port, UNDERLAY_MTU)
+            .with_context(|| format!("cabling host {index} to the switch"))?;
         ns.ip(&[
             "addr",
             "add",
@@ -209,14 +208,7 @@ impl Cluster {
             "dev",
             "eth0",
         ])?;
-        ns.ip(&[
-            "link",
-            "set",
-            "eth0",
-            "mtu",
-            &UNDERLAY_MTU.to_string(),
-            "up",
-        ])?;
+        ns.ip(&["link", "set", "eth0", "up"])?;
         let dir = self.work_dir.path().join(format!("host{index}"));
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         Ok(Host {
@@ -225,11 +217,7 @@ impl Cluster {
             ip,
             subnet_file: dir.join("subnet.env"),
             log_path: dir.join("agent.log"),
-            pin_path: Path::new(crate::BPFFS).join(format!(
-                "{}{}-{index}",
-                crate::PIN_PREFIX,
-                self.tag
-            )),
+            pin_path: crate::pin_path(&self.tag, index),
             agent: Mutex::new(None),
             containers: AtomicU8::new(0),
             ns,
@@ -263,7 +251,7 @@ impl Signal {
 }
 
 struct Agent {
-    child: Child,
+    process: Background,
     /// The subnet file as it was when this agent started (`None`: absent),
     /// to tell its write from one left by an earlier agent.
     prior_file: Option<FileStamp>,
@@ -305,92 +293,54 @@ pub struct Host<'c> {
     ns: Netns,
 }
 
-/// The agent's subnet file (`FLANNEL_*` lines).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SubnetEnv {
-    /// `FLANNEL_NETWORK`, e.g. `10.244.0.0/16`.
-    pub network: String,
-    /// `FLANNEL_SUBNET`: the node's subnet written with its first host
-    /// address, e.g. `10.244.5.1/24`, as flannel does.
-    pub subnet: String,
-    /// `FLANNEL_MTU`.
-    pub mtu: u32,
-    /// `FLANNEL_IPMASQ`.
-    pub ipmasq: bool,
-}
-
-impl SubnetEnv {
-    /// Parses the subnet file's text.
-    pub fn parse(text: &str) -> Result<Self> {
-        let mut network = None;
-        let mut subnet = None;
-        let mut mtu = None;
-        let mut ipmasq = None;
-        for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
-            let (k, v) = line
-                .split_once('=')
-                .with_context(|| format!("line without '=': {line:?}"))?;
-            match k {
-                "FLANNEL_NETWORK" => network = Some(v.to_owned()),
-                "FLANNEL_SUBNET" => subnet = Some(v.to_owned()),
-                "FLANNEL_MTU" => mtu = Some(v.parse().with_context(|| format!("FLANNEL_MTU={v}"))?),
-                "FLANNEL_IPMASQ" => ipmasq = Some(v == "true"),
-                // Other keys (e.g. IPv6 ones) are not ours to judge.
-                _ => {}
-            }
-        }
-        let env = Self {
-            network: network.context("FLANNEL_NETWORK missing")?,
-            subnet: subnet.context("FLANNEL_SUBNET missing")?,
-            mtu: mtu.context("FLANNEL_MTU missing")?,
-            ipmasq: ipmasq.context("FLANNEL_IPMASQ missing")?,
-        };
-        parse_cidr(&env.network)?;
-        parse_cidr(&env.subnet)?;
-        Ok(env)
-    }
-
-    /// The gateway (bridge) address: FLANNEL_SUBNET's address.
-    pub fn gateway(&self) -> Result<Ipv4Addr> {
-        Ok(parse_cidr(&self.subnet)?.0)
-    }
-
-    pub fn prefix_len(&self) -> Result<u8> {
-        Ok(parse_cidr(&self.subnet)?.1)
-    }
-
-    /// The subnet in network form, e.g. `10.244.5.0/24`, as it appears in
-    /// the SUBNETS map dump.
-    pub fn subnet_network(&self) -> Result<String> {
-        let (addr, len) = parse_cidr(&self.subnet)?;
-        Ok(format!("{}/{len}", network_of(addr, len)))
-    }
-
+/// What the fixtures need of a subnet file beyond its fields.
+pub trait SubnetEnvExt {
+    /// FLANNEL_SUBNET as written: the subnet's first host address with the
+    /// prefix length, e.g. `10.244.5.1/24`, the bridge's address.
+    fn gateway(&self) -> Ipv4Net;
     /// Host number `n` of the subnet (1 is the gateway).
-    pub fn host_addr(&self, n: u8) -> Result<Ipv4Addr> {
-        let (addr, len) = parse_cidr(&self.subnet)?;
-        let net = u32::from(network_of(addr, len));
-        ensure!(len <= 30, "subnet {} too small", self.subnet);
-        Ok(Ipv4Addr::from(net + u32::from(n)))
+    fn host_addr(&self, n: u8) -> Result<Ipv4Addr>;
+}
+
+impl SubnetEnvExt for SubnetEnv {
+    fn gateway(&self) -> Ipv4Net {
+        let first = Ipv4Addr::from(u32::from(self.subnet.network()).saturating_add(1));
+        Ipv4Net::new(first, self.subnet.prefix_len()).unwrap_or(self.subnet)
+    }
+
+    fn host_addr(&self, n: u8) -> Result<Ipv4Addr> {
+        // The last address is the broadcast; u64 so a /0 cannot overflow.
+        ensure!(
+            u64::from(n) + 1 < 1u64 << (32 - u32::from(self.subnet.prefix_len())),
+            "subnet {} has no host {n}",
+            self.subnet
+        );
+        Ok(Ipv4Addr::from(
+            u32::from(self.subnet.network()) + u32::from(n),
+        ))
     }
 }
 
-/// Parses `a.b.c.d/len`.
-pub fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8)> {
-    let (a, l) = s
-        .split_once('/')
-        .with_context(|| format!("{s:?} is not a.b.c.d/len"))?;
-    let addr: Ipv4Addr = a.parse().with_context(|| format!("address in {s:?}"))?;
-    let len: u8 = l
-        .parse()
-        .with_context(|| format!("prefix length in {s:?}"))?;
-    ensure!(len <= 32, "prefix length in {s:?} above 32");
-    Ok((addr, len))
-}
-
-fn network_of(addr: Ipv4Addr, len: u8) -> Ipv4Addr {
-    let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
-    Ipv4Addr::from(u32::from(addr) & mask)
+/// Parses a subnet file the agent wrote (FLANNEL_SUBNET with the agent's
+/// own parser) and checks that it is exactly what the agent's `render`
+/// makes of it: a file half-written, or with other lines, is an error.
+pub fn parse_subnet_env(text: &str) -> Result<SubnetEnv> {
+    let var = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix('='))
+            .with_context(|| format!("{name} missing"))
+    };
+    let env = SubnetEnv {
+        network: var("FLANNEL_NETWORK")?.parse().context("FLANNEL_NETWORK")?,
+        subnet: parse_subnet(text)?.context("FLANNEL_SUBNET missing")?,
+        mtu: var("FLANNEL_MTU")?.parse().context("FLANNEL_MTU")?,
+        ipmasq: var("FLANNEL_IPMASQ")?.parse().context("FLANNEL_IPMASQ")?,
+    };
+    ensure!(
+        env.render() == text,
+        "not the agent's rendering of {env:?}: {text:?}"
+    );
+    Ok(env)
 }
 
 /// What a TCP transfer measured.
@@ -439,11 +389,7 @@ impl<'c> Host<'c> {
         let binary = crate::node_agent_binary()?;
         let mut slot = self.agent_slot();
         if let Some(agent) = slot.as_mut()
-            && agent
-                .child
-                .try_wait()
-                .context("try_wait on agent")?
-                .is_none()
+            && agent.process.try_wait()?.is_none()
         {
             bail!("host {}: agent already running", self.index);
         }
@@ -468,35 +414,34 @@ impl<'c> Host<'c> {
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
-        let desc = process::describe(&cmd);
-        let mut log = fs::OpenOptions::new()
+        // Marks restarts in the one log the host keeps.
+        fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log_path)
-            .with_context(|| format!("opening {}", self.log_path.display()))?;
-        // Marks restarts in the one log the host keeps.
-        writeln!(log, "=== weft-tests: starting {desc}")
+            .and_then(|mut log| {
+                writeln!(log, "=== weft-tests: starting {}", process::describe(&cmd))
+            })
             .with_context(|| format!("writing {}", self.log_path.display()))?;
-        let log_err = log.try_clone().context("duplicating the agent log fd")?;
-        cmd.stdin(std::process::Stdio::null())
-            .stdout(log)
-            .stderr(log_err);
         let prior_file = FileStamp::of(&self.subnet_file);
-        let child = cmd.spawn().with_context(|| format!("spawning `{desc}`"))?;
-        *slot = Some(Agent { child, prior_file });
+        let process = Background::spawn_logged(cmd, &self.log_path)?;
+        *slot = Some(Agent {
+            process,
+            prior_file,
+        });
         Ok(())
     }
 
     /// The running agent's pid, if one was started and has not been reaped.
     pub fn agent_pid(&self) -> Option<u32> {
-        self.agent_slot().as_ref().map(|a| a.child.id())
+        self.agent_slot().as_ref().and_then(|a| a.process.id())
     }
 
     /// Whether the agent process is alive.
     pub fn agent_running(&self) -> bool {
         self.agent_slot()
             .as_mut()
-            .is_some_and(|a| matches!(a.child.try_wait(), Ok(None)))
+            .is_some_and(|a| matches!(a.process.try_wait(), Ok(None)))
     }
 
     /// Sends `signal` to the agent and waits for it to exit.
@@ -505,15 +450,14 @@ impl<'c> Host<'c> {
             .agent_slot()
             .take()
             .with_context(|| format!("host {}: no agent was started", self.index))?;
-        if let Some(status) = agent.child.try_wait().context("try_wait on agent")? {
+        if let Some(status) = agent.process.try_wait()? {
             bail!(
                 "host {}: agent had already exited ({status}); log:\n{}",
                 self.index,
                 process::tail(&self.agent_log(), 40)
             );
         }
-        process::signal_pid(agent.child.id(), signal.raw())?;
-        match process::wait_status(&mut agent.child, AGENT_STOP_TIMEOUT)? {
+        match agent.process.stop(signal.raw(), AGENT_STOP_TIMEOUT)? {
             Some(status) => Ok(status),
             None => bail!(
                 "host {}: agent did not exit within {AGENT_STOP_TIMEOUT:?} of {signal:?} (killed); log:\n{}",
@@ -541,7 +485,7 @@ impl<'c> Host<'c> {
             .with_context(|| format!("host {}: no agent was started", self.index))?;
         let result = process::wait_until(timeout, "the agent to write the subnet file", |last| {
             if let Some(agent) = self.agent_slot().as_mut()
-                && let Some(status) = agent.child.try_wait().context("try_wait on agent")?
+                && let Some(status) = agent.process.try_wait()?
             {
                 bail!("the agent exited with {status}");
             }
@@ -556,7 +500,7 @@ impl<'c> Host<'c> {
             let text = fs::read_to_string(&self.subnet_file)
                 .with_context(|| format!("reading {}", self.subnet_file.display()))?;
             // The agent may be mid-write if it does not rename into place.
-            match SubnetEnv::parse(&text) {
+            match parse_subnet_env(&text) {
                 Ok(env) => Ok(Some(env)),
                 Err(e) => {
                     *last = format!("{e:#}: {text:?}");
@@ -573,21 +517,20 @@ impl<'c> Host<'c> {
         })
     }
 
-    /// Turns segmentation offloads off on this host's cable (both ends), so
-    /// the wire carries MTU-sized frames like a physical link does rather
-    /// than 64 KiB veth super-packets.
-    pub fn use_realistic_wire(&self) -> Result<()> {
-        let off = ["tso", "off", "gso", "off"];
-        let mut args = vec!["ethtool", "-K", "eth0"];
-        args.extend(off);
-        self.ns.run(&args).context("ethtool on the host side")?;
+    /// With `realistic`, turns TCP and generic segmentation offloads off
+    /// on this host's cable (both ends), so the wire carries MTU-sized
+    /// frames as a physical link does rather than 64 KiB veth super-packets;
+    /// without, restores veth's default (both on).
+    pub fn set_realistic_wire(&self, realistic: bool) -> Result<()> {
+        let state = if realistic { "off" } else { "on" };
         let port = switch_port(self.index);
-        let mut args = vec!["ethtool", "-K", port.as_str()];
-        args.extend(off);
-        self.cluster
-            .switch
-            .run(&args)
-            .context("ethtool on the switch side")?;
+        for (ns, dev, side) in [
+            (&self.ns, "eth0", "host"),
+            (&self.cluster.switch, port.as_str(), "switch"),
+        ] {
+            ns.run(&["ethtool", "-K", dev, "tso", state, "gso", state])
+                .with_context(|| format!("ethtool on the {side} side of host {}", self.index))?;
+        }
         Ok(())
     }
 
@@ -603,13 +546,12 @@ impl<'c> Host<'c> {
     /// `container_mtu` instead of FLANNEL_MTU: a misconfigured container, for
     /// path-MTU tests.
     pub fn attach_container_with_mtu(&self, container_mtu: Option<u32>) -> Result<Container<'_>> {
-        let env_text = fs::read_to_string(&self.subnet_file);
-        let env = match env_text.as_deref().map(SubnetEnv::parse) {
-            Ok(Ok(env)) => env,
-            _ => self.wait_subnet_env(CONTAINER_ENV_TIMEOUT)?,
+        let env = match self.subnet_env() {
+            Ok(env) => env,
+            Err(_) => self.wait_subnet_env(CONTAINER_ENV_TIMEOUT)?,
         };
         let bridge_mtu = env.mtu.to_string();
-        let mtu = container_mtu.unwrap_or(env.mtu).to_string();
+        let mtu = container_mtu.unwrap_or(env.mtu);
         let exists = self
             .ns
             .exec(&["ip", "link", "show", CNI_BRIDGE])?
@@ -628,44 +570,34 @@ impl<'c> Host<'c> {
                 ])
                 .context("creating cni0")?;
             self.ns
-                .ip(&["addr", "add", &env.subnet, "dev", CNI_BRIDGE])?;
+                .ip(&["addr", "add", &env.gateway().to_string(), "dev", CNI_BRIDGE])?;
             self.ns.ip(&["link", "set", CNI_BRIDGE, "up"])?;
         }
         let n = self.containers.fetch_add(1, Ordering::Relaxed) + 1;
         ensure!(n < 250, "too many containers on host {}", self.index);
         let ip = env.host_addr(n + 1)?;
-        let gateway = env.gateway()?;
-        let prefix_len = env.prefix_len()?;
+        let gateway = env.gateway();
         let ns = Netns::new(&format!("{}c{n}", self.ns.name()))?;
         let peer = format!("vc{n}");
-        process::run(process::command(
-            "ip",
-            &[
-                "link",
-                "add",
-                "name",
-                "eth0",
-                "netns",
-                ns.name(),
-                "mtu",
-                &mtu,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &peer,
-                "netns",
-                self.ns.name(),
-                "mtu",
-                &mtu,
-            ],
-        ))
-        .with_context(|| format!("creating container {n}'s veth on host {}", self.index))?;
+        ns.add_veth("eth0", &self.ns, &peer, mtu)
+            .with_context(|| format!("creating container {n}'s veth on host {}", self.index))?;
         self.ns
             .ip(&["link", "set", &peer, "master", CNI_BRIDGE, "up"])?;
-        ns.ip(&["addr", "add", &format!("{ip}/{prefix_len}"), "dev", "eth0"])?;
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("{ip}/{}", gateway.prefix_len()),
+            "dev",
+            "eth0",
+        ])?;
         ns.ip(&["link", "set", "eth0", "up"])?;
-        ns.ip(&["route", "add", "default", "via", &gateway.to_string()])?;
+        ns.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &gateway.addr().to_string(),
+        ])?;
         Ok(Container {
             host: self,
             ns,
@@ -679,42 +611,36 @@ impl<'c> Host<'c> {
         self.ns.ping(dst, count, size, df)
     }
 
-    fn pinned(&self, name: &str) -> String {
-        self.pin_path.join(name).to_string_lossy().into_owned()
+    /// The subnet file as it is now (no waiting), parsed.
+    pub fn subnet_env(&self) -> Result<SubnetEnv> {
+        let text = fs::read_to_string(&self.subnet_file)
+            .with_context(|| format!("reading {}", self.subnet_file.display()))?;
+        parse_subnet_env(&text).with_context(|| format!("{}", self.subnet_file.display()))
     }
 
-    /// `bpftool -j map dump` of a map pinned under the pin path, as JSON.
-    pub fn map_dump_json(&self, map: &str) -> Result<Value> {
-        let out = process::run(process::command(
-            "bpftool",
-            &["-j", "map", "dump", "pinned", &self.pinned(map)],
-        ))
-        .with_context(|| format!("host {}: dumping map {map}", self.index))?;
-        serde_json::from_str(&out).with_context(|| format!("bpftool printed {out:?}"))
+    /// The agent's pinned maps, read as `node-agent status` reads them.
+    pub fn pinned(&self) -> Result<PinnedState> {
+        PinnedState::open(&self.pin_path)
+            .with_context(|| format!("host {}: opening the pinned maps", self.index))
     }
 
-    /// The SUBNETS LPM trie as (`10.244.7.0/24`, remote PublicIP) pairs,
-    /// sorted.
-    pub fn map_dump_subnets(&self) -> Result<Vec<(String, Ipv4Addr)>> {
-        let dump = self.map_dump_json(weft_common::MAP_SUBNETS)?;
-        parse_subnets_dump(&dump).with_context(|| format!("SUBNETS dump: {dump}"))
+    /// The SUBNETS map as (subnet, remote PublicIP) pairs, sorted.
+    pub fn peers(&self) -> Result<Vec<(Ipv4Net, Ipv4Addr)>> {
+        let peers = self.pinned()?.peers().context("reading SUBNETS")?;
+        Ok(peers
+            .into_iter()
+            .map(|(net, node)| (net, Ipv4Addr::from(node.public_ip)))
+            .collect())
     }
 
     /// The kernel id of a map pinned under the pin path. The same id after
     /// an agent restart means the restarted agent adopted the pinned map
     /// rather than creating a new one.
     pub fn pinned_map_id(&self, map: &str) -> Result<u32> {
-        let out = process::run(process::command(
-            "bpftool",
-            &["-j", "map", "show", "pinned", &self.pinned(map)],
-        ))?;
-        let v: Value =
-            serde_json::from_str(&out).with_context(|| format!("bpftool printed {out:?}"))?;
-        let id = v
-            .get("id")
-            .and_then(Value::as_u64)
-            .with_context(|| format!("no id in {out}"))?;
-        u32::try_from(id).context("map id above u32")
+        let path = self.pin_path.join(map);
+        let info = aya::maps::MapInfo::from_pin(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        Ok(info.id())
     }
 
     /// Every path under the pin directory, relative to it, sorted.
@@ -736,14 +662,30 @@ impl<'c> Host<'c> {
         Ok(out)
     }
 
+    /// Runs `node-agent cleanup` for this host's pin path and subnet file,
+    /// inside its namespace (cleanup detaches from its devices there).
+    pub fn agent_cleanup(&self) -> Result<()> {
+        let binary = crate::node_agent_binary()?;
+        let cmd = self.ns.command_keep_mounts(&[
+            &binary.to_string_lossy(),
+            "cleanup",
+            "--pin-path",
+            &self.pin_path.to_string_lossy(),
+            "--subnet-file",
+            &self.subnet_file.to_string_lossy(),
+        ]);
+        process::run_timeout(cmd, AGENT_CLEANUP_TIMEOUT)
+            .with_context(|| format!("host {}: node-agent cleanup", self.index))?;
+        Ok(())
+    }
+
     fn stop_agent_for_drop(&self) {
         let Some(mut agent) = self.agent_slot().take() else {
             return;
         };
         // SIGTERM first: a clean shutdown path is part of what runs in
         // tests; SIGKILL only if it does not end in time.
-        let _ = process::signal_pid(agent.child.id(), libc::SIGTERM);
-        let _ = process::wait_status(&mut agent.child, AGENT_STOP_TIMEOUT);
+        let _ = agent.process.stop(libc::SIGTERM, AGENT_STOP_TIMEOUT);
     }
 }
 
@@ -761,17 +703,8 @@ impl Drop for Host<'_> {
                 );
             }
         }
-        if let Ok(binary) = crate::node_agent_binary() {
-            let pin = self.pin_path.to_string_lossy().into_owned();
-            let bin = binary.to_string_lossy().into_owned();
-            // Inside the namespace: cleanup may detach from its devices.
-            // Its failure is not fatal; the namespace and pins go anyway.
-            let _ = process::run_output(
-                self.ns
-                    .command_keep_mounts(&[&bin, "cleanup", "--pin-path", &pin]),
-                Duration::from_secs(20),
-            );
-        }
+        // Its failure is not fatal; the namespace and pins go anyway.
+        let _ = self.agent_cleanup();
         if self.pin_path.exists()
             && let Err(e) = fs::remove_dir_all(&self.pin_path)
         {
@@ -779,108 +712,6 @@ impl Drop for Host<'_> {
         }
         // `ns` (deleted by its Drop) and the files in the cluster's temp dir
         // go after this.
-    }
-}
-
-/// Parses `bpftool -j map dump` of the SUBNETS trie. Uses the raw `key` /
-/// `value` hex byte arrays bpftool prints for every map; with BTF it adds a
-/// `formatted` object whose field names depend on the program's types, so
-/// that is only a fallback.
-pub fn parse_subnets_dump(dump: &Value) -> Result<Vec<(String, Ipv4Addr)>> {
-    let entries = dump.as_array().context("dump is not a JSON array")?;
-    let mut out = Vec::with_capacity(entries.len());
-    for entry in entries {
-        let (key, value) = match (entry.get("key"), entry.get("value")) {
-            (Some(k), Some(v)) => (hex_bytes(k)?, hex_bytes(v)?),
-            _ => {
-                let f = entry
-                    .get("formatted")
-                    .with_context(|| format!("entry without key/value: {entry}"))?;
-                (
-                    formatted_key(f.get("key").context("formatted.key")?)?,
-                    formatted_value(f.get("value").context("formatted.value")?)?,
-                )
-            }
-        };
-        ensure!(key.len() >= 8, "key {key:?} shorter than 8 bytes");
-        ensure!(value.len() >= 4, "value {value:?} shorter than 4 bytes");
-        // Key: prefix length as a little-endian u32, then the address in
-        // network order (the kernel's struct bpf_lpm_trie_key layout).
-        let len = u32::from_le_bytes([key[0], key[1], key[2], key[3]]);
-        let addr = Ipv4Addr::new(key[4], key[5], key[6], key[7]);
-        let public_ip = Ipv4Addr::new(value[0], value[1], value[2], value[3]);
-        out.push((format!("{addr}/{len}"), public_ip));
-    }
-    out.sort();
-    Ok(out)
-}
-
-fn hex_bytes(v: &Value) -> Result<Vec<u8>> {
-    v.as_array()
-        .with_context(|| format!("{v} is not a byte array"))?
-        .iter()
-        .map(|b| match b {
-            Value::String(s) => u8::from_str_radix(s.trim_start_matches("0x"), 16)
-                .with_context(|| format!("byte {s:?}")),
-            Value::Number(n) => n
-                .as_u64()
-                .and_then(|n| u8::try_from(n).ok())
-                .with_context(|| format!("byte {n}")),
-            other => bail!("byte {other}"),
-        })
-        .collect()
-}
-
-/// Best effort over a BTF-formatted key: the field whose name mentions
-/// "prefix" is the length, the other one the address (a byte array, or a
-/// `u32` holding network-order bytes in host memory).
-fn formatted_key(v: &Value) -> Result<Vec<u8>> {
-    let o = v
-        .as_object()
-        .with_context(|| format!("formatted key {v}"))?;
-    let (len_name, len) = o
-        .iter()
-        .find(|(k, _)| k.contains("prefix"))
-        .with_context(|| format!("no prefix length field in {v}"))?;
-    let len = len
-        .as_u64()
-        .and_then(|n| u32::try_from(n).ok())
-        .with_context(|| format!("prefix length {len}"))?;
-    let addr = o
-        .iter()
-        .find(|(k, _)| *k != len_name)
-        .with_context(|| format!("no address field in {v}"))?
-        .1;
-    let mut out = len.to_le_bytes().to_vec();
-    out.extend(formatted_ip(addr)?);
-    Ok(out)
-}
-
-/// Best effort over a BTF-formatted value: the `public_ip` field (or the
-/// first whose name mentions "ip").
-fn formatted_value(v: &Value) -> Result<Vec<u8>> {
-    let o = v
-        .as_object()
-        .with_context(|| format!("formatted value {v}"))?;
-    let ip = o
-        .get("public_ip")
-        .or_else(|| o.iter().find(|(k, _)| k.contains("ip")).map(|(_, v)| v))
-        .with_context(|| format!("no public_ip field in {v}"))?;
-    formatted_ip(ip)
-}
-
-fn formatted_ip(v: &Value) -> Result<Vec<u8>> {
-    match v {
-        Value::Number(n) => {
-            let n = n
-                .as_u64()
-                .and_then(|n| u32::try_from(n).ok())
-                .with_context(|| format!("address {n}"))?;
-            // bpftool prints a u32 field as the host-order value of its
-            // bytes; this is x86_64, so memory order is little-endian.
-            Ok(n.to_le_bytes().to_vec())
-        }
-        other => hex_bytes(other),
     }
 }
 
@@ -931,19 +762,10 @@ impl Container<'_> {
         let timeout_s = timeout.as_secs().to_string();
         let dst_ip = dst.ip.to_string();
         let bytes_s = bytes.to_string();
-        let mut server = dst
-            .ns
-            .command(&[python, "-c", TCP_SERVER, &dst_ip, TCP_PORT, &timeout_s]);
-        let server_desc = process::describe(&server);
-        server
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-        let server = server
-            .spawn()
-            .with_context(|| format!("spawning `{server_desc}`"))?;
-        // Killed on every early return below, so no listener outlives us.
-        let server = KillOnDrop(Some(server));
+        let server = Background::spawn(
+            dst.ns
+                .command(&[python, "-c", TCP_SERVER, &dst_ip, TCP_PORT, &timeout_s]),
+        )?;
         let client = self.ns.command(&[
             python, "-c", TCP_CLIENT, &dst_ip, TCP_PORT, &bytes_s, &timeout_s,
         ]);
@@ -951,12 +773,8 @@ impl Container<'_> {
         let start = Instant::now();
         let client_out = process::run_output(client, timeout + Duration::from_secs(10))?;
         let elapsed = start.elapsed();
-        let server_out = process::wait_output(
-            server.take().context("server already taken")?,
-            &server_desc,
-            Duration::from_secs(10),
-        )?;
-        let received = process::check(&server_desc, &server_out)
+        let received = server
+            .finish(Duration::from_secs(10))
             .with_context(|| format!("TCP receiver in {}", dst.ns.name()))?;
         let sent = process::check(&client_desc, &client_out)
             .with_context(|| format!("TCP sender in {}", self.ns.name()))?;
@@ -975,23 +793,6 @@ impl Container<'_> {
             dst.ip
         );
         Ok(TransferStats { bytes, elapsed })
-    }
-}
-
-struct KillOnDrop(Option<Child>);
-
-impl KillOnDrop {
-    fn take(mut self) -> Option<Child> {
-        self.0.take()
-    }
-}
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
     }
 }
 
@@ -1064,40 +865,15 @@ mod tests {
 
     #[test]
     fn parses_subnet_env() -> Result<()> {
-        let env = SubnetEnv::parse(
-            "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.5.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n",
-        )?;
+        let text = "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.5.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n";
+        let env = parse_subnet_env(text)?;
         assert_eq!(env.mtu, 1450);
-        assert_eq!(env.subnet_network()?, "10.244.5.0/24");
-        assert_eq!(env.gateway()?, Ipv4Addr::new(10, 244, 5, 1));
+        assert_eq!(env.subnet, "10.244.5.0/24".parse::<Ipv4Net>()?);
+        assert_eq!(env.gateway().to_string(), "10.244.5.1/24");
         assert_eq!(env.host_addr(2)?, Ipv4Addr::new(10, 244, 5, 2));
-        assert!(SubnetEnv::parse("FLANNEL_NETWORK=10.244.0.0/16\n").is_err());
+        assert!(env.host_addr(255).is_err());
+        assert!(parse_subnet_env("FLANNEL_NETWORK=10.244.0.0/16\n").is_err());
+        assert!(parse_subnet_env(&text.replace("1450", "1450 ")).is_err());
         Ok(())
-    }
-
-    #[test]
-    fn parses_raw_and_formatted_dumps() -> Result<()> {
-        let raw: Value = serde_json::from_str(
-            r#"[{"key":["0x18","0x00","0x00","0x00","0x0a","0xf4","0x07","0x00"],
-                 "value":["0xc6","0x12","0x00","0x02","0x00","0x00"]}]"#,
-        )?;
-        assert_eq!(
-            parse_subnets_dump(&raw)?,
-            vec![("10.244.7.0/24".to_owned(), Ipv4Addr::new(198, 18, 0, 2))]
-        );
-        let formatted: Value = serde_json::from_str(
-            r#"[{"formatted":{"key":{"prefix_len":24,"data":[10,244,7,0]},
-                 "value":{"public_ip":[198,18,0,2],"vtep_mac":[1,2,3,4,5,6]}}}]"#,
-        )?;
-        assert_eq!(parse_subnets_dump(&formatted)?, parse_subnets_dump(&raw)?);
-        Ok(())
-    }
-
-    #[test]
-    fn lease_key_form() {
-        let (a, l) = (Ipv4Addr::new(10, 244, 5, 1), 24);
-        assert_eq!(network_of(a, l), Ipv4Addr::new(10, 244, 5, 0));
-        assert_eq!(network_of(a, 0), Ipv4Addr::UNSPECIFIED);
-        assert_eq!(network_of(a, 32), a);
     }
 }

@@ -1,15 +1,15 @@
 //! A private etcd server inside a test namespace, and `etcdctl` helpers.
 
 use std::net::Ipv4Addr;
-use std::process::{Child, Command};
-use std::sync::Mutex;
+use std::process::Command;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-use crate::netns::Netns;
-use crate::process;
+use crate::netns::{Netns, command_in};
+use crate::process::{self, Background};
 
 const ETCD: &str = "/usr/bin/etcd";
 const LOG_FILE: &str = "etcd.log";
@@ -19,8 +19,9 @@ const ETCD_START_TIMEOUT: Duration = Duration::from_secs(30);
 /// (client 2379, peer 2380: the namespace is private, so fixed ports cannot
 /// clash). Drop kills it and removes its data directory.
 pub struct Etcd {
-    /// Behind a lock so tests holding the cluster shared can restart it.
-    child: Mutex<Option<Child>>,
+    /// Behind a lock so tests holding the cluster shared can restart it;
+    /// dropping it kills the server.
+    server: Mutex<Option<Background>>,
     ns_name: String,
     endpoint: String,
     /// The server's command line, for [`Self::restart`].
@@ -68,7 +69,7 @@ impl Etcd {
         ];
         let args = argv.iter().map(|a| (*a).to_owned()).collect();
         let etcd = Self {
-            child: Mutex::new(None),
+            server: Mutex::new(None),
             ns_name: ns.name().to_owned(),
             endpoint: client,
             args,
@@ -79,25 +80,24 @@ impl Etcd {
         Ok(etcd)
     }
 
-    fn child(&self) -> std::sync::MutexGuard<'_, Option<Child>> {
-        self.child
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn server(&self) -> MutexGuard<'_, Option<Background>> {
+        // A panic while holding the lock leaves a consistent Option behind.
+        self.server.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn spawn(&self) -> Result<()> {
         let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
-        let child = crate::netns::spawn_in(&self.ns_name, &args, &self.dir.path().join(LOG_FILE))?;
-        *self.child() = Some(child);
+        let server = Background::spawn_logged(
+            command_in(&self.ns_name, &args),
+            &self.dir.path().join(LOG_FILE),
+        )?;
+        *self.server() = Some(server);
         Ok(())
     }
 
     /// Kills the server (clients see their connections drop).
     pub fn stop(&self) {
-        if let Some(mut child) = self.child().take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        drop(self.server().take());
     }
 
     /// Starts the server again on the same data, after [`Self::stop`].
@@ -109,8 +109,8 @@ impl Etcd {
 
     fn wait_healthy(&self) -> Result<()> {
         let result = process::wait_until(ETCD_START_TIMEOUT, "etcd to become healthy", |last| {
-            if let Some(child) = self.child().as_mut()
-                && let Some(status) = child.try_wait().context("try_wait on etcd")?
+            if let Some(server) = self.server().as_mut()
+                && let Some(status) = server.try_wait()?
             {
                 bail!("etcd exited with {status}");
             }
@@ -141,16 +141,17 @@ impl Etcd {
 
     /// `etcdctl` (API v3) against this server, run inside its namespace.
     pub fn etcdctl(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.ns_name, "etcdctl"])
-            .args([
+        let mut cmd = command_in(
+            &self.ns_name,
+            &[
+                "etcdctl",
                 "--endpoints",
                 &self.endpoint,
                 "--dial-timeout=2s",
                 "--command-timeout=5s",
-            ])
-            .args(args)
-            .env("ETCDCTL_API", "3");
+            ],
+        );
+        cmd.args(args).env("ETCDCTL_API", "3");
         cmd
     }
 

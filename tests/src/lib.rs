@@ -5,15 +5,15 @@
 //! addresses from the cluster network only inside namespaces. Every name
 //! carries a per-process tag ([`unique_tag`]), and every resource is
 //! released by `Drop`, so a failing or panicking test cleans up too.
-//! Resources left by a test process that was killed outright are removed by
-//! the next [`Cluster::new`] (see [`sweep_stale`]).
+//! Resources left by a test process that was killed outright are removed
+//! before the next test process creates anything (see [`sweep_stale`]).
 
 pub mod baseline;
 mod cluster;
 mod etcd;
 mod netns;
 pub mod process;
-#[cfg(feature = "bpf")]
+mod system;
 pub mod test_run;
 
 use std::path::{Path, PathBuf};
@@ -23,15 +23,15 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use anyhow::{Context, Result, bail};
 
 pub use cluster::{
-    Cluster, Container, ETCD_PREFIX, Host, SWITCH_IP, Signal, SubnetEnv, TransferStats, parse_cidr,
-    parse_subnets_dump, switch_port,
+    Cluster, Container, Host, SWITCH_IP, Signal, SubnetEnvExt, TransferStats, switch_port,
 };
 pub use etcd::Etcd;
 pub use netns::{Capture, Netns, capture};
+/// The subnet file, as the agent's own `flannel` module reads and writes it.
+pub use node_agent::flannel::SubnetEnv;
 pub use process::wait_until;
-
-/// Where bpffs must be mounted; the agent pins under it.
-pub const BPFFS: &str = "/sys/fs/bpf";
+pub use system::{BPFFS, require_bpffs, require_root, require_tools, workspace_root};
+pub use tempfile::TempDir;
 /// Name prefixes; [`sweep_stale`] only touches names of exactly these
 /// shapes: `wtst-<tag>-...` namespaces, `weft-t<tag>-<n>` pin directories
 /// and `weft-tests-<tag>-...` temp directories.
@@ -51,7 +51,7 @@ pub struct PinDir {
 
 impl PinDir {
     pub fn new() -> Result<Self> {
-        let path = Path::new(BPFFS).join(format!("{PIN_PREFIX}{}-0", unique_tag()));
+        let path = pin_path(&unique_tag(), 0);
         std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
         Ok(Self { path })
     }
@@ -65,56 +65,6 @@ impl Drop for PinDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.path);
     }
-}
-
-/// Fails unless running as root, which namespaces and BPF need.
-pub fn require_root() -> Result<()> {
-    // SAFETY: geteuid(2) cannot fail and has no preconditions.
-    let euid = unsafe { libc::geteuid() };
-    if euid != 0 {
-        bail!(
-            "must run as root: e2e tests create network namespaces and load BPF (euid is {euid})"
-        );
-    }
-    Ok(())
-}
-
-/// Fails unless bpffs is mounted at [`BPFFS`] (the agent pins there, and
-/// bpftool reads the pins).
-pub fn require_bpffs() -> Result<()> {
-    let mounts =
-        std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
-    let mounted = mounts.lines().any(|l| {
-        let mut f = l.split_whitespace();
-        let (_, dir, fstype) = (f.next(), f.next(), f.next());
-        dir == Some(BPFFS) && fstype == Some("bpf")
-    });
-    if !mounted {
-        bail!(
-            "bpffs is not mounted at {BPFFS}: run `cargo xtask setup` (or `mount -t bpf bpf {BPFFS}`)"
-        );
-    }
-    Ok(())
-}
-
-/// Fails naming the first of `tools` not found on PATH.
-pub fn require_tools(tools: &[&str]) -> Result<()> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    for tool in tools {
-        let found = std::env::split_paths(&path).any(|d| d.join(tool).is_file());
-        if !found {
-            bail!("`{tool}` not found on PATH: run `cargo xtask setup`");
-        }
-    }
-    Ok(())
-}
-
-/// The cargo workspace root (this crate's parent directory).
-pub fn workspace_root() -> PathBuf {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest
-        .parent()
-        .map_or_else(|| manifest.to_path_buf(), Path::to_path_buf)
 }
 
 /// The node agent to test: `$WEFT_NODE_AGENT`, else `release/node-agent`
@@ -141,9 +91,34 @@ pub fn node_agent_binary() -> Result<PathBuf> {
     Ok(path)
 }
 
+/// The namespace of role `role` in the fixture tagged `tag`:
+/// `wtst-<tag>-<role>`, a shape [`sweep_stale`] recognises (see [`ns_tag`]).
+pub(crate) fn ns_name(tag: &str, role: &str) -> String {
+    format!("{NS_PREFIX}{tag}-{role}")
+}
+
+/// Pin directory `index` of the fixture tagged `tag`:
+/// `/sys/fs/bpf/weft-t<tag>-<index>`.
+pub(crate) fn pin_path(tag: &str, index: u8) -> PathBuf {
+    Path::new(BPFFS).join(format!("{PIN_PREFIX}{tag}-{index}"))
+}
+
+/// A new private directory under the system temp dir, removed with its
+/// contents on drop; named `weft-tests-<tag>-<random>` so that
+/// [`sweep_stale`] removes it if this process is killed first.
+pub fn scratch_dir() -> Result<tempfile::TempDir> {
+    tempfile::Builder::new()
+        .prefix(&format!("{TMP_PREFIX}{}-", unique_tag()))
+        .tempdir()
+        .context("creating a scratch directory")
+}
+
 /// A short name fragment (at most 6 base-36 characters) unique among live
-/// processes: the pid with a per-process counter in the low bits.
+/// processes: the pid with a per-process counter in the low bits. The first
+/// call sweeps what killed runs left behind, so the sweep always comes
+/// before this process names (and so creates) anything.
 pub fn unique_tag() -> String {
+    sweep_stale();
     static COUNTER: AtomicU32 = AtomicU32::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed) & ((1 << COUNTER_BITS) - 1);
     // pid_max is at most 2^22, so the value stays below 2^31 < 36^6.
@@ -172,10 +147,10 @@ fn tag_owner(tag: &str) -> Option<u32> {
 
 /// Removes namespaces, pin directories and temp dirs that this fixture
 /// created in processes that no longer exist (a test run killed by SIGKILL
-/// or Ctrl-C never runs its Drops). Runs once per process, before this
-/// process creates anything, so names carrying this process's own pid are
-/// stale too (pid reuse).
-pub fn sweep_stale() {
+/// or Ctrl-C never runs its Drops). Runs once per process, from the first
+/// [`unique_tag`], before this process creates anything, so names carrying
+/// this process's own pid are stale too (pid reuse).
+fn sweep_stale() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         let me = std::process::id();
@@ -228,14 +203,16 @@ fn is_index(s: &str) -> bool {
     !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())
 }
 
-/// `wtst-<tag>-sw`, `wtst-<tag>-h<n>`, `wtst-<tag>-h<n>c<m>`.
+/// `wtst-<tag>-sw` (switch), `wtst-<tag>-tr` (the BPF_PROG_TEST_RUN
+/// bench), `wtst-<tag>-h<n>`, `wtst-<tag>-h<n>c<m>`.
 fn ns_tag(name: &str) -> Option<&str> {
     let (tag, role) = name.strip_prefix(NS_PREFIX)?.split_once('-')?;
     let host_or_container = role.strip_prefix('h').is_some_and(|r| {
         let (h, c) = r.split_once('c').unwrap_or((r, "0"));
         is_index(h) && is_index(c)
     });
-    (is_tag(tag) && (role == "sw" || host_or_container)).then_some(tag)
+    let fixed = matches!(role, "sw" | "tr");
+    (is_tag(tag) && (fixed || host_or_container)).then_some(tag)
 }
 
 /// `weft-t<tag>-<n>`.
@@ -272,7 +249,10 @@ mod tests {
         assert_eq!(ns_tag("wtst-1a2b-sw"), Some("1a2b"));
         assert_eq!(ns_tag("wtst-1a2b-h3"), Some("1a2b"));
         assert_eq!(ns_tag("wtst-1a2b-h3c12"), Some("1a2b"));
+        assert_eq!(ns_tag("wtst-1a2b-tr"), Some("1a2b"));
         assert_eq!(ns_tag("wtst-1a2b-bench"), None);
+        assert_eq!(ns_tag(&ns_name("1a2b", "tr")), Some("1a2b"));
+        assert_eq!(pin_path("1a2b", 3), Path::new(BPFFS).join("weft-t1a2b-3"));
         assert_eq!(ns_tag("wft-1a2b-sw"), None);
         assert_eq!(pin_tag("weft-t1a2b-3"), Some("1a2b"));
         assert_eq!(pin_tag("weft-test-x"), None);

@@ -1,6 +1,5 @@
 //! Network namespaces and the traffic tools run inside them.
 
-use std::fs::OpenOptions;
 use std::io::{BufRead, BufReader};
 use std::net::Ipv4Addr;
 use std::path::Path;
@@ -11,8 +10,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use node_agent::flannel::lease::parse_mac;
 
-use crate::process::{self, COMMAND_TIMEOUT};
+use crate::process::{self, Background, COMMAND_TIMEOUT};
 
 /// A named network namespace (`ip netns add`), deleted on drop.
 #[derive(Debug)]
@@ -31,15 +31,46 @@ impl Netns {
             name: name.to_owned(),
         };
         ns.ip(&["link", "set", "lo", "up"])?;
-        ns.run(&[
-            "sysctl",
-            "-q",
-            "-w",
-            "net.ipv6.conf.all.disable_ipv6=1",
-            "net.ipv6.conf.default.disable_ipv6=1",
-        ])
-        .with_context(|| format!("disabling IPv6 in {name}"))?;
+        ns.sysctl("net.ipv6.conf.all.disable_ipv6", "1")?;
+        ns.sysctl("net.ipv6.conf.default.disable_ipv6", "1")?;
         Ok(ns)
+    }
+
+    /// Sets sysctl `key` (dotted, e.g. `net.ipv4.ip_forward`) in this
+    /// namespace. Written from a thread that entered it, with no `sysctl`
+    /// process: /proc/sys/net shows the writing thread's own namespace.
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+        let path = Path::new("/proc/sys").join(key.replace('.', "/"));
+        self.run_in(|| std::fs::write(&path, value))?
+            .with_context(|| format!("sysctl {key}={value} in {}", self.name))
+    }
+
+    /// Creates a veth pair, `name` here and `peer_name` in `peer`, both with
+    /// `mtu`. Both ends are created directly in their namespaces, so no
+    /// device ever appears in the machine's own namespace.
+    pub fn add_veth(&self, name: &str, peer: &Netns, peer_name: &str, mtu: u32) -> Result<()> {
+        let mtu = mtu.to_string();
+        let args = [
+            "link", "add", "name", name, "netns", &self.name, "mtu", &mtu, "type", "veth", "peer",
+            "name", peer_name, "netns", &peer.name, "mtu", &mtu,
+        ];
+        process::run(process::command("ip", &args))?;
+        Ok(())
+    }
+
+    /// The interface index and MAC address of device `dev` here.
+    pub fn link(&self, dev: &str) -> Result<(u32, [u8; 6])> {
+        let out = self.ip(&["-j", "link", "show", "dev", dev])?;
+        let v: serde_json::Value =
+            serde_json::from_str(&out).with_context(|| format!("`ip -j link` printed {out:?}"))?;
+        let ifindex = v[0]["ifindex"]
+            .as_u64()
+            .and_then(|i| u32::try_from(i).ok())
+            .with_context(|| format!("no ifindex for {dev} in {out}"))?;
+        let mac = v[0]["address"]
+            .as_str()
+            .with_context(|| format!("no MAC for {dev} in {out}"))?;
+        Ok((ifindex, parse_mac(mac)?))
     }
 
     /// A handle to an existing namespace, which it will delete on drop.
@@ -55,9 +86,7 @@ impl Netns {
 
     /// `ip netns exec <ns> args...` as a [`Command`], not yet started.
     pub fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name]).args(args);
-        cmd
+        command_in(&self.name, args)
     }
 
     /// Like [`Self::command`] but switching only the network namespace
@@ -122,9 +151,9 @@ impl Netns {
     }
 
     /// Starts `args` in the namespace in the background with stdout and
-    /// stderr appended to `log_path`. The caller owns the child.
-    pub fn spawn(&self, args: &[&str], log_path: &Path) -> Result<Child> {
-        spawn_in(&self.name, args, log_path)
+    /// stderr appended to `log_path`.
+    pub fn spawn_logged(&self, args: &[&str], log_path: &Path) -> Result<Background> {
+        Background::spawn_logged(self.command(args), log_path)
     }
 
     /// Pings `dst` `count` times with `size` payload bytes and fails unless
@@ -407,20 +436,9 @@ pub fn capture(
     cap.finish(timeout)
 }
 
-/// Starts `args` in namespace `ns` (`ip netns exec`) in the background,
-/// stdout and stderr appended to `log_path`.
-pub(crate) fn spawn_in(ns: &str, args: &[&str], log_path: &Path) -> Result<Child> {
-    let log = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log_path)
-        .with_context(|| format!("opening log {}", log_path.display()))?;
-    let log_err = log
-        .try_clone()
-        .with_context(|| format!("duplicating log {}", log_path.display()))?;
+/// `ip netns exec <ns> args...` for a namespace known by name.
+pub(crate) fn command_in(ns: &str, args: &[&str]) -> Command {
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", ns]).args(args);
-    cmd.stdin(Stdio::null()).stdout(log).stderr(log_err);
-    cmd.spawn()
-        .with_context(|| format!("spawning `{}`", process::describe(&cmd)))
+    cmd
 }

@@ -5,34 +5,20 @@
 //! error naming the command instead of a test that never ends.
 
 use std::ffi::OsStr;
+use std::fs::OpenOptions;
 use std::io::Read;
+use std::net::SocketAddrV4;
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+pub use crate::system::describe;
+
 /// Deadline for short configuration commands (`ip`, `etcdctl`, `bpftool`).
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// A printable form of a command, for error messages.
-pub fn describe(cmd: &Command) -> String {
-    let mut parts = vec![cmd.get_program().to_string_lossy().into_owned()];
-    parts.extend(cmd.get_args().map(shell_quote));
-    parts.join(" ")
-}
-
-fn shell_quote(arg: &OsStr) -> String {
-    let s = arg.to_string_lossy();
-    if !s.is_empty()
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./:=,@%+".contains(c))
-    {
-        s.into_owned()
-    } else {
-        format!("'{}'", s.replace('\'', r"'\''"))
-    }
-}
 
 /// Polls `f` until it returns `Some`, an error, or `timeout` passes.
 ///
@@ -195,4 +181,183 @@ pub fn signal_pid(pid: u32, signal: libc::c_int) -> Result<()> {
 pub fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// A child running in the background, killed and reaped on drop unless
+/// [`Self::finish`]ed: no server or tool outlives the fixture that started
+/// it, whatever the exit path.
+pub struct Background {
+    child: Option<Child>,
+    desc: String,
+}
+
+/// What [`Background::wait_bound`] waits for.
+#[derive(Clone, Copy, Debug)]
+pub enum Bound {
+    /// A TCP socket listening on the address.
+    TcpListen,
+    /// A UDP socket bound to the address.
+    Udp,
+}
+
+impl Background {
+    /// Starts `cmd` with stdin closed and stdout and stderr piped, to be
+    /// collected by [`Self::finish`].
+    pub fn spawn(mut cmd: Command) -> Result<Self> {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        Self::spawn_as_is(cmd)
+    }
+
+    /// Starts `cmd` with stdin closed and stdout and stderr appended to
+    /// `log_path`.
+    pub fn spawn_logged(mut cmd: Command, log_path: &Path) -> Result<Self> {
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log_path)
+            .with_context(|| format!("opening log {}", log_path.display()))?;
+        let log_err = log
+            .try_clone()
+            .with_context(|| format!("duplicating log {}", log_path.display()))?;
+        cmd.stdin(Stdio::null()).stdout(log).stderr(log_err);
+        Self::spawn_as_is(cmd)
+    }
+
+    fn spawn_as_is(mut cmd: Command) -> Result<Self> {
+        let desc = describe(&cmd);
+        let child = cmd.spawn().with_context(|| format!("spawning `{desc}`"))?;
+        Ok(Self {
+            child: Some(child),
+            desc,
+        })
+    }
+
+    /// The command line, for messages.
+    pub fn desc(&self) -> &str {
+        &self.desc
+    }
+
+    /// The child's pid, until it is finished.
+    pub fn id(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Sends `signal` and waits up to `timeout` for the child to exit;
+    /// `None` if it did not, after which it is killed and reaped.
+    pub fn stop(&mut self, signal: libc::c_int, timeout: Duration) -> Result<Option<ExitStatus>> {
+        let child = self.child.as_mut().context("already finished")?;
+        signal_pid(child.id(), signal)?;
+        wait_status(child, timeout).with_context(|| format!("waiting for `{}`", self.desc))
+    }
+
+    /// The exit status if the child has exited, `None` while it runs.
+    pub fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
+        match self.child.as_mut() {
+            Some(child) => child
+                .try_wait()
+                .with_context(|| format!("try_wait on `{}`", self.desc)),
+            None => bail!("`{}` was already finished", self.desc),
+        }
+    }
+
+    /// Waits up to `timeout` for the child to exit and returns its stdout;
+    /// a non-zero exit or a timeout is an error carrying both streams.
+    pub fn finish(mut self, timeout: Duration) -> Result<String> {
+        let child = self.child.take().context("already finished")?;
+        let output = wait_output(child, &self.desc, timeout)?;
+        check(&self.desc, &output)
+    }
+
+    /// Waits until the child has a socket on `addr` as `bound` says, read
+    /// from `/proc/<pid>/net`, which lists the sockets of the child's own
+    /// network namespace: readiness, not a guess at how long start-up takes.
+    /// The child must be the server itself (`ip netns exec` execs it in
+    /// place, so it keeps the pid).
+    pub fn wait_bound(
+        &mut self,
+        bound: Bound,
+        addr: SocketAddrV4,
+        timeout: Duration,
+    ) -> Result<()> {
+        let pid = self.id().context("already finished")?;
+        let table = match bound {
+            Bound::TcpListen => "tcp",
+            Bound::Udp => "udp",
+        };
+        let path = format!("/proc/{pid}/net/{table}");
+        let desc = self.desc.clone();
+        wait_until(timeout, &format!("`{desc}` to bind {addr}"), |last| {
+            if let Some(status) = self.try_wait()? {
+                bail!("`{desc}` exited with {status} before binding {addr}");
+            }
+            // Gone between the check and the read: the next round says so.
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            if proc_net_has(&text, bound, addr) {
+                return Ok(Some(()));
+            }
+            *last = format!("no such socket in {path}");
+            Ok(None)
+        })
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // Already exited is fine: kill fails, wait reaps.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Whether a `/proc/net/{tcp,udp}` table holds a socket on `addr` in the
+/// state `bound` wants. Lines read `sl local rem st ...`, the local address
+/// as the hex of the in-memory (network-order) u32 and the port in hex.
+fn proc_net_has(text: &str, bound: Bound, addr: SocketAddrV4) -> bool {
+    // TCP_LISTEN is 0x0A; a bound, unconnected UDP socket is TCP_CLOSE, 0x07.
+    let want_state = match bound {
+        Bound::TcpListen => "0A",
+        Bound::Udp => "07",
+    };
+    let want_ip = u32::from_ne_bytes(addr.ip().octets());
+    text.lines().skip(1).any(|line| {
+        let mut fields = line.split_whitespace().skip(1);
+        let (Some(local), Some(_), Some(state)) = (fields.next(), fields.next(), fields.next())
+        else {
+            return false;
+        };
+        let Some((ip, port)) = local.split_once(':') else {
+            return false;
+        };
+        let ip = u32::from_str_radix(ip, 16).ok();
+        let port = u16::from_str_radix(port, 16).ok();
+        state == want_state && ip == Some(want_ip) && port == Some(addr.port())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_proc_net_tables() {
+        let tcp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 0500F40A:1451 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0 100 0 0 10 0\n";
+        let at = |a: [u8; 4], p| SocketAddrV4::new(a.into(), p);
+        assert!(proc_net_has(
+            tcp,
+            Bound::TcpListen,
+            at([10, 244, 0, 5], 5201)
+        ));
+        assert!(!proc_net_has(
+            tcp,
+            Bound::TcpListen,
+            at([10, 244, 0, 5], 5202)
+        ));
+        assert!(!proc_net_has(tcp, Bound::Udp, at([10, 244, 0, 5], 5201)));
+        let udp = tcp.replace(" 0A ", " 07 ");
+        assert!(proc_net_has(&udp, Bound::Udp, at([10, 244, 0, 5], 5201)));
+    }
 }

@@ -7,20 +7,22 @@
 //! nothing leaves the namespace. Used by the byte-level tests and by
 //! `cargo xtask bench` for per-packet cost.
 
+use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use anyhow::{Context as _, Result, ensure};
+use anyhow::{Context as _, Result};
 use aya::{
     maps::lpm_trie::Key,
     programs::{ProgramError, SchedClassifier, TestRun as _, TestRunOptions, Xdp},
 };
 use node_agent::datapath::Datapath;
+use node_agent::flannel::lease::format_mac;
 use weft_common::{
     DECAP_IPIP, DECAP_VXLAN, Mode, NodeConfig, PROG_DECAP_TC, PROG_DECAP_XDP, PROG_ENCAP_TC,
     Reason, RemoteNode,
 };
 
-use crate::{Netns, PinDir, require_bpffs, require_root, unique_tag};
+use crate::{Netns, PinDir, ns_name, require_bpffs, require_root, unique_tag};
 
 pub const TC_ACT_OK: u32 = 0;
 pub const TC_ACT_SHOT: u32 = 2;
@@ -58,26 +60,33 @@ impl ProgramBench {
     pub fn new() -> Result<Self> {
         require_root()?;
         require_bpffs()?;
-        let ns = Netns::new(&format!("wtst-{}-tr", unique_tag()))?;
+        // The name's shape is one the stale-resource sweep recognises.
+        let ns = Netns::new(&ns_name(&unique_tag(), "tr"))?;
         // bpf_fib_lookup answers FWD_DISABLED unless the egress device
         // forwards; the agent turns forwarding on for the same reason.
-        ns.run(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])?;
-        ns.ip(&["link", "add", "u0", "type", "veth", "peer", "name", "u1"])?;
-        ns.ip(&["addr", "add", "198.18.0.1/24", "dev", "u0"])?;
+        ns.sysctl("net.ipv4.ip_forward", "1")?;
+        ns.add_veth("u0", &ns, "u1", 1500)?;
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", Ipv4Addr::from(LOCAL_IP)),
+            "dev",
+            "u0",
+        ])?;
         ns.ip(&["link", "set", "u0", "up"])?;
         ns.ip(&["link", "set", "u1", "up"])?;
         ns.ip(&[
             "neigh",
             "replace",
-            "198.18.0.2",
+            &Ipv4Addr::from(PEER_IP).to_string(),
             "lladdr",
-            "02:00:00:00:02:02",
+            &format_mac(&PEER_UNDERLAY_MAC),
             "dev",
             "u0",
             "nud",
             "permanent",
         ])?;
-        let (ifindex, mac) = ns.run_in(|| read_link("u0"))??;
+        let (ifindex, mac) = ns.link("u0")?;
         let pins = PinDir::new()?;
         let mut dp = Datapath::load(pins.path()).context("loading the BPF object")?;
         for name in [PROG_ENCAP_TC, PROG_DECAP_TC] {
@@ -268,28 +277,6 @@ fn run_in_ns(
             per_run: res.duration,
         })
     })?
-}
-
-pub fn read_link(name: &str) -> Result<(u32, [u8; 6])> {
-    let ifindex = nix_ifindex(name)?;
-    let out = std::process::Command::new("ip")
-        .args(["-j", "link", "show", "dev", name])
-        .output()?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    let addr = v[0]["address"].as_str().context("no address")?;
-    let mut mac = [0u8; 6];
-    for (m, part) in mac.iter_mut().zip(addr.split(':')) {
-        *m = u8::from_str_radix(part, 16)?;
-    }
-    Ok((ifindex, mac))
-}
-
-pub fn nix_ifindex(name: &str) -> Result<u32> {
-    let c = std::ffi::CString::new(name)?;
-    // SAFETY: `c` is a valid NUL-terminated string.
-    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    ensure!(idx != 0, "no interface {name}");
-    Ok(idx)
 }
 
 /// An Ethernet + IPv4 + UDP frame from a local container to `dst`.

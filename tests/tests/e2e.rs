@@ -12,10 +12,11 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use serde_json::Value;
+use ipnet::Ipv4Net;
+use node_agent::flannel::{LeaseAttrs, VxlanLeaseData};
 use weft_tests::{
-    Cluster, Container, Host, Signal, SubnetEnv, baseline, node_agent_binary, parse_cidr,
-    require_bpffs, require_root, require_tools, switch_port, wait_until,
+    Cluster, Container, Host, Signal, SubnetEnv, baseline, node_agent_binary, require_bpffs,
+    require_root, require_tools, switch_port, wait_until,
 };
 
 const CONFIG: &str =
@@ -94,6 +95,8 @@ macro_rules! per_backend {
     };
 }
 const NETWORK: &str = "10.244.0.0/16";
+/// The PublicIP of the bad leases: no host has it.
+const INTRUDER_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 9);
 const VXLAN_PORT: u16 = 8472;
 /// Generous for agent start-up and for etcd watch events to be applied;
 /// every wait polls, so passing runs do not pay it.
@@ -127,7 +130,7 @@ fn start_hosts<'c>(
         .collect::<Result<Vec<_>>>()?;
     for host in &hosts {
         if realistic_wire {
-            host.use_realistic_wire()?;
+            host.set_realistic_wire(true)?;
         }
         host.start_agent(&[])?;
     }
@@ -138,7 +141,7 @@ fn start_hosts<'c>(
     for (host, env) in hosts.iter().zip(&envs) {
         check_env(cluster, host, env)?;
     }
-    let subnets: BTreeSet<&str> = envs.iter().map(|e| e.subnet.as_str()).collect();
+    let subnets: BTreeSet<Ipv4Net> = envs.iter().map(|e| e.subnet).collect();
     ensure!(
         subnets.len() == envs.len(),
         "agents leased overlapping subnets: {envs:?}"
@@ -152,8 +155,9 @@ fn start_hosts<'c>(
 
 /// The subnet file matches the config and the lease in etcd names the host.
 fn check_env(cluster: &Cluster, host: &Host<'_>, env: &SubnetEnv) -> Result<()> {
+    let network: Ipv4Net = NETWORK.parse()?;
     ensure!(
-        env.network == NETWORK,
+        env.network == network,
         "host {}: FLANNEL_NETWORK {}",
         host.index(),
         env.network
@@ -169,31 +173,26 @@ fn check_env(cluster: &Cluster, host: &Host<'_>, env: &SubnetEnv) -> Result<()> 
         env.mtu
     );
     ensure!(
-        env.prefix_len()? == 24,
+        env.subnet.prefix_len() == 24,
         "host {}: subnet {} is not a /24",
         host.index(),
         env.subnet
     );
-    let (net, _) = parse_cidr(NETWORK)?;
-    let gw = env.gateway()?;
     ensure!(
-        u32::from(gw) & 0xffff_0000 == u32::from(net),
+        network.contains(&env.subnet),
         "host {}: subnet {} outside {NETWORK}",
         host.index(),
         env.subnet
     );
-    let key = cluster.lease_key(&env.subnet)?;
     let lease = cluster
-        .etcd()
-        .get(&key)?
-        .with_context(|| format!("host {}: no lease at {key}", host.index()))?;
-    let lease: Value =
-        serde_json::from_str(&lease).with_context(|| format!("lease {key} = {lease}"))?;
-    let public_ip = host.ip().to_string();
+        .lease(env.subnet)?
+        .with_context(|| format!("host {}: no lease for {}", host.index(), env.subnet))?;
     ensure!(
-        lease.get("PublicIP").and_then(Value::as_str) == Some(public_ip.as_str()),
-        "lease {key} does not name host {}'s PublicIP {public_ip}: {lease}",
-        host.index()
+        lease.public_ip == host.ip(),
+        "the lease for {} does not name host {}'s PublicIP {}: {lease:?}",
+        env.subnet,
+        host.index(),
+        host.ip()
     );
     Ok(())
 }
@@ -201,14 +200,11 @@ fn check_env(cluster: &Cluster, host: &Host<'_>, env: &SubnetEnv) -> Result<()> 
 /// Waits until `host`'s SUBNETS map holds every one of `peers`' subnets,
 /// each pointing at that peer's PublicIP.
 fn wait_routes(host: &Host<'_>, peers: &[(&Host<'_>, &SubnetEnv)]) -> Result<()> {
-    let want = peers
-        .iter()
-        .map(|(h, e)| Ok((e.subnet_network()?, h.ip())))
-        .collect::<Result<Vec<(String, Ipv4Addr)>>>()?;
+    let want: Vec<(Ipv4Net, Ipv4Addr)> = peers.iter().map(|(h, e)| (e.subnet, h.ip())).collect();
     wait_until(
         CONVERGE,
         &format!("host {}'s SUBNETS to hold {want:?}", host.index()),
-        |last| match host.map_dump_subnets() {
+        |last| match host.peers() {
             Ok(have) if want.iter().all(|w| have.contains(w)) => Ok(Some(())),
             Ok(have) => {
                 *last = format!("{have:?}");
@@ -235,6 +231,26 @@ fn wait_full_mesh(hosts: &[&Host<'_>], envs: &[&SubnetEnv]) -> Result<()> {
             .collect();
         wait_routes(host, &peers)?;
     }
+    Ok(())
+}
+
+/// The README's `bpftool map dump pinned <pin>/SUBNETS` works on the
+/// agent's pins and lists what the agent's own reader sees. Only the entry
+/// count is taken from bpftool: decoding the table is `PinnedState`'s job.
+fn check_bpftool_dump(host: &Host<'_>) -> Result<()> {
+    let pin = host.pin_path().join(weft_common::MAP_SUBNETS);
+    let out = weft_tests::process::run(weft_tests::process::command(
+        "bpftool",
+        &["-j", "map", "dump", "pinned", &pin.to_string_lossy()],
+    ))?;
+    let dump: serde_json::Value =
+        serde_json::from_str(&out).with_context(|| format!("bpftool printed {out:?}"))?;
+    let listed = dump.as_array().map_or(0, Vec::len);
+    let peers = host.peers()?;
+    ensure!(
+        listed == peers.len(),
+        "bpftool lists {listed} SUBNETS entries, the agent's reader {peers:?}"
+    );
     Ok(())
 }
 
@@ -358,6 +374,7 @@ fn three_hosts_connect_and_a_late_joiner_becomes_reachable(backend: Backend) -> 
             host.index()
         );
     }
+    check_bpftool_dump(&hosts[0])?;
     let containers = hosts
         .iter()
         .map(Host::attach_container)
@@ -423,8 +440,8 @@ fn deleting_a_lease_removes_its_route_from_the_other_agents(backend: Backend) ->
     // Host 2's own agent could re-acquire its lease; stop it so what is
     // observed is only the others reacting to the deletion.
     hosts[1].kill_agent(Signal::Kill)?;
-    let gone = envs[1].subnet_network()?;
-    let key = cluster.lease_key(&envs[1].subnet)?;
+    let gone = envs[1].subnet;
+    let key = cluster.lease_key(gone);
     ensure!(
         cluster.etcd().del(&key)? == 1,
         "lease {key} was not in etcd"
@@ -438,7 +455,7 @@ fn deleting_a_lease_removes_its_route_from_the_other_agents(backend: Backend) ->
             CONVERGE,
             &format!("host {} to drop {gone} from SUBNETS", host.index()),
             |last| {
-                let have = host.map_dump_subnets()?;
+                let have = host.peers()?;
                 if have.iter().any(|(net, _)| *net == gone) {
                     *last = format!("{have:?}");
                     return Ok(None);
@@ -541,8 +558,8 @@ fn tc_ingress_decapsulation_interoperates_with_xdp() -> Result<()> {
     // delivers MTU-sized frames, and without a UDP tunnel socket GRO does not
     // re-aggregate them before TC ingress; veth with TSO on would deliver the
     // sender's super-packets whole, which no NIC does.
-    tc_host.use_realistic_wire()?;
-    xdp_host.use_realistic_wire()?;
+    tc_host.set_realistic_wire(true)?;
+    xdp_host.set_realistic_wire(true)?;
     tc_host.start_agent(&["--decap-mode", "tc"])?;
     xdp_host.start_agent(&["--decap-mode", "xdp"])?;
     let envs = [
@@ -572,28 +589,15 @@ fn weft_interoperates_with_a_flannel_kernel_vxlan_node() -> Result<()> {
     let flannel = cluster.add_host(2)?;
     // Host 2 is set up exactly as flanneld's vxlan backend does it, with its
     // lease in etcd as flanneld writes it.
-    let (flannel_env, vtep) = baseline::flannel_vxlan_node(&flannel, 200)?;
-    cluster.etcd().put(
-        &cluster.lease_key(&flannel_env.subnet)?,
-        &format!(
-            r#"{{"PublicIP":"{}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{vtep}"}}}}"#,
-            flannel.ip()
-        ),
-    )?;
+    let (flannel_env, flannel_lease) = baseline::flannel_vxlan_node(&flannel, 200)?;
+    cluster.put_lease(flannel_env.subnet, &flannel_lease)?;
     weft.start_agent(&[])?;
     let weft_env = weft.wait_subnet_env(CONVERGE)?;
-    // flanneld would read weft's lease from etcd the same way.
-    let key = cluster.lease_key(&weft_env.subnet)?;
-    let lease: Value = serde_json::from_str(
-        &cluster
-            .etcd()
-            .get(&key)?
-            .with_context(|| format!("no lease {key}"))?,
-    )?;
-    let weft_vtep = lease["BackendData"]["VtepMAC"]
-        .as_str()
-        .context("VtepMAC")?;
-    baseline::flannel_vxlan_add_peer(&flannel, weft.ip(), weft_vtep, &weft_env)?;
+    // flanneld reads weft's lease from etcd and programs the peer from it.
+    let weft_lease = cluster
+        .lease(weft_env.subnet)?
+        .with_context(|| format!("no lease for {}", weft_env.subnet))?;
+    baseline::flannel_vxlan_add_peer(&flannel, &weft_lease, &weft_env)?;
     wait_routes(&weft, &[(&flannel, &flannel_env)])?;
 
     let a = weft.attach_container()?;
@@ -615,21 +619,22 @@ fn bad_leases_and_an_etcd_outage_do_not_stop_forwarding() -> Result<()> {
     // that is not a subnet, a lease outside the network, and a lease that
     // claims host 2's subnet again from another address.
     let etcd = cluster.etcd();
-    etcd.put(&cluster.lease_key("10.244.250.1/24")?, "{not json")?;
+    let intruder = LeaseAttrs {
+        public_ip: INTRUDER_IP,
+        backend_type: "vxlan".to_owned(),
+        backend_data: Some(VxlanLeaseData {
+            vni: None,
+            vtep_mac: [0x02, 0, 0, 0, 0, 0x09],
+        }),
+    };
+    etcd.put(&cluster.lease_key("10.244.250.0/24".parse()?), "{not json")?;
     etcd.put(
-        &format!("{}/subnets/not-a-subnet", weft_tests::ETCD_PREFIX),
-        r#"{"PublicIP":"198.18.0.9","BackendType":"vxlan","BackendData":{"VtepMAC":"02:00:00:00:00:09"}}"#,
+        &format!("{}not-a-subnet", cluster.keys().subnets_prefix()),
+        &intruder.to_json(),
     )?;
-    etcd.put(
-        &format!("{}/subnets/10.99.0.0-24", weft_tests::ETCD_PREFIX),
-        r#"{"PublicIP":"198.18.0.9","BackendType":"vxlan","BackendData":{"VtepMAC":"02:00:00:00:00:09"}}"#,
-    )?;
-    let (b_net, _) = parse_cidr(&envs[1].subnet_network()?)?;
-    let o = b_net.octets();
-    etcd.put(
-        &format!("{}/subnets/{}.{}.{}.0-23", weft_tests::ETCD_PREFIX, o[0], o[1], o[2] & 0xfe),
-        r#"{"PublicIP":"198.18.0.9","BackendType":"vxlan","BackendData":{"VtepMAC":"02:00:00:00:00:09"}}"#,
-    )?;
+    cluster.put_lease("10.99.0.0/24".parse()?, &intruder)?;
+    let overlapping = Ipv4Net::new(envs[1].subnet.network(), 23)?.trunc();
+    cluster.put_lease(overlapping, &intruder)?;
 
     // An outage: the data path keeps forwarding on the table it has.
     etcd.stop();
@@ -647,12 +652,9 @@ fn bad_leases_and_an_etcd_outage_do_not_stop_forwarding() -> Result<()> {
     wait_routes(&hosts[0], &[(&hosts[1], &envs[1]), (&late, &late_env)])?;
     wait_routes(&hosts[1], &[(&hosts[0], &envs[0]), (&late, &late_env)])?;
     for host in &hosts {
-        let table = host.map_dump_subnets()?;
+        let table = host.peers()?;
         ensure!(
-            table.len() == 2
-                && table
-                    .iter()
-                    .all(|(_, ip)| *ip != Ipv4Addr::new(198, 18, 0, 9)),
+            table.len() == 2 && table.iter().all(|(_, ip)| *ip != INTRUDER_IP),
             "host {}: a bad lease got into SUBNETS: {table:?}",
             host.index()
         );
@@ -702,22 +704,8 @@ fn cleanup_removes_everything_the_agent_created() -> Result<()> {
         },
     )?;
     host.kill_agent(Signal::Term)?;
-    let agent = node_agent_binary()?;
-    let (pin, file) = (host.pin_path().to_owned(), host.subnet_file().to_owned());
-    let mut cmd = host.ns().command_keep_mounts(&[
-        &agent.to_string_lossy(),
-        "cleanup",
-        "--pin-path",
-        &pin.to_string_lossy(),
-        "--subnet-file",
-        &file.to_string_lossy(),
-    ]);
-    let out = cmd.output()?;
-    ensure!(
-        out.status.success(),
-        "cleanup failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (pin, file) = (host.pin_path(), host.subnet_file());
+    host.agent_cleanup()?;
     ensure!(!pin.exists(), "{} still exists", pin.display());
     ensure!(!file.exists(), "{} still exists", file.display());
     ensure!(

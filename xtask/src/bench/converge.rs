@@ -14,12 +14,12 @@ use std::net::{Ipv4Addr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use aya::maps::{LpmTrie, Map, MapData, lpm_trie::Key};
 use etcd_client::Client;
+use ipnet::Ipv4Net;
+use node_agent::pinned::PinnedState;
 use serde_json::{Value, json};
-use weft_common::{MAP_SUBNETS, RemoteNode};
 
-use super::{ModeEnv, percentile};
+use super::suite::{ModeEnv, percentile};
 
 const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
 const PROBE_INTERVAL: Duration = Duration::from_micros(100);
@@ -46,25 +46,17 @@ pub fn run(env: &ModeEnv<'_>, joins: usize) -> Result<Convergence> {
     let host_a = env.a.host();
     let host_b = env.b.host();
     let cluster = host_a.cluster();
-    let (a_net, _) = weft_tests::parse_cidr(&env.a.subnet_env().subnet)?;
-    let (b_net, _) = weft_tests::parse_cidr(&env.b.subnet_env().subnet)?;
-    let b_key = cluster.lease_key(&env.b.subnet_env().subnet)?;
+    let a_net = env.a.subnet_env().subnet;
+    let b_net = env.b.subnet_env().subnet;
     let b_value = cluster
-        .etcd()
-        .get(&b_key)?
-        .with_context(|| format!("host B's lease {b_key} is missing"))?;
+        .lease(b_net)?
+        .with_context(|| format!("host B's lease for {b_net} is missing"))?
+        .to_json();
     // One reply per probe burst would otherwise be rate limited to ~1/s.
-    host_b
-        .ns()
-        .run(&["sysctl", "-q", "-w", "net.ipv4.icmp_ratelimit=0"])?;
-    let pin = host_a.pin_path().join(MAP_SUBNETS);
-    let trie: LpmTrie<MapData, [u8; 4], RemoteNode> = LpmTrie::try_from(
-        Map::from_map_data(MapData::from_pin(&pin).context("opening host A's SUBNETS pin")?)
-            .context("SUBNETS as a map")?,
-    )
-    .context("SUBNETS as an LPM trie")?;
+    host_b.ns().sysctl("net.ipv4.icmp_ratelimit", "0")?;
+    let pinned = host_a.pinned()?;
     let subnets: Vec<u8> = (100..=255u8)
-        .filter(|k| *k != a_net.octets()[2] && *k != b_net.octets()[2])
+        .filter(|k| *k != a_net.network().octets()[2] && *k != b_net.network().octets()[2])
         .take(joins)
         .collect();
     let endpoint = cluster.etcd().endpoint();
@@ -81,9 +73,9 @@ pub fn run(env: &ModeEnv<'_>, joins: usize) -> Result<Convergence> {
             .block_on(Client::connect([endpoint], None))
             .context("connecting to etcd")?;
         for k in subnets {
-            let s = Ipv4Addr::new(10, 244, k, 0);
+            let s = Ipv4Net::new(Ipv4Addr::new(10, 244, k, 0), 24)?;
             let target = Ipv4Addr::new(10, 244, k, 1);
-            let key = cluster.lease_key(&format!("{s}/24"))?;
+            let key = cluster.lease_key(s);
             host_b
                 .ns()
                 .ip(&["addr", "add", &format!("{target}/24"), "dev", "cni0"])?;
@@ -97,13 +89,13 @@ pub fn run(env: &ModeEnv<'_>, joins: usize) -> Result<Convergence> {
             let start = Instant::now();
             rt.block_on(client.put(key.as_str(), b_value.as_str(), None))
                 .context("etcd put")?;
-            let res = wait_join(&trie, s, &probe, start);
+            let res = wait_join(&pinned, s, &probe, start);
             match res {
                 Ok((map, reply)) => {
                     out.map_ms.push(map.as_secs_f64() * 1e3);
                     out.reply_ms.push(reply.as_secs_f64() * 1e3);
                 }
-                Err(e) => out.failures.push(format!("{s}/24: {e:#}")),
+                Err(e) => out.failures.push(format!("{s}: {e:#}")),
             }
             rt.block_on(client.delete(key.as_str(), None))
                 .context("etcd delete")?;
@@ -128,12 +120,11 @@ pub fn run(env: &ModeEnv<'_>, joins: usize) -> Result<Convergence> {
 /// Polls until `s` is in the map and a probe has been answered; returns
 /// both times since `start`.
 fn wait_join(
-    trie: &LpmTrie<MapData, [u8; 4], RemoteNode>,
-    s: Ipv4Addr,
+    pinned: &PinnedState,
+    s: Ipv4Net,
     probe: &UdpSocket,
     start: Instant,
 ) -> Result<(Duration, Duration)> {
-    let key = Key::new(24, s.octets());
     let mut map_at = None;
     let mut reply_at = None;
     let mut last_probe = None::<Instant>;
@@ -147,7 +138,7 @@ fn wait_join(
                 reply_at.is_some()
             );
         }
-        if map_at.is_none() && trie.get(&key, 0).is_ok() {
+        if map_at.is_none() && pinned.peer(s)?.is_some() {
             map_at = Some(now);
         }
         if reply_at.is_none() {

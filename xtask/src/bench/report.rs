@@ -5,11 +5,10 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
+use super::suite::{MODES, Results, Samples, median, percentile};
+use crate::system::workspace_root;
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
-use weft_tests::workspace_root;
-
-use super::{MODES, Results, Samples, median, percentile};
 
 /// Seconds since the epoch as `YYYY-MM-DD HH:MM:SS` UTC (civil-from-days,
 /// so no date crate is needed).
@@ -776,7 +775,7 @@ pub fn from_json(v: &Value) -> Result<Results> {
     let kind = v["kind"].as_str().context("no kind")?;
     let p = &v["plan"];
     let num = |k: &str| p[k].as_f64().unwrap_or(0.0);
-    let plan = super::Plan {
+    let plan = super::suite::Plan {
         quick: kind == "quick",
         rounds: num("rounds") as usize,
         tcp_secs: num("tcp_secs") as u32,

@@ -5,18 +5,19 @@
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use aya::maps::{LpmTrie, Map, MapData, lpm_trie::Key};
 use etcd_client::{PutOptions, Txn, TxnOp};
+use ipnet::Ipv4Net;
+use node_agent::flannel::{LeaseAttrs, VxlanLeaseData};
 use serde_json::{Value, json};
-use weft_common::{MAP_SUBNETS, PROG_ENCAP_TC, Reason, RemoteNode};
+use weft_common::{PROG_ENCAP_TC, Reason};
 use weft_tests::test_run::{self, ProgramBench, Run, TC_ACT_SHOT, XDP_PASS};
-use weft_tests::{Cluster, ETCD_PREFIX, Signal, baseline};
+use weft_tests::{Cluster, Host, Netns, Signal, SubnetEnv};
 
-use super::{ModeEnv, Plan, median, traffic};
+use super::suite::{ModeEnv, Plan, median};
+use super::traffic;
 
 /// The table sizes of the cost and load-time figures.
 const COST_SIZES: &[usize] = &[10, 1_000, 10_000, 100_000];
@@ -51,23 +52,36 @@ impl Cost {
     }
 }
 
+/// A fake remote node: its subnet, PublicIP and VtepMAC.
+type Fake = (Ipv4Net, Ipv4Addr, [u8; 6]);
+
 /// The `i`-th fake remote node: a /25 in 10.0.0.0/8 (from 10.0.1.0 up,
 /// well below 10.244.0.0/16), a PublicIP in 198.18.1.0 .. 198.19.255.255
 /// (the benchmarking range, never a simulated host's 198.18.0.x) and a
 /// locally administered VtepMAC.
-fn fake(i: usize) -> (Ipv4Addr, Ipv4Addr, [u8; 6]) {
+fn fake(i: usize) -> Fake {
     let i = u32::try_from(i).unwrap_or(u32::MAX);
     let subnet = Ipv4Addr::from(0x0a00_0000u32 + (i + 2) * 128);
     let ip = Ipv4Addr::from(0xc612_0000u32 + 256 + i);
     let b = i.to_be_bytes();
-    (subnet, ip, [0x02, 0x42, b[0], b[1], b[2], b[3]])
+    (
+        Ipv4Net::new(subnet, SCALE_PREFIX_LEN).unwrap_or_default(),
+        ip,
+        [0x02, 0x42, b[0], b[1], b[2], b[3]],
+    )
 }
 
-fn mac_str(m: [u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
+/// The etcd key and value of `f`'s lease, as its agent would write them.
+fn lease_of(cluster: &Cluster, f: &Fake) -> (String, String) {
+    let lease = LeaseAttrs {
+        public_ip: f.1,
+        backend_type: "vxlan".to_owned(),
+        backend_data: Some(VxlanLeaseData {
+            vni: Some(1),
+            vtep_mac: f.2,
+        }),
+    };
+    (cluster.lease_key(f.0), lease.to_json())
 }
 
 /// Median of `samples` single runs: BPF_PROG_TEST_RUN with a repeat count
@@ -101,8 +115,8 @@ pub fn program_cost(plan: &Plan) -> Result<(Vec<Cost>, String)> {
         while have < n {
             let (subnet, ip, mac) = fake(next);
             bench.add_peer(
-                subnet.octets(),
-                u32::from(SCALE_PREFIX_LEN),
+                subnet.network().octets(),
+                u32::from(subnet.prefix_len()),
                 ip.octets(),
                 mac,
             )?;
@@ -251,25 +265,13 @@ fn write_leases(cluster: &Cluster, leases: &[(String, String)]) -> Result<()> {
     })?
 }
 
-fn open_subnets(pin: &Path) -> Option<LpmTrie<MapData, [u8; 4], RemoteNode>> {
-    let md = MapData::from_pin(pin.join(MAP_SUBNETS)).ok()?;
-    LpmTrie::try_from(Map::from_map_data(md).ok()?).ok()
-}
-
-/// Whether `pin`'s SUBNETS holds every one of `samples`.
-fn has_all(trie: &LpmTrie<MapData, [u8; 4], RemoteNode>, samples: &[Ipv4Addr], len: u8) -> bool {
-    samples
-        .iter()
-        .all(|s| trie.get(&Key::new(u32::from(len), s.octets()), 0).is_ok())
-}
-
 pub fn run(plan: &Plan, plain: Option<&ModeEnv<'_>>, out: &mut ScaleResults) -> Result<()> {
     let cluster = Cluster::new(SCALE_CONFIG)?;
     cluster.set_dump_logs_on_drop(false);
     let a = cluster.add_host(1)?;
     let b = cluster.add_host(2)?;
     for h in [&a, &b] {
-        baseline::set_wire_offloads(h, false)?;
+        h.set_realistic_wire(true)?;
         h.start_agent(&[])?;
     }
     let env_a = a.wait_subnet_env(Duration::from_secs(30))?;
@@ -278,7 +280,7 @@ pub fn run(plan: &Plan, plain: Option<&ModeEnv<'_>>, out: &mut ScaleResults) -> 
     let cb = b.attach_container()?;
     ca.ping_until(cb.ip(), Duration::from_secs(30))?;
     let _iperf = traffic::iperf_server(cb.ns(), cb.ip())?;
-    let taken: BTreeSet<String> = [env_a.subnet_network()?, env_b.subnet_network()?].into();
+    let taken: BTreeSet<Ipv4Net> = [env_a.subnet, env_b.subnet].into();
 
     // The fake nodes, skipping any subnet a real host happened to lease.
     let max = plan.scale_sizes.iter().copied().max().unwrap_or(0);
@@ -287,20 +289,10 @@ pub fn run(plan: &Plan, plain: Option<&ModeEnv<'_>>, out: &mut ScaleResults) -> 
     while fakes.len() < max {
         let f = fake(i);
         i += 1;
-        if !taken.contains(&format!("{}/{SCALE_PREFIX_LEN}", f.0)) {
+        if !taken.contains(&f.0) {
             fakes.push(f);
         }
     }
-    let lease = |f: &(Ipv4Addr, Ipv4Addr, [u8; 6])| {
-        (
-            format!("{ETCD_PREFIX}/subnets/{}-{SCALE_PREFIX_LEN}", f.0),
-            format!(
-                r#"{{"PublicIP":"{}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{}"}}}}"#,
-                f.1,
-                mac_str(f.2)
-            ),
-        )
-    };
 
     let first = plan.scale_sizes.first().copied().unwrap_or(0);
     let last = max;
@@ -308,7 +300,10 @@ pub fn run(plan: &Plan, plain: Option<&ModeEnv<'_>>, out: &mut ScaleResults) -> 
     let mut routed = 0usize;
     let route_ns = plain.map(|p| p.a.host().ns());
     for &n in &plan.scale_sizes {
-        let batch: Vec<(String, String)> = fakes[written..n].iter().map(lease).collect();
+        let batch: Vec<(String, String)> = fakes[written..n]
+            .iter()
+            .map(|f| lease_of(&cluster, f))
+            .collect();
         let t = Instant::now();
         write_leases(&cluster, &batch)?;
         out.write_secs.push((n, t.elapsed().as_secs_f64()));
@@ -320,7 +315,7 @@ pub fn run(plan: &Plan, plain: Option<&ModeEnv<'_>>, out: &mut ScaleResults) -> 
 
         // The running agent picks the new leases up through its watch;
         // the table must be full before throughput is measured on it.
-        match samples_of(&fakes[..n], &env_b).and_then(|smp| wait_loaded(&a, &smp, n + 1, t)) {
+        match wait_loaded(&a, &samples_of(&fakes[..n], &env_b), n + 1, t) {
             Ok(secs) => out.watch_secs.push((n, secs)),
             Err(e) => out.errors.push(format!("watch catch-up at {n}: {e:#}")),
         }
@@ -401,51 +396,42 @@ pub fn run(plan: &Plan, plain: Option<&ModeEnv<'_>>, out: &mut ScaleResults) -> 
 
 /// Installs one kernel route per fake subnet via the plain-routing peer,
 /// with `ip -batch`, as a host-gw node with that many peers would hold.
-fn add_routes(ns: &weft_tests::Netns, fakes: &[(Ipv4Addr, Ipv4Addr, [u8; 6])]) -> Result<()> {
+fn add_routes(ns: &Netns, fakes: &[Fake]) -> Result<()> {
     if fakes.is_empty() {
         return Ok(());
     }
     let mut text = String::with_capacity(fakes.len() * 64);
     for f in fakes {
         text.push_str(&format!(
-            "route add {}/{SCALE_PREFIX_LEN} via 198.18.0.2 dev eth0 proto static\n",
+            "route add {} via 198.18.0.2 dev eth0 proto static\n",
             f.0
         ));
     }
-    let dir = std::env::temp_dir().join(format!("weft-bench-routes-{}", std::process::id()));
-    std::fs::write(&dir, text).with_context(|| format!("writing {}", dir.display()))?;
-    let res = ns.ip(&["-batch", &dir.to_string_lossy()]);
-    let _ = std::fs::remove_file(&dir);
-    res.context("installing the scale routes")?;
+    let dir = weft_tests::scratch_dir()?;
+    let batch = dir.path().join("routes");
+    std::fs::write(&batch, text).with_context(|| format!("writing {}", batch.display()))?;
+    ns.ip(&["-batch", &batch.to_string_lossy()])
+        .context("installing the scale routes")?;
     Ok(())
 }
 
 /// Lookup samples for "all of `fakes` and host B's subnet are in the map":
 /// 64 evenly spaced leases, the last one and host B's, cheap to look up
-/// every few ms, unlike counting 100k entries.
-fn samples_of(
-    fakes: &[(Ipv4Addr, Ipv4Addr, [u8; 6])],
-    env_b: &weft_tests::SubnetEnv,
-) -> Result<Vec<Ipv4Addr>> {
-    let (b_net, _) = weft_tests::parse_cidr(&env_b.subnet_network()?)?;
+/// every few ms, unlike reading 100k entries.
+fn samples_of(fakes: &[Fake], env_b: &SubnetEnv) -> Vec<Ipv4Net> {
     let step = (fakes.len() / 64).max(1);
-    let mut samples: Vec<Ipv4Addr> = fakes.iter().step_by(step).map(|f| f.0).collect();
+    let mut samples: Vec<Ipv4Net> = fakes.iter().step_by(step).map(|f| f.0).collect();
     if let Some(l) = fakes.last() {
         samples.push(l.0);
     }
-    samples.push(b_net);
-    Ok(samples)
+    samples.push(env_b.subnet);
+    samples
 }
 
 /// Waits until `a`'s SUBNETS holds every sample and at least `want`
 /// entries; returns the seconds since `start` at which the samples were
 /// all there. The error carries the last line of the agent's log.
-fn wait_loaded(
-    a: &weft_tests::Host<'_>,
-    samples: &[Ipv4Addr],
-    want: usize,
-    start: Instant,
-) -> Result<f64> {
+fn wait_loaded(a: &Host<'_>, samples: &[Ipv4Net], want: usize, start: Instant) -> Result<f64> {
     let last_log = || {
         a.agent_log()
             .lines()
@@ -468,13 +454,16 @@ fn wait_loaded(
             "the agent exited; its last log line: {}",
             last_log()
         );
-        if let Some(trie) = open_subnets(a.pin_path())
-            && has_all(&trie, samples, SCALE_PREFIX_LEN)
+        // Opened afresh each round: a starting agent creates the pins.
+        if let Ok(pinned) = a.pinned()
+            && samples
+                .iter()
+                .all(|s| matches!(pinned.peer(*s), Ok(Some(_))))
         {
             let at = *seen_at.get_or_insert(elapsed);
             // Confirms with a full count (the agent may insert in any
             // order); the time is when the samples were all there.
-            let count = trie.keys().filter(Result::is_ok).count();
+            let count = pinned.peers().map_or(0, |p| p.len());
             if count >= want {
                 return Ok(at.as_secs_f64());
             }
@@ -484,26 +473,10 @@ fn wait_loaded(
     }
 }
 
-fn agent_load_time(
-    a: &weft_tests::Host<'_>,
-    fakes: &[(Ipv4Addr, Ipv4Addr, [u8; 6])],
-    env_b: &weft_tests::SubnetEnv,
-) -> Result<f64> {
+fn agent_load_time(a: &Host<'_>, fakes: &[Fake], env_b: &SubnetEnv) -> Result<f64> {
     a.kill_agent(Signal::Term)?;
-    let bin = weft_tests::node_agent_binary()?;
-    let bin = bin.to_string_lossy().into_owned();
-    let pin = a.pin_path().to_string_lossy().into_owned();
-    let file = a.subnet_file().to_string_lossy().into_owned();
-    weft_tests::process::run(a.ns().command_keep_mounts(&[
-        &bin,
-        "cleanup",
-        "--pin-path",
-        &pin,
-        "--subnet-file",
-        &file,
-    ]))
-    .context("node-agent cleanup")?;
-    let samples = samples_of(fakes, env_b)?;
+    a.agent_cleanup()?;
+    let samples = samples_of(fakes, env_b);
     let start = Instant::now();
     a.start_agent(&[])?;
     wait_loaded(a, &samples, fakes.len() + 1, start)

@@ -20,7 +20,84 @@ use anyhow::{Context, Result, bail};
 /// Messages per `sendmmsg`/`recvmmsg` call: enough to amortise the syscall.
 const BATCH: usize = 64;
 
-pub fn udpgen(dst: SocketAddr, secs: f64, threads: usize, size: usize) -> Result<()> {
+/// The tools as hidden `xtask` subcommands.
+#[derive(clap::Subcommand)]
+pub enum Tool {
+    /// The bench's UDP generator (run inside a namespace by `bench`).
+    #[command(hide = true)]
+    Udpgen {
+        #[arg(long)]
+        dst: SocketAddr,
+        #[arg(long)]
+        secs: f64,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+    },
+    /// The bench's UDP sink.
+    #[command(hide = true)]
+    Udpsink {
+        #[arg(long)]
+        bind: SocketAddr,
+        #[arg(long)]
+        max_secs: f64,
+        #[arg(long, default_value_t = 500)]
+        idle_ms: u64,
+    },
+    /// The bench's TCP request/response server.
+    #[command(hide = true)]
+    RrServer {
+        #[arg(long)]
+        bind: SocketAddr,
+        #[arg(long)]
+        max_secs: f64,
+        #[arg(long)]
+        cpu: Option<usize>,
+    },
+    /// The bench's TCP request/response client.
+    #[command(hide = true)]
+    RrClient {
+        #[arg(long)]
+        dst: SocketAddr,
+        #[arg(long)]
+        secs: f64,
+        #[arg(long)]
+        cpu: Option<usize>,
+    },
+}
+
+impl Tool {
+    pub fn run(self) -> Result<()> {
+        match self {
+            Self::Udpgen {
+                dst,
+                secs,
+                threads,
+                size,
+            } => udpgen(dst, secs, threads, size),
+            Self::Udpsink {
+                bind,
+                max_secs,
+                idle_ms,
+            } => udpsink(bind, max_secs, idle_ms),
+            Self::RrServer {
+                bind,
+                max_secs,
+                cpu,
+            } => {
+                pin_cpu(cpu)?;
+                rr_server(bind, max_secs)
+            }
+            Self::RrClient { dst, secs, cpu } => {
+                pin_cpu(cpu)?;
+                rr_client(dst, secs)
+            }
+        }
+    }
+}
+
+fn udpgen(dst: SocketAddr, secs: f64, threads: usize, size: usize) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let start = Instant::now();
     let handles: Vec<_> = (0..threads.max(1))
@@ -80,7 +157,7 @@ fn gen_thread(dst: SocketAddr, size: usize, stop: &AtomicBool) -> Result<u64> {
     Ok(sent)
 }
 
-pub fn udpsink(bind: SocketAddr, max_secs: f64, idle_ms: u64) -> Result<()> {
+fn udpsink(bind: SocketAddr, max_secs: f64, idle_ms: u64) -> Result<()> {
     let sock = UdpSocket::bind(bind).with_context(|| format!("binding {bind}"))?;
     set_rcvbuf(&sock, 8 << 20);
     sock.set_read_timeout(Some(Duration::from_millis(50)))
@@ -145,7 +222,7 @@ fn set_rcvbuf(sock: &UdpSocket, bytes: libc::c_int) {
 /// Pins the calling process to `cpu`, so client and server sit on fixed,
 /// different cores in every mode (as on two real hosts) instead of
 /// wherever the scheduler happens to put them, which makes the RTT bimodal.
-pub fn pin_cpu(cpu: Option<usize>) -> Result<()> {
+fn pin_cpu(cpu: Option<usize>) -> Result<()> {
     let Some(cpu) = cpu else { return Ok(()) };
     // SAFETY: cpu_set_t is plain old data; CPU_SET writes within it and
     // sched_setaffinity reads it for the size given.
@@ -159,7 +236,7 @@ pub fn pin_cpu(cpu: Option<usize>) -> Result<()> {
     Ok(())
 }
 
-pub fn rr_server(bind: SocketAddr, max_secs: f64) -> Result<()> {
+fn rr_server(bind: SocketAddr, max_secs: f64) -> Result<()> {
     let listener = TcpListener::bind(bind).with_context(|| format!("binding {bind}"))?;
     let deadline = Instant::now() + Duration::from_secs_f64(max_secs);
     listener
@@ -187,7 +264,7 @@ pub fn rr_server(bind: SocketAddr, max_secs: f64) -> Result<()> {
     Ok(())
 }
 
-pub fn rr_client(dst: SocketAddr, secs: f64) -> Result<()> {
+fn rr_client(dst: SocketAddr, secs: f64) -> Result<()> {
     let start = Instant::now();
     let mut conn = loop {
         match TcpStream::connect_timeout(&dst, Duration::from_secs(1)) {

@@ -2,14 +2,13 @@
 //! iperf3 for TCP throughput, the bench's own tools for packet rate and
 //! request/response latency.
 
-use std::net::Ipv4Addr;
-use std::process::{Child, Stdio};
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 use weft_tests::Netns;
-use weft_tests::process;
+use weft_tests::process::{self, Background, Bound};
 
 const IPERF_PORT: u16 = 5201;
 const PPS_PORT: u16 = 9000;
@@ -17,34 +16,19 @@ const RR_PORT: u16 = 9001;
 /// UDP payload of the packet-rate test.
 pub const SMALL_PAYLOAD: usize = 64;
 
-/// Kills and reaps a background tool on every exit path.
-pub struct Background(Option<Child>);
+/// How long a server gets to bind its socket.
+const SERVER_READY_TIMEOUT: Duration = Duration::from_secs(10);
 
-impl Background {
-    fn wait(mut self, timeout: Duration, desc: &str) -> Result<String> {
-        let child = self.0.take().context("already waited")?;
-        let out = process::wait_output(child, desc, timeout)?;
-        process::check(desc, &out)
-    }
-}
-
-impl Drop for Background {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn spawn(ns: &Netns, args: &[&str]) -> Result<Background> {
-    let mut cmd = ns.command(args);
-    let desc = process::describe(&cmd);
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let child = cmd.spawn().with_context(|| format!("spawning `{desc}`"))?;
-    Ok(Background(Some(child)))
+/// Starts server `cmd` and waits until it has bound `addr` as `bound`
+/// says, so the client that follows never races its start-up.
+fn start_server(
+    cmd: std::process::Command,
+    bound: Bound,
+    addr: SocketAddrV4,
+) -> Result<Background> {
+    let mut server = Background::spawn(cmd)?;
+    server.wait_bound(bound, addr, SERVER_READY_TIMEOUT)?;
+    Ok(server)
 }
 
 fn self_exe() -> Result<String> {
@@ -60,20 +44,18 @@ fn json(text: &str, what: &str) -> Result<Value> {
 
 /// A persistent iperf3 server in `ns` bound to `ip`.
 pub fn iperf_server(ns: &Netns, ip: Ipv4Addr) -> Result<Background> {
-    let bg = spawn(
-        ns,
-        &[
+    start_server(
+        ns.command(&[
             "iperf3",
             "-s",
             "-B",
             &ip.to_string(),
             "-p",
             &IPERF_PORT.to_string(),
-        ],
-    )?;
-    // iperf3 listens within milliseconds; the client retries anyway.
-    std::thread::sleep(Duration::from_millis(300));
-    Ok(bg)
+        ]),
+        Bound::TcpListen,
+        SocketAddrV4::new(ip, IPERF_PORT),
+    )
 }
 
 /// TCP throughput from `client` to the iperf3 server at `dst`, Gbit/s as
@@ -120,31 +102,49 @@ pub struct Pps {
     pub loss: f64,
 }
 
+/// One of xtask's own tools (see `tools`) as a command line in `ns`.
+fn tool_command(ns: &Netns, tool: &str, args: &[&str]) -> Result<std::process::Command> {
+    let exe = self_exe()?;
+    let mut argv = vec![exe.as_str(), tool];
+    argv.extend_from_slice(args);
+    Ok(ns.command(&argv))
+}
+
+/// Runs client tool `tool` in `ns` to completion (within `timeout`) and
+/// returns the JSON object it prints.
+fn run_tool(ns: &Netns, tool: &str, args: &[&str], timeout: Duration) -> Result<Value> {
+    let out = process::run_timeout(tool_command(ns, tool, args)?, timeout)
+        .with_context(|| tool.to_owned())?;
+    json(&out, tool)
+}
+
+/// A number from a tool's JSON output.
+fn field(v: &Value, tool: &str, name: &str) -> Result<f64> {
+    v[name]
+        .as_f64()
+        .with_context(|| format!("{tool}: no {name} in {v}"))
+}
+
 /// 64-byte UDP from `gen_ns` to a sink in `sink_ns` at `dst`.
 pub fn udp_pps(gen_ns: &Netns, sink_ns: &Netns, dst: Ipv4Addr, secs: f64) -> Result<Pps> {
-    let exe = self_exe()?;
-    let bind = format!("{dst}:{PPS_PORT}");
+    let addr = SocketAddrV4::new(dst, PPS_PORT);
+    let bind = addr.to_string();
     let max = format!("{}", secs + 10.0);
-    let sink = spawn(
-        sink_ns,
-        &[
-            &exe,
+    let sink = start_server(
+        tool_command(
+            sink_ns,
             "udpsink",
-            "--bind",
-            &bind,
-            "--max-secs",
-            &max,
-            "--idle-ms",
-            "500",
-        ],
+            &["--bind", &bind, "--max-secs", &max, "--idle-ms", "500"],
+        )?,
+        Bound::Udp,
+        addr,
     )?;
-    std::thread::sleep(Duration::from_millis(200));
     let secs_s = format!("{secs}");
     let size = SMALL_PAYLOAD.to_string();
-    let out = process::run_timeout(
-        gen_ns.command(&[
-            &exe,
-            "udpgen",
+    let g = run_tool(
+        gen_ns,
+        "udpgen",
+        &[
             "--dst",
             &bind,
             "--secs",
@@ -153,18 +153,16 @@ pub fn udp_pps(gen_ns: &Netns, sink_ns: &Netns, dst: Ipv4Addr, secs: f64) -> Res
             "2",
             "--size",
             &size,
-        ]),
+        ],
         Duration::from_secs_f64(secs + 20.0),
-    )
-    .context("udpgen")?;
-    let g = json(&out, "udpgen")?;
-    let sent = g["sent"].as_f64().context("udpgen: sent")?;
-    let elapsed = g["secs"].as_f64().context("udpgen: secs")?;
+    )?;
+    let sent = field(&g, "udpgen", "sent")?;
+    let elapsed = field(&g, "udpgen", "secs")?;
     let s = json(
-        &sink.wait(Duration::from_secs_f64(secs + 15.0), "udpsink")?,
+        &sink.finish(Duration::from_secs_f64(secs + 15.0))?,
         "udpsink",
     )?;
-    let received = s["received"].as_f64().context("udpsink: received")?;
+    let received = field(&s, "udpsink", "received")?;
     Ok(Pps {
         sent_pps: sent / elapsed,
         received_pps: received / elapsed,
@@ -187,44 +185,30 @@ pub struct Rr {
 /// TCP 1-byte request/response from `client_ns` to a server in
 /// `server_ns` at `dst`.
 pub fn tcp_rr(client_ns: &Netns, server_ns: &Netns, dst: Ipv4Addr, secs: f64) -> Result<Rr> {
-    let exe = self_exe()?;
-    let addr = format!("{dst}:{RR_PORT}");
+    let bind = SocketAddrV4::new(dst, RR_PORT);
+    let addr = bind.to_string();
     let max = format!("{}", secs + 15.0);
-    let _server = spawn(
-        server_ns,
-        &[
-            &exe,
+    let _server = start_server(
+        tool_command(
+            server_ns,
             "rr-server",
-            "--bind",
-            &addr,
-            "--max-secs",
-            &max,
-            "--cpu",
-            "1",
-        ],
+            &["--bind", &addr, "--max-secs", &max, "--cpu", "1"],
+        )?,
+        Bound::TcpListen,
+        bind,
     )?;
-    std::thread::sleep(Duration::from_millis(200));
     let secs_s = format!("{secs}");
-    let out = process::run_timeout(
-        client_ns.command(&[
-            &exe,
-            "rr-client",
-            "--dst",
-            &addr,
-            "--secs",
-            &secs_s,
-            "--cpu",
-            "0",
-        ]),
+    let v = run_tool(
+        client_ns,
+        "rr-client",
+        &["--dst", &addr, "--secs", &secs_s, "--cpu", "0"],
         Duration::from_secs_f64(secs + 20.0),
-    )
-    .context("rr-client")?;
-    let v = json(&out, "rr-client")?;
-    let n = v["transactions"].as_f64().context("transactions")?;
-    let elapsed = v["secs"].as_f64().context("secs")?;
+    )?;
+    let n = field(&v, "rr-client", "transactions")?;
+    let elapsed = field(&v, "rr-client", "secs")?;
     Ok(Rr {
         tps: n / elapsed,
-        p50_us: v["p50_us"].as_f64().context("p50_us")?,
-        p99_us: v["p99_us"].as_f64().context("p99_us")?,
+        p50_us: field(&v, "rr-client", "p50_us")?,
+        p99_us: field(&v, "rr-client", "p99_us")?,
     })
 }

@@ -1,0 +1,138 @@
+//! `cargo xtask setup`: installs what building and testing need, skipping
+//! whatever is already present (idempotent).
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{Context, Result};
+
+use crate::cmd::{self, cargo, probe, step};
+use crate::system::{BPFFS, require_bpffs, require_root};
+
+/// Debian packages the build, the tests and the demo need.
+const PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "protobuf-compiler",
+    "etcd-server",
+    "etcd-client",
+    "bpftool",
+    "iproute2",
+    "tcpdump",
+    "tshark",
+    "iperf3",
+    "iputils-ping",
+    "ethtool",
+    "python3",
+];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+
+/// `setup` has no options.
+#[derive(clap::Args)]
+pub struct Args {}
+
+pub fn run(_: &Args) -> Result<()> {
+    packages()?;
+    bpffs()?;
+    rust_src()?;
+    bpf_linker()?;
+    step("setup complete");
+    Ok(())
+}
+
+fn packages() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            let (ok, out) = probe("dpkg-query", &["-W", "-f=${Status}", p]);
+            !(ok && out.trim() == "install ok installed")
+        })
+        .collect();
+    if missing.is_empty() {
+        step("system packages: all present");
+        return Ok(());
+    }
+    step(&format!(
+        "system packages: installing {}",
+        missing.join(" ")
+    ));
+    require_root().context("installing system packages")?;
+    let mut update = Command::new("apt-get");
+    update
+        .arg("update")
+        .env("DEBIAN_FRONTEND", "noninteractive");
+    cmd::run(update)?;
+    let mut install = Command::new("apt-get");
+    install
+        .args(["install", "-y", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive");
+    cmd::run(install)
+}
+
+/// The agent pins its maps and links on bpffs; some containers and minimal
+/// systems do not mount it.
+fn bpffs() -> Result<()> {
+    if require_bpffs().is_ok() {
+        step(&format!("bpffs: mounted at {BPFFS}"));
+        return Ok(());
+    }
+    step(&format!("bpffs: mounting at {BPFFS}"));
+    require_root().context("mounting bpffs")?;
+    let mut mount = Command::new("mount");
+    mount.args(["-t", "bpf", "bpf", BPFFS]);
+    cmd::run(mount)
+}
+
+fn rust_src() -> Result<()> {
+    let (_, installed) = probe(
+        "rustup",
+        &["component", "list", "--toolchain", "nightly", "--installed"],
+    );
+    if installed.lines().any(|l| l.trim() == "rust-src") {
+        step("rust-src for nightly: present");
+        return Ok(());
+    }
+    step("rust-src for nightly: installing (needed for -Z build-std=core)");
+    let mut add = Command::new("rustup");
+    add.args(["component", "add", "rust-src", "--toolchain", "nightly"]);
+    cmd::run(add)
+}
+
+fn bpf_linker() -> Result<()> {
+    let (_, version) = probe("bpf-linker", &["--version"]);
+    if version.split_whitespace().nth(1) == Some(BPF_LINKER_VERSION) {
+        step(&format!("bpf-linker {BPF_LINKER_VERSION}: present"));
+        return Ok(());
+    }
+    step(&format!(
+        "bpf-linker {BPF_LINKER_VERSION}: installing against LLVM 22 (found: {:?})",
+        version.trim()
+    ));
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut paths = vec![PathBuf::from(LLVM_PREFIX).join("bin")];
+    paths.extend(std::env::split_paths(&path));
+    let path = std::env::join_paths(paths).context("building PATH")?;
+    let install = |locked: bool| {
+        let mut install = cargo();
+        install.args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION]);
+        if locked {
+            install.arg("--locked");
+        }
+        install
+            .args(["--no-default-features", "--features", "llvm-22"])
+            .env("LLVM_SYS_221_PREFIX", LLVM_PREFIX)
+            .env("PATH", &path);
+        cmd::run(install)
+    };
+    // The locked dependency set is the tested one; fall back to fresh
+    // resolution only if it does not build here.
+    install(true).or_else(|e| {
+        println!("--locked install failed ({e:#}); retrying without --locked");
+        install(false)
+    })
+}
