@@ -17,8 +17,8 @@ use std::net::Ipv4Addr;
 use anyhow::{Context, Result};
 use ipnet::Ipv4Net;
 use node_agent::flannel::lease::format_mac;
-use node_agent::flannel::subnet_env::VXLAN_OVERHEAD;
 use node_agent::flannel::{LeaseAttrs, SubnetEnv, VxlanLeaseData};
+use weft_common::VXLAN_OVERHEAD;
 
 use crate::Host;
 
