@@ -42,6 +42,8 @@ const TCP_PORT: &str = "7777";
 const AGENT_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 const AGENT_CLEANUP_TIMEOUT: Duration = Duration::from_secs(20);
 const CONTAINER_ENV_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long agents get to lease, write their subnet file and learn peers.
+pub const CONVERGE: Duration = Duration::from_secs(30);
 
 /// The underlay switch, etcd, and the scratch directory every host's files
 /// live in. Hosts borrow it, so the compiler makes them go first on drop.
@@ -167,6 +169,42 @@ impl Cluster {
             &SWITCH_IP.to_string(),
         ])?;
         Ok(host)
+    }
+
+    /// Adds hosts `indexes`, starts an agent on each with `agent_args`
+    /// (`realistic_wire`: underlay offloads as a NIC's, see
+    /// [`Host::set_realistic_wire`]), waits for every subnet file and until
+    /// every host's SUBNETS map holds every other host's subnet.
+    pub fn start_hosts(
+        &self,
+        indexes: &[u8],
+        agent_args: &[&str],
+        realistic_wire: bool,
+    ) -> Result<(Vec<Host<'_>>, Vec<SubnetEnv>)> {
+        let hosts = indexes
+            .iter()
+            .map(|&i| self.add_host(i))
+            .collect::<Result<Vec<_>>>()?;
+        for host in &hosts {
+            if realistic_wire {
+                host.set_realistic_wire(true)?;
+            }
+            host.start_agent(agent_args)?;
+        }
+        let envs = hosts
+            .iter()
+            .map(|h| h.wait_subnet_env(CONVERGE))
+            .collect::<Result<Vec<_>>>()?;
+        let subnets: std::collections::BTreeSet<Ipv4Net> = envs.iter().map(|e| e.subnet).collect();
+        ensure!(
+            subnets.len() == envs.len(),
+            "agents leased overlapping subnets: {envs:?}"
+        );
+        wait_full_mesh(
+            &hosts.iter().collect::<Vec<_>>(),
+            &envs.iter().collect::<Vec<_>>(),
+        )?;
+        Ok((hosts, envs))
     }
 
     /// A host on its own underlay segment, 198.19.<index>.0/24, behind the
@@ -858,6 +896,43 @@ while True:
     reply += b
 print(int(reply), flush=True)
 "#;
+
+/// Waits until `host`'s SUBNETS map holds each peer's subnet, pointing at
+/// the peer's PublicIP.
+pub fn wait_routes(host: &Host<'_>, peers: &[(&Host<'_>, &SubnetEnv)]) -> Result<()> {
+    let want: Vec<(Ipv4Net, Ipv4Addr)> = peers.iter().map(|(h, e)| (e.subnet, h.ip())).collect();
+    process::wait_until(
+        CONVERGE,
+        &format!("host {}'s SUBNETS to hold {want:?}", host.index()),
+        |last| match host.peers() {
+            Ok(have) if want.iter().all(|w| have.contains(w)) => Ok(Some(())),
+            Ok(have) => {
+                *last = format!("{have:?}");
+                Ok(None)
+            }
+            // Not pinned yet right after start.
+            Err(e) => {
+                *last = format!("{e:#}");
+                Ok(None)
+            }
+        },
+    )
+}
+
+/// [`wait_routes`] for every host against all the others.
+pub fn wait_full_mesh(hosts: &[&Host<'_>], envs: &[&SubnetEnv]) -> Result<()> {
+    for (i, host) in hosts.iter().enumerate() {
+        let peers: Vec<(&Host<'_>, &SubnetEnv)> = hosts
+            .iter()
+            .zip(envs)
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, (h, e))| (*h, *e))
+            .collect();
+        wait_routes(host, &peers)?;
+    }
+    Ok(())
+}
 
 #[cfg(test)]
 mod tests {

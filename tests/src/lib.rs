@@ -10,6 +10,7 @@
 
 pub mod baseline;
 mod cluster;
+pub mod docker;
 mod etcd;
 mod netns;
 pub mod process;
@@ -23,7 +24,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use anyhow::{Context, Result, bail};
 
 pub use cluster::{
-    Cluster, Container, Host, SWITCH_IP, Signal, SubnetEnvExt, TransferStats, switch_port,
+    CONVERGE, Cluster, Container, Host, SWITCH_IP, Signal, SubnetEnvExt, TransferStats,
+    switch_port, wait_full_mesh, wait_routes,
 };
 pub use etcd::Etcd;
 pub use netns::{Capture, Netns, capture};

@@ -15,8 +15,9 @@ use anyhow::{Context, Result, ensure};
 use ipnet::Ipv4Net;
 use node_agent::flannel::{LeaseAttrs, VxlanLeaseData};
 use weft_tests::{
-    Cluster, Container, Host, Signal, SubnetEnv, baseline, node_agent_binary, require_bpffs,
-    require_root, require_tools, switch_port, wait_until,
+    CONVERGE, Cluster, Container, Host, Signal, SubnetEnv, baseline, node_agent_binary,
+    require_bpffs, require_root, require_tools, switch_port, wait_full_mesh, wait_routes,
+    wait_until,
 };
 
 const CONFIG: &str =
@@ -100,7 +101,6 @@ const INTRUDER_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 9);
 const VXLAN_PORT: u16 = 8472;
 /// Generous for agent start-up and for etcd watch events to be applied;
 /// every wait polls, so passing runs do not pay it.
-const CONVERGE: Duration = Duration::from_secs(30);
 const TRANSFER_BYTES: u64 = 20 * 1024 * 1024;
 /// IPv4 (20) + ICMP (8) headers: the largest unfragmented ping payload is
 /// MTU - 28.
@@ -124,32 +124,10 @@ fn start_hosts<'c>(
     indexes: &[u8],
     realistic_wire: bool,
 ) -> Result<(Vec<Host<'c>>, Vec<SubnetEnv>)> {
-    let hosts = indexes
-        .iter()
-        .map(|&i| cluster.add_host(i))
-        .collect::<Result<Vec<_>>>()?;
-    for host in &hosts {
-        if realistic_wire {
-            host.set_realistic_wire(true)?;
-        }
-        host.start_agent(&[])?;
-    }
-    let envs = hosts
-        .iter()
-        .map(|h| h.wait_subnet_env(CONVERGE))
-        .collect::<Result<Vec<_>>>()?;
+    let (hosts, envs) = cluster.start_hosts(indexes, &[], realistic_wire)?;
     for (host, env) in hosts.iter().zip(&envs) {
         check_env(cluster, host, env)?;
     }
-    let subnets: BTreeSet<Ipv4Net> = envs.iter().map(|e| e.subnet).collect();
-    ensure!(
-        subnets.len() == envs.len(),
-        "agents leased overlapping subnets: {envs:?}"
-    );
-    wait_full_mesh(
-        &hosts.iter().collect::<Vec<_>>(),
-        &envs.iter().collect::<Vec<_>>(),
-    )?;
     Ok((hosts, envs))
 }
 
@@ -194,43 +172,6 @@ fn check_env(cluster: &Cluster, host: &Host<'_>, env: &SubnetEnv) -> Result<()> 
         host.index(),
         host.ip()
     );
-    Ok(())
-}
-
-/// Waits until `host`'s SUBNETS map holds every one of `peers`' subnets,
-/// each pointing at that peer's PublicIP.
-fn wait_routes(host: &Host<'_>, peers: &[(&Host<'_>, &SubnetEnv)]) -> Result<()> {
-    let want: Vec<(Ipv4Net, Ipv4Addr)> = peers.iter().map(|(h, e)| (e.subnet, h.ip())).collect();
-    wait_until(
-        CONVERGE,
-        &format!("host {}'s SUBNETS to hold {want:?}", host.index()),
-        |last| match host.peers() {
-            Ok(have) if want.iter().all(|w| have.contains(w)) => Ok(Some(())),
-            Ok(have) => {
-                *last = format!("{have:?}");
-                Ok(None)
-            }
-            // Not pinned yet right after start.
-            Err(e) => {
-                *last = format!("{e:#}");
-                Ok(None)
-            }
-        },
-    )
-}
-
-/// Waits until every one of `hosts` knows every other.
-fn wait_full_mesh(hosts: &[&Host<'_>], envs: &[&SubnetEnv]) -> Result<()> {
-    for (i, host) in hosts.iter().enumerate() {
-        let peers: Vec<(&Host<'_>, &SubnetEnv)> = hosts
-            .iter()
-            .zip(envs)
-            .enumerate()
-            .filter(|(j, _)| *j != i)
-            .map(|(_, (h, e))| (*h, *e))
-            .collect();
-        wait_routes(host, &peers)?;
-    }
     Ok(())
 }
 

@@ -18,6 +18,11 @@ pub struct Args {
     /// The flannel backend the demo cluster uses.
     #[arg(long, value_enum, default_value_t = Backend::Vxlan)]
     backend: Backend,
+    /// Run the containers with Debian's real dockerd, one per host, started
+    /// with the flags `node-agent docker-opts` prints (agents run with
+    /// --ip-masq), instead of hand-made bridges.
+    #[arg(long)]
+    docker: bool,
 }
 
 /// Without the fixtures in this build: checks what can be checked before
@@ -115,6 +120,94 @@ mod narrated {
             println!("    {key} = {value}");
         }
 
+        if args.docker {
+            docker_demo(&cluster, &hosts, &agent)?;
+        } else {
+            containers_demo(&hosts)?;
+        }
+        for host in &hosts {
+            step(&format!(
+                "host {}: node-agent status --pin-path {}",
+                host.index(),
+                host.pin_path().display()
+            ));
+            let mut status = Command::new(&agent);
+            status.arg("status").arg("--pin-path").arg(host.pin_path());
+            cmd::run(host.ns().command_keep_mounts(&[
+                &agent.to_string_lossy(),
+                "status",
+                "--pin-path",
+                &host.pin_path().to_string_lossy(),
+            ]))?;
+        }
+
+        step("cleaning up (containers, agents and their pins, hosts, switch, etcd)");
+        drop(hosts);
+        drop(cluster);
+        step("demo finished");
+        Ok(())
+    }
+
+    /// Docker's recipe: dockerd on each host with `node-agent docker-opts`,
+    /// a container on each, talking by their own IPs; the internet sees the
+    /// host's address.
+    fn docker_demo(cluster: &Cluster, hosts: &[Host<'_>], agent: &std::path::Path) -> Result<()> {
+        use weft_tests::docker::{Dockerd, IpEcho};
+        let image = IpEcho::build()?;
+        let internet = cluster.add_host(200)?;
+        let _server = image.serve_in(internet.ns(), internet.ip())?;
+        step(&format!(
+            "the internet: {} (no node; serves a page that echoes the caller's address)",
+            internet.ip()
+        ));
+        let mut daemons = Vec::new();
+        let mut ips = Vec::new();
+        for (host, name) in hosts.iter().zip(["c1", "c2"]) {
+            let mut opts = Command::new(agent);
+            opts.arg("docker-opts")
+                .arg("--subnet-file")
+                .arg(host.subnet_file());
+            let flags = cmd::output(opts)?;
+            step(&format!(
+                "host {}: node-agent docker-opts -> dockerd {}",
+                host.index(),
+                flags.trim()
+            ));
+            let flags: Vec<String> = flags.split_whitespace().map(str::to_owned).collect();
+            let d = Dockerd::start(host, &flags)?;
+            d.import(&image)?;
+            let ip = d.run_echo(name)?;
+            println!("    container {name}: {ip}");
+            daemons.push(d);
+            ips.push(ip);
+        }
+        for (from, to) in [(0, 1), (1, 0)] {
+            let name = ["c1", "c2"][from];
+            step(&format!("{name} -> {} (ping, then TCP to its echo service)", ips[to]));
+            wait_until(Duration::from_secs(30), "the first ping", |last| {
+                match daemons[from].exec(name, &format!("ping -c 1 -W 1 {}", ips[to])) {
+                    Ok(_) => Ok(Some(())),
+                    Err(e) => {
+                        *last = format!("{e:#}");
+                        Ok(None)
+                    }
+                }
+            })?;
+            let seen = daemons[from].seen_from(name, ips[to])?;
+            println!("    the receiver saw the connection come from {seen} (the container's own IP)");
+        }
+        step(&format!("c1 -> the internet {}", internet.ip()));
+        let seen = daemons[0].seen_from("c1", internet.ip())?;
+        println!("    the internet saw {seen} (host 1, masqueraded by weft)");
+        step("host 1: weft's masquerade table (nft list table ip weft)");
+        for line in hosts[0].ns().run(&["nft", "list", "table", "ip", "weft"])?.lines() {
+            println!("    {line}");
+        }
+        Ok(())
+    }
+
+    /// Hand-made bridges, as a CNI bridge plugin would make them.
+    fn containers_demo(hosts: &[Host<'_>]) -> Result<()> {
         let a = hosts[0].attach_container()?;
         let b = hosts[1].attach_container()?;
         step(&format!(
@@ -176,23 +269,6 @@ mod narrated {
             stats.bytes
         );
 
-        for host in &hosts {
-            step(&format!(
-                "host {}: node-agent status --pin-path {}",
-                host.index(),
-                host.pin_path().display()
-            ));
-            let mut status = Command::new(&agent);
-            status.arg("status").arg("--pin-path").arg(host.pin_path());
-            cmd::run(status)?;
-        }
-
-        step("cleaning up (containers, agents and their pins, hosts, switch, etcd)");
-        drop(a);
-        drop(b);
-        drop(hosts);
-        drop(cluster);
-        step("demo finished");
         Ok(())
     }
 }
