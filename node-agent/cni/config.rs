@@ -1,6 +1,7 @@
 //! The network config the runtime sends on stdin, and the delegate config built from it and
 //! subnet.env.
 
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use node_agent::flannel::SubnetEnv;
@@ -120,6 +121,9 @@ pub fn bridge_config(conf: &NetConf, env: &SubnetEnv) -> Value {
     // host-local wants the network address; its default gateway is then the first host
     // address, which is FLANNEL_SUBNET's own address and so cni0's.
     let subnet = env.subnet.trunc();
+    // The route names its gateway although the bridge plugin would fill it in: the plugin's
+    // CHECK compares routes literally and fails on a route saved without one.
+    let gateway = Ipv4Addr::from(u32::from(subnet.network()).saturating_add(1));
     json!({
         "cniVersion": conf.cni_version,
         "name": conf.name,
@@ -133,7 +137,7 @@ pub fn bridge_config(conf: &NetConf, env: &SubnetEnv) -> Value {
         "ipam": {
             "type": IPAM_PLUGIN,
             "ranges": [[{ "subnet": subnet.to_string() }]],
-            "routes": [{ "dst": env.network.trunc().to_string() }],
+            "routes": [{ "dst": env.network.trunc().to_string(), "gw": gateway.to_string() }],
         },
     })
 }
@@ -291,7 +295,7 @@ mod tests {
                 "ipam": {
                     "type": "host-local",
                     "ranges": [[{"subnet": "10.244.5.0/24"}]],
-                    "routes": [{"dst": "10.244.0.0/16"}],
+                    "routes": [{"dst": "10.244.0.0/16", "gw": "10.244.5.1"}],
                 },
             })
         );

@@ -30,6 +30,8 @@ const PACKAGES: &[&str] = &[
     // iptables for the bridge plugin's ipMasq), the plugins weft-cni delegates to, and the
     // busybox the test containers are built from (nothing can be pulled).
     "podman",
+    // podman's default runtime, crun, refuses this kind of machine's hybrid cgroup layout.
+    "runc",
     "containernetworking-plugins",
     "iptables",
     "busybox-static",
