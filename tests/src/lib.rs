@@ -13,6 +13,7 @@ mod cluster;
 pub mod docker;
 mod etcd;
 mod netns;
+pub mod podman;
 pub mod process;
 mod system;
 pub mod test_run;
@@ -87,6 +88,29 @@ pub fn node_agent_binary() -> Result<PathBuf> {
     if !path.is_file() {
         bail!(
             "node-agent binary not found at {}: run `cargo xtask build` first (or set WEFT_NODE_AGENT)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// weft's CNI plugin to test: `$WEFT_CNI`, else `release/weft-cni` next to the node agent
+/// (`cargo xtask build` builds both).
+pub fn weft_cni_binary() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("WEFT_CNI") {
+        let path = PathBuf::from(path);
+        if !path.is_file() {
+            bail!("WEFT_CNI={} does not exist", path.display());
+        }
+        return Ok(path);
+    }
+    let root = workspace_root();
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), |t| root.join(t));
+    let path = target.join("release").join("weft-cni");
+    if !path.is_file() {
+        bail!(
+            "weft-cni binary not found at {}: run `cargo xtask build` first (or set WEFT_CNI)",
             path.display()
         );
     }
@@ -171,9 +195,11 @@ fn sweep_stale() {
                 }
             }
         }
-        let dirs: [(PathBuf, TagOf); 2] = [
+        let dirs: [(PathBuf, TagOf); 3] = [
             (PathBuf::from(BPFFS), pin_tag),
             (std::env::temp_dir(), tmp_tag),
+            // host-local's state of the podman fixture's networks (named like pin dirs).
+            (PathBuf::from(podman::HOST_LOCAL_DIR), pin_tag),
         ];
         for (dir, tag_of) in dirs {
             let Ok(entries) = std::fs::read_dir(&dir) else {

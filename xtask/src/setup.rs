@@ -26,6 +26,15 @@ const PACKAGES: &[&str] = &[
     "iputils-ping",
     "ethtool",
     "python3",
+    // The CNI plugin's tests: a real runtime (podman with its CNI backend, which needs
+    // iptables for the bridge plugin's ipMasq), the plugins weft-cni delegates to, and the
+    // busybox the test containers are built from (nothing can be pulled).
+    "podman",
+    // podman's default runtime, crun, refuses this kind of machine's hybrid cgroup layout.
+    "runc",
+    "containernetworking-plugins",
+    "iptables",
+    "busybox-static",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

@@ -33,7 +33,9 @@ pub fn run(_: &Args) -> Result<()> {
         "weft-tests",
     ]);
     cmd::run(unit)?;
-    step("weft-tests: fixture unit tests, BPF_PROG_TEST_RUN and end-to-end tests, one at a time");
+    step(
+        "weft-tests: fixture unit tests, BPF_PROG_TEST_RUN, end-to-end and CNI plugin (podman) tests, one at a time",
+    );
     let mut e2e = cargo();
     e2e.args([
         "test",

@@ -16,13 +16,31 @@ use super::config::Backend;
 // vxlan and ipip `encapOverhead`.
 use weft_common::{IPIP_OVERHEAD, VXLAN_OVERHEAD};
 
+const NETWORK_VAR: &str = "FLANNEL_NETWORK";
 const SUBNET_VAR: &str = "FLANNEL_SUBNET";
+const MTU_VAR: &str = "FLANNEL_MTU";
+const IPMASQ_VAR: &str = "FLANNEL_IPMASQ";
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum SubnetEnvError {
     #[error("{SUBNET_VAR}={value:?}: not an IPv4 CIDR ({reason})")]
     InvalidSubnet { value: String, reason: String },
+    #[error("{var} is missing")]
+    Missing { var: &'static str },
+    #[error("{NETWORK_VAR}={value:?}: not an IPv4 CIDR ({reason})")]
+    InvalidNetwork { value: String, reason: String },
+    #[error("{MTU_VAR}={value:?}: not an MTU between {MIN_MTU} and {MAX_MTU}")]
+    InvalidMtu { value: String },
+    #[error("{IPMASQ_VAR}={value:?}: not a boolean")]
+    InvalidIpMasq { value: String },
+    #[error("{SUBNET_VAR}={subnet} is not inside {NETWORK_VAR}={network}")]
+    SubnetOutsideNetwork { subnet: Ipv4Net, network: Ipv4Net },
 }
+
+/// IPv4's minimum link MTU (RFC 791); a smaller FLANNEL_MTU is a broken file, not a choice.
+const MIN_MTU: u32 = 68;
+/// The largest MTU Linux accepts on a bridge or veth.
+const MAX_MTU: u32 = 65535;
 
 /// Contents of subnet.env as flannel writes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +67,80 @@ impl SubnetEnv {
             self.ipmasq,
         )
     }
+
+    /// Parses a whole subnet.env, as the CNI plugin needs it: all four IPv4 variables must be
+    /// present and valid, and the subnet must lie inside the network. Lines are read like
+    /// [`parse_subnet`] reads them; other variables (IPv6, comments) are ignored.
+    pub fn parse(contents: &str) -> Result<Self, SubnetEnvError> {
+        let vars = assignments(contents);
+        let get = |var: &'static str| {
+            vars.iter()
+                .rev()
+                .find(|(key, _)| *key == var)
+                .map(|(_, value)| *value)
+                .ok_or(SubnetEnvError::Missing { var })
+        };
+        let network_raw = get(NETWORK_VAR)?;
+        let network = network_raw
+            .parse::<Ipv4Net>()
+            .map_err(|e| SubnetEnvError::InvalidNetwork {
+                value: network_raw.to_owned(),
+                reason: e.to_string(),
+            })?
+            .trunc();
+        let subnet = parse_subnet(contents)?.ok_or(SubnetEnvError::Missing { var: SUBNET_VAR })?;
+        let mtu_raw = get(MTU_VAR)?;
+        let mtu = mtu_raw
+            .parse::<u32>()
+            .ok()
+            .filter(|mtu| (MIN_MTU..=MAX_MTU).contains(mtu))
+            .ok_or_else(|| SubnetEnvError::InvalidMtu {
+                value: mtu_raw.to_owned(),
+            })?;
+        let ipmasq_raw = get(IPMASQ_VAR)?;
+        let ipmasq = parse_go_bool(ipmasq_raw).ok_or_else(|| SubnetEnvError::InvalidIpMasq {
+            value: ipmasq_raw.to_owned(),
+        })?;
+        if !network.contains(&subnet) {
+            return Err(SubnetEnvError::SubnetOutsideNetwork { subnet, network });
+        }
+        Ok(Self {
+            network,
+            subnet,
+            mtu,
+            ipmasq,
+        })
+    }
+}
+
+/// Go's `strconv.ParseBool`, which flannel's plugin uses for FLANNEL_IPMASQ: a file written by
+/// flanneld itself must read the same here.
+fn parse_go_bool(value: &str) -> Option<bool> {
+    match value {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Some(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Some(false),
+        _ => None,
+    }
+}
+
+/// The `KEY=value` assignments of a subnet.env in file order, read like the godotenv reader
+/// flannel uses: blank lines and `#` comments skipped, an optional `export `, optional quotes.
+fn assignments(contents: &str) -> Vec<(&str, &str)> {
+    contents
+        .lines()
+        .filter_map(|line| {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                return None;
+            }
+            let line = line
+                .strip_prefix("export")
+                .filter(|rest| rest.starts_with(char::is_whitespace))
+                .unwrap_or(line);
+            let (key, raw) = line.split_once('=')?;
+            Some((key.trim(), unquote(raw.trim())))
+        })
+        .collect()
 }
 
 /// Reads `FLANNEL_SUBNET` back from a subnet.env (flannel's `ReadCIDRFromSubnetFile`), masked to
@@ -56,23 +148,11 @@ impl SubnetEnv {
 /// godotenv reader flannel uses: blank lines and `#` comments skipped, an optional `export `,
 /// optional quotes, and the last assignment wins.
 pub fn parse_subnet(contents: &str) -> Result<Option<Ipv4Net>, SubnetEnvError> {
-    let mut value = None;
-    for line in contents.lines() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let line = line
-            .strip_prefix("export")
-            .filter(|rest| rest.starts_with(char::is_whitespace))
-            .unwrap_or(line);
-        let Some((key, raw)) = line.split_once('=') else {
-            continue;
-        };
-        if key.trim() == SUBNET_VAR {
-            value = Some(unquote(raw.trim()));
-        }
-    }
+    let value = assignments(contents)
+        .into_iter()
+        .rev()
+        .find(|(key, _)| *key == SUBNET_VAR)
+        .map(|(_, value)| value);
     let Some(value) = value else {
         return Ok(None);
     };
@@ -227,6 +307,80 @@ mod tests {
             let e = parse_subnet(bad).unwrap_err();
             assert!(e.to_string().starts_with("FLANNEL_SUBNET="), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn parse_whole_file() {
+        assert_eq!(SubnetEnv::parse(&env().render()), Ok(env()));
+        assert_eq!(
+            SubnetEnv::parse(
+                "# flanneld\nexport FLANNEL_NETWORK=\"10.1.0.0/16\"\nFLANNEL_SUBNET=10.1.7.1/24\n\
+                 FLANNEL_IPV6_SUBNET=fd00::1/64\nFLANNEL_MTU=1480 # ipip\nFLANNEL_IPMASQ=True\n"
+            ),
+            Ok(SubnetEnv {
+                network: net("10.1.0.0/16"),
+                subnet: net("10.1.7.0/24"),
+                mtu: 1480,
+                ipmasq: true,
+            })
+        );
+        // The last assignment wins, for every variable.
+        let later = format!("{}FLANNEL_MTU=1400\nFLANNEL_IPMASQ=1\n", env().render());
+        let parsed = SubnetEnv::parse(&later).unwrap();
+        assert_eq!((parsed.mtu, parsed.ipmasq), (1400, true));
+    }
+
+    #[test]
+    fn parse_whole_file_errors() {
+        let good = env().render();
+        for (var, replacement, expected) in [
+            ("FLANNEL_NETWORK", "", "FLANNEL_NETWORK is missing"),
+            ("FLANNEL_SUBNET", "", "FLANNEL_SUBNET is missing"),
+            ("FLANNEL_MTU", "", "FLANNEL_MTU is missing"),
+            ("FLANNEL_IPMASQ", "", "FLANNEL_IPMASQ is missing"),
+            (
+                "FLANNEL_NETWORK",
+                "FLANNEL_NETWORK=10.244.0.0",
+                "FLANNEL_NETWORK=\"10.244.0.0\"",
+            ),
+            (
+                "FLANNEL_SUBNET",
+                "FLANNEL_SUBNET=banana",
+                "FLANNEL_SUBNET=\"banana\"",
+            ),
+            ("FLANNEL_MTU", "FLANNEL_MTU=abc", "FLANNEL_MTU=\"abc\""),
+            ("FLANNEL_MTU", "FLANNEL_MTU=0", "FLANNEL_MTU=\"0\""),
+            ("FLANNEL_MTU", "FLANNEL_MTU=70000", "FLANNEL_MTU=\"70000\""),
+            (
+                "FLANNEL_IPMASQ",
+                "FLANNEL_IPMASQ=yes",
+                "FLANNEL_IPMASQ=\"yes\"",
+            ),
+            (
+                "FLANNEL_SUBNET",
+                "FLANNEL_SUBNET=10.9.0.1/24",
+                "FLANNEL_SUBNET=10.9.0.0/24 is not inside FLANNEL_NETWORK=10.244.0.0/16",
+            ),
+        ] {
+            let text: String = good
+                .lines()
+                .map(|l| {
+                    if l.starts_with(&format!("{var}=")) {
+                        format!("{replacement}\n")
+                    } else {
+                        format!("{l}\n")
+                    }
+                })
+                .collect();
+            let e = SubnetEnv::parse(&text).unwrap_err().to_string();
+            assert!(e.starts_with(expected), "{text:?}: {e}");
+        }
+        assert_eq!(
+            SubnetEnv::parse("garbage without equals\n"),
+            Err(SubnetEnvError::Missing {
+                var: "FLANNEL_NETWORK"
+            })
+        );
     }
 
     #[test]
