@@ -216,7 +216,7 @@ async fn keep_firewall(firewall: &Firewall, nft: Nft, every: Duration) {
                     tracing::warn!(
                         masquerade = repairs.masq,
                         forward = repairs.forward,
-                        "firewall rules were missing or changed; restored"
+                        "firewall rules were missing or changed (a new FORWARD chain, or deleted by hand); installed again"
                     );
                 } else if last_failure.is_some() {
                     tracing::info!("firewall rules in place again");

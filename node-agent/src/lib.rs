@@ -5,6 +5,7 @@
 //! - [`lease_manager`]: this node's lease in etcd;
 //! - [`watcher`] and [`peers`]: other nodes' leases, mirrored into the BPF map;
 //! - [`datapath`]: loading, attaching and pinning the BPF programs;
+//! - [`docker_opts`]: `node-agent docker-opts`, the dockerd flags;
 //! - [`pinned`]: the one reader of pinned state, and the peer-map writer;
 //! - [`netconf`]: the underlay interface, the cluster route, peers' neighbour
 //!   entries (kept in place against removals), forwarding;
@@ -13,6 +14,7 @@
 
 pub mod agent;
 pub mod datapath;
+pub mod docker_opts;
 pub mod ebpf;
 pub mod flannel;
 pub mod lease_manager;

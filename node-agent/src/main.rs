@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use node_agent::{
     agent::{self, RunSettings},
     datapath::DecapMode,
+    flannel::subnet_env,
 };
 
 #[derive(Parser)]
@@ -32,7 +33,7 @@ enum Command {
         public_ip: Option<Ipv4Addr>,
         #[arg(long, default_value = "/coreos.com/network")]
         etcd_prefix: String,
-        #[arg(long, default_value = "/run/flannel/subnet.env")]
+        #[arg(long, default_value = subnet_env::DEFAULT_PATH)]
         subnet_file: PathBuf,
         /// bpffs directory for the maps and program links.
         #[arg(long, default_value = "/sys/fs/bpf/weft")]
@@ -57,12 +58,25 @@ enum Command {
         #[arg(long, default_value = "/sys/fs/bpf/weft")]
         pin_path: PathBuf,
     },
+    /// Print the dockerd flags for this node (--bip, --ip-masq, --mtu) from
+    /// the subnet file, as flannel's mk-docker-opts.sh does.
+    DockerOpts {
+        #[arg(long, default_value = subnet_env::DEFAULT_PATH)]
+        subnet_file: PathBuf,
+        /// Write `KEY="flags"` to this file (for systemd's EnvironmentFile=
+        /// or /etc/default/docker) instead of printing the flags.
+        #[arg(long)]
+        dest: Option<PathBuf>,
+        /// The variable name in --dest.
+        #[arg(long, default_value = "DOCKER_OPTS")]
+        key: String,
+    },
     /// Remove everything `run` created: programs, maps, route, firewall
     /// rules, subnet file.
     Cleanup {
         #[arg(long, default_value = "/sys/fs/bpf/weft")]
         pin_path: PathBuf,
-        #[arg(long, default_value = "/run/flannel/subnet.env")]
+        #[arg(long, default_value = subnet_env::DEFAULT_PATH)]
         subnet_file: PathBuf,
     },
 }
@@ -79,6 +93,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Status { pin_path } => agent::status(&pin_path),
+        Command::DockerOpts {
+            subnet_file,
+            dest,
+            key,
+        } => node_agent::docker_opts::run(&subnet_file, dest.as_deref(), &key),
         command => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -124,6 +143,11 @@ async fn run_async(command: Command) -> anyhow::Result<()> {
             .await
         }
         Command::Status { pin_path } => agent::status(&pin_path),
+        Command::DockerOpts {
+            subnet_file,
+            dest,
+            key,
+        } => node_agent::docker_opts::run(&subnet_file, dest.as_deref(), &key),
         Command::Cleanup {
             pin_path,
             subnet_file,

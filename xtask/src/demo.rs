@@ -131,8 +131,7 @@ mod narrated {
                 host.index(),
                 host.pin_path().display()
             ));
-            let mut status = Command::new(&agent);
-            status.arg("status").arg("--pin-path").arg(host.pin_path());
+            // In the host's namespace: status also shows its firewall rules.
             cmd::run(host.ns().command_keep_mounts(&[
                 &agent.to_string_lossy(),
                 "status",
@@ -167,7 +166,7 @@ mod narrated {
             opts.arg("docker-opts")
                 .arg("--subnet-file")
                 .arg(host.subnet_file());
-            let flags = cmd::output(opts)?;
+            let flags = weft_tests::process::run(opts)?;
             step(&format!(
                 "host {}: node-agent docker-opts -> dockerd {}",
                 host.index(),
@@ -183,24 +182,35 @@ mod narrated {
         }
         for (from, to) in [(0, 1), (1, 0)] {
             let name = ["c1", "c2"][from];
-            step(&format!("{name} -> {} (ping, then TCP to its echo service)", ips[to]));
-            wait_until(Duration::from_secs(30), "the first ping", |last| {
-                match daemons[from].exec(name, &format!("ping -c 1 -W 1 {}", ips[to])) {
+            step(&format!(
+                "{name} -> {} (ping, then TCP to its echo service)",
+                ips[to]
+            ));
+            wait_until(
+                Duration::from_secs(30),
+                "the first ping",
+                |last| match daemons[from].exec(name, &format!("ping -c 1 -W 1 {}", ips[to])) {
                     Ok(_) => Ok(Some(())),
                     Err(e) => {
                         *last = format!("{e:#}");
                         Ok(None)
                     }
-                }
-            })?;
+                },
+            )?;
             let seen = daemons[from].seen_from(name, ips[to])?;
-            println!("    the receiver saw the connection come from {seen} (the container's own IP)");
+            println!(
+                "    the receiver saw the connection come from {seen} (the container's own IP)"
+            );
         }
         step(&format!("c1 -> the internet {}", internet.ip()));
         let seen = daemons[0].seen_from("c1", internet.ip())?;
         println!("    the internet saw {seen} (host 1, masqueraded by weft)");
         step("host 1: weft's masquerade table (nft list table ip weft)");
-        for line in hosts[0].ns().run(&["nft", "list", "table", "ip", "weft"])?.lines() {
+        for line in hosts[0]
+            .ns()
+            .run(&["nft", "list", "table", "ip", "weft"])?
+            .lines()
+        {
             println!("    {line}");
         }
         Ok(())
@@ -218,7 +228,7 @@ mod narrated {
             b.ns().name()
         ));
 
-        for host in &hosts {
+        for host in hosts {
             step(&format!(
                 "host {}: SUBNETS map (bpftool map dump pinned {}/SUBNETS)",
                 host.index(),

@@ -35,6 +35,10 @@ const PACKAGES: &[&str] = &[
     "containernetworking-plugins",
     "iptables",
     "busybox-static",
+    // Docker's recipe (dockerd per simulated host) and `nft` to inspect and
+    // disturb weft's firewall rules in the tests.
+    "docker.io",
+    "nftables",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

@@ -12,6 +12,9 @@ use thiserror::Error;
 
 use super::config::Backend;
 
+/// flannel's default `--subnet-file`, also where the CNI plugin looks.
+pub const DEFAULT_PATH: &str = "/run/flannel/subnet.env";
+
 // The overheads are the data path's (weft-common), equal to flannel's
 // vxlan and ipip `encapOverhead`.
 use weft_common::{IPIP_OVERHEAD, VXLAN_OVERHEAD};
