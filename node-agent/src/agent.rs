@@ -28,22 +28,52 @@ use crate::{
     watcher::PeerWatcher,
 };
 
-/// Settings of `node-agent run`, already validated by clap.
-#[derive(Debug, Clone)]
+/// Settings of `node-agent run`: its flags, validated by clap.
+#[derive(Debug, Clone, clap::Args)]
 pub struct RunSettings {
+    /// etcd client URLs, comma separated.
+    #[arg(long, value_delimiter = ',', required = true)]
     pub etcd_endpoints: Vec<String>,
+    /// Underlay interface: tunnels leave and arrive here.
+    #[arg(long)]
     pub iface: String,
+    /// Address other nodes send tunnel traffic to [default: the primary
+    /// IPv4 address of --iface].
+    #[arg(long)]
     pub public_ip: Option<Ipv4Addr>,
+    #[arg(long, default_value = crate::flannel::DEFAULT_PREFIX)]
     pub etcd_prefix: String,
+    #[arg(long, default_value = subnet_env::DEFAULT_PATH)]
     pub subnet_file: PathBuf,
+    /// bpffs directory for the maps and program links.
+    #[arg(long, default_value = "/sys/fs/bpf/weft")]
     pub pin_path: PathBuf,
+    /// Where VXLAN is decapsulated.
+    #[arg(long, value_enum, default_value_t = DecapMode::Auto)]
     pub decap_mode: DecapMode,
-    /// Masquerade container traffic leaving the cluster network.
+    /// Masquerade traffic from this node's containers to destinations
+    /// outside the cluster network (flannel's --ip-masq).
+    #[arg(long, env = "FLANNELD_IP_MASQ")]
     pub ip_masq: bool,
-    /// Accept cluster traffic in iptables' FORWARD chain.
+    /// Accept cluster-network traffic in iptables' FORWARD chain, so a DROP
+    /// policy (Docker sets one) does not stop it.
+    #[arg(
+        long = "iptables-forward-rules",
+        env = "FLANNELD_IPTABLES_FORWARD_RULES",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
     pub forward_rules: bool,
-    /// How often the firewall rules are checked and restored.
-    pub firewall_resync: Duration,
+    /// Seconds between checks that the firewall rules are still in place.
+    #[arg(
+        long = "iptables-resync",
+        env = "FLANNELD_IPTABLES_RESYNC",
+        default_value_t = 5,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub firewall_resync_secs: u64,
 }
 
 const RETRY_MIN: Duration = Duration::from_millis(500);
@@ -179,7 +209,7 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
     );
     tokio::select! {
         () = host.run(&nl, events, peer_ips_rx) => bail!("host networking task stopped"),
-        () = keep_firewall(&firewall, nft, s.firewall_resync) => bail!("firewall task stopped"),
+        () = keep_firewall(&firewall, nft, Duration::from_secs(s.firewall_resync_secs)) => bail!("firewall task stopped"),
         err = watcher.run() => {
             Err(anyhow::Error::new(err)).context("stopping: lease revoked; restart the agent to lease again")
         }

@@ -1,12 +1,11 @@
 //! `node-agent`: leases this node's subnet from etcd and runs weft's eBPF
 //! data path. See the README for the contract.
 
-use std::{io::IsTerminal as _, net::Ipv4Addr, path::PathBuf, process::ExitCode};
+use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 use node_agent::{
     agent::{self, RunSettings},
-    datapath::DecapMode,
     flannel::subnet_env,
 };
 
@@ -20,39 +19,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Lease a subnet, attach the data path and follow the other nodes.
-    Run {
-        /// etcd client URLs, comma separated.
-        #[arg(long, value_delimiter = ',', required = true)]
-        etcd_endpoints: Vec<String>,
-        /// Underlay interface: tunnels leave and arrive here.
-        #[arg(long)]
-        iface: String,
-        /// Address other nodes send tunnel traffic to [default: the primary
-        /// IPv4 address of --iface].
-        #[arg(long)]
-        public_ip: Option<Ipv4Addr>,
-        #[arg(long, default_value = "/coreos.com/network")]
-        etcd_prefix: String,
-        #[arg(long, default_value = subnet_env::DEFAULT_PATH)]
-        subnet_file: PathBuf,
-        /// bpffs directory for the maps and program links.
-        #[arg(long, default_value = "/sys/fs/bpf/weft")]
-        pin_path: PathBuf,
-        /// Where VXLAN is decapsulated.
-        #[arg(long, value_enum, default_value_t = DecapMode::Auto)]
-        decap_mode: DecapMode,
-        /// Masquerade traffic from this node's containers to destinations
-        /// outside the cluster network (flannel's --ip-masq).
-        #[arg(long, env = "FLANNELD_IP_MASQ")]
-        ip_masq: bool,
-        /// Accept cluster-network traffic in iptables' FORWARD chain, so a
-        /// DROP policy (Docker sets one) does not stop it.
-        #[arg(long, env = "FLANNELD_IPTABLES_FORWARD_RULES", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
-        iptables_forward_rules: bool,
-        /// Seconds between checks that the firewall rules are still in place.
-        #[arg(long, env = "FLANNELD_IPTABLES_RESYNC", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
-        iptables_resync: u64,
-    },
+    Run(RunSettings),
     /// Show the pinned peer table and the data path's counters.
     Status {
         #[arg(long, default_value = "/sys/fs/bpf/weft")]
@@ -116,32 +83,7 @@ fn main() -> ExitCode {
 /// The commands that talk to etcd or netlink, on one current-thread runtime.
 async fn run_async(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Run {
-            etcd_endpoints,
-            iface,
-            public_ip,
-            etcd_prefix,
-            subnet_file,
-            pin_path,
-            decap_mode,
-            ip_masq,
-            iptables_forward_rules,
-            iptables_resync,
-        } => {
-            agent::run(RunSettings {
-                etcd_endpoints,
-                iface,
-                public_ip,
-                etcd_prefix,
-                subnet_file,
-                pin_path,
-                decap_mode,
-                ip_masq,
-                forward_rules: iptables_forward_rules,
-                firewall_resync: std::time::Duration::from_secs(iptables_resync),
-            })
-            .await
-        }
+        Command::Run(settings) => agent::run(settings).await,
         Command::Status { pin_path } => agent::status(&pin_path),
         Command::DockerOpts {
             subnet_file,
