@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
 use crate::cluster::Host;
@@ -28,43 +28,6 @@ const LIBCNI_RESULTS_DIR: &str = "/var/lib/cni/results";
 pub const IMAGE: &str = "localhost/weft-busybox:latest";
 /// `podman run` takes seconds on vfs storage; a stuck one is a failure.
 const PODMAN_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// Builds a busybox root filesystem (`/bin/busybox` and a symlink per applet, from Debian's
-/// busybox-static) under `dir` and tars it, since no image can be pulled. Returns the tar.
-pub fn busybox_image(dir: &Path) -> Result<PathBuf> {
-    let busybox = Path::new("/bin/busybox");
-    ensure!(
-        busybox.is_file(),
-        "{} not found: run `cargo xtask setup` (package busybox-static)",
-        busybox.display()
-    );
-    let rootfs = dir.join("busybox-rootfs");
-    let bin = rootfs.join("bin");
-    for sub in [&bin, &rootfs.join("etc"), &rootfs.join("tmp")] {
-        fs::create_dir_all(sub).with_context(|| format!("creating {}", sub.display()))?;
-    }
-    fs::copy(busybox, bin.join("busybox")).context("copying busybox")?;
-    let list = process::run(process::command(busybox, &["--list"]))?;
-    for applet in list.lines().map(str::trim).filter(|a| !a.is_empty()) {
-        if applet != "busybox" {
-            std::os::unix::fs::symlink("busybox", bin.join(applet))
-                .with_context(|| format!("linking applet {applet}"))?;
-        }
-    }
-    let tar = dir.join("busybox.tar");
-    process::run(process::command(
-        "tar",
-        &[
-            "-C",
-            &rootfs.to_string_lossy(),
-            "-cf",
-            &tar.to_string_lossy(),
-            ".",
-        ],
-    ))
-    .context("creating the busybox image tarball")?;
-    Ok(tar)
-}
 
 /// One podman instance on one host, with one CNI network served by weft-cni.
 pub struct Podman<'h> {

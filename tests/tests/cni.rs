@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
+use weft_tests::docker::IpEcho;
 use weft_tests::podman::{self, Podman, PodmanContainer};
 use weft_tests::{
     Cluster, Host, node_agent_binary, require_bpffs, require_root, require_tools, scratch_dir,
@@ -337,32 +338,15 @@ fn leases(podman: &Podman<'_>) -> Result<Vec<String>> {
 fn podman_containers_across_hosts() -> Result<()> {
     preflight()?;
     let cluster = Cluster::new(CONFIG)?;
-    let hosts = [cluster.add_host(1)?, cluster.add_host(2)?];
-    for host in &hosts {
-        host.start_agent(&[])?;
-    }
-    let envs = hosts
-        .iter()
-        .map(|h| h.wait_subnet_env(CONVERGE))
-        .collect::<Result<Vec<_>>>()?;
-    // Each agent must have the other's lease in its map before traffic can flow.
-    for (host, other) in [(&hosts[0], &envs[1]), (&hosts[1], &envs[0])] {
-        wait_until(CONVERGE, "the peer lease in the BPF map", |last| {
-            let peers = host.peers()?;
-            *last = format!("{peers:?}");
-            Ok(peers
-                .iter()
-                .any(|(net, _)| *net == other.subnet)
-                .then_some(()))
-        })?;
-    }
+    let (hosts, envs) = cluster.start_hosts(&[1, 2], &[], false)?;
 
-    let scratch = scratch_dir()?;
-    let image = podman::busybox_image(scratch.path())?;
+    // The one busybox image the runtime tests use (its echo service is
+    // unused here).
+    let image = IpEcho::build()?;
     let plugin = weft_cni_binary()?;
     let pods = [
-        Podman::new(&hosts[0], &plugin, &image)?,
-        Podman::new(&hosts[1], &plugin, &image)?,
+        Podman::new(&hosts[0], &plugin, &image.tarball())?,
+        Podman::new(&hosts[1], &plugin, &image.tarball())?,
     ];
     let a = pods[0].start("a")?;
     let b = pods[1].start("b")?;
