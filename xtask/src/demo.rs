@@ -96,7 +96,8 @@ mod narrated {
                 host.ip(),
                 host.pin_path().display()
             ));
-            host.start_agent(&[])?;
+            // Docker's recipe: weft masquerades, so Docker must not.
+            host.start_agent(if args.docker { &["--ip-masq"] } else { &[] })?;
             hosts.push(host);
         }
         for host in &hosts {
@@ -198,13 +199,21 @@ mod narrated {
                 },
             )?;
             let seen = daemons[from].seen_from(name, ips[to])?;
-            println!(
-                "    the receiver saw the connection come from {seen} (the container's own IP)"
+            anyhow::ensure!(
+                seen == ips[from],
+                "the receiver saw {seen}, not {name}'s own IP {}",
+                ips[from]
             );
+            println!("    the receiver saw the connection come from {seen}, {name}'s own IP");
         }
         step(&format!("c1 -> the internet {}", internet.ip()));
         let seen = daemons[0].seen_from("c1", internet.ip())?;
-        println!("    the internet saw {seen} (host 1, masqueraded by weft)");
+        anyhow::ensure!(
+            seen == hosts[0].ip(),
+            "the internet saw {seen}, not host 1's {}",
+            hosts[0].ip()
+        );
+        println!("    the internet saw {seen}: host 1, masqueraded by weft");
         step("host 1: weft's masquerade table (nft list table ip weft)");
         for line in hosts[0]
             .ns()
