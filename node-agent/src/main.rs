@@ -58,19 +58,11 @@ fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Status { pin_path } => agent::status(&pin_path),
-        Command::DockerOpts {
-            subnet_file,
-            dest,
-            key,
-        } => node_agent::docker_opts::run(&subnet_file, dest.as_deref(), &key),
-        command => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(run_async(command))),
-    };
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(run_command(cli.command)));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -80,8 +72,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// The commands that talk to etcd or netlink, on one current-thread runtime.
-async fn run_async(command: Command) -> anyhow::Result<()> {
+/// Every command, on one current-thread runtime (those that talk to etcd or
+/// netlink need it; the others cost it nothing).
+async fn run_command(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run(settings) => agent::run(settings).await,
         Command::Status { pin_path } => agent::status(&pin_path),

@@ -622,9 +622,25 @@ fn bad_leases_and_an_etcd_outage_do_not_stop_forwarding() -> Result<()> {
 #[test]
 fn cleanup_removes_everything_the_agent_created() -> Result<()> {
     preflight()?;
+    require_tools(&["nft", "iptables"])?;
     let cluster = Cluster::new(CONFIG)?;
-    let (hosts, _envs) = start_hosts(&cluster, &[1, 2], false)?;
+    let (hosts, _envs) =
+        cluster.start_hosts(&[1, 2], &["--ip-masq", "--iptables-resync", "1"], false)?;
     let host = &hosts[0];
+    // An iptables FORWARD chain (as Docker makes) gets weft's accepts too.
+    host.ns().run(&["iptables", "-P", "FORWARD", "DROP"])?;
+    let ours = |host: &Host<'_>| -> Result<usize> {
+        Ok(host
+            .ns()
+            .run(&["nft", "list", "ruleset"])?
+            .matches("comment \"weft:")
+            .count())
+    };
+    wait_until(CONVERGE, "weft's four firewall rules", |last| {
+        let n = ours(host)?;
+        *last = format!("{n} rules");
+        Ok((n == 4).then_some(()))
+    })?;
     let route = |host: &Host<'_>| host.ns().ip(&["route", "show", NETWORK]);
     let managed = |host: &Host<'_>| -> Result<String> {
         let neigh = host.ns().ip(&["neigh", "show", "dev", "eth0"])?;
@@ -661,6 +677,15 @@ fn cleanup_removes_everything_the_agent_created() -> Result<()> {
     );
     let link = host.ns().ip(&["link", "show", "eth0"])?;
     ensure!(!link.contains("xdp"), "XDP still attached: {link}");
+    let ruleset = host.ns().run(&["nft", "list", "ruleset"])?;
+    ensure!(
+        ours(host)? == 0 && !ruleset.contains("table ip weft"),
+        "firewall rules left:\n{ruleset}"
+    );
+    ensure!(
+        ruleset.contains("chain FORWARD"),
+        "cleanup removed iptables' own chain:\n{ruleset}"
+    );
     Ok(())
 }
 
