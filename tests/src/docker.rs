@@ -149,7 +149,13 @@ impl Dockerd {
     /// machine's mounts (cgroups, its storage).
     pub fn start(host: &Host<'_>, flags: &[String]) -> Result<Self> {
         let dir = crate::scratch_dir()?;
-        let cgroup = format!("weft-{}-h{}", host.cluster().tag(), host.index());
+        // Named like the host's pin dir, so the stale sweep finds it too.
+        let cgroup = format!(
+            "{}{}-{}",
+            crate::PIN_PREFIX,
+            host.cluster().tag(),
+            host.index()
+        );
         let path = |sub: &str| dir.path().join(sub).to_string_lossy().into_owned();
         let sock = format!("unix://{}", path("docker.sock"));
         let mut args: Vec<String> = [

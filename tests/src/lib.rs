@@ -201,6 +201,22 @@ fn sweep_stale() {
             // host-local's state of the podman fixture's networks (named like pin dirs).
             (PathBuf::from(podman::HOST_LOCAL_DIR), pin_tag),
         ];
+        // dockerd's cgroup parents (see docker::Dockerd), per cgroup v1
+        // controller or once on v2; a cgroup goes with rmdir alone.
+        let cgroup_roots = std::fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .chain([PathBuf::from("/sys/fs/cgroup")]);
+        for root in cgroup_roots {
+            for entry in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if pin_tag(&name).is_some_and(stale) {
+                    let _ = std::fs::remove_dir(entry.path());
+                }
+            }
+        }
         for (dir, tag_of) in dirs {
             let Ok(entries) = std::fs::read_dir(&dir) else {
                 continue;
