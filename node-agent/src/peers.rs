@@ -33,6 +33,12 @@ pub enum PeerError {
         subnet: Ipv4Net,
         public_ip: Ipv4Addr,
     },
+    #[error("lease {subnet}: PublicIP {public_ip} cannot be a node's address: {why}")]
+    UnusablePublicIp {
+        subnet: Ipv4Net,
+        public_ip: Ipv4Addr,
+        why: &'static str,
+    },
     #[error("lease {subnet}: backend {got:?}, but the network uses {want:?}")]
     Backend {
         subnet: Ipv4Net,
@@ -158,6 +164,26 @@ impl PeerTable {
         subnet == self.local
     }
 
+    /// Why `ip` cannot be another node's PublicIP, if it cannot: tunnels to
+    /// it would go nowhere, or loop back into this host or the overlay.
+    fn unusable_public_ip(&self, ip: Ipv4Addr) -> Option<&'static str> {
+        if ip.is_unspecified() {
+            Some("the unspecified address")
+        } else if ip.is_loopback() {
+            Some("a loopback address")
+        } else if ip.is_multicast() {
+            Some("a multicast address")
+        } else if ip.is_broadcast() {
+            Some("the broadcast address")
+        } else if ip.is_link_local() {
+            Some("a link-local address")
+        } else if self.network.contains(&ip) {
+            Some("inside the cluster network, which is carried over the tunnels themselves")
+        } else {
+            None
+        }
+    }
+
     fn is_onlink(&self, ip: Ipv4Addr) -> bool {
         self.onlink.iter().any(|net| net.contains(&ip))
     }
@@ -182,10 +208,19 @@ impl PeerTable {
                 local: self.local,
             });
         }
-        if attrs.public_ip == self.local_ip {
+        if attrs.public_ip == self.local_ip
+            || self.onlink.iter().any(|n| n.addr() == attrs.public_ip)
+        {
             return Err(PeerError::OwnAddress {
                 subnet,
                 public_ip: attrs.public_ip,
+            });
+        }
+        if let Some(why) = self.unusable_public_ip(attrs.public_ip) {
+            return Err(PeerError::UnusablePublicIp {
+                subnet,
+                public_ip: attrs.public_ip,
+                why,
             });
         }
         if !attrs.backend_type.eq_ignore_ascii_case(self.type_name) {
@@ -523,6 +558,40 @@ mod tests {
         assert_eq!(t.remove(&mut m, s), Ok(true));
         assert!(m.0.is_empty());
         assert_eq!(t.remove(&mut m, s), Ok(false));
+    }
+
+    #[test]
+    fn public_ips_no_peer_could_have_are_refused() {
+        let t = PeerTable::new(
+            &NetworkConfig::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#)
+                .unwrap(),
+            net("10.244.1.0/24"),
+            Ipv4Addr::new(198, 18, 0, 1),
+            // The interface's addresses as the agent reads them: host/prefix.
+            vec![net("198.18.0.1/24"), net("198.18.7.1/24")],
+        );
+        let s = net("10.244.3.0/24");
+        for (ip, why) in [
+            ([0, 0, 0, 0], "unspecified"),
+            ([127, 0, 0, 1], "loopback"),
+            ([224, 0, 0, 18], "multicast"),
+            ([255, 255, 255, 255], "broadcast"),
+            ([169, 254, 1, 1], "link-local"),
+            ([10, 244, 9, 1], "cluster network"),
+        ] {
+            match t.remote_node(s, &lease(ip, Some(1))) {
+                Err(PeerError::UnusablePublicIp { why: w, .. }) => {
+                    assert!(w.contains(why), "{ip:?}: {w}")
+                }
+                other => panic!("{ip:?} accepted or refused for another reason: {other:?}"),
+            }
+        }
+        // Any of this node's own addresses, not just the PublicIP.
+        assert!(matches!(
+            t.remote_node(s, &lease([198, 18, 7, 1], Some(1))),
+            Err(PeerError::OwnAddress { .. })
+        ));
+        assert!(t.remote_node(s, &lease([198, 18, 7, 2], Some(1))).is_ok());
     }
 
     #[test]
