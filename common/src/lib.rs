@@ -16,8 +16,9 @@ pub const MAP_NODE_CONFIG: &str = "NODE_CONFIG";
 /// Name of the per-CPU array of `u64` packet counters, indexed by [`Reason`].
 pub const MAP_COUNTERS: &str = "COUNTERS";
 /// Name of the hash of known nodes' PublicIPs (key `[u8; 4]`, network order;
-/// value: `u32` count of subnets leased from that address). IP-in-IP is only
-/// decapsulated from these sources, so it cannot inject traffic.
+/// value: `u32` count of subnets leased from that address). Tunnel packets
+/// are only decapsulated from these sources, so no other host can inject
+/// traffic.
 pub const MAP_NODE_IPS: &str = "NODE_IPS";
 
 /// Program (and pinned link) names, equal to the entry functions' names.
@@ -151,17 +152,25 @@ pub enum Reason {
     PassMalformed = 15,
     /// Sent to a remote node without encapsulation (host-gw, DirectRouting).
     ForwardedDirect = 16,
-    /// Dropped: IP-in-IP from an address that is no known node's PublicIP;
-    /// decapsulating it would let anyone inject packets into containers.
+    /// Dropped: a tunnel packet (VXLAN or IP-in-IP) from an address that is
+    /// no known node's PublicIP; decapsulating it would let anyone inject
+    /// packets into containers.
     DropUnknownSource = 17,
     /// A DF packet too big once encapsulated was answered with ICMP
     /// "fragmentation needed" carrying the tunnel's MTU.
     FragNeeded = 18,
+    /// Dropped: a tunnel packet whose inner source is neither in the sending
+    /// node's subnet nor that node's PublicIP: a spoofed container address.
+    DropSpoofedInnerSource = 19,
+    /// Dropped: a tunnel packet whose inner destination is not in this
+    /// node's subnet (another node's container, multicast, broadcast, the
+    /// host's own services): no peer sends such a packet here.
+    DropForeignInnerDestination = 20,
 }
 
 impl Reason {
     /// Number of counter slots; the size of [`MAP_COUNTERS`].
-    pub const COUNT: u32 = 19;
+    pub const COUNT: u32 = 21;
 
     /// Every reason, in index order; for dumping counters.
     pub const ALL: [Reason; Self::COUNT as usize] = [
@@ -184,6 +193,8 @@ impl Reason {
         Reason::ForwardedDirect,
         Reason::DropUnknownSource,
         Reason::FragNeeded,
+        Reason::DropSpoofedInnerSource,
+        Reason::DropForeignInnerDestination,
     ];
 
     /// Stable snake-case name, for logs and metrics.
@@ -208,6 +219,8 @@ impl Reason {
             Reason::ForwardedDirect => "forwarded_direct",
             Reason::DropUnknownSource => "drop_unknown_source",
             Reason::FragNeeded => "frag_needed",
+            Reason::DropSpoofedInnerSource => "drop_spoofed_inner_source",
+            Reason::DropForeignInnerDestination => "drop_foreign_inner_destination",
         }
     }
 
@@ -223,6 +236,8 @@ impl Reason {
                 | Reason::DropTooBig
                 | Reason::DropInnerNotIpv4
                 | Reason::DropUnknownSource
+                | Reason::DropSpoofedInnerSource
+                | Reason::DropForeignInnerDestination
         )
     }
 }

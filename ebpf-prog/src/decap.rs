@@ -2,8 +2,18 @@
 //! (fallback).
 //!
 //! Only tunnel packets addressed to this node's PublicIP are touched: VXLAN
-//! to the configured port with the I flag and this node's VNI, and IP-in-IP
-//! from a known node's PublicIP. Everything else passes unchanged.
+//! to the configured port with the I flag and this node's VNI, and IP-in-IP.
+//! Everything else passes unchanged. Of those, only what a peer could have
+//! sent is decapsulated; the rest is dropped and counted by reason:
+//! - the outer source must be a known node's PublicIP (`NODE_IPS`): VXLAN's
+//!   VNI and IP-in-IP's nothing are no secret;
+//! - the inner destination must be in this node's subnet: a peer only
+//!   tunnels here what is for this node's containers, so anything else
+//!   (another node's container, multicast, broadcast) is injection, and
+//!   forwarding it would launder it behind this node's PublicIP;
+//! - the inner source must be in the sending node's subnet (per `SUBNETS`),
+//!   or be that node's PublicIP: its host's own traffic to containers leaves
+//!   with the underlay address as source.
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action},
@@ -15,13 +25,15 @@ use ebpf_prog::{
         ipip::{self, IPPROTO_IPIP},
         vxlan::{self, vni_of},
     },
-    headers::{ETH_HLEN, ETH_P_IP, IP_MF_OFFSET, IPPROTO_UDP, IPV4_HLEN, UDP_HLEN, VXLAN_HLEN},
+    headers::{
+        ETH_HLEN, ETH_P_IP, IP_MF_OFFSET, IPPROTO_UDP, IPV4_HLEN, UDP_HLEN, VXLAN_HLEN, in_prefix,
+    },
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, udp::UdpHdr};
 use weft_common::{DECAP_IPIP, DECAP_VXLAN, NodeConfig, Reason};
 
 use crate::{
-    maps::{is_known_node, node_config},
+    maps::{is_known_node, node_config, remote_for},
     packet::{PacketWindow, ptr_at_mut, read_at},
 };
 
@@ -134,12 +146,22 @@ fn classify(pkt: &impl PacketWindow, cfg: &NodeConfig, frame_len: usize) -> Resu
         if vni_of(&vxlan) != Some(cfg.vni) {
             return Err(Reason::PassForeignVni);
         }
+        if !is_known_node(ip.src_addr) {
+            return Err(Reason::DropUnknownSource);
+        }
         let inner_eth =
             read_at::<EthHdr>(pkt, VXLAN_INNER_ETH_OFF).ok_or(Reason::DropMalformedTunnel)?;
         if inner_eth.ether_type != ETH_P_IP.to_be() {
             return Err(Reason::DropInnerNotIpv4);
         }
-        check_inner(pkt, VXLAN_INNER_IP_OFF, outer_len, frame_len)?;
+        check_inner(
+            pkt,
+            cfg,
+            ip.src_addr,
+            VXLAN_INNER_IP_OFF,
+            outer_len,
+            frame_len,
+        )?;
         Ok(Tunnel::Vxlan)
     } else if ip.proto == IPPROTO_IPIP && cfg.decap & DECAP_IPIP != 0 {
         // IP-in-IP has no key or port: the source address is all that tells
@@ -147,7 +169,14 @@ fn classify(pkt: &impl PacketWindow, cfg: &NodeConfig, frame_len: usize) -> Resu
         if !is_known_node(ip.src_addr) {
             return Err(Reason::DropUnknownSource);
         }
-        check_inner(pkt, IPIP_INNER_IP_OFF, outer_len, frame_len)?;
+        check_inner(
+            pkt,
+            cfg,
+            ip.src_addr,
+            IPIP_INNER_IP_OFF,
+            outer_len,
+            frame_len,
+        )?;
         Ok(Tunnel::Ipip)
     } else {
         Err(Reason::PassNotTunnel)
@@ -157,10 +186,13 @@ fn classify(pkt: &impl PacketWindow, cfg: &NodeConfig, frame_len: usize) -> Resu
 /// The inner IPv4 header at `off` must be sane, and neither it nor the outer
 /// one may claim more bytes than the frame holds: a truncated tunnel packet
 /// is dropped here, counted, rather than handed to the stack as an inner
-/// packet it can only discard.
+/// packet it can only discard. Then its addresses must be ones the node at
+/// `outer_src` could have sent (see the module's comment).
 #[inline(always)]
 fn check_inner(
     pkt: &impl PacketWindow,
+    cfg: &NodeConfig,
+    outer_src: [u8; 4],
     off: usize,
     outer_len: usize,
     frame_len: usize,
@@ -174,6 +206,15 @@ fn check_inner(
         || inner_len + off > frame_len
     {
         return Err(Reason::DropMalformedTunnel);
+    }
+    if !in_prefix(inner.dst_addr, cfg.local_subnet, cfg.local_prefix_len) {
+        return Err(Reason::DropForeignInnerDestination);
+    }
+    if inner.src_addr != outer_src {
+        match remote_for(inner.src_addr) {
+            Some(node) if node.public_ip == outer_src => {}
+            _ => return Err(Reason::DropSpoofedInnerSource),
+        }
     }
     Ok(())
 }

@@ -19,3 +19,33 @@ pub const OUTER_TTL: u8 = 64;
 
 /// `version = 4, IHL = 5`: an IPv4 header without options.
 pub const IPV4_VIHL_NO_OPTIONS: u8 = 0x45;
+
+/// Whether `addr` lies in `net`/`prefix_len` (both network order). A prefix
+/// length over 32 matches nothing.
+#[inline(always)]
+pub fn in_prefix(addr: [u8; 4], net: [u8; 4], prefix_len: u8) -> bool {
+    if prefix_len > 32 {
+        return false;
+    }
+    // `checked_shl` keeps a /0 (shift by 32) from overflowing.
+    let mask = u32::MAX
+        .checked_shl(32 - u32::from(prefix_len))
+        .unwrap_or(0);
+    u32::from_be_bytes(addr) & mask == u32::from_be_bytes(net) & mask
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_match_by_their_length() {
+        assert!(in_prefix([10, 244, 1, 7], [10, 244, 1, 0], 24));
+        assert!(!in_prefix([10, 244, 2, 7], [10, 244, 1, 0], 24));
+        assert!(in_prefix([10, 244, 2, 7], [10, 244, 0, 0], 16));
+        assert!(in_prefix([1, 2, 3, 4], [0, 0, 0, 0], 0));
+        assert!(in_prefix([10, 244, 1, 7], [10, 244, 1, 7], 32));
+        assert!(!in_prefix([10, 244, 1, 8], [10, 244, 1, 7], 32));
+        assert!(!in_prefix([10, 244, 1, 7], [10, 244, 1, 7], 33));
+    }
+}

@@ -208,7 +208,7 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
         peer_ips,
     );
     tokio::select! {
-        () = host.run(&nl, events, peer_ips_rx) => bail!("host networking task stopped"),
+        () = host.run(&nl, Some(events), peer_ips_rx) => bail!("host networking task stopped"),
         () = keep_firewall(&firewall, nft, Duration::from_secs(s.firewall_resync_secs)) => bail!("firewall task stopped"),
         err = watcher.run() => {
             Err(anyhow::Error::new(err)).context("stopping: lease revoked; restart the agent to lease again")

@@ -68,6 +68,18 @@ pub enum DatapathError {
     NotBpffs { path: PathBuf },
     #[error("cannot remove {path}: {source}")]
     Remove { path: PathBuf, source: io::Error },
+    #[error(
+        "pinned map {path} has {what} {found}, this build needs {want}: it was made by an \
+         incompatible version; run `node-agent cleanup --pin-path {pin_path}` (forwarding \
+         stops until the next start) and start again"
+    )]
+    PinnedLayout {
+        path: PathBuf,
+        pin_path: String,
+        what: &'static str,
+        found: u32,
+        want: u32,
+    },
     #[error(transparent)]
     Pinned(#[from] PinnedError),
 }
@@ -108,6 +120,7 @@ impl Datapath {
                 path: pin_path.to_owned(),
             });
         }
+        check_pinned_layouts(pin_path)?;
         let ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_path)
             .load(crate::ebpf::OBJECT)?;
@@ -300,6 +313,49 @@ fn missing_map(name: &str) -> aya::maps::MapError {
     aya::maps::MapError::InvalidName {
         name: name.to_owned(),
     }
+}
+
+/// Pinned maps are adopted as they are: aya does not compare their layout
+/// with the object's, so a map made by an older build would be used with
+/// the wrong sizes. `COUNTERS` grows whenever a [`Reason`] is appended; its
+/// totals are statistics, so one of another size is replaced (the counts
+/// restart) instead of leaving the new reasons uncounted. A table whose
+/// value layout changed cannot be adopted: that is an error naming the fix.
+fn check_pinned_layouts(pin_path: &Path) -> Result<(), DatapathError> {
+    let info = |name: &'static str| {
+        let path = pin_path.join(name);
+        path.exists()
+            .then(|| aya::maps::MapInfo::from_pin(&path).map(|i| (path, i)))
+            .transpose()
+            .map_err(|source| DatapathError::Map { name, source })
+    };
+    if let Some((path, counters)) = info(MAP_COUNTERS)?
+        && counters.max_entries() != Reason::COUNT
+    {
+        tracing::warn!(
+            pinned = counters.max_entries(),
+            now = Reason::COUNT,
+            "the pinned counters have another number of reasons; they restart from zero"
+        );
+        remove_pin(&path)?;
+    }
+    for (name, want) in [
+        (MAP_SUBNETS, size_of::<RemoteNode>()),
+        (MAP_NODE_CONFIG, size_of::<NodeConfig>()),
+    ] {
+        if let Some((path, pinned)) = info(name)?
+            && pinned.value_size() as usize != want
+        {
+            return Err(DatapathError::PinnedLayout {
+                path,
+                pin_path: pin_path.display().to_string(),
+                what: "value size",
+                found: pinned.value_size(),
+                want: want as u32,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Whether `path` lives on bpffs. `ip netns exec` remounts /sys, hiding the

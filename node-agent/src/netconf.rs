@@ -179,12 +179,16 @@ pub struct HostNetworking {
     route: ClusterRoute,
     /// The subnets directly on `--iface`: peers there get neighbour entries.
     onlink: Vec<Ipv4Net>,
-    /// Neighbour entries this process installed, so resyncs do not churn them.
+    /// Managed neighbour entries in the kernel, as far as this process
+    /// knows, so syncs touch only what changed.
     neighbours: BTreeSet<Ipv4Addr>,
     route_missing: bool,
-    /// The route may be gone without an event saying so: the kernel flushes
-    /// a link's routes silently when it goes down.
-    route_unverified: bool,
+    /// What events say may be out of date: after lost notifications, a link
+    /// coming back up (the kernel flushes a link's routes silently when it
+    /// goes down), and on every periodic check. Settled by listing.
+    unverified: bool,
+    /// `--iface`'s last known state, to see a down→up transition.
+    link_up: Option<bool>,
     /// The last repair failure logged, so an outage is reported once.
     last_failure: Option<String>,
 }
@@ -196,7 +200,8 @@ impl HostNetworking {
             onlink,
             neighbours: BTreeSet::new(),
             route_missing: true,
-            route_unverified: false,
+            unverified: false,
+            link_up: None,
             last_failure: None,
         }
     }
@@ -242,7 +247,7 @@ impl HostNetworking {
     }
 
     /// Notes what an event removed of ours. Returns whether anything needs
-    /// putting back.
+    /// putting back or checking.
     pub fn on_event(&mut self, event: &NetlinkEvent) -> bool {
         let ifindex = self.route.ifindex;
         match event {
@@ -260,32 +265,54 @@ impl HostNetworking {
                     return false;
                 }
             }
-            // A link that comes back up has lost the routes through it.
-            NetlinkEvent::LinkChanged(Link {
-                index, up: true, ..
-            }) if *index == ifindex => {
-                self.route_missing = true;
+            // Only the transition matters: an up link changes for many
+            // reasons (MTU, carrier, an XDP program attached).
+            NetlinkEvent::LinkChanged(Link { index, up, .. }) if *index == ifindex => {
+                let was = self.link_up.replace(*up);
+                if !(*up && was == Some(false)) {
+                    return false;
+                }
+                self.unverified = true;
+            }
+            NetlinkEvent::Overrun => {
+                tracing::warn!(
+                    "netlink notifications were lost; checking the route and neighbours"
+                );
+                self.unverified = true;
             }
             _ => return false,
         }
         true
     }
 
-    /// Marks the route missing if it is not in the table: the safety net
-    /// for notifications the kernel dropped.
-    pub async fn check_route(&mut self, nl: &impl Netlink) -> Result<(), NetconfError> {
-        if !self.route_missing && !self.route.is_installed(nl).await? {
-            tracing::warn!(route = %self.route.network, "cluster route is missing; putting it back");
-            self.route_missing = true;
+    /// Settles what events may have missed by listing: the route and its
+    /// neighbour entry (marked missing if gone) and the managed neighbour
+    /// entries (taken as they are, so the next sync adds what is gone and
+    /// deletes what is unwanted, including leftovers of a failed delete).
+    pub async fn verify(&mut self, nl: &impl Netlink) -> Result<(), NetconfError> {
+        let entries = nl.neighbours(self.route.ifindex).await?;
+        if !self.route_missing {
+            let gateway = entries
+                .iter()
+                .any(|e| e.dst == self.route.gateway() && !e.managed);
+            if !gateway || !self.route.is_installed(nl).await? {
+                tracing::warn!(route = %self.route.network, "cluster route or its neighbour entry is missing; putting it back");
+                self.route_missing = true;
+            }
         }
-        self.route_unverified = false;
+        self.neighbours = entries
+            .into_iter()
+            .filter(|e| e.managed)
+            .map(|e| e.dst)
+            .collect();
+        self.unverified = false;
         Ok(())
     }
 
     /// Puts everything back that is missing.
     async fn repair(&mut self, nl: &impl Netlink, peers: &BTreeSet<Ipv4Addr>) {
-        let verified = if self.route_unverified {
-            self.check_route(nl).await
+        let verified = if self.unverified {
+            self.verify(nl).await
         } else {
             Ok(())
         };
@@ -315,64 +342,62 @@ impl HostNetworking {
         self.last_failure = failure;
     }
 
+    /// Whether the last repair left something undone.
+    fn failing(&self) -> bool {
+        self.last_failure.is_some()
+    }
+
     /// Runs until the peer set's sender is dropped: follows kernel events
-    /// and the watcher's peer set, and resyncs every [`RESYNC_INTERVAL`].
+    /// (`None`: only the periodic check) and the watcher's peer set, and
+    /// checks everything every [`RESYNC_INTERVAL`]. While a repair keeps
+    /// failing, every wake-up retries it.
     pub async fn run(
         mut self,
         nl: &impl Netlink,
-        mut events: NetlinkEvents,
+        mut events: Option<NetlinkEvents>,
         mut peers: tokio::sync::watch::Receiver<BTreeSet<Ipv4Addr>>,
     ) {
         let mut resync = tokio::time::interval(RESYNC_INTERVAL);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut needed = true;
         loop {
-            let current = peers.borrow_and_update().clone();
-            self.repair(nl, &current).await;
-            tokio::select! {
-                changed = peers.changed() => if changed.is_err() { return },
-                event = events.next() => match event {
-                    Some(event) => { self.on_event(&event); }
+            if needed {
+                let current = peers.borrow_and_update().clone();
+                self.repair(nl, &current).await;
+            }
+            let next_event = async {
+                match events.as_mut() {
+                    Some(e) => e.next().await,
+                    None => std::future::pending().await,
+                }
+            };
+            needed = tokio::select! {
+                changed = peers.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    true
+                }
+                event = next_event => match event {
+                    Some(event) => self.on_event(&event),
                     None => {
-                        // The kernel closed the socket (e.g. its buffer
-                        // overflowed): subscribe again and check everything.
                         tracing::warn!("netlink event socket closed; subscribing again");
-                        match NetlinkEvents::subscribe() {
-                            Ok(e) => events = e,
+                        events = match NetlinkEvents::subscribe() {
+                            Ok(e) => Some(e),
                             Err(e) => {
                                 tracing::error!(error = %e, "cannot follow netlink events; relying on the periodic check");
-                                return self.run_without_events(nl, peers).await;
+                                None
                             }
-                        }
-                        self.neighbours.clear();
-                        self.route_missing = true;
+                        };
+                        self.unverified = true;
+                        true
                     }
                 },
                 _ = resync.tick() => {
-                    if let Err(e) = self.check_route(nl).await {
-                        tracing::warn!(error = %e, "cannot check the cluster route");
-                    }
+                    self.unverified = true;
+                    true
                 }
-            }
-        }
-    }
-
-    async fn run_without_events(
-        mut self,
-        nl: &impl Netlink,
-        mut peers: tokio::sync::watch::Receiver<BTreeSet<Ipv4Addr>>,
-    ) {
-        let mut resync = tokio::time::interval(RESYNC_INTERVAL);
-        loop {
-            let current = peers.borrow_and_update().clone();
-            self.repair(nl, &current).await;
-            tokio::select! {
-                changed = peers.changed() => if changed.is_err() { return },
-                _ = resync.tick() => {
-                    if let Err(e) = self.check_route(nl).await {
-                        tracing::warn!(error = %e, "cannot check the cluster route");
-                    }
-                }
-            }
+            } || self.failing();
         }
     }
 }
@@ -701,12 +726,45 @@ mod tests {
         lo.index = 1;
         assert!(!host.on_event(&NetlinkEvent::LinkChanged(lo)));
 
-        // The link comes back up after a flap: the kernel flushed the route.
+        // The link goes down and comes back up: the kernel flushed the route
+        // and the neighbour entries without a word.
         let up = nl.links[0].0.clone();
+        let down = Link {
+            up: false,
+            ..up.clone()
+        };
+        assert!(
+            !host.on_event(&NetlinkEvent::LinkChanged(up.clone())),
+            "no transition"
+        );
+        assert!(!host.on_event(&NetlinkEvent::LinkChanged(down)));
         nl.routes.borrow_mut().clear();
-        assert!(host.on_event(&NetlinkEvent::LinkChanged(up)));
+        nl.neighbours.borrow_mut().clear();
+        assert!(host.on_event(&NetlinkEvent::LinkChanged(up.clone())));
         block_on(host.repair(&nl, &peers));
         assert!(block_on(cluster_route().is_installed(&nl)).expect("check"));
+        assert!(nl.neighbours.borrow().contains_key(&(7, ip("10.244.0.0"))));
+        assert!(nl.neighbours.borrow().contains_key(&(7, ip("198.18.0.2"))));
+        // Changes of an up link (MTU, XDP attached) are no reason to act.
+        assert!(!host.on_event(&NetlinkEvent::LinkChanged(up)));
+    }
+
+    #[test]
+    fn lost_notifications_are_settled_by_listing() {
+        let nl = eth0();
+        let mut host = HostNetworking::new(cluster_route(), vec![net("198.18.0.0/24")]);
+        let peers: BTreeSet<_> = [ip("198.18.0.2")].into();
+        block_on(host.repair(&nl, &peers));
+        // Unseen by events: the gateway entry and the peer's entry vanish,
+        // and a stale managed entry (a failed delete) is left behind.
+        nl.neighbours.borrow_mut().clear();
+        nl.neighbours
+            .borrow_mut()
+            .insert((7, ip("198.18.0.9")), NeighbourKind::Managed);
+        assert!(host.on_event(&NetlinkEvent::Overrun));
+        block_on(host.repair(&nl, &peers));
+        let entries: Vec<Ipv4Addr> = nl.neighbours.borrow().keys().map(|(_, d)| *d).collect();
+        assert_eq!(entries, vec![ip("10.244.0.0"), ip("198.18.0.2")]);
     }
 
     #[test]
@@ -733,7 +791,7 @@ mod tests {
         let mut host = HostNetworking::new(cluster_route(), vec![]);
         block_on(host.ensure_route(&nl)).expect("install");
         nl.routes.borrow_mut().clear();
-        block_on(host.check_route(&nl)).expect("check");
+        block_on(host.verify(&nl)).expect("check");
         block_on(host.ensure_route(&nl)).expect("reinstall");
         assert!(block_on(cluster_route().is_installed(&nl)).expect("check"));
     }

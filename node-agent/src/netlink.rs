@@ -413,13 +413,12 @@ impl Netlink for RtNetlink {
     }
 
     async fn route_delete(&self, route: &Route) -> Result<bool, NetlinkError> {
-        match self
-            .handle
-            .route()
-            .del(route_message(route))
-            .execute()
-            .await
-        {
+        let mut msg = route_message(route);
+        // The kernel deletes only a route whose protocol matches, unless
+        // the request leaves it unspecified: a route another build (or `ip`)
+        // installed with another protocol must go too.
+        msg.header.protocol = rtnetlink::packet_route::route::RouteProtocol::Unspec;
+        match self.handle.route().del(msg).execute().await {
             Ok(()) => Ok(true),
             Err(e) => {
                 let e = NetlinkError::from_rtnetlink(
@@ -462,6 +461,9 @@ pub enum NetlinkEvent {
         ifindex: u32,
         dst: Ipv4Addr,
     },
+    /// The kernel dropped notifications (the socket's buffer overflowed):
+    /// whatever they said must be found out by listing.
+    Overrun,
 }
 
 /// The kernel's link, IPv4 route and neighbour notifications (what
@@ -486,8 +488,11 @@ impl NetlinkEvents {
     pub async fn next(&mut self) -> Option<NetlinkEvent> {
         loop {
             let (msg, _) = self.messages.next().await?;
-            let NetlinkPayload::InnerMessage(inner) = msg.payload else {
-                continue;
+            let inner = match msg.payload {
+                NetlinkPayload::InnerMessage(inner) => inner,
+                // The socket's buffer overflowed: notifications were lost.
+                NetlinkPayload::Overrun(_) => return Some(NetlinkEvent::Overrun),
+                _ => continue,
             };
             let event = match inner {
                 RouteNetlinkMessage::NewLink(l) => Some(NetlinkEvent::LinkChanged(link_from(&l))),

@@ -180,14 +180,15 @@ impl Firewall {
         } else {
             Vec::new()
         };
-        let have_masq = match nft.list_rules(TABLE, POSTROUTING) {
-            Ok(rules) => Some(rules),
-            Err(e) if e.is_not_found() => None,
-            Err(e) => return Err(e),
-        };
-        let masq_ok = match &have_masq {
-            None => want_masq.is_empty(),
-            Some(rules) => !want_masq.is_empty() && comments_match(rules, &want_masq),
+        let masq_ok = if want_masq.is_empty() {
+            // Anything left in weft's table (even without its chain) goes.
+            !nft.table_exists(TABLE)?
+        } else {
+            match nft.list_rules(TABLE, POSTROUTING) {
+                Ok(rules) => comments_match(&rules, &want_masq),
+                Err(e) if e.is_not_found() => false,
+                Err(e) => return Err(e),
+            }
         };
         if !masq_ok {
             let mut batch = Batch::new();
@@ -288,6 +289,7 @@ const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
 const NFNL_MSG_BATCH_END: u16 = 0x11;
 const NFT_MSG_NEWTABLE: u16 = 0;
+const NFT_MSG_GETTABLE: u16 = 1;
 const NFT_MSG_DELTABLE: u16 = 2;
 const NFT_MSG_NEWCHAIN: u16 = 3;
 const NFT_MSG_GETCHAIN: u16 = 4;
@@ -590,8 +592,16 @@ impl Batch {
     }
 }
 
-/// Iterates the netlink messages in a receive buffer: (type, payload).
-fn messages(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+/// A netlink message in a receive buffer.
+struct Received<'a> {
+    ty: u16,
+    seq: u32,
+    payload: &'a [u8],
+}
+
+/// Iterates the netlink messages in a receive buffer; stops at a malformed
+/// length (the caller then sees its request unanswered and times out).
+fn messages(buf: &[u8]) -> impl Iterator<Item = Received<'_>> {
     let mut rest = buf;
     std::iter::from_fn(move || {
         let len = u32::from_ne_bytes(rest.get(0..4)?.try_into().ok()?) as usize;
@@ -599,9 +609,10 @@ fn messages(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
             return None;
         }
         let ty = u16::from_ne_bytes(rest.get(4..6)?.try_into().ok()?);
+        let seq = u32::from_ne_bytes(rest.get(8..12)?.try_into().ok()?);
         let payload = &rest[NLMSG_HDRLEN..len];
         rest = &rest[len.next_multiple_of(4).min(rest.len())..];
-        Some((ty, payload))
+        Some(Received { ty, seq, payload })
     })
 }
 
@@ -634,6 +645,26 @@ pub struct Nft {
 impl Nft {
     pub fn open() -> Result<Self, NftError> {
         let mut socket = Socket::new(NETLINK_NETFILTER).map_err(NftError::Socket)?;
+        // The kernel answers within sendmsg; a reply that never comes must
+        // not hang the agent's one thread (etcd keepalives run there too).
+        let timeout = libc::timeval {
+            tv_sec: 5,
+            tv_usec: 0,
+        };
+        // SAFETY: setsockopt on a socket this function owns, with a pointer
+        // to a live timeval and its exact size.
+        let rc = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&socket),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                std::ptr::from_ref(&timeout).cast(),
+                size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(NftError::Socket(std::io::Error::last_os_error()));
+        }
         socket.bind_auto().map_err(NftError::Socket)?;
         socket
             .connect(&SocketAddr::new(0, 0))
@@ -666,11 +697,13 @@ impl Nft {
         loop {
             let mut buf = Vec::with_capacity(64 * 1024);
             self.socket.recv(&mut buf, 0).map_err(NftError::Socket)?;
-            for (ty, payload) in messages(&buf) {
-                match ty {
+            // Replies to anything sent before (a batch abandoned on its
+            // first error) are not this request's.
+            for msg in messages(&buf).filter(|m| m.seq == seq) {
+                match msg.ty {
                     NLMSG_DONE => return Ok(replies),
                     NLMSG_ERROR => {
-                        let code = error_code(payload).ok_or(NftError::Malformed { op })?;
+                        let code = error_code(msg.payload).ok_or(NftError::Malformed { op })?;
                         if code != 0 {
                             return Err(Self::kernel_error(op, code));
                         }
@@ -678,9 +711,25 @@ impl Nft {
                             return Ok(replies);
                         }
                     }
-                    _ => replies.push(payload.to_vec()),
+                    _ => replies.push(msg.payload.to_vec()),
                 }
             }
+        }
+    }
+
+    /// Whether `table ip <table>` exists.
+    pub fn table_exists(&mut self, table: &str) -> Result<bool, NftError> {
+        let msg = message(
+            nft_type(NFT_MSG_GETTABLE),
+            NLM_F_REQUEST | NLM_F_ACK,
+            NFPROTO_IPV4,
+            0,
+            |a| a.string(NFTA_TABLE_NAME, table),
+        );
+        match self.request(msg, false, "get table") {
+            Ok(_) => Ok(true),
+            Err(e) if e.is_not_found() => Ok(false),
+            Err(e) => Err(e),
         }
     }
 
@@ -759,25 +808,39 @@ impl Nft {
         let first = self.seq;
         let (bytes, next) = batch.encode(first);
         self.seq = next;
+        // The batch's own messages, between BATCH_BEGIN and BATCH_END.
+        let ours = first.wrapping_add(1)..first.wrapping_add(1 + expected as u32);
         self.socket.send(&bytes, 0).map_err(NftError::Socket)?;
         // nfnetlink processes a batch inside sendmsg, so every reply is
-        // queued by now: one per message, an error ending the batch early.
-        let mut acked = 0;
-        while acked < expected {
+        // queued by now: an acknowledgement or an error per message (after
+        // an error the kernel aborts the transaction but still answers the
+        // rest). All of them are read, so none is left for the next request.
+        let (mut answered, mut first_error) = (0, None);
+        while answered < expected {
             let mut buf = Vec::with_capacity(64 * 1024);
-            self.socket
-                .recv(&mut buf, libc::MSG_DONTWAIT)
-                .map_err(NftError::Socket)?;
-            for (ty, payload) in messages(&buf) {
-                if ty == NLMSG_ERROR {
-                    match error_code(payload).ok_or(NftError::Malformed { op })? {
-                        0 => acked += 1,
-                        code => return Err(Self::kernel_error(op, code)),
+            match self.socket.recv(&mut buf, libc::MSG_DONTWAIT) {
+                Ok(_) => {}
+                // Nothing more queued: fewer answers than messages, which
+                // happens only after an error.
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && first_error.is_some() => {
+                    break;
+                }
+                Err(e) => return Err(NftError::Socket(e)),
+            }
+            for msg in messages(&buf).filter(|m| ours.contains(&m.seq) && m.ty == NLMSG_ERROR) {
+                answered += 1;
+                match error_code(msg.payload).ok_or(NftError::Malformed { op })? {
+                    0 => {}
+                    code => {
+                        first_error.get_or_insert(code);
                     }
                 }
             }
         }
-        Ok(())
+        match first_error {
+            Some(code) => Err(Self::kernel_error(op, code)),
+            None => Ok(()),
+        }
     }
 }
 
@@ -910,7 +973,9 @@ mod tests {
         batch.new_table(TABLE);
         batch.del_table(TABLE);
         let (bytes, next) = batch.encode(40);
-        let types: Vec<u16> = messages(&bytes).map(|(t, _)| t).collect();
+        let types: Vec<u16> = messages(&bytes).map(|m| m.ty).collect();
+        let seqs: Vec<u32> = messages(&bytes).map(|m| m.seq).collect();
+        assert_eq!(seqs, [40, 41, 42, 43]);
         assert_eq!(
             types,
             [

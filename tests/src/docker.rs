@@ -243,19 +243,33 @@ impl Dockerd {
         IpEcho::parse_reply(&self.exec(name, &IpEcho::fetch_command(ip))?)
     }
 
-    fn stop(&mut self) -> Result<()> {
-        if let Ok(ids) = self.docker(&["ps", "-aq"]) {
-            let ids: Vec<&str> = ids.split_whitespace().collect();
-            if !ids.is_empty() {
+    /// Tears everything down, going on past failures (each is reported)
+    /// so that one stuck step does not leave the rest behind.
+    fn stop(&mut self) {
+        let report = |what: &str, r: Result<()>| {
+            if let Err(e) = r {
+                eprintln!("weft-tests: dockerd teardown, {what}: {e:#}");
+            }
+        };
+        report(
+            "removing containers",
+            self.docker(&["ps", "-aq"]).and_then(|ids| {
+                let ids: Vec<&str> = ids.split_whitespace().collect();
+                if ids.is_empty() {
+                    return Ok(());
+                }
                 let mut args = vec!["rm", "-f"];
                 args.extend(ids);
-                self.docker(&args)?;
-            }
-        }
+                self.docker(&args).map(drop)
+            }),
+        );
         if let Some(mut p) = self.process.take() {
             // dockerd stops its containerd on SIGTERM; Background kills
             // and reaps it if it does not.
-            p.stop(libc::SIGTERM, Duration::from_secs(30))?;
+            report(
+                "stopping dockerd",
+                p.stop(libc::SIGTERM, Duration::from_secs(30)).map(drop),
+            );
         }
         // Anything still mounted under the state dirs (shm of a container
         // that died with the daemon) would make their removal fail.
@@ -266,7 +280,9 @@ impl Dockerd {
             .filter_map(|l| l.split(' ').nth(4))
             .filter(|m| m.starts_with(&dir))
         {
-            let target = std::ffi::CString::new(mount).context("mount path")?;
+            let Ok(target) = std::ffi::CString::new(mount) else {
+                continue;
+            };
             // SAFETY: umount2 with a valid NUL-terminated path; MNT_DETACH
             // only detaches a mount under this fixture's own directory.
             unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
@@ -281,14 +297,11 @@ impl Dockerd {
             let _ = fs::remove_dir(entry.path().join(&self.cgroup));
         }
         let _ = fs::remove_dir(Path::new("/sys/fs/cgroup").join(&self.cgroup));
-        Ok(())
     }
 }
 
 impl Drop for Dockerd {
     fn drop(&mut self) {
-        if let Err(e) = self.stop() {
-            eprintln!("weft-tests: stopping dockerd: {e:#}");
-        }
+        self.stop();
     }
 }

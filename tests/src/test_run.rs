@@ -37,6 +37,10 @@ pub const PEER_UNDERLAY_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x02];
 pub const PEER_VTEP: [u8; 6] = [0x02, 0, 0, 0, 0x22, 0x22];
 pub const UNRESOLVED_VTEP: [u8; 6] = [0x02, 0, 0, 0, 0x33, 0x33];
 pub const RECEIVER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x44, 0x44];
+/// The sender's (198.18.0.1) subnet, where `inner_frame`'s source lives.
+pub const LOCAL_SUBNET: [u8; 4] = [10, 244, 1, 0];
+/// The receiver's (198.18.0.2) subnet.
+pub const PEER_SUBNET: [u8; 4] = [10, 244, 2, 0];
 pub const VNI: u32 = 1;
 pub const PORT: u16 = 8472;
 
@@ -112,13 +116,21 @@ impl ProgramBench {
             ifindex,
             mac,
         };
-        bench.add_peer([10, 244, 2, 0], 24, PEER_IP, PEER_VTEP)?;
+        bench.add_peer(PEER_SUBNET, 24, PEER_IP, PEER_VTEP)?;
         bench.add_peer([10, 244, 3, 0], 24, UNRESOLVED_IP, UNRESOLVED_VTEP)?;
+        // What the receiver knows of the sender: its subnet, where the
+        // crafted packets come from (`inner_frame`), and its PublicIP.
+        bench.add_peer(LOCAL_SUBNET, 24, LOCAL_IP, [0x02, 0, 0, 0, 0x11, 0x11])?;
         bench.configure_as_sender()?;
         Ok(bench)
     }
 
-    pub fn node_config(&self, public_ip: [u8; 4], iface_mac: [u8; 6]) -> NodeConfig {
+    pub fn node_config(
+        &self,
+        public_ip: [u8; 4],
+        iface_mac: [u8; 6],
+        local_subnet: [u8; 4],
+    ) -> NodeConfig {
         NodeConfig {
             configured: 1,
             public_ip,
@@ -131,20 +143,21 @@ impl ProgramBench {
             cluster_prefix_len: 16,
             local_prefix_len: 24,
             cluster_network: [10, 244, 0, 0],
-            local_subnet: [10, 244, 1, 0],
+            local_subnet,
             decap: DECAP_VXLAN | DECAP_IPIP,
         }
     }
 
     pub fn configure_as_sender(&mut self) -> Result<()> {
-        let cfg = self.node_config(LOCAL_IP, self.mac);
+        let cfg = self.node_config(LOCAL_IP, self.mac, LOCAL_SUBNET);
         Ok(self.dp.write_node_config(&cfg)?)
     }
 
-    /// Makes the programs behave as the node at 198.18.0.2, so that what
-    /// the encap program produced is addressed to "us".
-    pub fn configure_as_receiver(&mut self) -> Result<()> {
-        let cfg = self.node_config(PEER_IP, RECEIVER_MAC);
+    /// Makes the programs behave as the node at 198.18.0.2 leasing
+    /// `local_subnet`, so that what the encap program produced is addressed
+    /// to "us".
+    pub fn configure_as_receiver(&mut self, local_subnet: [u8; 4]) -> Result<()> {
+        let cfg = self.node_config(PEER_IP, RECEIVER_MAC, local_subnet);
         Ok(self.dp.write_node_config(&cfg)?)
     }
 

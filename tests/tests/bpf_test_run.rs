@@ -164,7 +164,7 @@ fn decap_round_trip_gives_back_the_original_packet() -> Result<()> {
     let inner = inner_frame([10, 244, 2, 7], 4321, 100, false);
     let (rc, wire) = b.encap(&inner)?;
     ensure!(rc == TC_ACT_OK);
-    b.configure_as_receiver()?;
+    b.configure_as_receiver(PEER_SUBNET)?;
 
     let before = b.counter(Reason::Decapsulated)?;
     let (rc, out) = b.run_xdp(&wire)?;
@@ -197,7 +197,7 @@ fn decap_round_trip_gives_back_the_original_packet() -> Result<()> {
 fn decap_passes_foreign_traffic_untouched() -> Result<()> {
     let mut b = ProgramBench::new()?;
     let (_, wire) = b.encap(&inner_frame([10, 244, 2, 7], 1, 40, true))?;
-    b.configure_as_receiver()?;
+    b.configure_as_receiver(PEER_SUBNET)?;
 
     let mut cases: Vec<(&str, Vec<u8>, Reason)> = Vec::new();
     let mut other_vni = wire.clone();
@@ -256,7 +256,7 @@ fn decap_passes_foreign_traffic_untouched() -> Result<()> {
 fn truncated_and_garbage_packets_pass_or_drop_and_are_counted() -> Result<()> {
     let mut b = ProgramBench::new()?;
     let (_, wire) = b.encap(&inner_frame([10, 244, 2, 7], 1, 40, true))?;
-    b.configure_as_receiver()?;
+    b.configure_as_receiver(PEER_SUBNET)?;
     let total =
         |b: &ProgramBench| -> Result<u64> { Ok(b.dp.counters()?.iter().map(|(_, n)| n).sum()) };
 
@@ -360,7 +360,8 @@ fn ipip_decap_round_trip_and_unknown_sources_are_dropped() -> Result<()> {
     b.add_peer_with_mode([10, 244, 4, 0], 24, PEER_IP, [0; 6], Mode::Ipip)?;
     let inner = inner_frame([10, 244, 4, 7], 4321, 64, false);
     let (_, wire) = b.encap(&inner)?;
-    b.configure_as_receiver()?;
+    // The receiver is the node leasing 10.244.4.0/24.
+    b.configure_as_receiver([10, 244, 4, 0])?;
     // As the receiver, the sender (198.18.0.1) is a known node.
     b.dp.node_ips()?.insert(LOCAL_IP, 1, 0)?;
 
@@ -487,6 +488,120 @@ fn too_big_df_packets_get_icmp_fragmentation_needed() -> Result<()> {
             "quote is the IPv4 header and 8 payload bytes"
         );
         ensure!(checksum(icmp) == 0, "ICMP checksum does not verify");
+    }
+    Ok(())
+}
+
+/// The address a hostile case rewrites in an encapsulated frame.
+#[derive(Clone, Copy)]
+enum Field {
+    Unchanged,
+    OuterSrc,
+    InnerSrc,
+    InnerDst,
+}
+
+impl Field {
+    fn offset(self, mode: Mode) -> Option<usize> {
+        let inner_ip = match mode {
+            // Outer Ethernet, IPv4, UDP, VXLAN, inner Ethernet.
+            Mode::Vxlan => 14 + 20 + 8 + 8 + 14,
+            // Outer Ethernet, IPv4.
+            _ => 14 + 20,
+        };
+        match self {
+            Field::Unchanged => None,
+            Field::OuterSrc => Some(14 + 12),
+            Field::InnerSrc => Some(inner_ip + 12),
+            Field::InnerDst => Some(inner_ip + 16),
+        }
+    }
+}
+
+/// A hostile corpus for both tunnels through both decap hooks: everything a
+/// host that is no peer, or a peer lying about its containers, could send
+/// with the right VNI and port is dropped and counted; a peer's container
+/// and host traffic pass.
+#[test]
+fn decap_accepts_only_what_a_peer_could_have_sent() -> Result<()> {
+    let mut b = ProgramBench::new()?;
+    // An IP-in-IP peer subnet inside the receiver's, so one receiver
+    // configuration serves both tunnels (the longest prefix picks ipip).
+    b.add_peer_with_mode([10, 244, 2, 128], 25, PEER_IP, [0; 6], Mode::Ipip)?;
+    let wires = [
+        (
+            Mode::Vxlan,
+            b.encap(&inner_frame([10, 244, 2, 7], 4321, 64, false))?.1,
+        ),
+        (
+            Mode::Ipip,
+            b.encap(&inner_frame([10, 244, 2, 200], 4321, 64, false))?.1,
+        ),
+    ];
+    b.configure_as_receiver(PEER_SUBNET)?;
+    use Field::*;
+    let cases = [
+        ("a peer's container", Unchanged, [0; 4], None),
+        ("the peer's host itself", InnerSrc, LOCAL_IP, None),
+        (
+            "an unknown outer source",
+            OuterSrc,
+            [198, 18, 0, 77],
+            Some(Reason::DropUnknownSource),
+        ),
+        (
+            "another node's container as destination",
+            InnerDst,
+            [10, 244, 3, 9],
+            Some(Reason::DropForeignInnerDestination),
+        ),
+        (
+            "a multicast destination (VRRP)",
+            InnerDst,
+            [224, 0, 0, 18],
+            Some(Reason::DropForeignInnerDestination),
+        ),
+        (
+            "a source in another node's subnet",
+            InnerSrc,
+            [10, 244, 3, 5],
+            Some(Reason::DropSpoofedInnerSource),
+        ),
+        (
+            "a source in nobody's subnet",
+            InnerSrc,
+            [10, 244, 99, 1],
+            Some(Reason::DropSpoofedInnerSource),
+        ),
+    ];
+    for (mode, wire) in &wires {
+        for (what, field, addr, reason) in cases {
+            let mut frame = wire.clone();
+            if let Some(at) = field.offset(*mode) {
+                frame[at..at + 4].copy_from_slice(&addr);
+            }
+            let counted = reason.unwrap_or(Reason::Decapsulated);
+            let before = b.counter(counted)?;
+            let (xdp, out) = b.run_xdp(&frame)?;
+            let (tc, _) = b.run_tc(PROG_DECAP_TC, &frame, 0)?;
+            match reason {
+                None => ensure!(
+                    xdp == XDP_PASS && tc == TC_ACT_OK && out.len() < frame.len(),
+                    "{mode:?}, {what}: verdicts XDP {xdp} TC {tc}, not decapsulated"
+                ),
+                Some(r) => ensure!(
+                    xdp == XDP_DROP && tc == TC_ACT_SHOT,
+                    "{mode:?}, {what}: verdicts XDP {xdp} TC {tc}, want both dropped as {}",
+                    r.name()
+                ),
+            }
+            let after = b.counter(counted)?;
+            ensure!(
+                after == before + 2,
+                "{mode:?}, {what}: {} went {before} -> {after}, want +2 (XDP and TC)",
+                counted.name()
+            );
+        }
     }
     Ok(())
 }

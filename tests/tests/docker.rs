@@ -58,11 +58,13 @@ fn docker_opts(host: &Host<'_>) -> Result<Vec<String>> {
 
 /// Two hosts with dockerd and one echo container each, plus the internet.
 struct Setup<'c> {
-    hosts: Vec<Host<'c>>,
+    // Field order is drop order: the daemons and their containers go before
+    // the hosts (agents, namespaces) they run in.
     docker: Vec<Dockerd>,
+    _internet_server: weft_tests::process::Background,
+    hosts: Vec<Host<'c>>,
     containers: Vec<Ipv4Addr>,
     internet: Host<'c>,
-    _internet_server: weft_tests::process::Background,
     _image: IpEcho,
 }
 

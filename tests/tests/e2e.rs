@@ -670,6 +670,13 @@ fn cleanup_removes_everything_the_agent_created() -> Result<()> {
         "managed neighbours left: {}",
         managed(host)?
     );
+    let gateway = host
+        .ns()
+        .ip(&["neigh", "show", "10.244.0.0", "dev", "eth0"])?;
+    ensure!(
+        gateway.trim().is_empty(),
+        "the cluster route's neighbour entry is left: {gateway}"
+    );
     ensure!(
         route(host)?.trim().is_empty(),
         "cluster route left: {}",

@@ -145,7 +145,7 @@ pub fn program_cost(plan: &Plan) -> Result<(Vec<Cost>, String)> {
                 run.output.len()
             );
             *enc = ns;
-            bench.configure_as_receiver()?;
+            bench.configure_as_receiver(test_run::PEER_SUBNET)?;
             let outer = run.output;
             let (ns, run) = median_ns(plan.test_run_samples, || bench.run_xdp_repeat(&outer, 1))?;
             ensure!(
