@@ -8,16 +8,18 @@
 //! cluster, and two at once on a two-core machine only slows both down.
 
 use std::collections::BTreeSet;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use ipnet::Ipv4Net;
 use node_agent::flannel::{LeaseAttrs, VxlanLeaseData};
+use weft_common::Reason;
+use weft_tests::process::{Background, Bound};
 use weft_tests::{
-    CONVERGE, Cluster, Container, Host, Signal, SubnetEnv, baseline, node_agent_binary,
-    require_bpffs, require_root, require_tools, switch_port, wait_full_mesh, wait_routes,
-    wait_until,
+    CONVERGE, Cluster, Container, Host, Netns, Signal, SubnetEnv, SubnetEnvExt, baseline,
+    node_agent_binary, require_bpffs, require_root, require_tools, switch_port, wait_full_mesh,
+    wait_routes, wait_until,
 };
 
 const CONFIG: &str =
@@ -846,4 +848,144 @@ fn the_agent_puts_back_its_route_and_neighbours_after_removal_and_a_link_flap() 
     );
     ensure!(host.agent_running(), "agent stopped:\n{log}");
     Ok(())
+}
+
+/// Sends one crafted tunnel packet from a namespace: VXLAN (VNI 1, port 8472)
+/// over a UDP socket, or IP-in-IP over a raw protocol-4 socket (the kernel
+/// adds the outer header), carrying UDP `inner_src:9999 -> inner_dst:9999`
+/// with payload `tag`.
+const INJECT: &str = r#"
+import socket, struct, sys
+kind, outer_dst, src, dst, tag = sys.argv[1:6]
+def csum(b):
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    while s >> 16:
+        s = (s & 0xffff) + (s >> 16)
+    return ~s & 0xffff
+payload = tag.encode()
+udp = struct.pack("!HHHH", 9999, 9999, 8 + len(payload), 0) + payload
+hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0,
+                  socket.inet_aton(src), socket.inet_aton(dst))
+ip = hdr[:10] + struct.pack("!H", csum(hdr)) + hdr[12:] + udp
+if kind == "vxlan":
+    eth = b"\x02\x00\x00\x00\x00\x01" + b"\x02\x00\x00\x00\x00\x02" + b"\x08\x00"
+    vxlan = struct.pack("!II", 0x08000000, 1 << 8)
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.sendto(vxlan + eth + ip, (outer_dst, 8472))
+else:
+    s = socket.socket(socket.AF_INET, socket.SOCK_RAW, 4)
+    s.sendto(ip, (outer_dst, 0))
+"#;
+
+/// Receives UDP on port 9999 for two seconds and prints each payload.
+const LISTEN: &str = r#"
+import socket, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 9999))
+s.settimeout(0.2)
+end = time.time() + 2
+while time.time() < end:
+    try:
+        print(s.recv(2048).decode(), flush=True)
+    except socket.timeout:
+        pass
+"#;
+
+/// What a host that is no node, or a node lying about its containers, can
+/// send with the right VNI and port is dropped and counted; the same packet
+/// with honest addresses from a node arrives (so the injection works).
+fn injected_tunnel_packets_are_dropped_and_counted(backend: Backend) -> Result<()> {
+    preflight()?;
+    let kind = match backend.wire {
+        Wire::Vxlan => "vxlan",
+        Wire::Ipip => "ipip",
+        Wire::Plain => bail!("no tunnel to inject into"),
+    };
+    let cluster = Cluster::new(backend.config)?;
+    let (hosts, envs) = start_hosts(&cluster, &[1, 2, 3], false)?;
+    let stranger = cluster.add_host(150)?;
+    let target = hosts[0].attach_container()?;
+    let target_ip = target.ip().to_string();
+    let host1 = hosts[0].ip().to_string();
+    let from_node2 = envs[1].host_addr(9)?.to_string();
+    let in_node3 = envs[2].host_addr(9)?.to_string();
+    let nobody = "10.244.250.9";
+    let cases: [(&str, &Netns, &str, &str, Option<Reason>); 6] = [
+        ("honest", hosts[1].ns(), &from_node2, &target_ip, None),
+        (
+            "stranger",
+            stranger.ns(),
+            &from_node2,
+            &target_ip,
+            Some(Reason::DropUnknownSource),
+        ),
+        (
+            "spoofed-source",
+            hosts[1].ns(),
+            &in_node3,
+            &target_ip,
+            Some(Reason::DropSpoofedInnerSource),
+        ),
+        (
+            "nobodys-source",
+            hosts[1].ns(),
+            nobody,
+            &target_ip,
+            Some(Reason::DropSpoofedInnerSource),
+        ),
+        (
+            "other-node",
+            hosts[1].ns(),
+            &from_node2,
+            &in_node3,
+            Some(Reason::DropForeignInnerDestination),
+        ),
+        (
+            "multicast",
+            hosts[1].ns(),
+            &from_node2,
+            "224.0.0.18",
+            Some(Reason::DropForeignInnerDestination),
+        ),
+    ];
+    let python = "python3";
+    for (tag, from, src, dst, reason) in cases {
+        let counted = reason.unwrap_or(Reason::Decapsulated);
+        let before = hosts[0].pinned()?.counter(counted)?;
+        let mut listener = Background::spawn(target.ns().command(&[python, "-c", LISTEN]))?;
+        listener.wait_bound(
+            Bound::Udp,
+            SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 9999),
+            Duration::from_secs(10),
+        )?;
+        from.run(&[python, "-c", INJECT, kind, &host1, src, dst, tag])?;
+        let received = listener.finish(Duration::from_secs(10))?;
+        let after = hosts[0].pinned()?.counter(counted)?;
+        match reason {
+            None => ensure!(
+                received.contains(tag),
+                "{kind}, {tag}: the honest packet did not arrive ({received:?})"
+            ),
+            Some(_) => ensure!(
+                !received.contains(tag),
+                "{kind}, {tag}: an injected packet reached the container"
+            ),
+        }
+        ensure!(
+            after > before,
+            "{kind}, {tag}: {} did not move ({before} -> {after})",
+            counted.name()
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn injected_vxlan_is_dropped_and_counted() -> Result<()> {
+    injected_tunnel_packets_are_dropped_and_counted(VXLAN)
+}
+
+#[test]
+fn injected_ipip_is_dropped_and_counted() -> Result<()> {
+    injected_tunnel_packets_are_dropped_and_counted(IPIP)
 }
