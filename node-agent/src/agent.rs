@@ -92,16 +92,6 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
     let mut client = connect(&s.etcd_endpoints).await;
     let cfg = wait_for_config(&mut client, &keys).await;
 
-    let mut dp = Datapath::load(&s.pin_path)
-        .with_context(|| format!("loading BPF objects under {}", s.pin_path.display()))?;
-    let logger = match aya_log::EbpfLogger::init(dp.ebpf_mut()) {
-        Ok(l) => Some(l),
-        Err(e) => {
-            tracing::warn!(error = %e, "BPF error logs unavailable");
-            None
-        }
-    };
-
     // The VtepMAC is the underlay interface's own MAC: decapsulated frames
     // then already carry this host's address, and a flannel vxlan peer
     // addresses its inner frames to it. host-gw and ipip leases carry no
@@ -135,6 +125,34 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
     tracing::info!(subnet = %held.subnet, how = held.how, "subnet leased");
 
     let mtu = flannel_mtu(iface.mtu, &cfg.backend);
+    let cluster_route = ClusterRoute {
+        network: cfg.network,
+        ifindex: iface.ifindex,
+        iface_mac: iface.mac,
+        mtu: Some(mtu),
+    };
+    // Before anything on the host changes: one route for the whole Network
+    // must not take over what the node needs to reach.
+    netconf::check_network_capture(
+        &nl,
+        &cluster_route,
+        held.subnet,
+        &iface.addrs,
+        &endpoint_ips(&s.etcd_endpoints),
+    )
+    .await
+    .context("refusing to install the cluster route")?;
+
+    let mut dp = Datapath::load(&s.pin_path)
+        .with_context(|| format!("loading BPF objects under {}", s.pin_path.display()))?;
+    let logger = match aya_log::EbpfLogger::init(dp.ebpf_mut()) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::warn!(error = %e, "BPF error logs unavailable");
+            None
+        }
+    };
+
     let env = SubnetEnv {
         network: cfg.network,
         subnet: held.subnet,
@@ -181,15 +199,7 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
     let hook = dp.attach(&iface.name, decap_mode)?;
     // Subscribed before the route goes in, so no removal of it is missed.
     let events = NetlinkEvents::subscribe().context("netlink events")?;
-    let mut host = HostNetworking::new(
-        ClusterRoute {
-            network: cfg.network,
-            ifindex: iface.ifindex,
-            iface_mac: iface.mac,
-            mtu: Some(mtu),
-        },
-        iface.addrs.clone(),
-    );
+    let mut host = HostNetworking::new(cluster_route, iface.addrs.clone());
     host.ensure_route(&nl)
         .await
         .context("installing the cluster route")?;
@@ -263,6 +273,20 @@ async fn keep_firewall(firewall: &Firewall, nft: Nft, every: Duration) {
             }
         }
     }
+}
+
+/// The IPv4 addresses among the etcd endpoint URLs (names are left to the
+/// resolver and not checked).
+fn endpoint_ips(endpoints: &[String]) -> Vec<Ipv4Addr> {
+    endpoints
+        .iter()
+        .filter_map(|url| {
+            let rest = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
+            let host_port = rest.split('/').next()?;
+            let host = host_port.rsplit_once(':').map_or(host_port, |(h, _)| h);
+            host.parse().ok()
+        })
+        .collect()
 }
 
 /// Connects to etcd, retrying until it answers. etcd-client connects lazily
@@ -474,5 +498,28 @@ pub async fn cleanup(pin_path: &Path, subnet_file: &Path) -> anyhow::Result<()> 
             Err(e).with_context(|| format!("removing {}", subnet_file.display()))
         }
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn etcd_endpoint_addresses_are_read_from_urls() {
+        let endpoints = [
+            "http://198.18.0.254:2379".to_owned(),
+            "https://10.0.0.7:2379/".to_owned(),
+            "10.0.0.8:2379".to_owned(),
+            "http://etcd.example:2379".to_owned(),
+        ];
+        assert_eq!(
+            endpoint_ips(&endpoints),
+            [
+                Ipv4Addr::new(198, 18, 0, 254),
+                Ipv4Addr::new(10, 0, 0, 7),
+                Ipv4Addr::new(10, 0, 0, 8)
+            ]
+        );
     }
 }

@@ -20,6 +20,12 @@ pub enum NetconfError {
     NoMac { iface: String },
     #[error("interface {iface:?} has no IPv4 address; pass --public-ip")]
     NoIpv4 { iface: String },
+    #[error(
+        "the Network {network} would capture {what}: its one route would send that \
+         traffic into the overlay. Choose a Network that overlaps no route or address \
+         this node needs"
+    )]
+    NetworkCaptures { network: Ipv4Net, what: String },
     #[error(transparent)]
     Netlink(#[from] NetlinkError),
     #[error("cannot enable IPv4 forwarding: {0}")]
@@ -130,11 +136,12 @@ impl ClusterRoute {
 
     /// Whether the route is in the main table with the MTU it should carry.
     pub async fn is_installed(&self, nl: &impl Netlink) -> Result<bool, NetconfError> {
+        let ours = self.route();
         Ok(nl
-            .routes_to(self.network)
+            .routes()
             .await?
             .iter()
-            .any(|r| self.is(r) && r.mtu == self.mtu))
+            .any(|r| r.is(&ours) && r.mtu == self.mtu))
     }
 
     /// Removes the route and neighbour entry; absent ones are not an error.
@@ -143,6 +150,49 @@ impl ClusterRoute {
         nl.neighbour_delete(self.ifindex, self.gateway()).await?;
         Ok(())
     }
+}
+
+/// Refuses a Network whose single route would take over traffic this node
+/// needs: an address of `--iface`, etcd's address, the default route's
+/// gateway, or any route already in the main table that overlaps it (an
+/// underlay route, or another route to the same prefix, which installing
+/// with `replace` would silently overwrite). Skipped: the cluster route
+/// itself (a restart) and routes inside this node's subnet (its container
+/// bridge's).
+pub async fn check_network_capture(
+    nl: &impl Netlink,
+    route: &ClusterRoute,
+    local_subnet: Ipv4Net,
+    iface_addrs: &[Ipv4Net],
+    etcd: &[Ipv4Addr],
+) -> Result<(), NetconfError> {
+    let network = route.network;
+    let captures = |what: String| NetconfError::NetworkCaptures { network, what };
+    if let Some(a) = iface_addrs.iter().find(|a| network.contains(&a.addr())) {
+        return Err(captures(format!("this node's own address {a}")));
+    }
+    if let Some(ip) = etcd.iter().find(|ip| network.contains(*ip)) {
+        return Err(captures(format!("etcd's address {ip}")));
+    }
+    let ours = route.route();
+    for r in nl.routes().await? {
+        if r.is(&ours) || local_subnet.contains(&r.dst) {
+            continue;
+        }
+        let via = match (r.gateway, r.ifindex) {
+            (Some(gw), _) => format!("via {gw}"),
+            (None, Some(i)) => format!("on ifindex {i}"),
+            (None, None) => String::new(),
+        };
+        if r.dst.prefix_len() == 0 {
+            if let Some(gw) = r.gateway.filter(|gw| network.contains(gw)) {
+                return Err(captures(format!("the default route's gateway {gw}")));
+            }
+        } else if crate::flannel::subnet::overlaps(r.dst, network) {
+            return Err(captures(format!("the existing route {} {via}", r.dst)));
+        }
+    }
+    Ok(())
 }
 
 /// Deletes every managed, externally learned neighbour entry on `ifindex`:
@@ -419,7 +469,7 @@ mod tests {
     use std::{cell::RefCell, collections::BTreeMap};
 
     use super::*;
-    use crate::netlink::NeighbourEntry;
+    use crate::netlink::{ListedRoute, NeighbourEntry};
 
     /// The kernel's tables as a fake netlink sees them: enough state to
     /// check what the logic above installs, deletes and puts back.
@@ -432,6 +482,8 @@ mod tests {
         calls: RefCell<Vec<String>>,
         /// Makes route_replace fail with this errno, as a down link does.
         route_errno: RefCell<Option<i32>>,
+        /// Routes someone else installed.
+        foreign_routes: Vec<ListedRoute>,
     }
 
     fn kernel_error(op: &str, errno: i32) -> NetlinkError {
@@ -519,13 +571,18 @@ mod tests {
             routes.retain(|r| !(r.dst == route.dst && r.gateway == route.gateway));
             Ok(routes.len() != before)
         }
-        async fn routes_to(&self, dst: Ipv4Net) -> Result<Vec<Route>, NetlinkError> {
-            Ok(self
-                .routes
-                .borrow()
-                .iter()
-                .filter(|r| r.dst == dst)
-                .copied()
+        async fn routes(&self) -> Result<Vec<ListedRoute>, NetlinkError> {
+            let routes = self.routes.borrow();
+            let installed = routes.iter().map(|r| ListedRoute {
+                dst: r.dst,
+                gateway: Some(r.gateway),
+                ifindex: Some(r.ifindex),
+                table: 254,
+                onlink: r.onlink,
+                mtu: r.mtu,
+            });
+            Ok(installed
+                .chain(self.foreign_routes.iter().copied())
                 .collect())
         }
     }
@@ -794,6 +851,61 @@ mod tests {
         block_on(host.verify(&nl)).expect("check");
         block_on(host.ensure_route(&nl)).expect("reinstall");
         assert!(block_on(cluster_route().is_installed(&nl)).expect("check"));
+    }
+
+    fn foreign(dst: &str, gateway: Option<&str>) -> ListedRoute {
+        ListedRoute {
+            dst: net(dst),
+            gateway: gateway.map(ip),
+            ifindex: Some(7),
+            table: 254,
+            onlink: false,
+            mtu: None,
+        }
+    }
+
+    #[test]
+    fn a_network_that_would_capture_what_the_node_needs_is_refused() {
+        let check = |nl: &FakeNetlink, addrs: &[Ipv4Net], etcd: &[Ipv4Addr]| {
+            block_on(check_network_capture(
+                nl,
+                &cluster_route(),
+                net("10.244.5.0/24"),
+                addrs,
+                etcd,
+            ))
+        };
+        let underlay = [net("198.18.0.1/24")];
+        let mut nl = eth0();
+        nl.foreign_routes = vec![
+            foreign("198.18.0.0/24", None),
+            foreign("0.0.0.0/0", Some("198.18.0.254")),
+            // The container bridge's route, inside this node's subnet.
+            foreign("10.244.5.0/24", None),
+        ];
+        block_on(cluster_route().install(&nl)).expect("install");
+        check(&nl, &underlay, &[ip("198.18.0.254")]).expect("nothing captured, a restart");
+
+        let captured =
+            |nl: &FakeNetlink, addrs: &[Ipv4Net], etcd: &[Ipv4Addr]| match check(nl, addrs, etcd) {
+                Err(NetconfError::NetworkCaptures { what, .. }) => what,
+                other => panic!("not refused: {other:?}"),
+            };
+        assert!(captured(&nl, &[net("10.244.9.9/24")], &[]).contains("own address"));
+        assert!(captured(&nl, &underlay, &[ip("10.244.0.10")]).contains("etcd"));
+        let mut routed = eth0();
+        routed.foreign_routes = vec![foreign("10.244.77.0/24", Some("198.18.0.254"))];
+        assert!(captured(&routed, &underlay, &[]).contains("10.244.77.0/24 via 198.18.0.254"));
+        let mut wider = eth0();
+        wider.foreign_routes = vec![foreign("10.0.0.0/8", Some("198.18.0.254"))];
+        assert!(captured(&wider, &underlay, &[]).contains("10.0.0.0/8"));
+        let mut gateway = eth0();
+        gateway.foreign_routes = vec![foreign("0.0.0.0/0", Some("10.244.3.1"))];
+        assert!(captured(&gateway, &underlay, &[]).contains("default route"));
+        // Another route to exactly the Network would be overwritten.
+        let mut same = eth0();
+        same.foreign_routes = vec![foreign("10.244.0.0/16", Some("198.18.0.9"))];
+        assert!(captured(&same, &underlay, &[]).contains("10.244.0.0/16"));
     }
 
     #[test]

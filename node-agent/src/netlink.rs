@@ -140,6 +140,27 @@ pub struct Route {
     pub mtu: Option<u32>,
 }
 
+/// An IPv4 route as the kernel lists it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListedRoute {
+    pub dst: Ipv4Net,
+    /// `None` for a connected route (`dev X scope link`).
+    pub gateway: Option<Ipv4Addr>,
+    pub ifindex: Option<u32>,
+    pub table: u32,
+    pub onlink: bool,
+    pub mtu: Option<u32>,
+}
+
+impl ListedRoute {
+    /// Whether it is `route`, as far as the kernel identifies a route.
+    pub fn is(&self, route: &Route) -> bool {
+        self.dst == route.dst
+            && self.gateway == Some(route.gateway)
+            && self.ifindex == Some(route.ifindex)
+    }
+}
+
 /// What the agent needs from the kernel's networking. Every call answers
 /// for the caller's network namespace.
 #[expect(
@@ -161,8 +182,8 @@ pub trait Netlink {
     async fn route_replace(&self, route: &Route) -> Result<(), NetlinkError>;
     /// Deletes the route; `Ok(false)` when there was none.
     async fn route_delete(&self, route: &Route) -> Result<bool, NetlinkError>;
-    /// The main table's IPv4 routes to exactly `dst` that have a gateway.
-    async fn routes_to(&self, dst: Ipv4Net) -> Result<Vec<Route>, NetlinkError>;
+    /// The main table's IPv4 routes.
+    async fn routes(&self) -> Result<Vec<ListedRoute>, NetlinkError>;
 }
 
 /// [`Netlink`] over an rtnetlink socket of the caller's network namespace.
@@ -220,18 +241,24 @@ fn route_message(route: &Route) -> RouteMessage {
     msg
 }
 
-/// The route in `msg`, if it is an IPv4 unicast route with one gateway.
-fn route_from(msg: &RouteMessage) -> Option<Route> {
+/// The kernel's main routing table (`RT_TABLE_MAIN`).
+const RT_TABLE_MAIN: u32 = 254;
+
+/// The IPv4 route in `msg`, whatever its next hop.
+fn listed_route_from(msg: &RouteMessage) -> Option<ListedRoute> {
     if msg.header.address_family != AddressFamily::Inet {
         return None;
     }
     let mut dst = Ipv4Addr::UNSPECIFIED;
     let (mut gateway, mut ifindex, mut mtu) = (None, None, None);
+    // Tables above 255 are only in the attribute.
+    let mut table = u32::from(msg.header.table);
     for attr in &msg.attributes {
         match attr {
             RouteAttribute::Destination(RouteAddress::Inet(a)) => dst = *a,
             RouteAttribute::Gateway(RouteAddress::Inet(a)) => gateway = Some(*a),
             RouteAttribute::Oif(i) => ifindex = Some(*i),
+            RouteAttribute::Table(t) => table = *t,
             RouteAttribute::Metrics(metrics) => {
                 mtu = metrics.iter().find_map(|m| match m {
                     RouteMetric::Mtu(v) => Some(*v),
@@ -241,15 +268,28 @@ fn route_from(msg: &RouteMessage) -> Option<Route> {
             _ => {}
         }
     }
-    Some(Route {
+    Some(ListedRoute {
         dst: Ipv4Net::new(dst, msg.header.destination_prefix_length).ok()?,
-        gateway: gateway?,
-        ifindex: ifindex?,
+        gateway,
+        ifindex,
+        table,
         onlink: msg
             .header
             .flags
             .contains(rtnetlink::packet_route::route::RouteFlags::Onlink),
         mtu,
+    })
+}
+
+/// The route in `msg`, if it is an IPv4 route with one gateway.
+fn route_from(msg: &RouteMessage) -> Option<Route> {
+    let listed = listed_route_from(msg)?;
+    Some(Route {
+        dst: listed.dst,
+        gateway: listed.gateway?,
+        ifindex: listed.ifindex?,
+        onlink: listed.onlink,
+        mtu: listed.mtu,
     })
 }
 
@@ -430,7 +470,7 @@ impl Netlink for RtNetlink {
         }
     }
 
-    async fn routes_to(&self, dst: Ipv4Net) -> Result<Vec<Route>, NetlinkError> {
+    async fn routes(&self) -> Result<Vec<ListedRoute>, NetlinkError> {
         let filter = RouteMessageBuilder::<Ipv4Addr>::new().build();
         let msgs: Vec<_> = self
             .handle
@@ -442,8 +482,8 @@ impl Netlink for RtNetlink {
             .map_err(|e| NetlinkError::from_rtnetlink("listing routes", e))?;
         Ok(msgs
             .iter()
-            .filter_map(route_from)
-            .filter(|r| r.dst == dst)
+            .filter_map(listed_route_from)
+            .filter(|r| r.table == RT_TABLE_MAIN)
             .collect())
     }
 }

@@ -989,3 +989,52 @@ fn injected_vxlan_is_dropped_and_counted() -> Result<()> {
 fn injected_ipip_is_dropped_and_counted() -> Result<()> {
     injected_tunnel_packets_are_dropped_and_counted(IPIP)
 }
+
+/// A Network whose one route would take over an underlay route is refused
+/// before the agent changes anything on the host, with an error naming the
+/// route; the route is left alone.
+#[test]
+fn a_network_capturing_an_underlay_route_is_refused() -> Result<()> {
+    preflight()?;
+    let cluster = Cluster::new(CONFIG)?;
+    let host = cluster.add_host(1)?;
+    // Say the etcd or a routed peer of this site sits in 10.244.77.0/24.
+    let underlay = "10.244.77.0/24";
+    host.ns().ip(&[
+        "route",
+        "add",
+        underlay,
+        "via",
+        &weft_tests::SWITCH_IP.to_string(),
+    ])?;
+    host.start_agent(&["--ip-masq"])?;
+    wait_until(CONVERGE, "the agent to refuse and exit", |last| {
+        *last = host.agent_log();
+        Ok((!host.agent_running()).then_some(()))
+    })?;
+    let log = host.agent_log();
+    ensure!(
+        log.contains(&format!(
+            "would capture the existing route {underlay} via {}",
+            weft_tests::SWITCH_IP
+        )),
+        "the refusal does not name the route:\n{log}"
+    );
+    let routes = host.ns().ip(&["route", "show"])?;
+    ensure!(
+        routes.contains(underlay) && !routes.contains(NETWORK),
+        "routes changed:\n{routes}"
+    );
+    ensure!(!host.subnet_file().exists(), "subnet file written");
+    ensure!(
+        !host.pin_path().exists(),
+        "BPF objects pinned at {}",
+        host.pin_path().display()
+    );
+    let ruleset = host.ns().run(&["nft", "list", "ruleset"])?;
+    ensure!(
+        !ruleset.contains("weft"),
+        "firewall rules installed:\n{ruleset}"
+    );
+    Ok(())
+}
