@@ -271,22 +271,7 @@ impl Dockerd {
                 p.stop(libc::SIGTERM, Duration::from_secs(30)).map(drop),
             );
         }
-        // Anything still mounted under the state dirs (shm of a container
-        // that died with the daemon) would make their removal fail.
-        let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let dir = self.dir.path().to_string_lossy().into_owned();
-        for mount in mounts
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4))
-            .filter(|m| m.starts_with(&dir))
-        {
-            let Ok(target) = std::ffi::CString::new(mount) else {
-                continue;
-            };
-            // SAFETY: umount2 with a valid NUL-terminated path; MNT_DETACH
-            // only detaches a mount under this fixture's own directory.
-            unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
-        }
+        detach_mounts_under(self.dir.path());
         // dockerd's cgroupfs driver leaves the parent per controller
         // (cgroup v1) or once (v2).
         for entry in fs::read_dir("/sys/fs/cgroup")
@@ -297,6 +282,25 @@ impl Dockerd {
             let _ = fs::remove_dir(entry.path().join(&self.cgroup));
         }
         let _ = fs::remove_dir(Path::new("/sys/fs/cgroup").join(&self.cgroup));
+    }
+}
+
+/// Detaches whatever is still mounted under `dir` (the shm of a container
+/// that died with its runtime), which would make removing `dir` fail.
+pub(crate) fn detach_mounts_under(dir: &Path) {
+    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let dir = dir.to_string_lossy().into_owned();
+    for mount in mounts
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| m.starts_with(&dir))
+    {
+        let Ok(target) = std::ffi::CString::new(mount) else {
+            continue;
+        };
+        // SAFETY: umount2 with a valid NUL-terminated path; MNT_DETACH only
+        // detaches a mount under the caller's own fixture directory.
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
     }
 }
 

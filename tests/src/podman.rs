@@ -260,7 +260,9 @@ impl Drop for Podman<'_> {
                 }
             }
         }
-        // Storage and run dirs go with `dir`; vfs layers are plain directories.
+        // Storage and run dirs go with `dir` (vfs layers are plain
+        // directories), once nothing is mounted there any more.
+        crate::docker::detach_mounts_under(self.dir.path());
     }
 }
 
