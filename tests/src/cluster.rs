@@ -662,6 +662,22 @@ impl<'c> Host<'c> {
             .with_context(|| format!("host {}: opening the pinned maps", self.index))
     }
 
+    /// Rewrites the local subnet in this host's pinned NODE_CONFIG, which
+    /// the data path reads per packet (the agent writes it once, at start):
+    /// lets a benchmark make a running node stand in for a joining one.
+    pub fn set_pinned_local_subnet(&self, subnet: Ipv4Net) -> Result<()> {
+        use aya::maps::{Array, Map, MapData};
+        let path = self.pin_path.join(weft_common::MAP_NODE_CONFIG);
+        let data =
+            MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+        let mut array: Array<_, weft_common::NodeConfig> = Array::try_from(Map::Array(data))?;
+        let mut cfg = array.get(&0, 0)?;
+        cfg.local_subnet = subnet.network().octets();
+        cfg.local_prefix_len = subnet.prefix_len();
+        array.set(0, cfg, 0)?;
+        Ok(())
+    }
+
     /// The SUBNETS map as (subnet, remote PublicIP) pairs, sorted.
     pub fn peers(&self) -> Result<Vec<(Ipv4Net, Ipv4Addr)>> {
         let peers = self.pinned()?.peers().context("reading SUBNETS")?;

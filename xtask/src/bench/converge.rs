@@ -2,8 +2,10 @@
 //! map, and to the first reply across the new route.
 //!
 //! Each join puts a lease for a fresh subnet S carrying host B's PublicIP
-//! and VtepMAC (B's own lease value) and gives B the address S.1 on its
-//! bridge. The bench then polls host A's pinned SUBNETS for S, and from
+//! and VtepMAC (B's own lease value), gives B the address S.1 on its
+//! bridge, and makes S B's subnet in its pinned node config (the data path
+//! only decapsulates packets for the node's own subnet), so B stands in
+//! for the node that joins. The bench then polls host A's pinned SUBNETS for S, and from
 //! container A sends a UDP probe to S.1 every 100 µs on a connected socket:
 //! B answers with ICMP port unreachable, which the socket reports as
 //! ECONNREFUSED, so the first error is the first packet delivered and
@@ -79,6 +81,9 @@ pub fn run(env: &ModeEnv<'_>, joins: usize) -> Result<Convergence> {
             host_b
                 .ns()
                 .ip(&["addr", "add", &format!("{target}/24"), "dev", "cni0"])?;
+            // B stands in for the joining node that owns S: its decap
+            // programs accept only packets for the node's own subnet.
+            host_b.set_pinned_local_subnet(s)?;
             let probe = a_ns.run_in(|| -> Result<UdpSocket> {
                 let sock = UdpSocket::bind("0.0.0.0:0").context("probe bind")?;
                 sock.connect((target, PROBE_PORT))
@@ -102,6 +107,7 @@ pub fn run(env: &ModeEnv<'_>, joins: usize) -> Result<Convergence> {
             host_b
                 .ns()
                 .ip(&["addr", "del", &format!("{target}/24"), "dev", "cni0"])?;
+            host_b.set_pinned_local_subnet(b_net)?;
         }
         Ok(())
     })??;
