@@ -272,17 +272,28 @@ impl Dockerd {
             );
         }
         detach_mounts_under(self.dir.path());
-        // dockerd's cgroupfs driver leaves the parent per controller
-        // (cgroup v1) or once (v2).
+        // dockerd's cgroupfs driver leaves the parent, with an empty child
+        // per container, per controller (cgroup v1) or once (v2).
         for entry in fs::read_dir("/sys/fs/cgroup")
             .into_iter()
             .flatten()
             .flatten()
         {
-            let _ = fs::remove_dir(entry.path().join(&self.cgroup));
+            remove_cgroup(&entry.path().join(&self.cgroup));
         }
-        let _ = fs::remove_dir(Path::new("/sys/fs/cgroup").join(&self.cgroup));
+        remove_cgroup(&Path::new("/sys/fs/cgroup").join(&self.cgroup));
     }
+}
+
+/// Removes an empty cgroup and its empty children: rmdir is how a cgroup
+/// goes (its control files cannot be unlinked), children first.
+pub(crate) fn remove_cgroup(path: &Path) {
+    for entry in fs::read_dir(path).into_iter().flatten().flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_cgroup(&entry.path());
+        }
+    }
+    let _ = fs::remove_dir(path);
 }
 
 /// Detaches whatever is still mounted under `dir` (the shm of a container

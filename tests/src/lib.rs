@@ -213,7 +213,7 @@ fn sweep_stale() {
             for entry in std::fs::read_dir(&root).into_iter().flatten().flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
                 if pin_tag(&name).is_some_and(stale) {
-                    let _ = std::fs::remove_dir(entry.path());
+                    docker::remove_cgroup(&entry.path());
                 }
             }
         }
