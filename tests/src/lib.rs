@@ -74,43 +74,32 @@ impl Drop for PinDir {
 /// in `$CARGO_TARGET_DIR` (relative to the workspace root) or the
 /// workspace's `target/`.
 pub fn node_agent_binary() -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os("WEFT_NODE_AGENT") {
-        let path = PathBuf::from(path);
-        if !path.is_file() {
-            bail!("WEFT_NODE_AGENT={} does not exist", path.display());
-        }
-        return Ok(path);
-    }
-    let root = workspace_root();
-    let target =
-        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), |t| root.join(t));
-    let path = target.join("release").join("node-agent");
-    if !path.is_file() {
-        bail!(
-            "node-agent binary not found at {}: run `cargo xtask build` first (or set WEFT_NODE_AGENT)",
-            path.display()
-        );
-    }
-    Ok(path)
+    release_binary("node-agent", "WEFT_NODE_AGENT")
 }
 
-/// weft's CNI plugin to test: `$WEFT_CNI`, else `release/weft-cni` next to the node agent
-/// (`cargo xtask build` builds both).
+/// weft's CNI plugin to test: `$WEFT_CNI`, else `release/weft-cni`, found
+/// like [`node_agent_binary`] (`cargo xtask build` builds both).
 pub fn weft_cni_binary() -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os("WEFT_CNI") {
+    release_binary("weft-cni", "WEFT_CNI")
+}
+
+/// `$<env>` if set, else the release build of `name`; an error naming the
+/// fix if it does not exist.
+fn release_binary(name: &str, env: &str) -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os(env) {
         let path = PathBuf::from(path);
         if !path.is_file() {
-            bail!("WEFT_CNI={} does not exist", path.display());
+            bail!("{env}={} does not exist", path.display());
         }
         return Ok(path);
     }
     let root = workspace_root();
     let target =
         std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), |t| root.join(t));
-    let path = target.join("release").join("weft-cni");
+    let path = target.join("release").join(name);
     if !path.is_file() {
         bail!(
-            "weft-cni binary not found at {}: run `cargo xtask build` first (or set WEFT_CNI)",
+            "{name} binary not found at {}: run `cargo xtask build` first (or set {env})",
             path.display()
         );
     }
