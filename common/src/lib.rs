@@ -166,11 +166,34 @@ pub enum Reason {
     /// node's subnet (another node's container, multicast, broadcast, the
     /// host's own services): no peer sends such a packet here.
     DropForeignInnerDestination = 20,
+    /// Passed to the stack: an outer IPv4 fragment addressed to this node.
+    /// The stack reassembles it and the slow path decapsulates the whole.
+    PassOuterFragment = 21,
+    /// Encapsulated by the kernel slow path (a packet BPF cannot send
+    /// itself, e.g. too big for the underlay without DF: the kernel
+    /// fragments the outer packet).
+    EncapsulatedSlowPath = 22,
+    /// Decapsulated on the slow path (a reassembled outer packet) and
+    /// handed to the stack as if the fast path had done it.
+    DecapsulatedSlowPath = 23,
+    /// Dropped: a GSO packet that is already a tunnel packet (a container's
+    /// own VXLAN or GRE): the kernel cannot add a second tunnel to it from
+    /// BPF.
+    DropNestedGso = 24,
+    /// Dropped, not answered: a too-big packet RFC 1122 section 3.2.2 forbids
+    /// answering with an ICMP error (an ICMP error itself, a non-first
+    /// fragment, a broadcast or multicast, a non-unicast source).
+    DropTooBigNoReply = 25,
+    /// Dropped, not answered: the ICMP "fragmentation needed" rate limit was
+    /// exceeded.
+    DropIcmpRateLimited = 26,
+    /// Dropped: a tunnel packet with another VNI reached the slow path.
+    DropForeignVni = 27,
 }
 
 impl Reason {
     /// Number of counter slots; the size of [`MAP_COUNTERS`].
-    pub const COUNT: u32 = 21;
+    pub const COUNT: u32 = 28;
 
     /// Every reason, in index order; for dumping counters.
     pub const ALL: [Reason; Self::COUNT as usize] = [
@@ -195,6 +218,13 @@ impl Reason {
         Reason::FragNeeded,
         Reason::DropSpoofedInnerSource,
         Reason::DropForeignInnerDestination,
+        Reason::PassOuterFragment,
+        Reason::EncapsulatedSlowPath,
+        Reason::DecapsulatedSlowPath,
+        Reason::DropNestedGso,
+        Reason::DropTooBigNoReply,
+        Reason::DropIcmpRateLimited,
+        Reason::DropForeignVni,
     ];
 
     /// Stable snake-case name, for logs and metrics.
@@ -221,6 +251,13 @@ impl Reason {
             Reason::FragNeeded => "frag_needed",
             Reason::DropSpoofedInnerSource => "drop_spoofed_inner_source",
             Reason::DropForeignInnerDestination => "drop_foreign_inner_destination",
+            Reason::PassOuterFragment => "pass_outer_fragment",
+            Reason::EncapsulatedSlowPath => "encapsulated_slow_path",
+            Reason::DecapsulatedSlowPath => "decapsulated_slow_path",
+            Reason::DropNestedGso => "drop_nested_gso",
+            Reason::DropTooBigNoReply => "drop_too_big_no_reply",
+            Reason::DropIcmpRateLimited => "drop_icmp_rate_limited",
+            Reason::DropForeignVni => "drop_foreign_vni",
         }
     }
 
@@ -238,6 +275,10 @@ impl Reason {
                 | Reason::DropUnknownSource
                 | Reason::DropSpoofedInnerSource
                 | Reason::DropForeignInnerDestination
+                | Reason::DropNestedGso
+                | Reason::DropTooBigNoReply
+                | Reason::DropIcmpRateLimited
+                | Reason::DropForeignVni
         )
     }
 }
