@@ -25,6 +25,14 @@ pub const MAP_NODE_IPS: &str = "NODE_IPS";
 pub const PROG_ENCAP_TC: &str = "weft_encap_tc";
 pub const PROG_DECAP_XDP: &str = "weft_decap_xdp";
 pub const PROG_DECAP_TC: &str = "weft_decap_tc";
+pub const PROG_MARK_TC: &str = "weft_mark_tc";
+
+/// Name of the BPF global holding the firewall mark ORed into decapsulated
+/// packets' `skb->mark` (host order); set at load time, 0 = no mark.
+pub const GLOBAL_DECAP_MARK: &str = "DECAP_MARK";
+/// Default of the agent's `--decap-mark`: one bit that kube-proxy (0x4000,
+/// 0x8000), Calico (0xffff0000) and Docker leave alone.
+pub const DEFAULT_DECAP_MARK: u32 = 0x1000;
 
 /// Capacity of [`MAP_SUBNETS`]. flannel networks rarely hold more than a few
 /// thousand nodes; 131072 leaves room for the 100k-lease scale benchmark.

@@ -34,6 +34,7 @@ use weft_common::{DECAP_IPIP, DECAP_VXLAN, NodeConfig, Reason};
 
 use crate::{
     maps::{is_known_node, node_config, remote_for},
+    mark,
     packet::{PacketWindow, ptr_at_mut, read_at},
 };
 
@@ -89,6 +90,7 @@ pub fn try_decap_xdp(ctx: &XdpContext) -> Result<u32, Reason> {
             (*eth).ether_type = ETH_P_IP.to_be();
         }
     }
+    mark::tag_xdp(ctx);
     Ok(xdp_action::XDP_PASS)
 }
 
@@ -112,6 +114,7 @@ pub fn try_decap_tc(ctx: &TcContext) -> Result<i32, Reason> {
     ctx.skb
         .adjust_room(-(tunnel.encap_len() as i32), BPF_ADJ_ROOM_MAC, 0)
         .map_err(|_| Reason::DropAdjustRoom)?;
+    mark::mark_tc(ctx);
     Ok(TC_ACT_OK)
 }
 

@@ -35,7 +35,7 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 use weft_common::{Mode, NodeConfig, Reason, RemoteNode};
 
 use crate::{
-    maps::{node_config, remote_for},
+    maps::{Limited, admit, node_config, remote_for},
     packet::read_at,
 };
 
@@ -150,6 +150,12 @@ fn frag_needed(
         return Err(Reason::DropTooBig);
     }
     let quote = read_at::<[u8; icmp::QUOTE_LEN]>(ctx, ETH_HLEN).ok_or(Reason::DropTooBig)?;
+    if !icmp::may_answer(&quote) {
+        return Err(Reason::DropTooBigNoReply);
+    }
+    if !admit(Limited::IcmpError) {
+        return Err(Reason::DropIcmpRateLimited);
+    }
     let reply = icmp::frag_needed(&quote, next_hop_mtu as u16);
     // SAFETY: helper on our own skb; every pointer is re-derived (by the
     // stores below) after it.
@@ -229,15 +235,35 @@ fn push_ipip(
 }
 
 /// Makes room for `headers` right after the L2 header and writes them.
+///
+/// A packet that already is a tunnel packet (a container's own VXLAN or
+/// GRE, whose checksum offload left `skb->encapsulation` set) cannot be
+/// marked as encapsulated a second time: `bpf_skb_net_grow` answers
+/// -EALREADY before touching it (net/core/filter.c). Without GSO the
+/// encapsulation metadata only serves inner checksum offload, whose
+/// `csum_start` counts from the buffer's head and so still points at the
+/// same bytes after the insertion; the room is then made without the encap
+/// flags. A GSO packet needs the metadata to be segmented, so it is dropped
+/// and counted, never logged per packet.
 #[inline(always)]
 fn insert_after_l2<const N: usize>(
     ctx: &TcContext,
     headers: &[u8; N],
     flags: u64,
 ) -> Result<(), Reason> {
-    ctx.skb
+    if ctx
+        .skb
         .adjust_room(N as i32, BPF_ADJ_ROOM_MAC, flags)
-        .map_err(|_| Reason::DropAdjustRoom)?;
+        .is_err()
+    {
+        // SAFETY: reading a field of the context the kernel handed us.
+        if unsafe { (*ctx.skb.skb).gso_size } != 0 {
+            return Err(Reason::DropNestedGso);
+        }
+        ctx.skb
+            .adjust_room(N as i32, BPF_ADJ_ROOM_MAC, 0)
+            .map_err(|_| Reason::DropAdjustRoom)?;
+    }
     // From here on the packet is half-built: every failure must drop it.
     ctx.skb
         .store(ETH_HLEN, headers, 0)

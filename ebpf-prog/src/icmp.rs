@@ -17,6 +17,38 @@ pub const REPLY_LEN: usize = IPV4_HLEN + ICMP_HLEN + QUOTE_LEN;
 const IPPROTO_ICMP: u8 = 1;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_FRAG_NEEDED: u8 = 4;
+/// ICMP types that are errors (RFC 792): destination unreachable, source
+/// quench, redirect, time exceeded, parameter problem.
+const ICMP_ERROR_TYPES: [u8; 5] = [3, 4, 5, 11, 12];
+
+/// Whether RFC 1122 section 3.2.2 allows an ICMP error in reply to the
+/// packet whose first bytes (an IPv4 header without options, then 8 bytes of
+/// payload) are `quote`. It does not for:
+/// - an ICMP error message (errors about errors can loop);
+/// - a fragment other than the first (only the first names the flow);
+/// - a datagram to a multicast or the limited-broadcast address (one packet
+///   would draw a storm of replies), or to class E space;
+/// - a datagram whose source is not one host: 0.0.0.0/8, loopback,
+///   multicast, class E, broadcast.
+///
+/// Subnet-directed broadcasts would need each subnet's prefix length, which
+/// the programs do not keep; those packets only reach the encap program when
+/// a container sends to a remote subnet's broadcast address, and the rate
+/// limit bounds the replies.
+#[inline(always)]
+pub fn may_answer(quote: &[u8; QUOTE_LEN]) -> bool {
+    let frag_offset = u16::from_be_bytes([quote[6], quote[7]]) & 0x1fff;
+    let src = quote[12];
+    let dst = quote[16];
+    let is_icmp_error = quote[9] == IPPROTO_ICMP && ICMP_ERROR_TYPES.contains(&quote[IPV4_HLEN]);
+    frag_offset == 0
+        && !is_icmp_error
+        // 224/4 multicast, 240/4 class E and 255.255.255.255.
+        && dst < 224
+        && src != 0
+        && src != 127
+        && src < 224
+}
 
 /// The IPv4 + ICMP part of a "fragmentation needed" reply to the packet
 /// whose first bytes are `quote`. It comes from the packet's destination,
@@ -50,6 +82,58 @@ pub fn frag_needed(quote: &[u8; QUOTE_LEN], next_hop_mtu: u16) -> [u8; REPLY_LEN
 mod tests {
     use super::*;
     use crate::checksum::ipv4_header_is_valid;
+
+    fn tcp_quote(src: [u8; 4], dst: [u8; 4]) -> [u8; QUOTE_LEN] {
+        let mut q = [0u8; QUOTE_LEN];
+        q[0] = 0x45;
+        q[6] = 0x40;
+        q[9] = 6;
+        q[12..16].copy_from_slice(&src);
+        q[16..20].copy_from_slice(&dst);
+        q
+    }
+
+    #[test]
+    fn rfc1122_forbidden_cases_are_not_answered() {
+        let ok = tcp_quote([10, 244, 1, 2], [10, 244, 2, 7]);
+        assert!(may_answer(&ok));
+
+        let mut first_fragment = ok;
+        first_fragment[6] = 0x20; // MF, offset 0
+        assert!(
+            may_answer(&first_fragment),
+            "the first fragment is answered"
+        );
+        let mut later_fragment = ok;
+        later_fragment[7] = 0xb9; // offset 185 * 8
+        assert!(!may_answer(&later_fragment));
+
+        for dst in [
+            [224, 0, 0, 18],
+            [239, 1, 2, 3],
+            [255, 255, 255, 255],
+            [240, 0, 0, 1],
+        ] {
+            assert!(!may_answer(&tcp_quote([10, 244, 1, 2], dst)), "{dst:?}");
+        }
+        for src in [
+            [0, 0, 0, 0],
+            [127, 0, 0, 1],
+            [224, 0, 0, 5],
+            [255, 255, 255, 255],
+        ] {
+            assert!(!may_answer(&tcp_quote(src, [10, 244, 2, 7])), "{src:?}");
+        }
+
+        let mut icmp = ok;
+        icmp[9] = IPPROTO_ICMP;
+        for ty in ICMP_ERROR_TYPES {
+            icmp[IPV4_HLEN] = ty;
+            assert!(!may_answer(&icmp), "ICMP type {ty}");
+        }
+        icmp[IPV4_HLEN] = 8; // echo request: a query, answered
+        assert!(may_answer(&icmp));
+    }
 
     #[test]
     fn reply_swaps_addresses_quotes_and_checksums() {

@@ -6,3 +6,4 @@ pub mod checksum;
 pub mod encap;
 pub mod headers;
 pub mod icmp;
+pub mod ratelimit;

@@ -6,6 +6,8 @@
 //! - `weft_decap_xdp`: XDP on `--iface`. VXLAN or IP-in-IP for this node loses
 //!   its outer headers and goes up the stack as the inner packet.
 //! - `weft_decap_tc`: the same at TC ingress, where XDP cannot attach.
+//! - `weft_mark_tc`: TC ingress next to `weft_decap_xdp`, turning XDP's
+//!   "decapsulated" tag into the firewall mark (see `mark`).
 //!
 //! Each entry calls `try_*` and turns its `Result<action, Reason>` into a
 //! verdict plus a per-CPU counter, so every outcome is visible in `COUNTERS`.
@@ -19,6 +21,8 @@ mod encap_tc;
 #[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
+mod mark;
+#[cfg(target_arch = "bpf")]
 mod packet;
 
 #[cfg(target_arch = "bpf")]
@@ -31,7 +35,11 @@ mod entries {
     use aya_log_ebpf::error;
     use weft_common::Reason;
 
-    use crate::{decap, encap_tc, maps::count};
+    use crate::{
+        decap, encap_tc,
+        maps::{Limited, admit, count},
+        mark,
+    };
 
     #[classifier]
     pub fn weft_encap_tc(ctx: TcContext) -> i32 {
@@ -53,7 +61,7 @@ mod entries {
             }
             Err(reason) => {
                 count(reason);
-                if helper_failed(reason) {
+                if helper_failed(reason) && admit(Limited::Log) {
                     error!(
                         &ctx,
                         "weft_decap_xdp: helper failed, reason {}", reason as u32
@@ -79,10 +87,16 @@ mod entries {
         }
     }
 
+    #[classifier]
+    pub fn weft_mark_tc(ctx: TcContext) -> i32 {
+        mark::mark_tagged(&ctx);
+        TC_ACT_OK
+    }
+
     #[inline(always)]
     fn tc_verdict(ctx: &TcContext, reason: Reason) -> i32 {
         count(reason);
-        if helper_failed(reason) {
+        if helper_failed(reason) && admit(Limited::Log) {
             error!(ctx, "weft tc: helper failed, reason {}", reason as u32);
         }
         if reason.is_drop() {
@@ -92,8 +106,10 @@ mod entries {
         }
     }
 
-    /// Failures that mean a kernel helper refused a well-formed packet: rare
-    /// enough to log, unlike per-packet outcomes such as "no remote".
+    /// Failures that mean a kernel helper refused a well-formed packet: worth
+    /// a log line, unlike per-packet outcomes such as "no remote". Still at
+    /// most `LOGS_PER_SECOND` per CPU: a flow that keeps failing must not
+    /// flood the log; the counter has the full count.
     #[inline(always)]
     fn helper_failed(reason: Reason) -> bool {
         matches!(reason, Reason::DropAdjustRoom | Reason::DropStoreBytes)

@@ -2,9 +2,11 @@
 //! agent and are adopted by its next start.
 
 use aya_ebpf::{
+    helpers::bpf_ktime_get_ns,
     macros::map,
     maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
 };
+use ebpf_prog::ratelimit::{ICMP_PER_SECOND, LOGS_PER_SECOND, RateWindow, SECOND_NS};
 use weft_common::{MAX_SUBNETS, NodeConfig, Reason, RemoteNode};
 
 #[map]
@@ -18,6 +20,38 @@ pub static NODE_IPS: HashMap<[u8; 4], u32> = HashMap::pinned(MAX_SUBNETS, 0);
 
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Reason::COUNT, 0);
+
+/// Rate-limiter state, one slot per [`Limited`] kind. Not pinned: a restart
+/// may start a fresh window, and no other program or tool needs to read it.
+#[map]
+pub static RATE_LIMITS: PerCpuArray<RateWindow> = PerCpuArray::with_max_entries(2, 0);
+
+/// What [`admit`] limits.
+#[derive(Clone, Copy)]
+#[repr(u32)]
+pub enum Limited {
+    /// ICMP errors this node generates.
+    IcmpError = 0,
+    /// Error log lines.
+    Log = 1,
+}
+
+/// Whether one more `kind` event fits in this CPU's budget; counts it if so.
+#[inline(always)]
+pub fn admit(kind: Limited) -> bool {
+    let limit = match kind {
+        Limited::IcmpError => ICMP_PER_SECOND,
+        Limited::Log => LOGS_PER_SECOND,
+    };
+    let Some(window) = RATE_LIMITS.get_ptr_mut(kind as u32) else {
+        return false;
+    };
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: per-CPU slot from a successful lookup; nothing else on this
+    // CPU runs concurrently with this program.
+    unsafe { (*window).admit(now, SECOND_NS, limit) }
+}
 
 #[inline(always)]
 pub fn count(reason: Reason) {

@@ -14,7 +14,7 @@ use tokio::io::unix::AsyncFd;
 use weft_common::{DECAP_IPIP, DECAP_VXLAN, Mode, NodeConfig};
 
 use crate::{
-    datapath::{self, Datapath, DecapMode},
+    datapath::{self, Datapath, DecapMode, LoadOptions},
     flannel::{
         Backend, KeyLayout, LeaseAttrs, NetworkConfig, SubnetEnv, VxlanLeaseData, flannel_mtu,
         subnet_env,
@@ -74,6 +74,24 @@ pub struct RunSettings {
         value_parser = clap::value_parser!(u64).range(1..)
     )]
     pub firewall_resync_secs: u64,
+    /// Firewall mark ORed into every decapsulated packet (`meta mark & MARK
+    /// == MARK` in nftables); decimal or 0x-hex, 0 = no mark.
+    #[arg(
+        long,
+        env = "WEFT_DECAP_MARK",
+        default_value = "0x1000",
+        value_parser = parse_mark
+    )]
+    pub decap_mark: u32,
+}
+
+/// A firewall mark, in decimal or `0x` hex as iptables and nft print them.
+fn parse_mark(s: &str) -> Result<u32, String> {
+    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    parsed.map_err(|e| format!("{s:?} is not a 32-bit mark (decimal or 0x-hex): {e}"))
 }
 
 const RETRY_MIN: Duration = Duration::from_millis(500);
@@ -143,7 +161,10 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
     .await
     .context("refusing to install the cluster route")?;
 
-    let mut dp = Datapath::load(&s.pin_path)
+    let load = LoadOptions {
+        decap_mark: s.decap_mark,
+    };
+    let mut dp = Datapath::load(&s.pin_path, load)
         .with_context(|| format!("loading BPF objects under {}", s.pin_path.display()))?;
     let logger = match aya_log::EbpfLogger::init(dp.ebpf_mut()) {
         Ok(l) => Some(l),
@@ -504,6 +525,18 @@ pub async fn cleanup(pin_path: &Path, subnet_file: &Path) -> anyhow::Result<()> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn marks_parse_in_decimal_and_hex_and_bad_ones_say_why() {
+        assert_eq!(parse_mark("4096"), Ok(0x1000));
+        assert_eq!(parse_mark("0x1000"), Ok(0x1000));
+        assert_eq!(parse_mark("0XFFFF0000"), Ok(0xffff_0000));
+        assert_eq!(parse_mark("0"), Ok(0));
+        for bad in ["0x", "0x1_0000_0000", "-1", "mark"] {
+            let err = parse_mark(bad).expect_err(bad);
+            assert!(err.contains(bad), "{err}");
+        }
+    }
 
     #[test]
     fn etcd_endpoint_addresses_are_read_from_urls() {

@@ -24,8 +24,9 @@ use aya::{
     },
 };
 use weft_common::{
-    MAP_COUNTERS, MAP_NODE_CONFIG, MAP_NODE_IPS, MAP_SUBNETS, NodeConfig, PROG_DECAP_TC,
-    PROG_DECAP_XDP, PROG_ENCAP_TC, Reason, RemoteNode,
+    DEFAULT_DECAP_MARK, GLOBAL_DECAP_MARK, MAP_COUNTERS, MAP_NODE_CONFIG, MAP_NODE_IPS,
+    MAP_SUBNETS, NodeConfig, PROG_DECAP_TC, PROG_DECAP_XDP, PROG_ENCAP_TC, PROG_MARK_TC, Reason,
+    RemoteNode,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -101,16 +102,33 @@ pub enum DecapHook {
     Tc,
 }
 
+/// What is fixed when the programs load (a change takes a restart, which
+/// swaps the programs in place).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// ORed into `skb->mark` of every decapsulated packet; 0 = no mark.
+    pub decap_mark: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            decap_mark: DEFAULT_DECAP_MARK,
+        }
+    }
+}
+
 /// A loaded object with pinned maps.
 pub struct Datapath {
     ebpf: Ebpf,
     pin_path: PathBuf,
+    options: LoadOptions,
 }
 
 impl Datapath {
     /// Loads the object, creating the maps under `pin_path` or reusing the
     /// ones already pinned there.
-    pub fn load(pin_path: &Path) -> Result<Self, DatapathError> {
+    pub fn load(pin_path: &Path, options: LoadOptions) -> Result<Self, DatapathError> {
         fs::create_dir_all(pin_path).map_err(|source| DatapathError::PinDir {
             path: pin_path.to_owned(),
             source,
@@ -123,10 +141,12 @@ impl Datapath {
         check_pinned_layouts(pin_path)?;
         let ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_path)
+            .override_global(GLOBAL_DECAP_MARK, &options.decap_mark, true)
             .load(crate::ebpf::OBJECT)?;
         Ok(Self {
             ebpf,
             pin_path: pin_path.to_owned(),
+            options,
         })
     }
 
@@ -178,6 +198,13 @@ impl Datapath {
             if hook != Some(stale_hook) {
                 remove_pin(&self.pin_path.join(name))?;
             }
+        }
+        // XDP has no skb to mark: it tags the frame, and a TC ingress
+        // program turns the tag into the mark (TC decap marks by itself).
+        if hook == Some(DecapHook::Xdp) && self.options.decap_mark != 0 {
+            self.attach_tc(PROG_MARK_TC, iface, TcAttachType::Ingress)?;
+        } else {
+            remove_pin(&self.pin_path.join(PROG_MARK_TC))?;
         }
         Ok(hook)
     }
@@ -461,6 +488,7 @@ pub fn remove_pins(pin_path: &Path) -> Result<(), DatapathError> {
         PROG_ENCAP_TC,
         PROG_DECAP_XDP,
         PROG_DECAP_TC,
+        PROG_MARK_TC,
         MAP_SUBNETS,
         MAP_NODE_IPS,
         MAP_NODE_CONFIG,

@@ -15,7 +15,7 @@ use aya::{
     maps::lpm_trie::Key,
     programs::{ProgramError, SchedClassifier, TestRun as _, TestRunOptions, Xdp},
 };
-use node_agent::datapath::Datapath;
+use node_agent::datapath::{Datapath, LoadOptions};
 use node_agent::flannel::lease::format_mac;
 use weft_common::{
     DECAP_IPIP, DECAP_VXLAN, Mode, NodeConfig, PROG_DECAP_TC, PROG_DECAP_XDP, PROG_ENCAP_TC,
@@ -49,8 +49,11 @@ pub const PORT: u16 = 8472;
 /// convert___skb_to_skb).
 pub const SKB_CTX_LEN: usize = 192;
 pub const ETH_HLEN: usize = 14;
+pub const SKB_MARK: usize = 8;
 pub const SKB_IFINDEX: usize = 40;
 pub const SKB_GSO_SIZE: usize = 176;
+/// `struct xdp_md`: six u32 fields.
+pub const XDP_MD_LEN: usize = 24;
 
 pub struct ProgramBench {
     ns: Netns,
@@ -92,7 +95,8 @@ impl ProgramBench {
         ])?;
         let (ifindex, mac) = ns.link("u0")?;
         let pins = PinDir::new()?;
-        let mut dp = Datapath::load(pins.path()).context("loading the BPF object")?;
+        let mut dp = Datapath::load(pins.path(), LoadOptions::default())
+            .context("loading the BPF object")?;
         for name in [PROG_ENCAP_TC, PROG_DECAP_TC] {
             let prog: &mut SchedClassifier = dp
                 .ebpf_mut()
@@ -176,6 +180,8 @@ impl ProgramBench {
         Ok((run.verdict, run.output))
     }
 
+    /// Runs the XDP program once: the verdict and the frame it leaves (any
+    /// XDP metadata it added is cut off; see [`Run::meta`]).
     pub fn run_xdp(&mut self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
         let run = self.run_xdp_repeat(frame, 1)?;
         Ok((run.verdict, run.output))
@@ -203,15 +209,24 @@ impl ProgramBench {
             .program(name)
             .with_context(|| name.to_owned())?
             .try_into()?;
-        run_in_ns(&self.ns, |out| {
+        let mut ctx_out = [0u8; SKB_CTX_LEN];
+        let mut run = run_in_ns(&self.ns, |out| {
             prog.test_run(TestRunOptions {
                 data_in: Some(frame),
                 data_out: Some(out),
                 ctx_in: Some(&ctx),
+                ctx_out: Some(&mut ctx_out),
                 repeat,
                 ..TestRunOptions::default()
             })
-        })
+        })?;
+        run.mark = u32::from_ne_bytes([
+            ctx_out[SKB_MARK],
+            ctx_out[SKB_MARK + 1],
+            ctx_out[SKB_MARK + 2],
+            ctx_out[SKB_MARK + 3],
+        ]);
+        Ok(run)
     }
 
     /// Runs the XDP program `repeat` times on `frame`.
@@ -222,14 +237,28 @@ impl ProgramBench {
             .program(PROG_DECAP_XDP)
             .context("xdp")?
             .try_into()?;
-        run_in_ns(&self.ns, |out| {
+        // `struct xdp_md` in: no metadata, the whole frame. Out, its `data`
+        // is the metadata's length: the kernel returns the bytes from
+        // data_meta on (net/bpf/test_run.c, bpf_prog_test_run_xdp).
+        let mut ctx_in = [0u8; XDP_MD_LEN];
+        ctx_in[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+        let mut ctx_out = [0u8; XDP_MD_LEN];
+        let mut run = run_in_ns(&self.ns, |out| {
             prog.test_run(TestRunOptions {
                 data_in: Some(frame),
                 data_out: Some(out),
+                ctx_in: Some(&ctx_in),
+                ctx_out: Some(&mut ctx_out),
                 repeat,
                 ..TestRunOptions::default()
             })
-        })
+        })?;
+        let meta_len = u32::from_ne_bytes([ctx_out[0], ctx_out[1], ctx_out[2], ctx_out[3]]);
+        let frame_out = run
+            .output
+            .split_off((meta_len as usize).min(run.output.len()));
+        run.meta = std::mem::replace(&mut run.output, frame_out);
+        Ok(run)
     }
 
     /// Adds a VXLAN node's subnet to `SUBNETS` (e.g. for scale runs).
@@ -272,7 +301,12 @@ impl ProgramBench {
 /// and the kernel's mean time per repetition.
 pub struct Run {
     pub verdict: u32,
+    /// The frame as the program left it.
     pub output: Vec<u8>,
+    /// XDP metadata the program put in front of the frame (empty for TC).
+    pub meta: Vec<u8>,
+    /// `skb->mark` as the TC program left it (0 for XDP).
+    pub mark: u32,
     pub per_run: Duration,
 }
 
@@ -287,6 +321,8 @@ fn run_in_ns(
         Ok(Run {
             verdict: res.return_value,
             output,
+            meta: Vec::new(),
+            mark: 0,
             per_run: res.duration,
         })
     })?

@@ -9,7 +9,7 @@
 use std::collections::BTreeSet;
 
 use anyhow::{Context as _, Result, ensure};
-use weft_common::{Mode, PROG_DECAP_TC, Reason};
+use weft_common::{DEFAULT_DECAP_MARK, Mode, PROG_DECAP_TC, Reason};
 use weft_tests::test_run::*;
 
 #[test]
@@ -167,8 +167,14 @@ fn decap_round_trip_gives_back_the_original_packet() -> Result<()> {
     b.configure_as_receiver(PEER_SUBNET)?;
 
     let before = b.counter(Reason::Decapsulated)?;
-    let (rc, out) = b.run_xdp(&wire)?;
+    let run = b.run_xdp_repeat(&wire, 1)?;
+    let (rc, out) = (run.verdict, run.output);
     ensure!(rc == XDP_PASS, "XDP verdict {rc}");
+    ensure!(
+        run.meta == b"weft",
+        "XDP leaves the decapsulated tag for weft_mark_tc: {:?}",
+        run.meta
+    );
     ensure!(
         out[0..6] == RECEIVER_MAC,
         "inner destination MAC becomes the interface's"
@@ -180,8 +186,14 @@ fn decap_round_trip_gives_back_the_original_packet() -> Result<()> {
     );
     ensure!(b.counter(Reason::Decapsulated)? == before + 1);
 
-    let (rc, out) = b.run_tc(PROG_DECAP_TC, &wire, 0)?;
+    let run = b.run_tc_repeat(PROG_DECAP_TC, &wire, 0, 1)?;
+    let (rc, out) = (run.verdict, run.output);
     ensure!(rc == TC_ACT_OK, "TC decap verdict {rc}");
+    ensure!(
+        run.mark == DEFAULT_DECAP_MARK,
+        "TC decap marks the packet: mark {:#x}",
+        run.mark
+    );
     ensure!(
         out[0..14] == wire[0..14],
         "TC decap keeps the outer Ethernet header"
@@ -489,6 +501,71 @@ fn too_big_df_packets_get_icmp_fragmentation_needed() -> Result<()> {
         );
         ensure!(checksum(icmp) == 0, "ICMP checksum does not verify");
     }
+    Ok(())
+}
+
+/// Rewrites `frame`'s IPv4 header checksum after a test edited the header.
+fn fix_ipv4_checksum(frame: &mut [u8]) {
+    frame[24..26].copy_from_slice(&[0, 0]);
+    let csum = checksum(&frame[14..34]);
+    frame[24..26].copy_from_slice(&csum.to_be_bytes());
+}
+
+#[test]
+fn frag_needed_follows_rfc1122_and_is_rate_limited() -> Result<()> {
+    // A fresh bench: a fresh (unpinned) rate-limit state.
+    let mut b = ProgramBench::new()?;
+    let big = inner_frame([10, 244, 2, 7], 4444, 1472, true);
+
+    // RFC 1122 3.2.2: no error about an ICMP error, a later fragment or a
+    // source that is not one host. Each is dropped without a reply.
+    let mut icmp_error = big.clone();
+    icmp_error[23] = 1; // protocol ICMP
+    icmp_error[34] = 3; // destination unreachable
+    let mut later_fragment = big.clone();
+    later_fragment[20..22].copy_from_slice(&(0x4000u16 | 185).to_be_bytes());
+    let mut zero_source = big.clone();
+    zero_source[26..30].copy_from_slice(&[0, 0, 0, 0]);
+    let mut loopback_source = big.clone();
+    loopback_source[26..30].copy_from_slice(&[127, 0, 0, 1]);
+    for (what, mut frame) in [
+        ("an ICMP error", icmp_error),
+        ("a later fragment", later_fragment),
+        ("source 0.0.0.0", zero_source),
+        ("a loopback source", loopback_source),
+    ] {
+        fix_ipv4_checksum(&mut frame);
+        let before = b.counter(Reason::DropTooBigNoReply)?;
+        let (rc, _) = b.encap(&frame)?;
+        ensure!(rc == TC_ACT_SHOT, "{what}: verdict {rc}");
+        ensure!(
+            b.counter(Reason::DropTooBigNoReply)? == before + 1,
+            "{what}: not counted as drop_too_big_no_reply"
+        );
+    }
+
+    // The rate limit: 100 replies per second and CPU. The runs take a few
+    // milliseconds, so each CPU the test thread ran on admits at most 100.
+    let runs = 300u64;
+    let cpus = std::thread::available_parallelism()?.get() as u64;
+    let (replied0, limited0) = (
+        b.counter(Reason::FragNeeded)?,
+        b.counter(Reason::DropIcmpRateLimited)?,
+    );
+    for _ in 0..runs {
+        let (rc, _) = b.encap(&big)?;
+        ensure!(rc == TC_ACT_REDIRECT || rc == TC_ACT_SHOT, "verdict {rc}");
+    }
+    let replied = b.counter(Reason::FragNeeded)? - replied0;
+    let limited = b.counter(Reason::DropIcmpRateLimited)? - limited0;
+    ensure!(
+        replied + limited == runs,
+        "{replied} replied + {limited} limited != {runs}"
+    );
+    ensure!(
+        (100..=100 * cpus).contains(&replied),
+        "{replied} replies in well under a second, want 100 per CPU used (of {cpus})"
+    );
     Ok(())
 }
 
