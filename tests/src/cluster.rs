@@ -811,43 +811,62 @@ impl Container<'_> {
     /// back to the sender). Uses small python3 programs so no extra tool is
     /// needed in the namespaces.
     pub fn tcp_transfer_to(&self, dst: &Container<'_>, bytes: u64) -> Result<TransferStats> {
-        let python = python3();
-        let timeout = Duration::from_secs(60);
-        let timeout_s = timeout.as_secs().to_string();
-        let dst_ip = dst.ip.to_string();
-        let bytes_s = bytes.to_string();
-        let server = Background::spawn(
-            dst.ns
-                .command(&[python, "-c", TCP_SERVER, &dst_ip, TCP_PORT, &timeout_s]),
-        )?;
-        let client = self.ns.command(&[
-            python, "-c", TCP_CLIENT, &dst_ip, TCP_PORT, &bytes_s, &timeout_s,
-        ]);
-        let client_desc = process::describe(&client);
-        let start = Instant::now();
-        let client_out = process::run_output(client, timeout + Duration::from_secs(10))?;
-        let elapsed = start.elapsed();
-        let received = server
-            .finish(Duration::from_secs(10))
-            .with_context(|| format!("TCP receiver in {}", dst.ns.name()))?;
-        let sent = process::check(&client_desc, &client_out)
-            .with_context(|| format!("TCP sender in {}", self.ns.name()))?;
-        let received: u64 = received
-            .trim()
-            .parse()
-            .with_context(|| format!("receiver printed {received:?}"))?;
-        let acked: u64 = sent
-            .trim()
-            .parse()
-            .with_context(|| format!("sender printed {sent:?}"))?;
-        ensure!(
-            received == bytes && acked == bytes,
-            "TCP {} -> {}: sent {bytes} bytes, receiver counted {received}, sender was told {acked}",
+        tcp_transfer(
+            &self.ns,
             self.ip,
-            dst.ip
-        );
-        Ok(TransferStats { bytes, elapsed })
+            &dst.ns,
+            dst.ip,
+            bytes,
+            Duration::from_secs(60),
+        )
     }
+}
+
+/// Sends `bytes` bytes over one TCP connection from namespace `src` to a
+/// receiver listening on `dst_ip` in namespace `dst` and checks that exactly
+/// that many arrived, as counted by the receiver (and echoed back to the
+/// sender), all within `timeout`. `src_ip` only names the sender in errors.
+pub fn tcp_transfer(
+    src: &Netns,
+    src_ip: Ipv4Addr,
+    dst: &Netns,
+    dst_ip: Ipv4Addr,
+    bytes: u64,
+    timeout: Duration,
+) -> Result<TransferStats> {
+    let python = python3();
+    let timeout_s = timeout.as_secs().to_string();
+    let dst_ip = dst_ip.to_string();
+    let bytes_s = bytes.to_string();
+    let server =
+        Background::spawn(dst.command(&[python, "-c", TCP_SERVER, &dst_ip, TCP_PORT, &timeout_s]))?;
+    let client = src.command(&[
+        python, "-c", TCP_CLIENT, &dst_ip, TCP_PORT, &bytes_s, &timeout_s,
+    ]);
+    let client_desc = process::describe(&client);
+    let start = Instant::now();
+    let client_out = process::run_output(client, timeout + Duration::from_secs(10))?;
+    let elapsed = start.elapsed();
+    let received = server
+        .finish(Duration::from_secs(10))
+        .with_context(|| format!("TCP receiver in {}", dst.name()))?;
+    let sent = process::check(&client_desc, &client_out)
+        .with_context(|| format!("TCP sender in {}", src.name()))?;
+    let received: u64 = received
+        .trim()
+        .parse()
+        .with_context(|| format!("receiver printed {received:?}"))?;
+    let acked: u64 = sent
+        .trim()
+        .parse()
+        .with_context(|| format!("sender printed {sent:?}"))?;
+    ensure!(
+        received == bytes && acked == bytes,
+        "TCP {} -> {}: sent {bytes} bytes, receiver counted {received}, sender was told {acked}",
+        src_ip,
+        dst_ip
+    );
+    Ok(TransferStats { bytes, elapsed })
 }
 
 fn python3() -> &'static str {

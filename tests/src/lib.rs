@@ -26,7 +26,7 @@ use anyhow::{Context, Result, bail};
 
 pub use cluster::{
     CONVERGE, Cluster, Container, Host, SWITCH_IP, Signal, SubnetEnvExt, TransferStats,
-    switch_port, wait_full_mesh, wait_routes,
+    switch_port, tcp_transfer, wait_full_mesh, wait_routes,
 };
 pub use etcd::Etcd;
 pub use netns::{Capture, Netns, capture};
