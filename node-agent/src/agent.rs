@@ -8,13 +8,14 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use etcd_client::{Client, ConnectOptions};
+use etcd_client::Client;
 use ipnet::Ipv4Net;
 use tokio::io::unix::AsyncFd;
 use weft_common::{DECAP_IPIP, DECAP_VXLAN, Mode, NodeConfig};
 
 use crate::{
     datapath::{self, Datapath, DecapMode, LoadOptions},
+    etcd::EtcdSettings,
     flannel::{
         Backend, KeyLayout, LeaseAttrs, NetworkConfig, SubnetEnv, VxlanLeaseData, flannel_mtu,
         subnet_env,
@@ -31,9 +32,8 @@ use crate::{
 /// Settings of `node-agent run`: its flags, validated by clap.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunSettings {
-    /// etcd client URLs, comma separated.
-    #[arg(long, value_delimiter = ',', required = true)]
-    pub etcd_endpoints: Vec<String>,
+    #[command(flatten)]
+    pub etcd: EtcdSettings,
     /// Underlay interface: tunnels leave and arrive here.
     #[arg(long)]
     pub iface: String,
@@ -107,7 +107,7 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
     };
     tracing::info!(iface = %iface.name, %public_ip, mtu = iface.mtu, "starting");
 
-    let mut client = connect(&s.etcd_endpoints).await;
+    let mut client = connect(&s.etcd).await?;
     let cfg = wait_for_config(&mut client, &keys).await;
 
     // The VtepMAC is the underlay interface's own MAC: decapsulated frames
@@ -156,7 +156,7 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
         &cluster_route,
         held.subnet,
         &iface.addrs,
-        &endpoint_ips(&s.etcd_endpoints),
+        &endpoint_ips(&s.etcd.etcd_endpoints),
     )
     .await
     .context("refusing to install the cluster route")?;
@@ -312,16 +312,28 @@ fn endpoint_ips(endpoints: &[String]) -> Vec<Ipv4Addr> {
 
 /// Connects to etcd, retrying until it answers. etcd-client connects lazily
 /// per request afterwards, so later outages are handled by the callers.
-async fn connect(endpoints: &[String]) -> Client {
-    let opts = ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(5))
-        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
-    retry("etcd connection", || async {
-        let mut c = Client::connect(endpoints, Some(opts.clone())).await?;
-        c.status().await?;
-        Ok::<_, etcd_client::Error>(c)
-    })
-    .await
+/// Connects to etcd, retrying while it is unreachable. A configuration no
+/// retry can fix (a bad file, a wrong CA or password) ends the agent with
+/// the error, which names the flag, file or user.
+async fn connect(settings: &EtcdSettings) -> anyhow::Result<Client> {
+    let opts = settings.connect_options().context("etcd settings")?;
+    let mut delay = RETRY_MIN;
+    let mut last = String::new();
+    loop {
+        match settings.connect(opts.clone()).await {
+            Ok(client) => return Ok(client),
+            Err(e) if e.is_fatal() => return Err(e).context("connecting to etcd"),
+            Err(e) => {
+                let msg = e.to_string();
+                if msg != last {
+                    tracing::warn!(error = %msg, "etcd connection failed; retrying");
+                    last = msg;
+                }
+            }
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(RETRY_MAX);
+    }
 }
 
 /// Reads the network config, waiting until it exists and is valid. Each new
@@ -348,30 +360,6 @@ async fn wait_for_config(client: &mut Client, keys: &KeyLayout) -> NetworkConfig
             last_problem = problem;
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
-    }
-}
-
-/// Retries `op` with exponential backoff, logging the first failure and each
-/// change of error, not every attempt.
-async fn retry<T, E: std::fmt::Display, F: std::future::Future<Output = Result<T, E>>>(
-    what: &str,
-    mut op: impl FnMut() -> F,
-) -> T {
-    let mut delay = RETRY_MIN;
-    let mut last = String::new();
-    loop {
-        match op().await {
-            Ok(v) => return v,
-            Err(e) => {
-                let msg = e.to_string();
-                if msg != last {
-                    tracing::warn!(error = %msg, "{what} failed; retrying");
-                    last = msg;
-                }
-            }
-        }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(RETRY_MAX);
     }
 }
 

@@ -1,6 +1,7 @@
 //! weft's node agent: flannel's control plane on etcd, driving an eBPF data path.
 //!
 //! Subsystems, each with its own error type:
+//! - [`etcd`]: the etcd connection: endpoints, TLS, authentication;
 //! - [`flannel`]: config, key layout, lease values, allocation, subnet file;
 //! - [`lease_manager`]: this node's lease in etcd;
 //! - [`watcher`] and [`peers`]: other nodes' leases, mirrored into the BPF map;
@@ -16,6 +17,7 @@ pub mod agent;
 pub mod datapath;
 pub mod docker_opts;
 pub mod ebpf;
+pub mod etcd;
 pub mod flannel;
 pub mod lease_manager;
 pub mod netconf;

@@ -1,0 +1,352 @@
+//! The etcd connection: endpoints, TLS and authentication under flanneld's
+//! flag and environment names, request deadlines, and errors that name the
+//! file or user at fault without ever printing a secret.
+
+use std::{
+    error::Error as _,
+    fmt, fs, io,
+    path::{Path, PathBuf},
+    str::FromStr,
+    time::Duration,
+};
+
+use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
+
+/// How long a connection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Deadline of every unary request. A member cut off from its quorum
+/// otherwise leaves a request hanging for as long as the partition lasts.
+/// It bounds the time to the response headers, so watch streams live on.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The `--etcd-*` flags of `node-agent run`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EtcdSettings {
+    /// etcd client URLs, comma separated. List every member: requests go to
+    /// any healthy one, so one member's failure does not stop the agent.
+    #[arg(
+        long,
+        env = "FLANNELD_ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub etcd_endpoints: Vec<String>,
+    /// PEM CA certificate that signed etcd's server certificate.
+    #[arg(long, env = "FLANNELD_ETCD_CAFILE")]
+    pub etcd_cafile: Option<PathBuf>,
+    /// PEM client certificate, for etcd's `--client-cert-auth`.
+    #[arg(long, env = "FLANNELD_ETCD_CERTFILE", requires = "etcd_keyfile")]
+    pub etcd_certfile: Option<PathBuf>,
+    /// PEM private key of `--etcd-certfile`.
+    #[arg(long, env = "FLANNELD_ETCD_KEYFILE", requires = "etcd_certfile")]
+    pub etcd_keyfile: Option<PathBuf>,
+    /// etcd user, for etcd's authentication.
+    #[arg(long, env = "FLANNELD_ETCD_USERNAME", requires = "etcd_password")]
+    pub etcd_username: Option<String>,
+    /// Password of `--etcd-username`. Prefer the environment variable: a
+    /// command line is visible to every user of the host.
+    #[arg(
+        long,
+        env = "FLANNELD_ETCD_PASSWORD",
+        hide_env_values = true,
+        requires = "etcd_username"
+    )]
+    pub etcd_password: Option<Secret>,
+}
+
+/// A string that never appears in `Debug` or `Display` output.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<hidden>")
+    }
+}
+
+impl FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdError {
+    #[error("{flag} {}: cannot read it: {source}", path.display())]
+    ReadFile {
+        flag: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("{flag} {}: no PEM {want} block in it", path.display())]
+    NotPem {
+        flag: &'static str,
+        path: PathBuf,
+        want: &'static str,
+    },
+    #[error(
+        "TLS files are given but endpoint {endpoint} is not https://: the connection would \
+         not use them"
+    )]
+    TlsWithoutHttps { endpoint: String },
+    #[error(
+        "endpoint {endpoint} is https:// but no --etcd-cafile is given: this build trusts no \
+         system CA store, so name the CA that signed etcd's certificate"
+    )]
+    HttpsWithoutCa { endpoint: String },
+    #[error("endpoint {endpoint}: only http:// and https:// URLs are supported")]
+    Scheme { endpoint: String },
+    #[error(
+        "etcd rejected user {user:?}: wrong password or no such user \
+         (--etcd-username / --etcd-password)"
+    )]
+    AuthFailed { user: String },
+    #[error(
+        "TLS with etcd failed: {reason}. Check that --etcd-cafile {} signed etcd's server \
+         certificate, and that etcd trusts --etcd-certfile{}",
+        cafile.display(),
+        certfile.as_ref().map(|p| format!(" {}", p.display())).unwrap_or_default()
+    )]
+    Tls {
+        reason: String,
+        cafile: PathBuf,
+        certfile: Option<PathBuf>,
+    },
+    #[error("etcd: {0}")]
+    Client(#[from] etcd_client::Error),
+}
+
+impl EtcdError {
+    /// Errors that retrying cannot fix: the configuration is wrong.
+    pub fn is_fatal(&self) -> bool {
+        !matches!(self, EtcdError::Client(_))
+    }
+}
+
+impl EtcdSettings {
+    /// Checks the flags and reads the TLS files into connection options.
+    pub fn connect_options(&self) -> Result<ConnectOptions, EtcdError> {
+        let tls_given = self.etcd_cafile.is_some() || self.etcd_certfile.is_some();
+        for endpoint in &self.etcd_endpoints {
+            let scheme = endpoint.split_once("://").map(|(s, _)| s);
+            match scheme {
+                Some("https") if self.etcd_cafile.is_none() => {
+                    return Err(EtcdError::HttpsWithoutCa {
+                        endpoint: endpoint.clone(),
+                    });
+                }
+                Some("http") | None if tls_given => {
+                    return Err(EtcdError::TlsWithoutHttps {
+                        endpoint: endpoint.clone(),
+                    });
+                }
+                Some("http" | "https") | None => {}
+                Some(_) => {
+                    return Err(EtcdError::Scheme {
+                        endpoint: endpoint.clone(),
+                    });
+                }
+            }
+        }
+        let mut opts = ConnectOptions::new()
+            .with_connect_timeout(CONNECT_TIMEOUT)
+            .with_timeout(REQUEST_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+            // A member without a leader answers watches with an error
+            // instead of a silent stream, so the agent moves on.
+            .with_require_leader(true);
+        if let Some(ca) = &self.etcd_cafile {
+            let ca_pem = read_pem(ca, "--etcd-cafile", "CERTIFICATE")?;
+            let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(ca_pem));
+            if let (Some(cert), Some(key)) = (&self.etcd_certfile, &self.etcd_keyfile) {
+                let cert_pem = read_pem(cert, "--etcd-certfile", "CERTIFICATE")?;
+                let key_pem = read_pem(key, "--etcd-keyfile", "PRIVATE KEY")?;
+                tls = tls.identity(Identity::from_pem(cert_pem, key_pem));
+            }
+            opts = opts.with_tls(tls);
+        }
+        if let (Some(user), Some(password)) = (&self.etcd_username, &self.etcd_password) {
+            opts = opts.with_user(user.clone(), password.expose());
+        }
+        Ok(opts)
+    }
+
+    /// Connects and makes one request, so that a wrong CA, certificate or
+    /// password shows now, classified, rather than on the first read.
+    pub async fn connect(&self, opts: ConnectOptions) -> Result<Client, EtcdError> {
+        let attempt = async {
+            let mut client = Client::connect(&self.etcd_endpoints, Some(opts)).await?;
+            client.status().await?;
+            Ok::<_, etcd_client::Error>(client)
+        };
+        attempt.await.map_err(|e| self.classify(e))
+    }
+
+    fn classify(&self, error: etcd_client::Error) -> EtcdError {
+        if let (Some(user), etcd_client::Error::GRpcStatus(status)) = (&self.etcd_username, &error)
+        {
+            // etcd's ErrGRPCAuthFailed (server/etcdserver/api/v3rpc/
+            // rpctypes): InvalidArgument from Authenticate.
+            if status.code() == tonic::Code::InvalidArgument {
+                return EtcdError::AuthFailed { user: user.clone() };
+            }
+        }
+        if let Some(cafile) = &self.etcd_cafile
+            && let Some(reason) = tls_failure(&error)
+        {
+            return EtcdError::Tls {
+                reason,
+                cafile: cafile.clone(),
+                certfile: self.etcd_certfile.clone(),
+            };
+        }
+        EtcdError::Client(error)
+    }
+}
+
+/// The TLS error somewhere in `error`'s source chain (rustls reports it as
+/// an `io::Error` wrapping a `rustls::Error`), described.
+fn tls_failure(error: &etcd_client::Error) -> Option<String> {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = error.source();
+    while let Some(e) = next {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return Some(tls.to_string());
+        }
+        if let Some(tls) = e
+            .downcast_ref::<io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            return Some(tls.to_string());
+        }
+        next = e.source();
+    }
+    None
+}
+
+/// The file's bytes, if it holds a PEM block of kind `want` (any kind ending
+/// so, for keys: "PRIVATE KEY", "RSA PRIVATE KEY", "EC PRIVATE KEY").
+fn read_pem(path: &Path, flag: &'static str, want: &'static str) -> Result<Vec<u8>, EtcdError> {
+    let bytes = fs::read(path).map_err(|source| EtcdError::ReadFile {
+        flag,
+        path: path.to_owned(),
+        source,
+    })?;
+    let text = String::from_utf8_lossy(&bytes);
+    let has_block = text.lines().any(|l| {
+        l.strip_prefix("-----BEGIN ")
+            .and_then(|rest| rest.strip_suffix("-----"))
+            .is_some_and(|kind| kind.ends_with(want))
+    });
+    if !has_block {
+        return Err(EtcdError::NotPem {
+            flag,
+            path: path.to_owned(),
+            want,
+        });
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        etcd: EtcdSettings,
+    }
+
+    fn settings(args: &[&str]) -> Result<EtcdSettings, clap::Error> {
+        Cli::try_parse_from(std::iter::once("t").chain(args.iter().copied())).map(|c| c.etcd)
+    }
+
+    #[test]
+    fn the_password_never_shows_in_debug_output() {
+        let s = settings(&[
+            "--etcd-endpoints",
+            "http://a:2379",
+            "--etcd-username",
+            "weft",
+            "--etcd-password",
+            "hunter2",
+        ])
+        .expect("valid flags");
+        assert!(!format!("{s:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn paired_flags_are_required_together() {
+        for args in [
+            &["--etcd-endpoints", "https://a", "--etcd-certfile", "c"][..],
+            &["--etcd-endpoints", "https://a", "--etcd-keyfile", "k"][..],
+            &["--etcd-endpoints", "http://a", "--etcd-username", "u"][..],
+            &["--etcd-endpoints", "http://a", "--etcd-password", "p"][..],
+        ] {
+            assert!(settings(args).is_err(), "{args:?} accepted");
+        }
+    }
+
+    #[test]
+    fn schemes_must_match_the_tls_settings() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = dir.path().join("ca.pem");
+        fs::write(&ca, "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n")
+            .expect("write");
+        let ca = ca.to_string_lossy().into_owned();
+        let err = |args: &[&str]| {
+            settings(args)
+                .expect("flags parse")
+                .connect_options()
+                .err()
+                .map(|e| e.to_string())
+        };
+        let e = err(&["--etcd-endpoints", "https://a:2379"]).expect("https without CA");
+        assert!(e.contains("--etcd-cafile"), "{e}");
+        let e = err(&["--etcd-endpoints", "http://a:2379", "--etcd-cafile", &ca])
+            .expect("TLS over http");
+        assert!(e.contains("http://a:2379"), "{e}");
+        let e = err(&["--etcd-endpoints", "unix:///x"]).expect("unix socket");
+        assert!(e.contains("unix:///x"), "{e}");
+        assert_eq!(
+            err(&["--etcd-endpoints", "https://a:2379", "--etcd-cafile", &ca]),
+            None
+        );
+    }
+
+    #[test]
+    fn unreadable_and_non_pem_files_are_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = dir.path().join("missing.pem");
+        let e = read_pem(&missing, "--etcd-cafile", "CERTIFICATE").expect_err("missing");
+        assert!(
+            e.to_string().contains("--etcd-cafile") && e.to_string().contains("missing.pem"),
+            "{e}"
+        );
+        let key_as_cert = dir.path().join("key.pem");
+        fs::write(
+            &key_as_cert,
+            "-----BEGIN PRIVATE KEY-----\nAA==\n-----END PRIVATE KEY-----\n",
+        )
+        .expect("write");
+        let e = read_pem(&key_as_cert, "--etcd-certfile", "CERTIFICATE").expect_err("a key");
+        assert!(e.to_string().contains("no PEM CERTIFICATE block"), "{e}");
+        assert!(read_pem(&key_as_cert, "--etcd-keyfile", "PRIVATE KEY").is_ok());
+        let rsa = dir.path().join("rsa.pem");
+        fs::write(
+            &rsa,
+            "-----BEGIN RSA PRIVATE KEY-----\nAA==\n-----END RSA PRIVATE KEY-----\n",
+        )
+        .expect("write");
+        assert!(read_pem(&rsa, "--etcd-keyfile", "PRIVATE KEY").is_ok());
+    }
+}
