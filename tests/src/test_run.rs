@@ -336,11 +336,17 @@ pub fn inner_frame(dst: [u8; 4], sport: u16, payload: usize, df: bool) -> Vec<u8
     let mut ip = Ipv4Header::new([10, 244, 1, 2], dst, IPPROTO_UDP);
     ip.ttl = 63;
     ip.frags = if df { IP_DF } else { 0 };
+    leaving_frame(ETH_P_IP, &ip.packet(&udp(sport, 5678, &data)))
+}
+
+/// A frame as the egress hook meets it: `payload` behind whatever L2
+/// header the stack wrote (the program rewrites it when it sends).
+pub fn leaving_frame(ethertype: u16, payload: &[u8]) -> Vec<u8> {
     ethernet(
-        [0x02, 0, 0, 0, 0, 0x99], // whatever the stack put there
+        [0x02, 0, 0, 0, 0, 0x99],
         [0x02, 0, 0, 0, 0, 0x01],
-        ETH_P_IP,
-        &ip.packet(&udp(sport, 5678, &data)),
+        ethertype,
+        payload,
     )
 }
 

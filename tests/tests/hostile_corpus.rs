@@ -366,6 +366,121 @@ fn with_total_length(frame: &[u8], tot_len: u16) -> Vec<u8> {
     f
 }
 
+/// A truncated frame.
+struct Cut {
+    what: String,
+    frame: Vec<u8>,
+    len: usize,
+    /// Whether the (outer) IPv4 total length was rewritten to agree.
+    length_agrees: bool,
+}
+
+/// Every truncation of `frame` (each length short of the whole), then
+/// each that holds an IPv4 header again with its total length agreeing.
+fn truncations(frame: &[u8]) -> Vec<Cut> {
+    let plain = (0..frame.len()).map(|n| Cut {
+        what: format!("cut to {n} bytes"),
+        frame: frame[..n].to_vec(),
+        len: n,
+        length_agrees: false,
+    });
+    let agreeing = (ETH_HLEN + 20..frame.len()).map(|n| Cut {
+        what: format!("cut to {n} bytes, length agreeing"),
+        frame: with_total_length(&frame[..n], (n - ETH_HLEN) as u16),
+        len: n,
+        length_agrees: true,
+    });
+    plain.chain(agreeing).collect()
+}
+
+/// One variant of an IPv4 packet, and whether it is well-formed.
+struct Variant {
+    what: String,
+    ip: Vec<u8>,
+    well_formed: bool,
+}
+
+/// The IPv4 header sweep both directions run on a container's packet with
+/// header `base`: IHL 0..=15 with consistent lengths, an IHL beyond the
+/// total length, an IHL past the packet's end, lying total lengths, other
+/// versions, and fragments. Trailing bytes after the total length are
+/// well-formed (Ethernet padding looks the same); options and fragments
+/// are the packet's own business.
+fn header_sweep(base: Ipv4Header) -> Vec<Variant> {
+    let mut out = Vec::new();
+    let mut add = |what: String, header: Ipv4Header, well_formed: bool| {
+        let ip = container_packet_with(&header);
+        out.push(Variant {
+            what,
+            ip,
+            well_formed,
+        });
+    };
+    for ihl in 0..=15u8 {
+        add(format!("IHL {ihl}"), Ipv4Header { ihl, ..base }, ihl >= 5);
+        if ihl > 5 {
+            let tot_len = Some(u16::from(ihl) * 4 - 4);
+            add(
+                format!("IHL {ihl} over its total length"),
+                Ipv4Header {
+                    ihl,
+                    tot_len,
+                    ..base
+                },
+                false,
+            );
+        }
+    }
+    let real = container_packet_with(&base).len() as u16;
+    for (what, tot_len, well_formed) in [
+        ("zero", 0, false),
+        ("1", 1, false),
+        ("19, inside its own header", 19, false),
+        ("one past the data", real + 1, false),
+        ("65535", 0xffff, false),
+        ("short of the data", 28, true),
+    ] {
+        let header = Ipv4Header {
+            tot_len: Some(tot_len),
+            ..base
+        };
+        add(format!("total length {what}"), header, well_formed);
+    }
+    for version in [0, 6, 15] {
+        add(
+            format!("version {version}"),
+            Ipv4Header { version, ..base },
+            false,
+        );
+    }
+    for (what, frags) in [
+        ("MF", IP_MF),
+        ("offset 8", 1),
+        ("MF and offset 1480", IP_MF | 185),
+        ("DF", IP_DF),
+    ] {
+        add(
+            format!("fragment ({what})"),
+            Ipv4Header { frags, ..base },
+            true,
+        );
+    }
+    // Options the packet does not hold: a 20-byte header claiming more.
+    for ihl in 6..=15u8 {
+        let bare = Ipv4Header {
+            tot_len: Some(u16::from(ihl) * 4),
+            ..base
+        }
+        .packet(&[]);
+        out.push(Variant {
+            what: format!("IHL {ihl} past the packet"),
+            ip: claiming_ihl(&bare, ihl),
+            well_formed: false,
+        });
+    }
+    out
+}
+
 /// Everything a host on the underlay can send to the node: peers, liars
 /// and strangers.
 fn arriving_corpus() -> Corpus {
@@ -396,22 +511,11 @@ fn arriving_corpus() -> Corpus {
                 Dropped(DropMalformedTunnel)
             }
         };
-        for n in 0..wire.len() {
-            c.arriving(
-                format!("{t:?} cut to {n} bytes"),
-                wire[..n].to_vec(),
-                cut(n),
-            );
-        }
-        // The same with the outer total length agreeing with the cut: the
-        // inner packet then claims more than the outer one holds.
-        for n in 34..wire.len() {
-            let frame = with_total_length(&wire[..n], (n - 14) as u16);
-            c.arriving(
-                format!("{t:?} cut to {n} bytes, outer length agreeing"),
-                frame,
-                cut(n),
-            );
+        // With the outer total length agreeing, the inner packet claims
+        // more than the outer one holds: as broken.
+        for cut_to in truncations(&wire) {
+            let expect = cut(cut_to.len);
+            c.arriving(format!("{t:?} {}", cut_to.what), cut_to.frame, expect);
         }
 
         // Outer total length lies.
@@ -433,6 +537,41 @@ fn arriving_corpus() -> Corpus {
         let mut padded = wire.clone();
         padded.extend_from_slice(&[0; 6]);
         c.arriving(format!("{t:?} with Ethernet padding"), padded, Decap(t));
+
+        // Policy, not asserted either way: the programs do not verify the
+        // outer checksum (nor, for VXLAN, the UDP length), and take any
+        // outer destination MAC, where the stack would drop such a frame
+        // (ip_rcv: bad checksum, PACKET_OTHERHOST). The outer header is
+        // discarded and the inner one is checked, so nothing is gained by
+        // such a lie; whichever way it goes, it must go cleanly and once.
+        let decap_or_drop = || Either(Box::new(Decap(t)), Box::new(Dropped(DropMalformedTunnel)));
+        let mut bad_sum = wire.clone();
+        bad_sum[24] ^= 0xff;
+        c.arriving(
+            format!("{t:?}, outer checksum wrong"),
+            bad_sum,
+            decap_or_drop(),
+        );
+        for (what, mac) in [
+            ("another host's", [0x02, 0, 0, 0, 0x55, 0x55]),
+            ("the broadcast", [0xff; 6]),
+        ] {
+            let mut frame = wire.clone();
+            frame[..6].copy_from_slice(&mac);
+            c.arriving(format!("{t:?} to {what} MAC"), frame, decap_or_drop());
+        }
+        if t == Tunnel::Vxlan {
+            let udp_len = wire.len() - 34;
+            for (what, len) in [
+                ("0", 0),
+                ("one past the datagram", udp_len + 1),
+                ("short", 8),
+            ] {
+                let mut frame = wire.clone();
+                frame[38..40].copy_from_slice(&(len as u16).to_be_bytes());
+                c.arriving(format!("VXLAN, UDP length {what}"), frame, decap_or_drop());
+            }
+        }
 
         // Outer IHL: options (and lies below 5) are the stack's business.
         for ihl in (0..=15u8).filter(|&i| i != 5) {
@@ -515,95 +654,22 @@ fn arriving_corpus() -> Corpus {
             );
         }
 
-        // The inner IPv4 header, swept: IHL 0..=15 with consistent lengths
-        // (options are the inner packet's own business), a header longer
-        // than its total length, and options the frame does not hold.
-        for ihl in 0..=15u8 {
-            let mut inner = Ipv4Header::new(SENDER_CONTAINER, RECEIVER_CONTAINER, IPPROTO_UDP);
-            inner.ihl = ihl;
-            let expect = if ihl >= 5 {
+        // The inner IPv4 header, swept: a peer carries what is well-formed
+        // (the inner packet's options and fragments are its own business).
+        for v in header_sweep(Ipv4Header::new(
+            SENDER_CONTAINER,
+            RECEIVER_CONTAINER,
+            IPPROTO_UDP,
+        )) {
+            let expect = if v.well_formed {
                 Decap(t)
             } else {
                 Dropped(DropMalformedTunnel)
             };
             c.arriving(
-                format!("{t:?}, inner IHL {ihl}"),
-                t.frame(LOCAL_IP, &container_packet_with(&inner)),
+                format!("{t:?}, inner {}", v.what),
+                t.frame(LOCAL_IP, &v.ip),
                 expect,
-            );
-            if ihl > 5 {
-                inner.tot_len = Some(u16::from(ihl) * 4 - 4);
-                c.arriving(
-                    format!("{t:?}, inner IHL {ihl} over its total length"),
-                    t.frame(LOCAL_IP, &container_packet_with(&inner)),
-                    Dropped(DropMalformedTunnel),
-                );
-                let bare = Ipv4Header {
-                    tot_len: Some(u16::from(ihl) * 4),
-                    ..Ipv4Header::new(SENDER_CONTAINER, RECEIVER_CONTAINER, IPPROTO_UDP)
-                }
-                .packet(&[]);
-                c.arriving(
-                    format!("{t:?}, inner IHL {ihl} past the frame"),
-                    t.frame(LOCAL_IP, &claiming_ihl(&bare, ihl)),
-                    Dropped(DropMalformedTunnel),
-                );
-            }
-        }
-        let inner_real = valid_inner.len() as u16;
-        for (what, tot_len) in [
-            ("zero", 0),
-            ("1", 1),
-            ("19, inside its own header", 19),
-            ("one past the data", inner_real + 1),
-            ("65535", 0xffff),
-        ] {
-            let inner = Ipv4Header {
-                tot_len: Some(tot_len),
-                ..Ipv4Header::new(SENDER_CONTAINER, RECEIVER_CONTAINER, IPPROTO_UDP)
-            };
-            c.arriving(
-                format!("{t:?}, inner total length {what}"),
-                t.frame(LOCAL_IP, &container_packet_with(&inner)),
-                Dropped(DropMalformedTunnel),
-            );
-        }
-        // Shorter than the data: trailing bytes, which the stack trims.
-        let inner = Ipv4Header {
-            tot_len: Some(28),
-            ..Ipv4Header::new(SENDER_CONTAINER, RECEIVER_CONTAINER, IPPROTO_UDP)
-        };
-        c.arriving(
-            format!("{t:?}, inner total length short of the data"),
-            t.frame(LOCAL_IP, &container_packet_with(&inner)),
-            Decap(t),
-        );
-        for version in [0, 6, 15] {
-            let inner = Ipv4Header {
-                version,
-                ..Ipv4Header::new(SENDER_CONTAINER, RECEIVER_CONTAINER, IPPROTO_UDP)
-            };
-            c.arriving(
-                format!("{t:?}, inner version {version}"),
-                t.frame(LOCAL_IP, &container_packet_with(&inner)),
-                Dropped(DropMalformedTunnel),
-            );
-        }
-        // Inner fragments are ordinary packets for the container.
-        for (what, frags) in [
-            ("MF", IP_MF),
-            ("offset 8", 1),
-            ("MF and offset 1480", IP_MF | 185),
-            ("DF", IP_DF),
-        ] {
-            let inner = Ipv4Header {
-                frags,
-                ..Ipv4Header::new(SENDER_CONTAINER, RECEIVER_CONTAINER, IPPROTO_UDP)
-            };
-            c.arriving(
-                format!("{t:?}, inner fragment ({what})"),
-                t.frame(LOCAL_IP, &container_packet_with(&inner)),
-                Decap(t),
             );
         }
 
@@ -853,12 +919,7 @@ fn arp_request() -> Vec<u8> {
 /// A container's frame, as the egress hook sees it, from the sender's
 /// container to `header.dst`.
 fn container_frame(header: &Ipv4Header) -> Vec<u8> {
-    ethernet(
-        [0x02, 0, 0, 0, 0, 0x99],
-        [0x02, 0, 0, 0, 0, 0x01],
-        ETH_P_IP,
-        &container_packet_with(header),
-    )
+    leaving_frame(ETH_P_IP, &container_packet_with(header))
 }
 
 /// Everything a container or the host can send out of `--iface`.
@@ -877,118 +938,35 @@ fn leaving_corpus() -> Corpus {
         c.leaving(format!("to a {m} peer"), valid.clone(), Sent(d));
 
         // Every truncation: the header claims more than the packet holds.
-        // Below 34 bytes the kernel builds no skb (checked in `run_case`).
-        for n in 0..valid.len() {
-            c.leaving(
-                format!("to {m}, cut to {n} bytes"),
-                valid[..n].to_vec(),
-                Dropped(DropMalformedIp),
-            );
-        }
+        // Below 34 bytes the kernel builds no skb (checked in `run_corpus`).
         // With a total length that agrees, a short packet is a valid one.
-        for n in 34..valid.len() {
-            let frame = with_total_length(&valid[..n], (n - 14) as u16);
-            c.leaving(
-                format!("to {m}, cut to {n} bytes, length agreeing"),
-                frame,
-                Sent(d),
-            );
+        for cut_to in truncations(&valid) {
+            let expect = if cut_to.length_agrees {
+                Sent(d)
+            } else {
+                Dropped(DropMalformedIp)
+            };
+            c.leaving(format!("to {m}, {}", cut_to.what), cut_to.frame, expect);
         }
 
-        for ihl in 0..=15u8 {
-            let header = Ipv4Header { ihl, ..to(d) };
-            let expect = if ihl >= 5 {
+        for v in header_sweep(to(d)) {
+            let expect = if v.well_formed {
                 Sent(d)
             } else {
                 Dropped(DropMalformedIp)
             };
             c.leaving(
-                format!("to {m}, IHL {ihl}"),
-                container_frame(&header),
+                format!("to {m}, {}", v.what),
+                leaving_frame(ETH_P_IP, &v.ip),
                 expect,
             );
-            if ihl > 5 {
-                let over = Ipv4Header {
-                    tot_len: Some(u16::from(ihl) * 4 - 4),
-                    ..header
-                };
-                c.leaving(
-                    format!("to {m}, IHL {ihl} over its total length"),
-                    container_frame(&over),
-                    Dropped(DropMalformedIp),
-                );
-                let bare = Ipv4Header {
-                    tot_len: Some(u16::from(ihl) * 4),
-                    ..to(d)
-                }
-                .packet(&[]);
-                c.leaving(
-                    format!("to {m}, IHL {ihl} past the frame"),
-                    ethernet(
-                        [2, 0, 0, 0, 0, 0x99],
-                        [2, 0, 0, 0, 0, 1],
-                        ETH_P_IP,
-                        &claiming_ihl(&bare, ihl),
-                    ),
-                    Dropped(DropMalformedIp),
-                );
-            }
         }
-        let real = (valid.len() - 14) as u16;
-        for (what, tot_len) in [
-            ("zero", 0),
-            ("1", 1),
-            ("19, inside its own header", 19),
-            ("one past the data", real + 1),
-            ("65535", 0xffff),
-        ] {
-            c.leaving(
-                format!("to {m}, total length {what}"),
-                container_frame(&Ipv4Header {
-                    tot_len: Some(tot_len),
-                    ..to(d)
-                }),
-                Dropped(DropMalformedIp),
-            );
-        }
-        // Trailing bytes travel along; the receiving stack trims them.
-        c.leaving(
-            format!("to {m}, total length short of the data"),
-            container_frame(&Ipv4Header {
-                tot_len: Some(28),
-                ..to(d)
-            }),
-            Sent(d),
-        );
-        for version in [0, 6, 15] {
-            c.leaving(
-                format!("to {m}, version {version}"),
-                container_frame(&Ipv4Header { version, ..to(d) }),
-                Dropped(DropMalformedIp),
-            );
-        }
-        for (what, frags) in [
-            ("MF", IP_MF),
-            ("offset 8", 1),
-            ("MF and offset 1480", IP_MF | 185),
-            ("DF", IP_DF),
-        ] {
-            c.leaving(
-                format!("to {m}, fragment ({what})"),
-                container_frame(&Ipv4Header { frags, ..to(d) }),
-                Sent(d),
-            );
-        }
+
         // A container's own tunnels are its payload: carried like any packet.
         for n in [Tunnel::Vxlan, Tunnel::Ipip] {
             let inner = container_packet(SENDER_CONTAINER, [10, 244, 9, 9]);
             let header = Ipv4Header::new(SENDER_CONTAINER, d.addr, n.proto());
-            let frame = ethernet(
-                [2, 0, 0, 0, 0, 0x99],
-                [2, 0, 0, 0, 0, 1],
-                ETH_P_IP,
-                &header.packet(&n.payload(&inner)),
-            );
+            let frame = leaving_frame(ETH_P_IP, &header.packet(&n.payload(&inner)));
             c.leaving(format!("{n:?} from a container to {m}"), frame, Sent(d));
         }
         for (what, tags) in [
@@ -1062,12 +1040,7 @@ fn leaving_corpus() -> Corpus {
     ] {
         c.leaving(
             what,
-            ethernet(
-                [2, 0, 0, 0, 0, 0x99],
-                [2, 0, 0, 0, 0, 1],
-                ethertype,
-                &payload,
-            ),
+            leaving_frame(ethertype, &payload),
             Untouched(PassNotIpv4),
         );
     }
