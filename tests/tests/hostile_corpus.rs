@@ -11,6 +11,18 @@
 //! packet encapsulated or routed) and comes out exactly so; and the
 //! counters move by exactly one, in the expected reason.
 //!
+//! Where the reason is policy (outer IHL below 5; outer fragments, which
+//! another change counts `pass_outer_fragment`) a set of reasons is
+//! accepted; where the outcome itself is (an outer header the stack would
+//! reject but whose lie gains nothing), decapsulation or a drop. Frames the
+//! kernel will not build a context from (XDP: shorter than Ethernet; skb:
+//! IPv4/IPv6 shorter than their header) must be refused by it, checked.
+//!
+//! Nested tunnels lose one layer, the outer one: each program runs once per
+//! packet on `--iface`, so a tunnel a peer's container sends to a container
+//! here is that container's payload, delivered as it is; one addressed to
+//! this node itself is dropped as a foreign inner destination.
+//!
 //! Two benches, one per side: `decap_corpus` (what arrives from the
 //! underlay) and `encap_corpus` (what leaves for a remote subnet). Each
 //! collects every broken run before failing, so one run of the test shows
@@ -244,7 +256,8 @@ enum Expect {
     Decap(Tunnel),
     /// A container's packet: sent to the remote node.
     Sent(Dest),
-    /// Either of two outcomes (where it depends on the kernel).
+    /// Either of two outcomes (where it depends on the kernel, or on a
+    /// policy not settled).
     Either(Box<Expect>, Box<Expect>),
 }
 
