@@ -7,7 +7,8 @@
 //! sent is decapsulated; the rest is dropped and counted by reason:
 //! - the outer source must be a known node's PublicIP (`NODE_IPS`): VXLAN's
 //!   VNI and IP-in-IP's nothing are no secret;
-//! - the inner destination must be in this node's subnet: a peer only
+//! - the inner destination must be a container address of this node's
+//!   subnet (not its network or broadcast address): a peer only
 //!   tunnels here what is for this node's containers, so anything else
 //!   (another node's container, multicast, broadcast) is injection, and
 //!   forwarding it would launder it behind this node's PublicIP;
@@ -26,7 +27,7 @@ use ebpf_prog::{
         vxlan::{self, vni_of},
     },
     headers::{
-        ETH_HLEN, ETH_P_IP, IP_MF_OFFSET, IPPROTO_UDP, IPV4_HLEN, UDP_HLEN, VXLAN_HLEN, in_prefix,
+        ETH_HLEN, ETH_P_IP, IP_MF_OFFSET, IPPROTO_UDP, IPV4_HLEN, UDP_HLEN, VXLAN_HLEN, is_host_in,
     },
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, udp::UdpHdr};
@@ -186,10 +187,10 @@ fn classify(pkt: &impl PacketWindow, cfg: &NodeConfig, frame_len: usize) -> Resu
     }
 }
 
-/// The inner IPv4 header at `off` must be sane, and neither it nor the outer
-/// one may claim more bytes than the frame holds: a truncated tunnel packet
-/// is dropped here, counted, rather than handed to the stack as an inner
-/// packet it can only discard. Then its addresses must be ones the node at
+/// The inner IPv4 header at `off` must be sane, the outer one may not claim
+/// more bytes than the frame holds, nor the inner more than the outer: a
+/// truncated tunnel packet is dropped here, counted, rather than handed to
+/// the stack as an inner packet it can only discard. Then its addresses must be ones the node at
 /// `outer_src` could have sent (see the module's comment).
 #[inline(always)]
 fn check_inner(
@@ -206,11 +207,16 @@ fn check_inner(
         || inner.vihl & 0x0f < 5
         || inner_len < usize::from(inner.vihl & 0x0f) * 4
         || outer_len + ETH_HLEN > frame_len
-        || inner_len + off > frame_len
+        // Within the outer packet, not merely the frame: an outer total
+        // length short of the inner packet (0 included) is no packet a
+        // peer sends, and what lies past it is Ethernet padding.
+        || inner_len + off > outer_len + ETH_HLEN
     {
         return Err(Reason::DropMalformedTunnel);
     }
-    if !in_prefix(inner.dst_addr, cfg.local_subnet, cfg.local_prefix_len) {
+    // A container's address: the subnet's network and broadcast addresses
+    // are in the prefix but reach only the host (as broadcasts).
+    if !is_host_in(inner.dst_addr, cfg.local_subnet, cfg.local_prefix_len) {
         return Err(Reason::DropForeignInnerDestination);
     }
     if inner.src_addr != outer_src {

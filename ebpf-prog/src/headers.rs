@@ -34,6 +34,23 @@ pub fn in_prefix(addr: [u8; 4], net: [u8; 4], prefix_len: u8) -> bool {
     u32::from_be_bytes(addr) & mask == u32::from_be_bytes(net) & mask
 }
 
+/// Whether `addr` is a host address of `net`/`prefix_len`: inside it, and
+/// neither its network nor its broadcast address, which address no
+/// container (the stack takes both as broadcasts to the host itself). /31
+/// and /32 have no such addresses (RFC 3021).
+#[inline(always)]
+pub fn is_host_in(addr: [u8; 4], net: [u8; 4], prefix_len: u8) -> bool {
+    if !in_prefix(addr, net, prefix_len) {
+        return false;
+    }
+    if prefix_len >= 31 {
+        return true;
+    }
+    let host_mask = u32::MAX >> prefix_len;
+    let host = u32::from_be_bytes(addr) & host_mask;
+    host != 0 && host != host_mask
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -47,5 +64,20 @@ mod tests {
         assert!(in_prefix([10, 244, 1, 7], [10, 244, 1, 7], 32));
         assert!(!in_prefix([10, 244, 1, 8], [10, 244, 1, 7], 32));
         assert!(!in_prefix([10, 244, 1, 7], [10, 244, 1, 7], 33));
+    }
+
+    #[test]
+    fn host_addresses_exclude_network_and_broadcast() {
+        assert!(is_host_in([10, 244, 1, 7], [10, 244, 1, 0], 24));
+        assert!(is_host_in([10, 244, 1, 1], [10, 244, 1, 0], 24));
+        assert!(is_host_in([10, 244, 1, 254], [10, 244, 1, 0], 24));
+        assert!(!is_host_in([10, 244, 1, 0], [10, 244, 1, 0], 24));
+        assert!(!is_host_in([10, 244, 1, 255], [10, 244, 1, 0], 24));
+        assert!(!is_host_in([10, 244, 2, 7], [10, 244, 1, 0], 24));
+        assert!(!is_host_in([10, 244, 1, 15], [10, 244, 1, 0], 28));
+        assert!(is_host_in([10, 244, 1, 1], [10, 244, 1, 0], 31));
+        assert!(is_host_in([10, 244, 1, 0], [10, 244, 1, 0], 31));
+        assert!(is_host_in([10, 244, 1, 7], [10, 244, 1, 7], 32));
+        assert!(!is_host_in([10, 244, 1, 7], [10, 244, 1, 7], 33));
     }
 }

@@ -124,7 +124,7 @@ impl ProgramBench {
         bench.add_peer([10, 244, 3, 0], 24, UNRESOLVED_IP, UNRESOLVED_VTEP)?;
         // What the receiver knows of the sender: its subnet, where the
         // crafted packets come from (`inner_frame`), and its PublicIP.
-        bench.add_peer(LOCAL_SUBNET, 24, LOCAL_IP, [0x02, 0, 0, 0, 0x11, 0x11])?;
+        bench.add_peer(LOCAL_SUBNET, 24, LOCAL_IP, SENDER_MAC)?;
         bench.configure_as_sender()?;
         Ok(bench)
     }
@@ -295,6 +295,44 @@ impl ProgramBench {
             .insert(&Key::new(prefix_len, subnet), node, 0)?;
         Ok(())
     }
+
+    /// Forgets a remote node's subnet and PublicIP, as the agent does when
+    /// its lease goes (e.g. to make the bench's receiver know only what a
+    /// real one would: not its own subnet and address).
+    pub fn remove_peer(
+        &mut self,
+        subnet: [u8; 4],
+        prefix_len: u32,
+        public_ip: [u8; 4],
+    ) -> Result<()> {
+        self.dp
+            .subnets()?
+            .remove(&Key::new(prefix_len, subnet))
+            .with_context(|| format!("removing {}/{prefix_len}", Ipv4Addr::from(subnet)))?;
+        self.dp
+            .node_ips()?
+            .remove(&public_ip)
+            .with_context(|| format!("removing {}", Ipv4Addr::from(public_ip)))?;
+        Ok(())
+    }
+
+    /// Runs `run` and returns its result with every counter it moved, and
+    /// by how much: what a test needs to say "counted once, as this".
+    pub fn counted<T>(
+        &mut self,
+        run: impl FnOnce(&mut Self) -> Result<T>,
+    ) -> Result<(T, Vec<(Reason, u64)>)> {
+        let before = self.dp.counters()?;
+        let out = run(self)?;
+        let after = self.dp.counters()?;
+        let moved = after
+            .iter()
+            .zip(&before)
+            .filter(|((_, a), (_, b))| a != b)
+            .map(|((r, a), (_, b))| (*r, a.wrapping_sub(*b)))
+            .collect();
+        Ok((out, moved))
+    }
 }
 
 /// One BPF_PROG_TEST_RUN: the verdict, the packet as the program left it,
@@ -330,35 +368,173 @@ fn run_in_ns(
 
 /// An Ethernet + IPv4 + UDP frame from a local container to `dst`.
 pub fn inner_frame(dst: [u8; 4], sport: u16, payload: usize, df: bool) -> Vec<u8> {
-    let ip_len = 20 + 8 + payload;
-    let mut f = Vec::with_capacity(14 + ip_len);
-    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x99]); // whatever the stack put there
-    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
-    f.extend_from_slice(&[0x08, 0x00]);
-    let mut ip = vec![0x45, 0x00];
-    ip.extend_from_slice(&(ip_len as u16).to_be_bytes());
-    ip.extend_from_slice(&[0x12, 0x34, if df { 0x40 } else { 0 }, 0, 63, 17, 0, 0]);
-    ip.extend_from_slice(&[10, 244, 1, 2]);
-    ip.extend_from_slice(&dst);
-    let csum = checksum(&ip);
-    ip[10..12].copy_from_slice(&csum.to_be_bytes());
-    f.extend_from_slice(&ip);
-    f.extend_from_slice(&sport.to_be_bytes());
-    f.extend_from_slice(&5678u16.to_be_bytes());
-    f.extend_from_slice(&((8 + payload) as u16).to_be_bytes());
-    f.extend_from_slice(&[0, 0]);
-    f.extend((0..payload).map(|i| i as u8));
+    let data: Vec<u8> = (0..payload).map(|i| i as u8).collect();
+    let mut ip = Ipv4Header::new([10, 244, 1, 2], dst, IPPROTO_UDP);
+    ip.ttl = 63;
+    ip.frags = if df { IP_DF } else { 0 };
+    leaving_frame(ETH_P_IP, &ip.packet(&udp(sport, 5678, &data)))
+}
+
+/// A frame as the egress hook meets it: `payload` behind whatever L2
+/// header the stack wrote (the program rewrites it when it sends).
+pub fn leaving_frame(ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    ethernet(
+        [0x02, 0, 0, 0, 0, 0x99],
+        [0x02, 0, 0, 0, 0, 0x01],
+        ethertype,
+        payload,
+    )
+}
+
+/// The fields of a crafted IPv4 header; [`Ipv4Header::packet`] writes it
+/// with its checksum. Every field may lie, which is what hostile packets
+/// are made of.
+#[derive(Clone, Copy, Debug)]
+pub struct Ipv4Header {
+    pub version: u8,
+    /// The IHL field, in 32-bit words. Above 5 the header carries that many
+    /// words, the extra ones NOP options; below 5 the field lies and 20
+    /// bytes are written.
+    pub ihl: u8,
+    pub tos: u8,
+    /// The total length field; `None` writes the real length.
+    pub tot_len: Option<u16>,
+    pub id: u16,
+    /// Flags and fragment offset, as on the wire.
+    pub frags: u16,
+    pub ttl: u8,
+    pub proto: u8,
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+}
+
+impl Ipv4Header {
+    /// A plain header: version 4, no options, not a fragment, TTL 64.
+    pub fn new(src: [u8; 4], dst: [u8; 4], proto: u8) -> Self {
+        Self {
+            version: 4,
+            ihl: 5,
+            tos: 0,
+            tot_len: None,
+            id: 0x1234,
+            frags: 0,
+            ttl: 64,
+            proto,
+            src,
+            dst,
+        }
+    }
+
+    /// The header, then `payload`.
+    pub fn packet(&self, payload: &[u8]) -> Vec<u8> {
+        let header_len = usize::from(self.ihl.max(5)) * 4;
+        let real_len = header_len + payload.len();
+        let tot_len = self.tot_len.unwrap_or(real_len as u16);
+        let mut ip = Vec::with_capacity(real_len);
+        ip.extend_from_slice(&[(self.version << 4) | (self.ihl & 0x0f), self.tos]);
+        ip.extend_from_slice(&tot_len.to_be_bytes());
+        ip.extend_from_slice(&self.id.to_be_bytes());
+        ip.extend_from_slice(&self.frags.to_be_bytes());
+        ip.extend_from_slice(&[self.ttl, self.proto, 0, 0]);
+        ip.extend_from_slice(&self.src);
+        ip.extend_from_slice(&self.dst);
+        // IPOPT_NOP: options a receiver may skip one byte at a time.
+        ip.resize(header_len, 1);
+        let csum = checksum(&ip);
+        ip[10..12].copy_from_slice(&csum.to_be_bytes());
+        ip.extend_from_slice(payload);
+        ip
+    }
+}
+
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_ARP: u16 = 0x0806;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+pub const ETH_P_8021Q: u16 = 0x8100;
+pub const ETH_P_8021AD: u16 = 0x88a8;
+pub const IPPROTO_IPIP: u8 = 4;
+pub const IPPROTO_UDP: u8 = 17;
+/// IPv4 flags field: Don't Fragment, More Fragments.
+pub const IP_DF: u16 = 0x4000;
+pub const IP_MF: u16 = 0x2000;
+/// RFC 7348's I flag: the VNI is valid.
+pub const VXLAN_FLAG_I: u8 = 0x08;
+/// The sender's (198.18.0.1) MAC: the source of crafted underlay frames and
+/// of their inner VXLAN frames, and the VtepMAC the receiver knows for it.
+pub const SENDER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x11, 0x11];
+
+/// An Ethernet frame around `payload`.
+pub fn ethernet(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(ETH_HLEN + payload.len());
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.extend_from_slice(payload);
     f
 }
 
+/// `frame` with one VLAN tag (`tpid`, `vid`) after its MAC addresses.
+pub fn vlan_tagged(frame: &[u8], tpid: u16, vid: u16) -> Vec<u8> {
+    let split = frame.len().min(12);
+    let mut f = frame[..split].to_vec();
+    f.extend_from_slice(&tpid.to_be_bytes());
+    f.extend_from_slice(&(vid & 0x0fff).to_be_bytes());
+    f.extend_from_slice(&frame[split..]);
+    f
+}
+
+/// A UDP header (checksum 0, as VXLAN senders write it) and `payload`.
+pub fn udp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut d = Vec::with_capacity(8 + payload.len());
+    d.extend_from_slice(&sport.to_be_bytes());
+    d.extend_from_slice(&dport.to_be_bytes());
+    d.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    d.extend_from_slice(&[0, 0]);
+    d.extend_from_slice(payload);
+    d
+}
+
+/// A VXLAN header: `flags`, then the 24-bit `vni`.
+pub fn vxlan_header(flags: u8, vni: u32) -> [u8; 8] {
+    let [_, a, b, c] = vni.to_be_bytes();
+    [flags, 0, 0, 0, a, b, c, 0]
+}
+
+/// The UDP datagram a VXLAN peer sends: to [`PORT`], I flag, [`VNI`].
+pub fn vxlan_datagram(inner_l2: &[u8]) -> Vec<u8> {
+    let mut d = vxlan_header(VXLAN_FLAG_I, VNI).to_vec();
+    d.extend_from_slice(inner_l2);
+    udp(49152, PORT, &d)
+}
+
+/// The outer IPv4 header of a tunnel packet from `src` to the receiver
+/// ([`PEER_IP`]).
+pub fn outer_header(src: [u8; 4], proto: u8) -> Ipv4Header {
+    Ipv4Header::new(src, PEER_IP, proto)
+}
+
+/// An underlay frame to the receiver's interface ([`RECEIVER_MAC`]) from
+/// [`SENDER_MAC`]: `outer` around `payload`.
+pub fn underlay_frame(outer: &Ipv4Header, payload: &[u8]) -> Vec<u8> {
+    ethernet(RECEIVER_MAC, SENDER_MAC, ETH_P_IP, &outer.packet(payload))
+}
+
+/// The inner frame of a VXLAN packet a peer sends: `inner_ip` addressed to
+/// the receiver's VtepMAC ([`PEER_VTEP`]) from the sender's.
+pub fn vxlan_inner_frame(inner_ip: &[u8]) -> Vec<u8> {
+    ethernet(PEER_VTEP, SENDER_MAC, ETH_P_IP, inner_ip)
+}
+
 /// Whether BPF_PROG_TEST_RUN will build an skb from `frame`: it refuses
-/// frames with nothing past L2, and IP frames too short for their header
-/// (net/bpf/test_run.c), so TC programs never see those from it.
+/// frames shorter than an Ethernet header, and IP frames too short for
+/// their IP header (net/bpf/test_run.c), so TC programs never see those
+/// from it. A frame of other type with nothing past L2 is built (the
+/// hostile corpus checks both sides of this line on the running kernel).
 pub fn skb_buildable(frame: &[u8]) -> bool {
     let ip_min = match frame.get(12..14) {
         Some([0x08, 0x00]) => 20,
         Some([0x86, 0xdd]) => 40,
-        _ => 1,
+        _ => 0,
     };
     frame.len() >= ETH_HLEN + ip_min
 }
