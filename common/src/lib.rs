@@ -184,9 +184,9 @@ pub enum Reason {
     /// Decapsulated on the slow path (a reassembled outer packet) and
     /// handed to the stack as if the fast path had done it.
     DecapsulatedSlowPath = 23,
-    /// Dropped: a GSO packet that is already a tunnel packet (a container's
-    /// own VXLAN or GRE): the kernel cannot add a second tunnel to it from
-    /// BPF.
+    /// Dropped: a GSO packet the kernel will not encapsulate from BPF,
+    /// above all one that already is a tunnel packet (a container's own
+    /// VXLAN or GRE): `bpf_skb_adjust_room` cannot add a second tunnel.
     DropNestedGso = 24,
     /// Dropped, not answered: a too-big packet RFC 1122 section 3.2.2 forbids
     /// answering with an ICMP error (an ICMP error itself, a non-first

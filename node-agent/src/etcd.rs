@@ -300,8 +300,11 @@ mod tests {
     fn schemes_must_match_the_tls_settings() {
         let dir = tempfile::tempdir().expect("tempdir");
         let ca = dir.path().join("ca.pem");
-        fs::write(&ca, "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n")
-            .expect("write");
+        fs::write(
+            &ca,
+            "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n",
+        )
+        .expect("write");
         let ca = ca.to_string_lossy().into_owned();
         let err = |args: &[&str]| {
             settings(args)

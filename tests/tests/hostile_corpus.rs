@@ -1005,15 +1005,16 @@ fn leaving_corpus() -> Corpus {
     // BPF_PROG_TEST_RUN cannot make a TCP GSO skb (gso_type stays 0), and
     // bpf_skb_adjust_room refuses to grow a GSO skb of no known type: the
     // run then shows that total length 0 got past the header check
-    // (drop_adjust_room, not drop_malformed_ip) and that nothing was left
-    // half-written. A kernel that lets it through must send it correctly.
+    // (drop_nested_gso, the count of GSO packets BPF cannot encapsulate,
+    // not drop_malformed_ip) and that nothing was left half-written. A
+    // kernel that lets it through must send it correctly.
     c.0.push(Case {
         name: "GSO with total length 0 (BIG TCP)".into(),
         frame: big_tcp,
         runs: vec![
             (
                 Prog::EncapGso,
-                Either(Box::new(Sent(TO_VXLAN)), Box::new(Dropped(DropAdjustRoom))),
+                Either(Box::new(Sent(TO_VXLAN)), Box::new(Dropped(DropNestedGso))),
             ),
             (Prog::Xdp, ingress.clone()),
             (Prog::Tc, ingress),
