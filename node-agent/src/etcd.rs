@@ -119,8 +119,9 @@ pub enum EtcdError {
         cafile: PathBuf,
         certfile: Option<PathBuf>,
     },
-    #[error("etcd: {0}")]
-    Client(#[from] etcd_client::Error),
+    /// Boxed: etcd's error is large, and this enum travels by value.
+    #[error("etcd: {}", describe(.0))]
+    Client(Box<etcd_client::Error>),
 }
 
 impl EtcdError {
@@ -207,20 +208,48 @@ impl EtcdSettings {
                 certfile: self.etcd_certfile.clone(),
             };
         }
-        EtcdError::Client(error)
+        EtcdError::Client(Box::new(error))
+    }
+}
+
+/// `error` with its causes: a gRPC status alone often says only
+/// "transport error".
+fn describe(error: &etcd_client::Error) -> String {
+    let mut text = error.to_string();
+    let mut next = causes(error);
+    while let Some(e) = next {
+        let cause = e.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+        next = e.source();
+    }
+    text
+}
+
+/// The first cause of `error`; a status's, for a gRPC status.
+fn causes(error: &etcd_client::Error) -> Option<&(dyn std::error::Error + 'static)> {
+    match error {
+        etcd_client::Error::GRpcStatus(status) => status.source(),
+        other => other.source(),
     }
 }
 
 /// The TLS error somewhere in `error`'s source chain (rustls reports it as
-/// an `io::Error` wrapping a `rustls::Error`), described.
+/// an `io::Error` wrapping a `rustls::Error`; a balanced channel hands it
+/// back inside an `Unavailable` status), described.
 fn tls_failure(error: &etcd_client::Error) -> Option<String> {
-    let mut next: Option<&(dyn std::error::Error + 'static)> = error.source();
+    let mut next = causes(error);
     while let Some(e) = next {
         if let Some(tls) = e.downcast_ref::<rustls::Error>() {
             return Some(tls.to_string());
         }
-        if let Some(tls) = e
+        // h2's source() skips the io::Error it wraps; ask for it.
+        let io = e
             .downcast_ref::<io::Error>()
+            .or_else(|| e.downcast_ref::<h2::Error>().and_then(h2::Error::get_io));
+        if let Some(tls) = io
             .and_then(|io| io.get_ref())
             .and_then(|inner| inner.downcast_ref::<rustls::Error>())
         {

@@ -25,7 +25,7 @@ use node_agent::flannel::subnet_env::parse_subnet;
 use node_agent::flannel::{KeyLayout, LeaseAttrs, NetworkConfig, SubnetEnv};
 use node_agent::pinned::PinnedState;
 
-use crate::etcd::Etcd;
+use crate::etcd::{Etcd, EtcdSecurity};
 use crate::netns::Netns;
 use crate::process::{self, Background};
 
@@ -64,6 +64,12 @@ impl Cluster {
     /// [`SWITCH_IP`] and stores `network_config_json` as
     /// `<prefix>/config`.
     pub fn new(network_config_json: &str) -> Result<Self> {
+        Self::with_etcd_security(network_config_json, EtcdSecurity::default())
+    }
+
+    /// [`Self::new`] with a TLS and/or authenticated etcd; agents started
+    /// with [`Host::start_agent`] get the flags it needs.
+    pub fn with_etcd_security(network_config_json: &str, security: EtcdSecurity) -> Result<Self> {
         // The agent's own parser: a config it would reject is a fixture bug.
         NetworkConfig::parse(network_config_json)
             .context("the agent rejects this network config")?;
@@ -81,7 +87,7 @@ impl Cluster {
             BRIDGE,
         ])?;
         switch.ip(&["link", "set", BRIDGE, "up"])?;
-        let etcd = Etcd::start(&switch, SWITCH_IP, work_dir.path())?;
+        let etcd = Etcd::start_secured(&switch, SWITCH_IP, work_dir.path(), security)?;
         let cluster = Self {
             etcd,
             switch,
@@ -424,6 +430,18 @@ impl<'c> Host<'c> {
     /// only, see [`Netns::command_keep_mounts`]) with RUST_LOG=info
     /// (or the caller's RUST_LOG), appending to the host's agent log.
     pub fn start_agent(&self, extra_args: &[&str]) -> Result<()> {
+        let etcd_flags = self.cluster.etcd.agent_flags();
+        let etcd_flags: Vec<&str> = etcd_flags.iter().map(String::as_str).collect();
+        self.start_agent_with_etcd_flags(extra_args, &etcd_flags)
+    }
+
+    /// [`Self::start_agent`] with `etcd_flags` in place of the TLS and
+    /// authentication flags the cluster's etcd needs: for testing wrong ones.
+    pub fn start_agent_with_etcd_flags(
+        &self,
+        extra_args: &[&str],
+        etcd_flags: &[&str],
+    ) -> Result<()> {
         let binary = crate::node_agent_binary()?;
         let mut slot = self.agent_slot();
         if let Some(agent) = slot.as_mut()
@@ -447,6 +465,7 @@ impl<'c> Host<'c> {
             "--pin-path",
             &pin_path,
         ];
+        args.extend_from_slice(etcd_flags);
         args.extend_from_slice(extra_args);
         let mut cmd = self.ns.command_keep_mounts(&args);
         if std::env::var_os("RUST_LOG").is_none() {

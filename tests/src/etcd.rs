@@ -2,6 +2,7 @@
 
 use std::net::Ipv4Addr;
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -9,11 +10,27 @@ use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
 use crate::netns::{Netns, command_in};
+use crate::pki::Pki;
 use crate::process::{self, Background};
 
 const ETCD: &str = "/usr/bin/etcd";
 const LOG_FILE: &str = "etcd.log";
 const ETCD_START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How the test etcd is secured. Plain by default.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EtcdSecurity {
+    /// HTTPS with a test CA, and client certificates required.
+    pub tls: bool,
+    /// Authentication on: a `root` user for the fixture and a `weft` user
+    /// whose role may read and write the flannel prefix only.
+    pub auth: bool,
+}
+
+/// The agents' etcd user, and its password.
+pub const AGENT_USER: &str = "weft";
+pub const AGENT_PASSWORD: &str = "weft-test-password";
+const ROOT_PASSWORD: &str = "root-test-password";
 
 /// An etcd 3.4 server running in a namespace, listening on one address
 /// (client 2379, peer 2380: the namespace is private, so fixed ports cannot
@@ -28,12 +45,26 @@ pub struct Etcd {
     args: Vec<String>,
     /// Holds the data directory and `etcd.log`; removed on drop.
     dir: tempfile::TempDir,
+    /// The certificates, when TLS is on.
+    pki: Option<Pki>,
+    /// Whether authentication is on (after start-up).
+    auth: AtomicBool,
 }
 
 impl Etcd {
     /// Starts etcd in `ns` on `ip`, with its data and log in a new
     /// directory under `parent`, and waits until it reports healthy.
     pub fn start(ns: &Netns, ip: Ipv4Addr, parent: &std::path::Path) -> Result<Self> {
+        Self::start_secured(ns, ip, parent, EtcdSecurity::default())
+    }
+
+    /// [`Self::start`] with TLS and/or authentication on.
+    pub fn start_secured(
+        ns: &Netns,
+        ip: Ipv4Addr,
+        parent: &std::path::Path,
+        security: EtcdSecurity,
+    ) -> Result<Self> {
         if !std::path::Path::new(ETCD).exists() {
             bail!("{ETCD} not found: install etcd-server (`cargo xtask setup`)");
         }
@@ -42,11 +73,17 @@ impl Etcd {
             .tempdir_in(parent)
             .context("creating etcd temp dir")?;
         let data_dir = dir.path().join("data");
-        let client = format!("http://{ip}:2379");
+        let pki = if security.tls {
+            Some(Pki::generate(dir.path(), ip)?)
+        } else {
+            None
+        };
+        let scheme = if security.tls { "https" } else { "http" };
+        let client = format!("{scheme}://{ip}:2379");
         let peer = format!("http://{ip}:2380");
         let data_dir_s = data_dir.to_string_lossy().into_owned();
         let initial_cluster = format!("weft={peer}");
-        let argv: &[&str] = &[
+        let mut argv: Vec<String> = [
             ETCD,
             "--name",
             "weft",
@@ -66,18 +103,107 @@ impl Etcd {
             "new",
             "--log-level",
             "warn",
-        ];
-        let args = argv.iter().map(|a| (*a).to_owned()).collect();
+        ]
+        .iter()
+        .map(|a| (*a).to_owned())
+        .collect();
+        if let Some(pki) = &pki {
+            for (flag, path) in [
+                ("--cert-file", &pki.server_cert),
+                ("--key-file", &pki.server_key),
+                ("--trusted-ca-file", &pki.ca),
+            ] {
+                argv.push(flag.to_owned());
+                argv.push(path.to_string_lossy().into_owned());
+            }
+            argv.push("--client-cert-auth".to_owned());
+        }
         let etcd = Self {
             server: Mutex::new(None),
             ns_name: ns.name().to_owned(),
             endpoint: client,
-            args,
+            args: argv,
             dir,
+            pki,
+            auth: AtomicBool::new(false),
         };
         etcd.spawn()?;
         etcd.wait_healthy()?;
+        if security.auth {
+            etcd.enable_auth()?;
+        }
         Ok(etcd)
+    }
+
+    /// A root user for the fixture's etcdctl, and the agents' user with a
+    /// role limited to the flannel prefix; then authentication on.
+    fn enable_auth(&self) -> Result<()> {
+        let prefix = format!("{}/", node_agent::flannel::DEFAULT_PREFIX);
+        let steps: [&[&str]; 7] = [
+            &[
+                "user",
+                "add",
+                &format!("root:{ROOT_PASSWORD}"),
+                "--interactive=false",
+            ],
+            &["user", "grant-role", "root", "root"],
+            &["role", "add", AGENT_USER],
+            &[
+                "role",
+                "grant-permission",
+                AGENT_USER,
+                "--prefix=true",
+                "readwrite",
+                &prefix,
+            ],
+            &[
+                "user",
+                "add",
+                &format!("{AGENT_USER}:{AGENT_PASSWORD}"),
+                "--interactive=false",
+            ],
+            &["user", "grant-role", AGENT_USER, AGENT_USER],
+            &["auth", "enable"],
+        ];
+        for step in steps {
+            self.ctl(step)
+                .with_context(|| format!("etcdctl {}", step.join(" ")))?;
+        }
+        self.auth.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The certificates, when TLS is on.
+    pub fn pki(&self) -> Option<&Pki> {
+        self.pki.as_ref()
+    }
+
+    /// The agent flags this server needs besides `--etcd-endpoints`: the
+    /// CA and a client certificate with TLS, the agents' user with auth.
+    pub fn agent_flags(&self) -> Vec<String> {
+        let mut flags = Vec::new();
+        if let Some(pki) = &self.pki {
+            for (flag, path) in [
+                ("--etcd-cafile", &pki.ca),
+                ("--etcd-certfile", &pki.client_cert),
+                ("--etcd-keyfile", &pki.client_key),
+            ] {
+                flags.push(flag.to_owned());
+                flags.push(path.to_string_lossy().into_owned());
+            }
+        }
+        if self.auth.load(Ordering::Relaxed) {
+            flags.extend(
+                [
+                    "--etcd-username",
+                    AGENT_USER,
+                    "--etcd-password",
+                    AGENT_PASSWORD,
+                ]
+                .map(str::to_owned),
+            );
+        }
+        flags
     }
 
     fn server(&self) -> MutexGuard<'_, Option<Background>> {
@@ -151,6 +277,14 @@ impl Etcd {
                 "--command-timeout=5s",
             ],
         );
+        if let Some(pki) = &self.pki {
+            cmd.arg(format!("--cacert={}", pki.ca.display()))
+                .arg(format!("--cert={}", pki.client_cert.display()))
+                .arg(format!("--key={}", pki.client_key.display()));
+        }
+        if self.auth.load(Ordering::Relaxed) {
+            cmd.arg(format!("--user=root:{ROOT_PASSWORD}"));
+        }
         cmd.args(args).env("ETCDCTL_API", "3");
         cmd
     }

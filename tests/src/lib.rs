@@ -13,6 +13,7 @@ mod cluster;
 pub mod docker;
 mod etcd;
 mod netns;
+pub mod pki;
 pub mod podman;
 pub mod process;
 mod system;
@@ -28,7 +29,7 @@ pub use cluster::{
     CONVERGE, Cluster, Container, Host, SWITCH_IP, Signal, SubnetEnvExt, TransferStats,
     switch_port, tcp_transfer, wait_full_mesh, wait_routes,
 };
-pub use etcd::Etcd;
+pub use etcd::{AGENT_PASSWORD, AGENT_USER, Etcd, EtcdSecurity};
 pub use netns::{Capture, Netns, capture};
 /// The subnet file, as the agent's own `flannel` module reads and writes it.
 pub use node_agent::flannel::SubnetEnv;

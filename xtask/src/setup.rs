@@ -39,6 +39,8 @@ const PACKAGES: &[&str] = &[
     // disturb weft's firewall rules in the tests.
     "docker.io",
     "nftables",
+    // The etcd TLS tests make their CA and certificates with it.
+    "openssl",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
