@@ -25,7 +25,7 @@ use node_agent::flannel::subnet_env::parse_subnet;
 use node_agent::flannel::{KeyLayout, LeaseAttrs, NetworkConfig, SubnetEnv};
 use node_agent::pinned::PinnedState;
 
-use crate::etcd::{Etcd, EtcdSecurity};
+use crate::etcd::{Etcd, EtcdSecurity, MemberSpec};
 use crate::netns::Netns;
 use crate::process::{self, Background};
 
@@ -48,8 +48,10 @@ pub const CONVERGE: Duration = Duration::from_secs(30);
 /// The underlay switch, etcd, and the scratch directory every host's files
 /// live in. Hosts borrow it, so the compiler makes them go first on drop.
 pub struct Cluster {
-    // Field order is drop order: stop etcd before deleting its namespace.
+    // Field order is drop order: stop etcd before deleting its namespaces.
     etcd: Etcd,
+    /// The members' namespaces, when etcd is a cluster of its own hosts.
+    etcd_member_ns: Vec<Netns>,
     switch: Netns,
     tag: String,
     config: String,
@@ -70,6 +72,23 @@ impl Cluster {
     /// [`Self::new`] with a TLS and/or authenticated etcd; agents started
     /// with [`Host::start_agent`] get the flags it needs.
     pub fn with_etcd_security(network_config_json: &str, security: EtcdSecurity) -> Result<Self> {
+        Self::build(network_config_json, security, 0)
+    }
+
+    /// [`Self::new`] with etcd as a cluster of `members` servers, each in
+    /// its own namespace: clients reach member `i` at 198.18.0.(241 + i) on
+    /// the underlay switch, and the members talk to each other over a
+    /// separate peer bridge (198.19.254.0/24), which
+    /// [`Self::partition_etcd_member`] cuts. Agents get every endpoint.
+    pub fn with_etcd_members(network_config_json: &str, members: u8) -> Result<Self> {
+        ensure!(
+            (1..=9).contains(&members),
+            "{members} etcd members: 1 to 9 please"
+        );
+        Self::build(network_config_json, EtcdSecurity::default(), members)
+    }
+
+    fn build(network_config_json: &str, security: EtcdSecurity, members: u8) -> Result<Self> {
         // The agent's own parser: a config it would reject is a fixture bug.
         NetworkConfig::parse(network_config_json)
             .context("the agent rejects this network config")?;
@@ -87,9 +106,31 @@ impl Cluster {
             BRIDGE,
         ])?;
         switch.ip(&["link", "set", BRIDGE, "up"])?;
-        let etcd = Etcd::start_secured(&switch, SWITCH_IP, work_dir.path(), security)?;
+        let mut etcd_member_ns = Vec::new();
+        let etcd = if members == 0 {
+            Etcd::start_secured(&switch, SWITCH_IP, work_dir.path(), security)?
+        } else {
+            switch
+                .ip(&["link", "add", ETCD_PEER_BRIDGE, "type", "bridge"])
+                .context("creating the etcd peer bridge")?;
+            switch.ip(&["link", "set", ETCD_PEER_BRIDGE, "up"])?;
+            for i in 0..members {
+                etcd_member_ns.push(cable_etcd_member(&switch, &tag, i)?);
+            }
+            let specs: Vec<MemberSpec<'_>> = etcd_member_ns
+                .iter()
+                .zip(0..)
+                .map(|(ns, i)| MemberSpec {
+                    ns,
+                    client_ip: etcd_member_client_ip(i),
+                    peer_ip: etcd_member_peer_ip(i),
+                })
+                .collect();
+            Etcd::start_members(&specs, work_dir.path(), security)?
+        };
         let cluster = Self {
             etcd,
+            etcd_member_ns,
             switch,
             tag,
             config: network_config_json.to_owned(),
@@ -106,6 +147,17 @@ impl Cluster {
 
     pub fn etcd(&self) -> &Etcd {
         &self.etcd
+    }
+
+    /// Cuts etcd member `index` off from the other members (its peer link
+    /// down) or heals it; clients still reach it.
+    pub fn partition_etcd_member(&self, index: u8, cut: bool) -> Result<()> {
+        let ns = self
+            .etcd_member_ns
+            .get(usize::from(index))
+            .with_context(|| format!("no etcd member {index} in its own namespace"))?;
+        ns.ip(&["link", "set", "peer0", if cut { "down" } else { "up" }])?;
+        Ok(())
     }
 
     /// The namespace holding the underlay bridge and etcd.
@@ -267,6 +319,52 @@ impl Cluster {
             ns,
         })
     }
+}
+
+/// The bridge in the switch namespace that carries etcd members' peer
+/// traffic, apart from the underlay.
+const ETCD_PEER_BRIDGE: &str = "brp";
+
+fn etcd_member_client_ip(index: u8) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 0, 241 + index)
+}
+
+fn etcd_member_peer_ip(index: u8) -> Ipv4Addr {
+    Ipv4Addr::new(198, 19, 254, 1 + index)
+}
+
+/// A namespace for etcd member `index`: `eth0` on the underlay switch for
+/// clients, `peer0` on the peer bridge for the other members.
+fn cable_etcd_member(switch: &Netns, tag: &str, index: u8) -> Result<Netns> {
+    let ns = Netns::new(&crate::ns_name(tag, &format!("e{index}")))?;
+    for (dev, port, bridge, ip) in [
+        (
+            "eth0",
+            format!("e{index}"),
+            BRIDGE,
+            etcd_member_client_ip(index),
+        ),
+        (
+            "peer0",
+            format!("ep{index}"),
+            ETCD_PEER_BRIDGE,
+            etcd_member_peer_ip(index),
+        ),
+    ] {
+        ns.add_veth(dev, switch, &port, UNDERLAY_MTU)
+            .with_context(|| format!("cabling etcd member {index}"))?;
+        switch.ip(&["link", "set", &port, "master", bridge, "up"])?;
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("{ip}/{UNDERLAY_PREFIX_LEN}"),
+            "dev",
+            dev,
+        ])?;
+        ns.ip(&["link", "set", dev, "up"])?;
+    }
+    ns.ip(&["link", "set", "lo", "up"])?;
+    Ok(ns)
 }
 
 /// The switch-side port name of host `index`'s cable.
@@ -442,7 +540,23 @@ impl<'c> Host<'c> {
         extra_args: &[&str],
         etcd_flags: &[&str],
     ) -> Result<()> {
-        let binary = crate::node_agent_binary()?;
+        self.start_agent_binary(&crate::node_agent_binary()?, extra_args, etcd_flags)
+    }
+
+    /// [`Self::start_agent`] from another copy of the agent binary: an
+    /// upgrade in place.
+    pub fn start_agent_from(&self, binary: &Path, extra_args: &[&str]) -> Result<()> {
+        let etcd_flags = self.cluster.etcd.agent_flags();
+        let etcd_flags: Vec<&str> = etcd_flags.iter().map(String::as_str).collect();
+        self.start_agent_binary(binary, extra_args, &etcd_flags)
+    }
+
+    fn start_agent_binary(
+        &self,
+        binary: &Path,
+        extra_args: &[&str],
+        etcd_flags: &[&str],
+    ) -> Result<()> {
         let mut slot = self.agent_slot();
         if let Some(agent) = slot.as_mut()
             && agent.process.try_wait()?.is_none()
@@ -450,7 +564,7 @@ impl<'c> Host<'c> {
             bail!("host {}: agent already running", self.index);
         }
         let binary = binary.to_string_lossy().into_owned();
-        let endpoint = self.cluster.etcd.endpoint();
+        let endpoint = self.cluster.etcd.endpoints();
         let subnet_file = self.subnet_file.to_string_lossy().into_owned();
         let pin_path = self.pin_path.to_string_lossy().into_owned();
         let mut args = vec![
@@ -522,6 +636,22 @@ impl<'c> Host<'c> {
                 process::tail(&self.agent_log(), 40)
             ),
         }
+    }
+
+    /// Freezes (`true`, SIGSTOP) or thaws (SIGCONT) the running agent: its
+    /// etcd watch pauses while the data path keeps forwarding.
+    pub fn freeze_agent(&self, frozen: bool) -> Result<()> {
+        let pid = self
+            .agent_pid()
+            .with_context(|| format!("host {}: no agent running", self.index))?;
+        let signal = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+        let pid = libc::pid_t::try_from(pid).context("pid out of range")?;
+        // SAFETY: kill(2) with a pid this fixture spawned and still owns.
+        if unsafe { libc::kill(pid, signal) } != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("signalling agent {pid}"));
+        }
+        Ok(())
     }
 
     /// Everything the agent(s) on this host logged.
@@ -888,7 +1018,7 @@ pub fn tcp_transfer(
     Ok(TransferStats { bytes, elapsed })
 }
 
-fn python3() -> &'static str {
+pub(crate) fn python3() -> &'static str {
     // The distribution's interpreter avoids version-manager shims, whose
     // behaviour depends on the caller's directory and environment.
     if Path::new("/usr/bin/python3").exists() {

@@ -1,12 +1,13 @@
 //! A private etcd server inside a test namespace, and `etcdctl` helpers.
 
 use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 
 use crate::netns::{Netns, command_in};
@@ -32,29 +33,64 @@ pub const AGENT_USER: &str = "weft";
 pub const AGENT_PASSWORD: &str = "weft-test-password";
 const ROOT_PASSWORD: &str = "root-test-password";
 
-/// An etcd 3.4 server running in a namespace, listening on one address
-/// (client 2379, peer 2380: the namespace is private, so fixed ports cannot
-/// clash). Drop kills it and removes its data directory.
+/// An etcd 3.4 cluster: one server in the switch namespace by default, or
+/// several members, each in its own namespace (client port 2379, peer port
+/// 2380: the namespaces are private, so fixed ports cannot clash). Drop
+/// kills every member and removes the data directories.
 pub struct Etcd {
-    /// Behind a lock so tests holding the cluster shared can restart it;
-    /// dropping it kills the server.
-    server: Mutex<Option<Background>>,
-    ns_name: String,
-    endpoint: String,
-    /// The server's command line, for [`Self::restart`].
-    args: Vec<String>,
-    /// Holds the data directory and `etcd.log`; removed on drop.
-    dir: tempfile::TempDir,
+    members: Vec<Member>,
+    /// Holds the data directories and logs; removed on drop.
+    _dir: tempfile::TempDir,
     /// The certificates, when TLS is on.
     pki: Option<Pki>,
     /// Whether authentication is on (after start-up).
     auth: AtomicBool,
 }
 
+/// Where one member runs: its namespace, the address clients (agents) use,
+/// and the address its peers use (the same one for a single server; a
+/// separate network for a cluster, so a test can cut the members apart
+/// while clients still reach them).
+pub struct MemberSpec<'a> {
+    pub ns: &'a Netns,
+    pub client_ip: Ipv4Addr,
+    pub peer_ip: Ipv4Addr,
+}
+
+/// One etcd server process.
+struct Member {
+    /// Behind a lock so tests holding the cluster shared can restart it;
+    /// dropping it kills the server.
+    server: Mutex<Option<Background>>,
+    ns_name: String,
+    client_url: String,
+    /// The server's command line, for restarts.
+    args: Vec<String>,
+    log: PathBuf,
+}
+
+impl Member {
+    fn server(&self) -> MutexGuard<'_, Option<Background>> {
+        // A panic while holding the lock leaves a consistent Option behind.
+        self.server.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn spawn(&self) -> Result<()> {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        let server = Background::spawn_logged(command_in(&self.ns_name, &args), &self.log)?;
+        *self.server() = Some(server);
+        Ok(())
+    }
+
+    fn stop(&self) {
+        drop(self.server().take());
+    }
+}
+
 impl Etcd {
     /// Starts etcd in `ns` on `ip`, with its data and log in a new
     /// directory under `parent`, and waits until it reports healthy.
-    pub fn start(ns: &Netns, ip: Ipv4Addr, parent: &std::path::Path) -> Result<Self> {
+    pub fn start(ns: &Netns, ip: Ipv4Addr, parent: &Path) -> Result<Self> {
         Self::start_secured(ns, ip, parent, EtcdSecurity::default())
     }
 
@@ -62,72 +98,110 @@ impl Etcd {
     pub fn start_secured(
         ns: &Netns,
         ip: Ipv4Addr,
-        parent: &std::path::Path,
+        parent: &Path,
         security: EtcdSecurity,
     ) -> Result<Self> {
-        if !std::path::Path::new(ETCD).exists() {
+        let single = MemberSpec {
+            ns,
+            client_ip: ip,
+            peer_ip: ip,
+        };
+        Self::start_members(&[single], parent, security)
+    }
+
+    /// Starts one member per spec as one cluster and waits until every
+    /// member reports healthy.
+    pub fn start_members(
+        specs: &[MemberSpec<'_>],
+        parent: &Path,
+        security: EtcdSecurity,
+    ) -> Result<Self> {
+        if !Path::new(ETCD).exists() {
             bail!("{ETCD} not found: install etcd-server (`cargo xtask setup`)");
         }
+        ensure!(!specs.is_empty(), "an etcd cluster needs a member");
         let dir = tempfile::Builder::new()
             .prefix("etcd-")
             .tempdir_in(parent)
             .context("creating etcd temp dir")?;
-        let data_dir = dir.path().join("data");
         let pki = if security.tls {
-            Some(Pki::generate(dir.path(), ip)?)
+            let ips: Vec<Ipv4Addr> = specs.iter().map(|m| m.client_ip).collect();
+            Some(Pki::generate(dir.path(), &ips)?)
         } else {
             None
         };
         let scheme = if security.tls { "https" } else { "http" };
-        let client = format!("{scheme}://{ip}:2379");
-        let peer = format!("http://{ip}:2380");
-        let data_dir_s = data_dir.to_string_lossy().into_owned();
-        let initial_cluster = format!("weft={peer}");
-        let mut argv: Vec<String> = [
-            ETCD,
-            "--name",
-            "weft",
-            "--data-dir",
-            &data_dir_s,
-            "--listen-client-urls",
-            &client,
-            "--advertise-client-urls",
-            &client,
-            "--listen-peer-urls",
-            &peer,
-            "--initial-advertise-peer-urls",
-            &peer,
-            "--initial-cluster",
-            &initial_cluster,
-            "--initial-cluster-state",
-            "new",
-            "--log-level",
-            "warn",
-        ]
-        .iter()
-        .map(|a| (*a).to_owned())
-        .collect();
-        if let Some(pki) = &pki {
-            for (flag, path) in [
-                ("--cert-file", &pki.server_cert),
-                ("--key-file", &pki.server_key),
-                ("--trusted-ca-file", &pki.ca),
-            ] {
-                argv.push(flag.to_owned());
-                argv.push(path.to_string_lossy().into_owned());
+        let name = |i: usize| format!("weft{i}");
+        let initial_cluster = specs
+            .iter()
+            .enumerate()
+            .map(|(i, m)| format!("{}=http://{}:2380", name(i), m.peer_ip))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut members = Vec::with_capacity(specs.len());
+        for (i, spec) in specs.iter().enumerate() {
+            let client = format!("{scheme}://{}:2379", spec.client_ip);
+            let peer = format!("http://{}:2380", spec.peer_ip);
+            let data_dir = dir.path().join(format!("data{i}"));
+            let data_dir_s = data_dir.to_string_lossy().into_owned();
+            let member_name = name(i);
+            let mut argv: Vec<String> = [
+                ETCD,
+                "--name",
+                &member_name,
+                "--data-dir",
+                &data_dir_s,
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+                "--initial-cluster",
+                &initial_cluster,
+                "--initial-cluster-state",
+                "new",
+                "--log-level",
+                "warn",
+            ]
+            .iter()
+            .map(|a| (*a).to_owned())
+            .collect();
+            if let Some(pki) = &pki {
+                for (flag, path) in [
+                    ("--cert-file", &pki.server_cert),
+                    ("--key-file", &pki.server_key),
+                    ("--trusted-ca-file", &pki.ca),
+                ] {
+                    argv.push(flag.to_owned());
+                    argv.push(path.to_string_lossy().into_owned());
+                }
+                argv.push("--client-cert-auth".to_owned());
             }
-            argv.push("--client-cert-auth".to_owned());
+            members.push(Member {
+                server: Mutex::new(None),
+                ns_name: spec.ns.name().to_owned(),
+                client_url: client,
+                args: argv,
+                log: dir.path().join(if specs.len() == 1 {
+                    LOG_FILE.to_owned()
+                } else {
+                    format!("etcd{i}.log")
+                }),
+            });
         }
         let etcd = Self {
-            server: Mutex::new(None),
-            ns_name: ns.name().to_owned(),
-            endpoint: client,
-            args: argv,
-            dir,
+            members,
+            _dir: dir,
             pki,
             auth: AtomicBool::new(false),
         };
-        etcd.spawn()?;
+        // All at once: a member of a new cluster waits for its peers.
+        for member in &etcd.members {
+            member.spawn()?;
+        }
         etcd.wait_healthy()?;
         if security.auth {
             etcd.enable_auth()?;
@@ -206,42 +280,65 @@ impl Etcd {
         flags
     }
 
-    fn server(&self) -> MutexGuard<'_, Option<Background>> {
-        // A panic while holding the lock leaves a consistent Option behind.
-        self.server.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn spawn(&self) -> Result<()> {
-        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
-        let server = Background::spawn_logged(
-            command_in(&self.ns_name, &args),
-            &self.dir.path().join(LOG_FILE),
-        )?;
-        *self.server() = Some(server);
-        Ok(())
-    }
-
-    /// Kills the server (clients see their connections drop).
+    /// Kills every member (clients see their connections drop).
     pub fn stop(&self) {
-        drop(self.server().take());
+        for member in &self.members {
+            member.stop();
+        }
     }
 
-    /// Starts the server again on the same data, after [`Self::stop`].
+    /// Starts every member again on the same data, after [`Self::stop`].
     pub fn restart(&self) -> Result<()> {
         self.stop();
-        self.spawn()?;
+        for member in &self.members {
+            member.spawn()?;
+        }
         self.wait_healthy()
     }
 
+    /// Kills member `index` alone.
+    pub fn stop_member(&self, index: usize) -> Result<()> {
+        self.member(index)?.stop();
+        Ok(())
+    }
+
+    /// Starts member `index` again on its data, and waits for the cluster
+    /// to be healthy.
+    pub fn restart_member(&self, index: usize) -> Result<()> {
+        let member = self.member(index)?;
+        member.stop();
+        member.spawn()?;
+        self.wait_healthy()
+    }
+
+    fn member(&self, index: usize) -> Result<&Member> {
+        self.members
+            .get(index)
+            .with_context(|| format!("etcd has {} members, no {index}", self.members.len()))
+    }
+
+    /// Waits until every running member answers `endpoint health`.
     fn wait_healthy(&self) -> Result<()> {
+        let running: Vec<&Member> = self
+            .members
+            .iter()
+            .filter(|m| m.server().is_some())
+            .collect();
+        let endpoints = running
+            .iter()
+            .map(|m| m.client_url.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
         let result = process::wait_until(ETCD_START_TIMEOUT, "etcd to become healthy", |last| {
-            if let Some(server) = self.server().as_mut()
-                && let Some(status) = server.try_wait()?
-            {
-                bail!("etcd exited with {status}");
+            for member in &running {
+                if let Some(server) = member.server().as_mut()
+                    && let Some(status) = server.try_wait()?
+                {
+                    bail!("etcd member {} exited with {status}", member.client_url);
+                }
             }
             let out = process::run_output(
-                self.etcdctl(&["endpoint", "health"]),
+                self.etcdctl_at(&endpoints, &["endpoint", "health"]),
                 process::COMMAND_TIMEOUT,
             )?;
             if out.status.success() {
@@ -253,26 +350,53 @@ impl Etcd {
         result.with_context(|| format!("etcd log:\n{}", process::tail(&self.log(), 40)))
     }
 
-    /// The client URL, e.g. `http://198.18.0.254:2379`.
+    /// The first member's client URL, e.g. `http://198.18.0.254:2379`.
     pub fn endpoint(&self) -> String {
-        self.endpoint.clone()
+        self.members[0].client_url.clone()
     }
 
-    /// etcd's own log so far.
+    /// Every member's client URL, comma separated, as `--etcd-endpoints`
+    /// takes them.
+    pub fn endpoints(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| m.client_url.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Member `index`'s client URL.
+    pub fn member_endpoint(&self, index: usize) -> Result<String> {
+        Ok(self.member(index)?.client_url.clone())
+    }
+
+    /// The members' own logs so far, one after another.
     pub fn log(&self) -> String {
-        std::fs::read(self.dir.path().join(LOG_FILE))
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default()
+        self.members
+            .iter()
+            .map(|m| {
+                std::fs::read(&m.log)
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .unwrap_or_default()
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
-    /// `etcdctl` (API v3) against this server, run inside its namespace.
+    /// `etcdctl` (API v3) against every member, run inside the first
+    /// member's namespace.
     pub fn etcdctl(&self, args: &[&str]) -> Command {
+        self.etcdctl_at(&self.endpoints(), args)
+    }
+
+    /// `etcdctl` against `endpoints` only (comma separated).
+    pub fn etcdctl_at(&self, endpoints: &str, args: &[&str]) -> Command {
         let mut cmd = command_in(
-            &self.ns_name,
+            &self.members[0].ns_name,
             &[
                 "etcdctl",
                 "--endpoints",
-                &self.endpoint,
+                endpoints,
                 "--dial-timeout=2s",
                 "--command-timeout=5s",
             ],

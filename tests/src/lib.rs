@@ -16,6 +16,7 @@ mod netns;
 pub mod pki;
 pub mod podman;
 pub mod process;
+pub mod stream;
 mod system;
 pub mod test_run;
 

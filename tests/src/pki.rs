@@ -24,9 +24,9 @@ pub struct Pki {
 }
 
 impl Pki {
-    /// Generates everything in `dir`, the server certificate for
-    /// `server_ip`.
-    pub fn generate(dir: &Path, server_ip: Ipv4Addr) -> Result<Self> {
+    /// Generates everything in `dir`, one server certificate for every
+    /// address in `server_ips` (the members of a cluster share it).
+    pub fn generate(dir: &Path, server_ips: &[Ipv4Addr]) -> Result<Self> {
         crate::require_tools(&["openssl"])?;
         let path = |name: &str| dir.join(name);
         let pki = Self {
@@ -49,7 +49,14 @@ impl Pki {
             (&pki.ca, &ca_key),
             (&pki.server_cert, &pki.server_key),
             "etcd",
-            &format!("subjectAltName=IP:{server_ip}\nextendedKeyUsage=serverAuth\n"),
+            &format!(
+                "subjectAltName={}\nextendedKeyUsage=serverAuth\n",
+                server_ips
+                    .iter()
+                    .map(|ip| format!("IP:{ip}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
         )?;
         issue(
             dir,
