@@ -24,6 +24,7 @@ use crate::{
     netconf::{self, ClusterRoute, HostNetworking, Interface},
     netlink::{Netlink as _, NetlinkEvents, RtNetlink},
     nft::{Firewall, FirewallPlan, Nft, Repairs},
+    observe::{self, AgentInfo, ObserveSettings},
     peers::PeerTable,
     pinned::PinnedState,
     watcher::PeerWatcher,
@@ -34,6 +35,8 @@ use crate::{
 pub struct RunSettings {
     #[command(flatten)]
     pub etcd: EtcdSettings,
+    #[command(flatten)]
+    pub observe: ObserveSettings,
     /// Underlay interface: tunnels leave and arrive here.
     #[arg(long)]
     pub iface: String,
@@ -225,6 +228,17 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
         .await
         .context("installing the cluster route")?;
     tracing::info!(?hook, pin_path = %s.pin_path.display(), "data path attached");
+    observe::serve(
+        &s.observe,
+        AgentInfo {
+            pin_path: s.pin_path.clone(),
+            subnet: held.subnet,
+            backend: cfg.backend.type_name(),
+        },
+    )
+    .await
+    .context("--healthz-port / --metrics-addr")?;
+    observe::notify_ready(&format!("forwarding for {}", held.subnet));
 
     let table = PeerTable::new(&cfg, held.subnet, public_ip, iface.addrs.clone());
     let peer_maps = dp.take_peer_maps()?;
@@ -414,23 +428,84 @@ async fn shutdown_signal() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Prints the peer table and the counters (what bpftool shows as raw bytes).
-pub fn status(pin_path: &Path) -> anyhow::Result<()> {
+/// How a peer is reached, in words.
+fn peer_mode(node: &weft_common::RemoteNode) -> String {
+    match node.mode {
+        m if m == Mode::Vxlan as u8 => "vxlan".to_owned(),
+        m if m == Mode::Ipip as u8 => "ipip".to_owned(),
+        m if m == Mode::Direct as u8 => "direct".to_owned(),
+        m => format!("mode {m}?"),
+    }
+}
+
+/// `status --json`: the same facts as the text, for scripts. Field names
+/// are stable; new ones may be added.
+fn status_json(state: &PinnedState) -> anyhow::Result<serde_json::Value> {
+    use serde_json::json;
+    let peers: Vec<_> = state
+        .peers()?
+        .iter()
+        .map(|(subnet, node)| {
+            json!({
+                "subnet": subnet.to_string(),
+                "public_ip": Ipv4Addr::from(node.public_ip).to_string(),
+                "mode": peer_mode(node),
+                "vtep_mac": crate::flannel::lease::format_mac(&node.vtep_mac),
+                "vni": node.vni,
+            })
+        })
+        .collect();
+    let counters: serde_json::Map<String, serde_json::Value> = state
+        .counters()?
+        .iter()
+        .map(|(reason, n)| (reason.name().to_owned(), json!(n)))
+        .collect();
+    let node = state.node_config()?.map(|c| {
+        json!({
+            "configured": c.configured != 0,
+            "public_ip": Ipv4Addr::from(c.public_ip).to_string(),
+            "subnet": format!("{}/{}", Ipv4Addr::from(c.local_subnet), c.local_prefix_len),
+            "network": format!("{}/{}", Ipv4Addr::from(c.cluster_network), c.cluster_prefix_len),
+            "iface_ifindex": c.iface_ifindex,
+            "iface_mtu": c.iface_mtu,
+        })
+    });
+    let firewall = match Nft::open().and_then(|mut nft| Firewall::installed(&mut nft)) {
+        Ok(installed) => json!({
+            "masquerade": installed.masq,
+            "forward": installed.forward,
+        }),
+        Err(e) => json!({ "error": e.to_string() }),
+    };
+    Ok(json!({
+        "node": node,
+        "peers": peers,
+        "counters": counters,
+        "firewall": firewall,
+    }))
+}
+
+/// Prints the peer table and the counters (what bpftool shows as raw bytes),
+/// as text or, with `json`, as one JSON object.
+pub fn status(pin_path: &Path, json: bool) -> anyhow::Result<()> {
     let reading = || format!("reading the maps pinned under {}", pin_path.display());
     let state = PinnedState::open(pin_path).with_context(reading)?;
+    if json {
+        let value = status_json(&state).with_context(reading)?;
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
     let peers = state.peers().with_context(reading)?;
     println!("peers ({}):", peers.len());
     for (subnet, node) in &peers {
-        let how = match node.mode {
-            m if m == Mode::Vxlan as u8 => format!(
-                "vxlan vtep {} vni {}",
+        let mut how = peer_mode(node);
+        if node.mode == Mode::Vxlan as u8 {
+            how = format!(
+                "{how} vtep {} vni {}",
                 crate::flannel::lease::format_mac(&node.vtep_mac),
                 node.vni
-            ),
-            m if m == Mode::Ipip as u8 => "ipip".to_owned(),
-            m if m == Mode::Direct as u8 => "direct".to_owned(),
-            m => format!("mode {m}?"),
-        };
+            );
+        }
         println!(
             "  {subnet:<18} -> {:<15} {how}",
             Ipv4Addr::from(node.public_ip)

@@ -11,7 +11,8 @@
 //! - [`netconf`]: the underlay interface, the cluster route, peers' neighbour
 //!   entries (kept in place against removals), forwarding;
 //! - [`netlink`]: the typed rtnetlink layer everything above talks through;
-//! - [`nft`]: `--ip-masq` and the forward rules, over nf_tables netlink.
+//! - [`nft`]: `--ip-masq` and the forward rules, over nf_tables netlink;
+//! - [`observe`]: `/healthz`, Prometheus `/metrics` and systemd readiness.
 
 pub mod agent;
 pub mod datapath;
@@ -23,6 +24,7 @@ pub mod lease_manager;
 pub mod netconf;
 pub mod netlink;
 pub mod nft;
+pub mod observe;
 pub mod peers;
 pub mod pinned;
 pub mod watcher;

@@ -24,6 +24,9 @@ enum Command {
     Status {
         #[arg(long, default_value = "/sys/fs/bpf/weft")]
         pin_path: PathBuf,
+        /// One JSON object (node, peers, counters, firewall) for scripts.
+        #[arg(long)]
+        json: bool,
     },
     /// Print the dockerd flags for this node (--bip, --ip-masq, --mtu) from
     /// the subnet file, as flannel's mk-docker-opts.sh does.
@@ -77,7 +80,7 @@ fn main() -> ExitCode {
 async fn run_command(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run(settings) => agent::run(settings).await,
-        Command::Status { pin_path } => agent::status(&pin_path),
+        Command::Status { pin_path, json } => agent::status(&pin_path, json),
         Command::DockerOpts {
             subnet_file,
             dest,

@@ -41,6 +41,8 @@ const PACKAGES: &[&str] = &[
     "nftables",
     // The etcd TLS tests make their CA and certificates with it.
     "openssl",
+    // The metrics test scrapes the agents with a real Prometheus.
+    "prometheus",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
