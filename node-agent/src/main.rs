@@ -19,7 +19,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Lease a subnet, attach the data path and follow the other nodes.
-    Run(RunSettings),
+    Run(Box<RunSettings>),
     /// Show the pinned peer table and the data path's counters.
     Status {
         #[arg(long, default_value = "/sys/fs/bpf/weft")]
@@ -79,7 +79,7 @@ fn main() -> ExitCode {
 /// netlink need it; the others cost it nothing).
 async fn run_command(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Run(settings) => agent::run(settings).await,
+        Command::Run(settings) => agent::run(*settings).await,
         Command::Status { pin_path, json } => agent::status(&pin_path, json),
         Command::DockerOpts {
             subnet_file,
