@@ -21,7 +21,7 @@ use crate::{
         subnet_env,
     },
     lease_manager::LeaseManager,
-    netconf::{self, ClusterRoute, HostNetworking, Interface},
+    netconf::{self, ClusterRoute, HostNetworking, IfaceChoice},
     netlink::{Netlink as _, NetlinkEvents, RtNetlink},
     nft::{Firewall, FirewallPlan, Nft, Repairs},
     observe::{self, AgentInfo, ObserveSettings},
@@ -37,16 +37,25 @@ pub struct RunSettings {
     pub etcd: EtcdSettings,
     #[command(flatten)]
     pub observe: ObserveSettings,
-    /// Underlay interface: tunnels leave and arrive here.
-    #[arg(long)]
-    pub iface: String,
-    /// Address other nodes send tunnel traffic to [default: the primary
-    /// IPv4 address of --iface].
-    #[arg(long)]
+    /// Underlay interface, by name or IPv4 address; repeat (or separate
+    /// with commas) to try several in order [default: the default route's].
+    #[arg(long, env = "FLANNELD_IFACE", value_delimiter = ',')]
+    pub iface: Vec<String>,
+    /// Regular expressions matched against interface names, then their
+    /// addresses, when no --iface is given.
+    #[arg(long, env = "FLANNELD_IFACE_REGEX", value_delimiter = ',')]
+    pub iface_regex: Vec<String>,
+    /// Use the interface that routes to this address, when neither --iface
+    /// nor --iface-regex is given.
+    #[arg(long, env = "FLANNELD_IFACE_CAN_REACH")]
+    pub iface_can_reach: Option<Ipv4Addr>,
+    /// Address other nodes send tunnel traffic to [default: the --iface
+    /// address that chose the interface, else its primary IPv4 address].
+    #[arg(long, env = "FLANNELD_PUBLIC_IP")]
     pub public_ip: Option<Ipv4Addr>,
-    #[arg(long, default_value = crate::flannel::DEFAULT_PREFIX)]
+    #[arg(long, env = "FLANNELD_ETCD_PREFIX", default_value = crate::flannel::DEFAULT_PREFIX)]
     pub etcd_prefix: String,
-    #[arg(long, default_value = subnet_env::DEFAULT_PATH)]
+    #[arg(long, env = "FLANNELD_SUBNET_FILE", default_value = subnet_env::DEFAULT_PATH)]
     pub subnet_file: PathBuf,
     /// bpffs directory for the maps and program links.
     #[arg(long, default_value = "/sys/fs/bpf/weft")]
@@ -100,11 +109,46 @@ fn parse_mark(s: &str) -> Result<u32, String> {
 const RETRY_MIN: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(10);
 
+/// flanneld's environment variables this agent reads: every flag's.
+fn known_flannel_env() -> BTreeSet<String> {
+    use clap::Args as _;
+    RunSettings::augment_args(clap::Command::new("run"))
+        .get_arguments()
+        .filter_map(|a| a.get_env())
+        .map(|e| e.to_string_lossy().into_owned())
+        .collect()
+}
+
+/// A `FLANNELD_*` variable no flag reads is a flannel setting weft does not
+/// implement: refusing it beats ignoring what the unit file asks for.
+fn check_flannel_env(vars: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
+    let known = known_flannel_env();
+    let unknown: Vec<String> = vars
+        .into_iter()
+        .filter(|v| v.starts_with("FLANNELD_") && !known.contains(v))
+        .collect();
+    if !unknown.is_empty() {
+        bail!(
+            "{} set, but weft implements no such flanneld setting; unset it (see the README's flag table)",
+            unknown.join(", ")
+        );
+    }
+    Ok(())
+}
+
 pub async fn run(s: RunSettings) -> anyhow::Result<()> {
+    check_flannel_env(std::env::vars_os().filter_map(|(k, _)| k.into_string().ok()))?;
     let keys = KeyLayout::new(&s.etcd_prefix).context("--etcd-prefix")?;
     let nl = RtNetlink::open().context("netlink")?;
-    let iface = Interface::lookup(&nl, &s.iface).await.context("--iface")?;
-    let public_ip = match s.public_ip {
+    let choice = IfaceChoice {
+        ifaces: s.iface.clone(),
+        regexes: s.iface_regex.clone(),
+        can_reach: s.iface_can_reach,
+    };
+    let (iface, chosen_by) = netconf::choose_interface(&nl, &choice)
+        .await
+        .context("choosing the underlay interface")?;
+    let public_ip = match s.public_ip.or(chosen_by) {
         Some(ip) => ip,
         None => iface.primary_ipv4().context("--public-ip default")?,
     };
@@ -588,6 +632,15 @@ pub async fn cleanup(pin_path: &Path, subnet_file: &Path) -> anyhow::Result<()> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unimplemented_flannel_settings_are_refused_by_name() {
+        assert!(check_flannel_env(["FLANNELD_IFACE".to_owned(), "PATH".to_owned()]).is_ok());
+        assert!(check_flannel_env(["FLANNELD_ETCD_PASSWORD".to_owned()]).is_ok());
+        let err = check_flannel_env(["FLANNELD_KUBE_SUBNET_MGR".to_owned()])
+            .expect_err("not implemented");
+        assert!(err.to_string().contains("FLANNELD_KUBE_SUBNET_MGR"), "{err}");
+    }
 
     #[test]
     fn marks_parse_in_decimal_and_hex_and_bad_ones_say_why() {

@@ -28,7 +28,7 @@ pub struct EtcdSettings {
         long,
         env = "FLANNELD_ETCD_ENDPOINTS",
         value_delimiter = ',',
-        required = true
+        default_value = "http://127.0.0.1:2379"
     )]
     pub etcd_endpoints: Vec<String>,
     /// PEM CA certificate that signed etcd's server certificate.

@@ -26,10 +26,116 @@ pub enum NetconfError {
          this node needs"
     )]
     NetworkCaptures { network: Ipv4Net, what: String },
+    #[error("no interface matches {tried}")]
+    NoMatch { tried: String },
+    #[error(
+        "no default route to take the interface from; name one with --iface, \
+         --iface-regex or --iface-can-reach"
+    )]
+    NoDefaultRoute,
+    #[error("--iface-regex {pattern:?}: {source}")]
+    BadRegex {
+        pattern: String,
+        source: regex::Error,
+    },
     #[error(transparent)]
     Netlink(#[from] NetlinkError),
     #[error("cannot enable IPv4 forwarding: {0}")]
     Forwarding(#[source] std::io::Error),
+}
+
+/// How the underlay interface is picked, as flanneld's flags do: `--iface`
+/// names or addresses in order, else `--iface-regex` patterns (matched
+/// against names, then addresses), else the interface that routes to
+/// `--iface-can-reach`, else the default route's.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IfaceChoice {
+    pub ifaces: Vec<String>,
+    pub regexes: Vec<String>,
+    pub can_reach: Option<Ipv4Addr>,
+}
+
+/// The chosen interface, and the address that chose it (an `--iface` IP or
+/// an address a regex matched), which then defaults the PublicIP.
+pub async fn choose_interface(
+    nl: &impl Netlink,
+    choice: &IfaceChoice,
+) -> Result<(Interface, Option<Ipv4Addr>), NetconfError> {
+    if !choice.ifaces.is_empty() {
+        for want in &choice.ifaces {
+            if let Ok(ip) = want.parse::<Ipv4Addr>() {
+                if let Some(found) = interface_with_addr(nl, |a| a == ip).await? {
+                    return Ok((found, Some(ip)));
+                }
+            } else {
+                match Interface::lookup(nl, want).await {
+                    Ok(found) => return Ok((found, None)),
+                    Err(NetconfError::NoInterface { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        return Err(NetconfError::NoMatch {
+            tried: format!("--iface {}", choice.ifaces.join(", ")),
+        });
+    }
+    if !choice.regexes.is_empty() {
+        for pattern in &choice.regexes {
+            let re = regex::Regex::new(pattern).map_err(|source| NetconfError::BadRegex {
+                pattern: pattern.clone(),
+                source,
+            })?;
+            for link in nl.links().await? {
+                if re.is_match(&link.name) {
+                    return Ok((Interface::lookup(nl, &link.name).await?, None));
+                }
+            }
+            if let Some(found) = interface_with_addr(nl, |a| re.is_match(&a.to_string())).await? {
+                let ip = found.addrs.iter().map(Ipv4Net::addr).find(|a| re.is_match(&a.to_string()));
+                return Ok((found, ip));
+            }
+        }
+        return Err(NetconfError::NoMatch {
+            tried: format!("--iface-regex {}", choice.regexes.join(", ")),
+        });
+    }
+    let routes = nl.routes().await?;
+    let ifindex = match choice.can_reach {
+        Some(target) => routes
+            .iter()
+            .filter(|r| r.dst.contains(&target))
+            .max_by_key(|r| r.dst.prefix_len())
+            .and_then(|r| r.ifindex)
+            .ok_or_else(|| NetconfError::NoMatch {
+                tried: format!("--iface-can-reach {target} (no route to it)"),
+            })?,
+        None => routes
+            .iter()
+            .find(|r| r.dst.prefix_len() == 0)
+            .and_then(|r| r.ifindex)
+            .ok_or(NetconfError::NoDefaultRoute)?,
+    };
+    let link = nl
+        .link_by_index(ifindex)
+        .await?
+        .ok_or_else(|| NetconfError::NoMatch {
+            tried: format!("the route's ifindex {ifindex}"),
+        })?;
+    Ok((Interface::lookup(nl, &link.name).await?, None))
+}
+
+/// The first interface (by ifindex) holding an IPv4 address `matches`.
+async fn interface_with_addr(
+    nl: &impl Netlink,
+    matches: impl Fn(Ipv4Addr) -> bool,
+) -> Result<Option<Interface>, NetconfError> {
+    for link in nl.links().await? {
+        let addrs = nl.ipv4_addrs(link.index).await?;
+        if addrs.iter().any(|a| matches(a.addr())) {
+            return Ok(Some(Interface::lookup(nl, &link.name).await?));
+        }
+    }
+    Ok(None)
 }
 
 /// What the data path needs to know about `--iface`.
@@ -501,6 +607,9 @@ mod tests {
                 .find(|(l, _)| l.name == name)
                 .map(|(l, _)| l.clone())
                 .ok_or_else(|| NetlinkError::NoSuchLink(name.to_owned()))
+        }
+        async fn links(&self) -> Result<Vec<Link>, NetlinkError> {
+            Ok(self.links.iter().map(|(l, _)| l.clone()).collect())
         }
         async fn link_by_index(&self, index: u32) -> Result<Option<Link>, NetlinkError> {
             Ok(self

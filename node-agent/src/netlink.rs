@@ -171,6 +171,8 @@ pub trait Netlink {
     async fn link_by_name(&self, name: &str) -> Result<Link, NetlinkError>;
     /// `None` when no interface has this index.
     async fn link_by_index(&self, index: u32) -> Result<Option<Link>, NetlinkError>;
+    /// Every link, in ifindex order.
+    async fn links(&self) -> Result<Vec<Link>, NetlinkError>;
     /// IPv4 addresses of the interface with their prefixes, primary first.
     async fn ipv4_addrs(&self, ifindex: u32) -> Result<Vec<Ipv4Net>, NetlinkError>;
     /// Creates or replaces the entry (`ip neigh replace`).
@@ -338,6 +340,20 @@ impl Netlink for RtNetlink {
                 if e.is_not_found() { Ok(None) } else { Err(e) }
             }
         }
+    }
+
+    async fn links(&self) -> Result<Vec<Link>, NetlinkError> {
+        let msgs: Vec<_> = self
+            .handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| NetlinkError::from_rtnetlink("listing interfaces", e))?;
+        let mut links: Vec<Link> = msgs.iter().map(link_from).collect();
+        links.sort_by_key(|l| l.index);
+        Ok(links)
     }
 
     async fn ipv4_addrs(&self, ifindex: u32) -> Result<Vec<Ipv4Net>, NetlinkError> {
