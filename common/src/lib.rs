@@ -25,6 +25,10 @@ pub const MAP_NODE_IPS: &str = "NODE_IPS";
 pub const PROG_ENCAP_TC: &str = "weft_encap_tc";
 pub const PROG_DECAP_XDP: &str = "weft_decap_xdp";
 pub const PROG_DECAP_TC: &str = "weft_decap_tc";
+/// TC ingress of the slow-path VXLAN device: what the kernel decapsulated
+/// (reassembled outer fragments, GRO aggregates) is checked as the fast path
+/// checks it and re-injected into `--iface`'s ingress.
+pub const PROG_SLOWPATH_RX_TC: &str = "weft_slowpath_rx_tc";
 
 /// Capacity of [`MAP_SUBNETS`]. flannel networks rarely hold more than a few
 /// thousand nodes; 131072 leaves room for the 100k-lease scale benchmark.
@@ -99,8 +103,14 @@ pub struct NodeConfig {
     pub local_subnet: [u8; 4],
     /// Which tunnels the decap programs accept: [`DECAP_VXLAN`] | [`DECAP_IPIP`].
     pub decap: u32,
+    /// ifindex of the agent's collect-metadata VXLAN device (the slow path),
+    /// host byte order; 0 when there is none. Too-big packets without DF to
+    /// a VXLAN peer are handed to it, so the kernel fragments the outer
+    /// packet. Added after the 48-byte layout; the agent replaces a pinned
+    /// map of the old size.
+    pub slow_path_ifindex: u32,
 }
-const _: () = assert!(size_of::<NodeConfig>() == 48);
+const _: () = assert!(size_of::<NodeConfig>() == 52);
 
 /// [`NodeConfig::decap`] bit: VXLAN to `vxlan_port_be` with `vni`.
 pub const DECAP_VXLAN: u32 = 1;

@@ -6,6 +6,10 @@
 //! - `weft_decap_xdp`: XDP on `--iface`. VXLAN or IP-in-IP for this node loses
 //!   its outer headers and goes up the stack as the inner packet.
 //! - `weft_decap_tc`: the same at TC ingress, where XDP cannot attach.
+//! - `weft_slowpath_rx_tc`: TC ingress of the agent's collect-metadata VXLAN
+//!   device. What the kernel decapsulated there (reassembled outer
+//!   fragments, GRO aggregates) is checked like fast-path traffic and
+//!   re-injected into `--iface`'s ingress.
 //!
 //! Each entry calls `try_*` and turns its `Result<action, Reason>` into a
 //! verdict plus a per-CPU counter, so every outcome is visible in `COUNTERS`.
@@ -73,6 +77,17 @@ mod entries {
         match decap::try_decap_tc(&ctx) {
             Ok(action) => {
                 count(Reason::Decapsulated);
+                action
+            }
+            Err(reason) => tc_verdict(&ctx, reason),
+        }
+    }
+
+    #[classifier]
+    pub fn weft_slowpath_rx_tc(ctx: TcContext) -> i32 {
+        match decap::try_slowpath_rx(&ctx) {
+            Ok(action) => {
+                count(Reason::DecapsulatedSlowPath);
                 action
             }
             Err(reason) => tc_verdict(&ctx, reason),
