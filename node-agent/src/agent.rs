@@ -178,6 +178,7 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
         forward_rules = s.forward_rules,
         "firewall rules in place"
     );
+    let slow_path = slow_path_device(&nl, vxlan.map(|v| v.port), iface.mtu).await;
     dp.write_node_config(&NodeConfig {
         configured: 1,
         public_ip: public_ip.octets(),
@@ -192,11 +193,13 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
         cluster_network: cfg.network.network().octets(),
         local_subnet: held.subnet.network().octets(),
         decap,
+        slow_path_ifindex: slow_path.map_or(0, |(index, _)| index),
     })?;
     // host-gw receives plain packets: no decap hook at all. On a veth an XDP
     // program would even turn TSO off on the peer, for nothing.
     let decap_mode = (decap != 0).then_some(s.decap_mode);
     let hook = dp.attach(&iface.name, decap_mode)?;
+    dp.attach_slow_path(slow_path.map(|(_, fresh)| (netconf::SLOW_PATH_DEVICE, fresh)))?;
     // Subscribed before the route goes in, so no removal of it is missed.
     let events = NetlinkEvents::subscribe().context("netlink events")?;
     let mut host = HostNetworking::new(cluster_route, iface.addrs.clone());
@@ -229,6 +232,41 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
             r?;
             tracing::info!("stopping; the data path stays in place (`node-agent cleanup` removes it)");
             Ok(())
+        }
+    }
+}
+
+/// Sets up the slow-path device for a VXLAN backend on `port` (`None`: not
+/// VXLAN, and a device left by an earlier VXLAN run is removed). Returns its
+/// ifindex and whether it is new. Without it the fast path still works and
+/// only too-big packets without DF and outer fragments are lost, as before
+/// the slow path existed, so a failure (e.g. the port is taken by a flannel
+/// device in the same namespace) is logged, not fatal.
+async fn slow_path_device(nl: &RtNetlink, port: Option<u16>, mtu: u32) -> Option<(u32, bool)> {
+    let Some(port) = port else {
+        match netconf::remove_slow_path_device(nl).await {
+            Ok(true) => tracing::info!(
+                device = netconf::SLOW_PATH_DEVICE,
+                "removed the slow-path device: the backend is not vxlan"
+            ),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot remove the slow-path device"),
+        }
+        return None;
+    };
+    let dev = netconf::slow_path_device(port, mtu);
+    match netconf::ensure_slow_path_device(nl, &dev).await {
+        Ok((index, fresh)) => {
+            tracing::info!(device = %dev.name, index, port, fresh, "slow-path device ready");
+            Some((index, fresh))
+        }
+        Err(e) => {
+            tracing::warn!(
+                device = %dev.name,
+                error = %e,
+                "no slow-path device: too-big packets without DF and outer fragments will be dropped"
+            );
+            None
         }
     }
 }
@@ -461,7 +499,8 @@ pub fn status(pin_path: &Path) -> anyhow::Result<()> {
 
 /// Removes what `run` created: the cluster route and its neighbour entry,
 /// the peers' managed neighbour entries, weft's firewall rules, every pin
-/// (which detaches the programs), and the subnet file.
+/// (which detaches the programs), the slow-path device, and the subnet
+/// file.
 pub async fn cleanup(pin_path: &Path, subnet_file: &Path) -> anyhow::Result<()> {
     let pinned_cfg = if PinnedState::exists(pin_path) {
         PinnedState::open(pin_path)?.node_config()?
@@ -493,6 +532,16 @@ pub async fn cleanup(pin_path: &Path, subnet_file: &Path) -> anyhow::Result<()> 
     let mut nft = Nft::open().context("netfilter")?;
     Firewall::remove(&mut nft).context("removing weft's firewall rules")?;
     datapath::remove_pins(pin_path)?;
+    let nl = RtNetlink::open().context("netlink")?;
+    if netconf::remove_slow_path_device(&nl)
+        .await
+        .context("removing the slow-path device")?
+    {
+        tracing::debug!(
+            device = netconf::SLOW_PATH_DEVICE,
+            "slow-path device removed"
+        );
+    }
     match std::fs::remove_file(subnet_file) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
             Err(e).with_context(|| format!("removing {}", subnet_file.display()))
