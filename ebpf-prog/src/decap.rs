@@ -109,18 +109,24 @@ pub fn try_decap_xdp(ctx: &XdpContext) -> Result<u32, Reason> {
 
 pub fn try_decap_tc(ctx: &TcContext) -> Result<i32, Reason> {
     let cfg = node_config().ok_or(Reason::PassNotConfigured)?;
-    // SAFETY: reading a field of the context the kernel handed us.
-    if unsafe { (*ctx.skb.skb).gso_size } != 0 {
-        // A GRO aggregate of tunnel packets: this kernel cannot pop a UDP
-        // tunnel off a GSO skb from BPF (no BPF_F_ADJ_ROOM_DECAP_L4_UDP).
-        return Err(Reason::PassGso);
-    }
     if ctx.data() + CLASSIFY_LEN > ctx.data_end() && ctx.len() as usize >= CLASSIFY_LEN {
         // Headers may sit in paged data; pulling is harmless if it fails
         // (classify then sees a short window and passes the packet).
         let _ = ctx.skb.pull_data(CLASSIFY_LEN as u32);
     }
+    // Classified first, so that only aggregates of tunnel packets for this
+    // node count as `PassGso` (not, say, the slow path's re-injected inner
+    // aggregates), and injected ones are dropped here already.
     let tunnel = classify(ctx, cfg, ctx.len() as usize)?;
+    // SAFETY: reading a field of the context the kernel handed us.
+    if unsafe { (*ctx.skb.skb).gso_size } != 0 {
+        // A GRO aggregate of tunnel packets (UDP-tunnel GRO runs because
+        // the slow-path device has a socket on the port): this kernel
+        // cannot pop a UDP tunnel off a GSO skb from BPF (no
+        // BPF_F_ADJ_ROOM_DECAP_L4_UDP). The device's socket decapsulates
+        // it and the slow path delivers it.
+        return Err(Reason::PassGso);
+    }
 
     // Pops everything between the outer Ethernet header, whose destination
     // already is this host's MAC, and the inner IPv4 header.

@@ -1038,3 +1038,286 @@ fn a_network_capturing_an_underlay_route_is_refused() -> Result<()> {
     );
     Ok(())
 }
+
+/// The MTU of the hop in the middle of [`path_mtu_never_black_holes`]'s
+/// underlay: below the nodes' 1500, so full-size VXLAN packets (1450 inner
+/// + 50) must be fragmented on the way.
+const NARROW_HOP_MTU: u32 = 1400;
+/// An IPv4 datagram size over the cluster MTU (1450) but within the hosts'
+/// 1500-byte interfaces: what a host socket that ignores the route's MTU
+/// sends whole, without DF. A container (MTU 1450) fragments it itself.
+const BIG_DATAGRAM: usize = 1480;
+/// Its UDP payload (IPv4 20 + UDP 8 bytes of headers).
+const BIG_PAYLOAD: usize = BIG_DATAGRAM - 28;
+
+/// Sends `count` datagrams of [`BIG_DATAGRAM`] bytes from a socket in `from`
+/// with `IP_MTU_DISCOVER` = `pmtudisc` (so it sizes by the device MTU and
+/// never sets DF) to a socket bound in `to` at `to_ip`, and checks that each
+/// arrives whole and unchanged. `Ok(false)` when the sending kernel refuses
+/// the datagram with `EMSGSIZE` (an `IP_PMTUDISC_INTERFACE` socket on a
+/// device whose MTU is below it: it neither fragments nor sets DF).
+fn big_datagrams_arrive(
+    from: &Netns,
+    to: &Netns,
+    to_ip: Ipv4Addr,
+    pmtudisc: libc::c_int,
+    count: u8,
+) -> Result<bool> {
+    use std::net::UdpSocket;
+    use std::os::fd::AsRawFd as _;
+    const PORT: u16 = 7788;
+    let receiver = to
+        .run_in(|| UdpSocket::bind(SocketAddrV4::new(to_ip, PORT)))?
+        .with_context(|| format!("binding {to_ip}:{PORT} in {}", to.name()))?;
+    receiver.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let sender = from
+        .run_in(|| UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)))?
+        .with_context(|| format!("binding a sender in {}", from.name()))?;
+    let mode = pmtudisc;
+    // SAFETY: setsockopt(2) on a socket we own, with a c_int option value
+    // that outlives the call and its exact size.
+    let rc = unsafe {
+        libc::setsockopt(
+            sender.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            (&raw const mode).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    ensure!(
+        rc == 0,
+        "setsockopt IP_MTU_DISCOVER {pmtudisc}: {}",
+        std::io::Error::last_os_error()
+    );
+    let mut buf = vec![0u8; 4096];
+    for i in 0..count {
+        let payload: Vec<u8> = (0..BIG_PAYLOAD).map(|b| (b as u8) ^ i).collect();
+        // The socket was made in `from`'s namespace and stays there; sending
+        // from this thread is fine.
+        match sender.send_to(&payload, SocketAddrV4::new(to_ip, PORT)) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => return Ok(false),
+            Err(e) => {
+                return Err(e).with_context(|| format!("sending datagram {i} to {to_ip}"));
+            }
+        }
+        let (n, src) = receiver.recv_from(&mut buf).with_context(|| {
+            format!(
+                "datagram {i} of {BIG_DATAGRAM} bytes (IP_MTU_DISCOVER {pmtudisc}) from {} \
+                 never reached {to_ip}",
+                from.name()
+            )
+        })?;
+        ensure!(
+            buf[..n] == payload[..],
+            "datagram {i} from {src} arrived changed: {n} bytes"
+        );
+    }
+    Ok(true)
+}
+
+/// The counters of `host` by reason.
+fn counters(host: &Host<'_>) -> Result<std::collections::BTreeMap<&'static str, u64>> {
+    Ok(host
+        .pinned()?
+        .counters()?
+        .into_iter()
+        .map(|(r, n)| (r.name(), n))
+        .collect())
+}
+
+/// How much `reason` grew on `host` since `before`.
+fn grew(
+    host: &Host<'_>,
+    before: &std::collections::BTreeMap<&'static str, u64>,
+    reason: Reason,
+) -> Result<u64> {
+    let now = host.pinned()?.counter(reason)?;
+    Ok(now - before.get(reason.name()).copied().unwrap_or(0))
+}
+
+/// Path MTU never black-holes: both nodes have 1500-byte interfaces, but
+/// the routed underlay between them crosses a 1400-byte hop. Outer headers
+/// never carry DF, so that hop fragments full-size tunnel packets, and the
+/// receiver reassembles them and decapsulates through its slow-path
+/// device; datagrams bigger than the cluster MTU from sockets that ignore
+/// path MTU (`IP_PMTUDISC_OMIT`, `IP_PMTUDISC_INTERFACE`) go out through
+/// the sender's slow-path device, which fragments the outer packet.
+/// `far_args` are the far node's agent flags (its decap mode).
+fn path_mtu_never_black_holes(far_args: &[&str], far_gro: bool) -> Result<()> {
+    preflight()?;
+    let cluster = Cluster::new(VXLAN.config)?;
+    let near = cluster.add_host(1)?;
+    let far = cluster.add_host_behind_narrow_link(3, NARROW_HOP_MTU)?;
+    if far_gro {
+        // GRO on the far node's veth: with the slow-path device's UDP
+        // tunnel socket, the kernel then aggregates VXLAN packets before
+        // TC ingress, as a NIC's GRO does.
+        far.ns().run(&["ethtool", "-K", "eth0", "gro", "on"])?;
+    }
+    near.start_agent(&[])?;
+    far.start_agent(far_args)?;
+    let envs = [
+        near.wait_subnet_env(CONVERGE)?,
+        far.wait_subnet_env(CONVERGE)?,
+    ];
+    wait_full_mesh(&[&near, &far], &envs.iter().collect::<Vec<_>>())?;
+    for host in [&near, &far] {
+        let dev = host.ns().ip(&["-d", "link", "show", "weft.vxlan"])?;
+        ensure!(
+            dev.contains("vxlan external") && dev.contains("dstport 8472") && dev.contains("UP"),
+            "host {}: the slow-path device is not an external vxlan device on 8472: {dev}",
+            host.index()
+        );
+    }
+    let a = near.attach_container()?;
+    let c = far.attach_container()?;
+    let (near0, far0) = (counters(&near)?, counters(&far)?);
+
+    // DF and non-DF pings up to the full 1450-byte MTU, fragmented pings,
+    // and TCP at full MSS, both ways: every full-size tunnel packet is
+    // fragmented at the narrow hop.
+    check_both_ways(&a, &c)?;
+    for &size in &[1000, 1372, 1400, 1422] {
+        for df in [true, false] {
+            a.ping(c.ip(), 2, size, df)
+                .with_context(|| format!("{size}-byte ping (DF {df}) across the narrow hop"))?;
+            c.ping(a.ip(), 2, size, df)
+                .with_context(|| format!("{size}-byte ping (DF {df}) back"))?;
+        }
+    }
+    let frags_far = grew(&far, &far0, Reason::PassOuterFragment)?;
+    let slow_far = grew(&far, &far0, Reason::DecapsulatedSlowPath)?;
+    let frags_near = grew(&near, &near0, Reason::PassOuterFragment)?;
+    let slow_near = grew(&near, &near0, Reason::DecapsulatedSlowPath)?;
+    eprintln!(
+        "after pings and TCP: far pass_outer_fragment {frags_far} decapsulated_slow_path {slow_far}; \
+         near {frags_near} / {slow_near}"
+    );
+    ensure!(
+        slow_far > 0 && slow_near > 0,
+        "full-size packets crossed the narrow hop without the slow path: far {slow_far}, near {slow_near}"
+    );
+    if !far_gro {
+        // With GRO, the far node may see the fragments already reassembled
+        // and aggregated; without, every fragment passes the decap hook.
+        ensure!(
+            frags_far > 0 && frags_near > 0,
+            "no outer fragments counted: far {frags_far}, near {frags_near}"
+        );
+    }
+
+    // Datagrams bigger than the cluster MTU from sockets that ignore path
+    // MTU. Hosts send them whole (their device MTU is 1500) without DF, too
+    // big to encapsulate here: the slow-path device sends them and
+    // fragments the outer packet. Containers fragment them at their
+    // 1450-byte MTU (OMIT) and the fast path carries the pieces, or refuse
+    // them locally (INTERFACE, see `big_datagrams_arrive`).
+    let (near1, far1) = (counters(&near)?, counters(&far)?);
+    for (mode, name) in [
+        (libc::IP_PMTUDISC_OMIT, "IP_PMTUDISC_OMIT"),
+        (libc::IP_PMTUDISC_INTERFACE, "IP_PMTUDISC_INTERFACE"),
+    ] {
+        let what = |dir: &str| format!("{BIG_DATAGRAM}-byte UDP from a {name} socket, {dir}");
+        for (from, to, to_ip, dir) in [
+            (a.ns(), c.ns(), c.ip(), "container -> remote container"),
+            (c.ns(), a.ns(), a.ip(), "remote container -> container"),
+        ] {
+            let sent = big_datagrams_arrive(from, to, to_ip, mode, 5).with_context(|| what(dir))?;
+            ensure!(
+                sent || mode == libc::IP_PMTUDISC_INTERFACE,
+                "{}: refused locally with EMSGSIZE",
+                what(dir)
+            );
+        }
+        for (from, to, to_ip, dir) in [
+            (near.ns(), c.ns(), c.ip(), "host -> remote container"),
+            (far.ns(), a.ns(), a.ip(), "far host -> remote container"),
+        ] {
+            let sent = big_datagrams_arrive(from, to, to_ip, mode, 5).with_context(|| what(dir))?;
+            ensure!(sent, "{}: refused locally with EMSGSIZE", what(dir));
+        }
+    }
+    let slow_tx_near = grew(&near, &near1, Reason::EncapsulatedSlowPath)?;
+    let slow_tx_far = grew(&far, &far1, Reason::EncapsulatedSlowPath)?;
+    let too_big_near = grew(&near, &near1, Reason::DropTooBig)?;
+    let too_big_far = grew(&far, &far1, Reason::DropTooBig)?;
+    let slow_rx_far = grew(&far, &far1, Reason::DecapsulatedSlowPath)?;
+    let slow_rx_near = grew(&near, &near1, Reason::DecapsulatedSlowPath)?;
+    eprintln!(
+        "after big datagrams: encapsulated_slow_path near {slow_tx_near} far {slow_tx_far}; \
+         decapsulated_slow_path near {slow_rx_near} far {slow_rx_far}; \
+         drop_too_big near {too_big_near} far {too_big_far}"
+    );
+    // Two modes x five datagrams from each host, one too-big fragment each.
+    ensure!(
+        slow_tx_near >= 10 && slow_tx_far >= 10,
+        "hosts' too-big datagrams did not take the slow path: near {slow_tx_near}, far {slow_tx_far}"
+    );
+    ensure!(
+        too_big_near == 0 && too_big_far == 0,
+        "too-big packets were dropped: near {too_big_near}, far {too_big_far}"
+    );
+    // Each host's ten plus the containers' five OMIT datagrams cross the
+    // narrow hop as outer fragments.
+    ensure!(
+        slow_rx_far >= 15 && slow_rx_near >= 15,
+        "reassembled datagrams did not come through the slow path: near {slow_rx_near}, far {slow_rx_far}"
+    );
+    Ok(())
+}
+
+#[test]
+fn path_mtu_never_black_holes_across_a_narrow_underlay_hop() -> Result<()> {
+    path_mtu_never_black_holes(&[], false)
+}
+
+/// The same with TC-ingress decapsulation on the far node and GRO on its
+/// interface: UDP-tunnel GRO aggregates (`pass_gso`) reach the slow path.
+#[test]
+fn path_mtu_never_black_holes_with_tc_decap_and_gro() -> Result<()> {
+    path_mtu_never_black_holes(&["--decap-mode", "tc"], true)?;
+    Ok(())
+}
+
+/// With a kernel UDP tunnel socket on the VXLAN port (the slow-path
+/// device's), GRO aggregates VXLAN packets before TC ingress. TC decap
+/// cannot pop a UDP tunnel off an aggregate on this kernel (no
+/// `BPF_F_ADJ_ROOM_DECAP_L4_UDP`), so it passes them (`pass_gso`), the
+/// device's socket decapsulates them and the slow path delivers them.
+#[test]
+fn tc_decap_delivers_gro_aggregates_through_the_slow_path() -> Result<()> {
+    preflight()?;
+    let cluster = Cluster::new(VXLAN.config)?;
+    let sender = cluster.add_host(1)?;
+    let receiver = cluster.add_host(2)?;
+    // veth runs GRO (in NAPI) only when asked to, as a NIC does by default.
+    receiver.ns().run(&["ethtool", "-K", "eth0", "gro", "on"])?;
+    sender.start_agent(&[])?;
+    receiver.start_agent(&["--decap-mode", "tc"])?;
+    let envs = [
+        sender.wait_subnet_env(CONVERGE)?,
+        receiver.wait_subnet_env(CONVERGE)?,
+    ];
+    wait_full_mesh(&[&sender, &receiver], &envs.iter().collect::<Vec<_>>())?;
+    let a = sender.attach_container()?;
+    let b = receiver.attach_container()?;
+    let before = counters(&receiver)?;
+    check_both_ways(&a, &b)?;
+    let gso = grew(&receiver, &before, Reason::PassGso)?;
+    let slow = grew(&receiver, &before, Reason::DecapsulatedSlowPath)?;
+    let fast = grew(&receiver, &before, Reason::Decapsulated)?;
+    eprintln!(
+        "TC decap with GRO: pass_gso {gso}, decapsulated_slow_path {slow}, decapsulated {fast}"
+    );
+    ensure!(
+        gso > 0,
+        "no GRO aggregates reached TC decap; the test does not exercise them"
+    );
+    ensure!(
+        slow >= gso,
+        "GRO aggregates passed by TC decap ({gso}) were not all delivered by the slow path ({slow})"
+    );
+    Ok(())
+}
