@@ -434,6 +434,16 @@ fn a_killed_agent_leaves_the_data_path_and_its_restart_adopts_it(backend: Backen
         .map(|m| hosts[0].pinned_map_id(m))
         .collect::<Result<Vec<_>>>()?;
     let pins_before = hosts[0].pinned_entries()?;
+    // The VXLAN backends' slow-path device, adopted by the restart.
+    let vxlan = backend.config.contains("vxlan");
+    let slow_path_device = || -> Result<Option<u32>> {
+        Ok(if vxlan {
+            Some(hosts[0].ns().link("weft.vxlan")?.0)
+        } else {
+            None
+        })
+    };
+    let device_before = slow_path_device()?;
 
     hosts[0].kill_agent(Signal::Kill)?;
     a.ping(b.ip(), 3, 56, false)
@@ -479,6 +489,11 @@ fn a_killed_agent_leaves_the_data_path_and_its_restart_adopts_it(backend: Backen
         .filter(|p| !pins_after.contains(*p))
         .collect();
     ensure!(missing.is_empty(), "pins gone after restart: {missing:?}");
+    ensure!(
+        slow_path_device()? == device_before,
+        "the restart replaced the slow-path device: ifindex {device_before:?} -> {:?}",
+        slow_path_device()?
+    );
     check_both_ways(&a, &b)?;
 
     // A clean stop leaves the data path in place too.
@@ -662,9 +677,21 @@ fn cleanup_removes_everything_the_agent_created() -> Result<()> {
             Ok((!route(host)?.trim().is_empty() && !managed(host)?.is_empty()).then_some(()))
         },
     )?;
+    let slow_path_device = |host: &Host<'_>| -> Result<bool> {
+        Ok(host
+            .ns()
+            .exec(&["ip", "link", "show", "weft.vxlan"])?
+            .status
+            .success())
+    };
+    ensure!(slow_path_device(host)?, "no slow-path device weft.vxlan");
     host.kill_agent(Signal::Term)?;
     let (pin, file) = (host.pin_path(), host.subnet_file());
     host.agent_cleanup()?;
+    ensure!(
+        !slow_path_device(host)?,
+        "the slow-path device weft.vxlan is left"
+    );
     ensure!(!pin.exists(), "{} still exists", pin.display());
     ensure!(!file.exists(), "{} still exists", file.display());
     ensure!(
