@@ -388,8 +388,9 @@ fn neighbour_managed(msg: &NeighbourMessage) -> bool {
     managed && msg.header.flags.contains(NeighbourFlags::ExtLearned)
 }
 
-impl Netlink for RtNetlink {
-    async fn link_by_name(&self, name: &str) -> Result<Link, NetlinkError> {
+impl RtNetlink {
+    /// The kernel's message for the link called `name`; `None` if absent.
+    async fn link_message_by_name(&self, name: &str) -> Result<Option<LinkMessage>, NetlinkError> {
         let mut links = self
             .handle
             .link()
@@ -397,17 +398,21 @@ impl Netlink for RtNetlink {
             .match_name(name.to_owned())
             .execute();
         match links.try_next().await {
-            Ok(Some(msg)) => Ok(link_from(&msg)),
-            Ok(None) => Err(NetlinkError::NoSuchLink(name.to_owned())),
+            Ok(found) => Ok(found),
             Err(e) => {
                 let e = NetlinkError::from_rtnetlink(format!("looking up interface {name:?}"), e);
-                if e.is_not_found() {
-                    Err(NetlinkError::NoSuchLink(name.to_owned()))
-                } else {
-                    Err(e)
-                }
+                if e.is_not_found() { Ok(None) } else { Err(e) }
             }
         }
+    }
+}
+
+impl Netlink for RtNetlink {
+    async fn link_by_name(&self, name: &str) -> Result<Link, NetlinkError> {
+        self.link_message_by_name(name)
+            .await?
+            .map(|msg| link_from(&msg))
+            .ok_or_else(|| NetlinkError::NoSuchLink(name.to_owned()))
     }
 
     async fn link_by_index(&self, index: u32) -> Result<Option<Link>, NetlinkError> {
@@ -569,22 +574,10 @@ impl Netlink for RtNetlink {
     }
 
     async fn vxlan_by_name(&self, name: &str) -> Result<Option<VxlanLink>, NetlinkError> {
-        let mut links = self
-            .handle
-            .link()
-            .get()
-            .match_name(name.to_owned())
-            .execute();
-        match links.try_next().await {
-            Ok(found) => Ok(found.map(|msg| VxlanLink {
-                link: link_from(&msg),
-                vxlan: vxlan_params_from(&msg),
-            })),
-            Err(e) => {
-                let e = NetlinkError::from_rtnetlink(format!("looking up interface {name:?}"), e);
-                if e.is_not_found() { Ok(None) } else { Err(e) }
-            }
-        }
+        Ok(self.link_message_by_name(name).await?.map(|msg| VxlanLink {
+            link: link_from(&msg),
+            vxlan: vxlan_params_from(&msg),
+        }))
     }
 
     async fn vxlan_add(&self, dev: &ExternalVxlan) -> Result<(), NetlinkError> {

@@ -133,6 +133,21 @@ fn start_hosts<'c>(
     Ok((hosts, envs))
 }
 
+/// Starts an agent on each host with its flags, waits for every subnet file
+/// and until every agent has every other one in its map.
+fn start_agents(hosts: &[(&Host<'_>, &[&str])]) -> Result<Vec<SubnetEnv>> {
+    for (host, args) in hosts {
+        host.start_agent(args)?;
+    }
+    let envs = hosts
+        .iter()
+        .map(|(h, _)| h.wait_subnet_env(CONVERGE))
+        .collect::<Result<Vec<_>>>()?;
+    let hosts: Vec<&Host<'_>> = hosts.iter().map(|(h, _)| *h).collect();
+    wait_full_mesh(&hosts, &envs.iter().collect::<Vec<_>>())?;
+    Ok(envs)
+}
+
 /// The subnet file matches the config and the lease in etcd names the host.
 fn check_env(cluster: &Cluster, host: &Host<'_>, env: &SubnetEnv) -> Result<()> {
     let network: Ipv4Net = NETWORK.parse()?;
@@ -1183,13 +1198,7 @@ fn path_mtu_never_black_holes(far_args: &[&str], far_gro: bool) -> Result<()> {
         // TC ingress, as a NIC's GRO does.
         far.ns().run(&["ethtool", "-K", "eth0", "gro", "on"])?;
     }
-    near.start_agent(&[])?;
-    far.start_agent(far_args)?;
-    let envs = [
-        near.wait_subnet_env(CONVERGE)?,
-        far.wait_subnet_env(CONVERGE)?,
-    ];
-    wait_full_mesh(&[&near, &far], &envs.iter().collect::<Vec<_>>())?;
+    start_agents(&[(&near, &[]), (&far, far_args)])?;
     for host in [&near, &far] {
         let dev = host.ns().ip(&["-d", "link", "show", "weft.vxlan"])?;
         ensure!(
@@ -1321,13 +1330,7 @@ fn tc_decap_delivers_gro_aggregates_through_the_slow_path() -> Result<()> {
     let receiver = cluster.add_host(2)?;
     // veth runs GRO (in NAPI) only when asked to, as a NIC does by default.
     receiver.ns().run(&["ethtool", "-K", "eth0", "gro", "on"])?;
-    sender.start_agent(&[])?;
-    receiver.start_agent(&["--decap-mode", "tc"])?;
-    let envs = [
-        sender.wait_subnet_env(CONVERGE)?,
-        receiver.wait_subnet_env(CONVERGE)?,
-    ];
-    wait_full_mesh(&[&sender, &receiver], &envs.iter().collect::<Vec<_>>())?;
+    start_agents(&[(&sender, &[]), (&receiver, &["--decap-mode", "tc"])])?;
     let a = sender.attach_container()?;
     let b = receiver.attach_container()?;
     let before = counters(&receiver)?;
@@ -1361,13 +1364,7 @@ fn ipip_outer_fragments_are_counted_but_not_carried_on_this_kernel() -> Result<(
     let cluster = Cluster::new(IPIP.config)?;
     let near = cluster.add_host(1)?;
     let far = cluster.add_host_behind_narrow_link(3, NARROW_HOP_MTU)?;
-    near.start_agent(&[])?;
-    far.start_agent(&[])?;
-    let envs = [
-        near.wait_subnet_env(CONVERGE)?,
-        far.wait_subnet_env(CONVERGE)?,
-    ];
-    wait_full_mesh(&[&near, &far], &envs.iter().collect::<Vec<_>>())?;
+    start_agents(&[(&near, &[]), (&far, &[])])?;
     let dev = near.ns().exec(&["ip", "link", "show", "weft.vxlan"])?;
     ensure!(
         !dev.status.success(),
