@@ -1390,3 +1390,68 @@ fn ipip_outer_fragments_are_counted_but_not_carried_on_this_kernel() -> Result<(
     );
     Ok(())
 }
+
+/// On the wire, tunnel packets never carry DF, and their outer IP IDs
+/// differ packet to packet, also for the segments the kernel cuts from a
+/// GSO super-packet after the encap program (the container's TCP hands it
+/// super-packets): `inet_gso_segment` gives each segment the next ID. Fragmentable datagrams with repeating IDs could be spliced wrongly.
+#[test]
+fn outer_headers_never_set_df_and_ids_vary_on_the_wire() -> Result<()> {
+    preflight()?;
+    let cluster = Cluster::new(VXLAN.config)?;
+    let sender = cluster.add_host(1)?;
+    let receiver = cluster.add_host(2)?;
+    // The sender's cable has no segmentation offloads, as a NIC without
+    // them: GSO super-packets leaving the encap program are cut into
+    // segments before the wire, where the capture sees them.
+    sender.set_realistic_wire(true)?;
+    start_agents(&[(&sender, &[]), (&receiver, &[])])?;
+    let a = sender.attach_container()?;
+    let b = receiver.attach_container()?;
+    a.ping_until(b.ip(), CONVERGE)?;
+    let before = counters(&sender)?;
+    const PACKETS: u32 = 400;
+    let capture = weft_tests::Capture::start_tshark(
+        cluster.switch(),
+        &switch_port(sender.index()),
+        &format!("udp dst port {VXLAN_PORT} and greater 1400"),
+        PACKETS,
+        &["ip.id", "ip.flags.df"],
+    )?;
+    a.tcp_transfer_to(&b, 4 * 1024 * 1024)?;
+    let seen = capture.finish(Duration::from_secs(20))?;
+    let gso = grew(&sender, &before, Reason::Encapsulated)?;
+    let mut ids = BTreeSet::new();
+    let mut lines = 0;
+    for line in seen.lines().filter(|l| !l.trim().is_empty()) {
+        let cols: Vec<&str> = line.split('\t').collect();
+        let (Some(id), Some(df)) = (cols.first(), cols.get(1)) else {
+            bail!("unexpected tshark line {line:?}");
+        };
+        // Outer first, then the inner packet's.
+        let outer_id = id.split(',').next().unwrap_or_default();
+        let outer_df = df.split(',').next().unwrap_or_default();
+        ensure!(
+            matches!(outer_df, "0" | "False"),
+            "an outer header with DF: {line:?}"
+        );
+        ids.insert(outer_id.to_owned());
+        lines += 1;
+    }
+    eprintln!(
+        "{lines} full-size tunnel packets from {gso} encapsulations: {} distinct outer IDs",
+        ids.len()
+    );
+    ensure!(lines == PACKETS as usize, "captured {lines} packets");
+    ensure!(
+        (gso as usize) < lines,
+        "no GSO super-packets were encapsulated ({gso} encapsulations for {lines} packets): \
+         the test does not exercise per-segment IDs"
+    );
+    ensure!(
+        ids.len() >= lines * 95 / 100,
+        "outer IDs repeat: {} distinct in {lines} packets",
+        ids.len()
+    );
+    Ok(())
+}
