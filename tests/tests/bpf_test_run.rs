@@ -738,34 +738,60 @@ fn slow_path_rx_drops_frames_without_tunnel_metadata() -> Result<()> {
 }
 
 #[test]
-fn an_old_48_byte_node_config_pin_is_replaced_on_load() -> Result<()> {
+fn an_old_48_byte_node_config_pin_is_read_and_replaced_on_load() -> Result<()> {
     require_root()?;
     require_bpffs()?;
     let pins = PinDir::new()?;
+    // Every map as the agent pins it, then NODE_CONFIG swapped for one of
+    // the layout before slow_path_ifindex: an array of one 48-byte value,
+    // holding `configured` = 1 and PublicIP 198.18.0.1.
+    drop(node_agent::datapath::Datapath::load(pins.path())?);
     let old = pins.path().join(MAP_NODE_CONFIG);
-    // The layout before slow_path_ifindex: an array of one 48-byte value.
-    let out = std::process::Command::new("bpftool")
-        .args(["map", "create"])
-        .arg(&old)
-        .args([
-            "type",
-            "array",
-            "key",
-            "4",
-            "value",
-            "48",
-            "entries",
-            "1",
-            "name",
-            "NODE_CONFIG",
-        ])
-        .output()
-        .context("running bpftool (needed to make an old-layout map)")?;
+    std::fs::remove_file(&old)?;
+    let bpftool = |args: &[&str]| -> Result<()> {
+        let out = std::process::Command::new("bpftool")
+            .args(args)
+            .output()
+            .context("running bpftool (needed to make an old-layout map)")?;
+        ensure!(
+            out.status.success(),
+            "bpftool {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    let old_s = old.to_string_lossy();
+    bpftool(&[
+        "map",
+        "create",
+        &old_s,
+        "type",
+        "array",
+        "key",
+        "4",
+        "value",
+        "48",
+        "entries",
+        "1",
+        "name",
+        "NODE_CONFIG",
+    ])?;
+    let mut update = vec![
+        "map", "update", "pinned", &old_s, "key", "0", "0", "0", "0", "value", "1", "0", "0", "0",
+        "198", "18", "0", "1",
+    ];
+    update.extend(std::iter::repeat_n("0", 40));
+    bpftool(&update)?;
+
+    // `status` and `cleanup` read it (an older agent may still run).
+    let cfg = node_agent::pinned::PinnedState::open(pins.path())?
+        .node_config()?
+        .context("the old NODE_CONFIG reads as unconfigured")?;
     ensure!(
-        out.status.success(),
-        "bpftool map create: {}",
-        String::from_utf8_lossy(&out.stderr)
+        cfg.public_ip == LOCAL_IP && cfg.slow_path_ifindex == 0,
+        "old layout misread: {cfg:?}"
     );
+    // The agent's load replaces it with the current layout.
     let mut dp = node_agent::datapath::Datapath::load(pins.path())
         .context("an old NODE_CONFIG must not stop the agent from loading")?;
     let info = aya::maps::MapInfo::from_pin(&old)?;
