@@ -29,6 +29,9 @@ pub const PROG_DECAP_TC: &str = "weft_decap_tc";
 /// (reassembled outer fragments, GRO aggregates) is checked as the fast path
 /// checks it and re-injected into `--iface`'s ingress.
 pub const PROG_SLOWPATH_RX_TC: &str = "weft_slowpath_rx_tc";
+/// TC ingress of the agent's IP-in-IP tap: reassembled IP-in-IP packets the
+/// agent read from a raw socket, decapsulated as on the fast path.
+pub const PROG_SLOWPATH_IPIP_TC: &str = "weft_slowpath_ipip_tc";
 
 /// Capacity of [`MAP_SUBNETS`]. flannel networks rarely hold more than a few
 /// thousand nodes; 131072 leaves room for the 100k-lease scale benchmark.

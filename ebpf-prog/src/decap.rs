@@ -109,15 +109,10 @@ pub fn try_decap_xdp(ctx: &XdpContext) -> Result<u32, Reason> {
 
 pub fn try_decap_tc(ctx: &TcContext) -> Result<i32, Reason> {
     let cfg = node_config().ok_or(Reason::PassNotConfigured)?;
-    if ctx.data() + CLASSIFY_LEN > ctx.data_end() && ctx.len() as usize >= CLASSIFY_LEN {
-        // Headers may sit in paged data; pulling is harmless if it fails
-        // (classify then sees a short window and passes the packet).
-        let _ = ctx.skb.pull_data(CLASSIFY_LEN as u32);
-    }
     // Classified first, so that only aggregates of tunnel packets for this
     // node count as `PassGso` (not, say, the slow path's re-injected inner
     // aggregates), and injected ones are dropped here already.
-    let tunnel = classify(ctx, cfg, ctx.len() as usize)?;
+    let tunnel = classify_tc(ctx, cfg)?;
     // SAFETY: reading a field of the context the kernel handed us.
     if unsafe { (*ctx.skb.skb).gso_size } != 0 {
         // A GRO aggregate of tunnel packets (UDP-tunnel GRO runs because
@@ -127,13 +122,52 @@ pub fn try_decap_tc(ctx: &TcContext) -> Result<i32, Reason> {
         // it and the slow path delivers it.
         return Err(Reason::PassGso);
     }
+    pop_tc(ctx, tunnel)?;
+    Ok(TC_ACT_OK)
+}
 
-    // Pops everything between the outer Ethernet header, whose destination
-    // already is this host's MAC, and the inner IPv4 header.
+/// The IP-in-IP slow path: TC ingress of the agent's `weft.ipip` tap. This
+/// kernel has no IP-in-IP handler, so the agent reads reassembled outer
+/// fragments from a raw IPPROTO_IPIP socket and writes them, behind an
+/// Ethernet header, into the tap. They are classified and decapsulated
+/// exactly as on the fast path, then re-injected into `--iface`'s ingress.
+/// The caller drops whatever this rejects, pass reasons included: passed
+/// up from the tap, an IP-in-IP packet would reach the raw socket again.
+pub fn try_slowpath_ipip_rx(ctx: &TcContext) -> Result<i32, Reason> {
+    let cfg = node_config().ok_or(Reason::PassNotConfigured)?;
+    let tunnel = classify_tc(ctx, cfg)?;
+    if !matches!(tunnel, Tunnel::Ipip) {
+        return Err(Reason::DropMalformedTunnel);
+    }
+    pop_tc(ctx, tunnel)?;
+    // Whatever the agent wrote as the destination, the stack must take the
+    // frame as addressed to `--iface` when it is re-injected there.
+    ctx.skb
+        .store(0, &cfg.iface_mac, 0)
+        .map_err(|_| Reason::DropStoreBytes)?;
+    // SAFETY: plain helper call; the verdict it returns is ours.
+    Ok(unsafe { bpf_redirect(cfg.iface_ifindex, u64::from(BPF_F_INGRESS)) } as i32)
+}
+
+/// [`classify`] at TC, where the headers may first need pulling into the
+/// linear window.
+#[inline(always)]
+fn classify_tc(ctx: &TcContext, cfg: &NodeConfig) -> Result<Tunnel, Reason> {
+    if ctx.data() + CLASSIFY_LEN > ctx.data_end() && ctx.len() as usize >= CLASSIFY_LEN {
+        // Headers may sit in paged data; pulling is harmless if it fails
+        // (classify then sees a short window and passes the packet).
+        let _ = ctx.skb.pull_data(CLASSIFY_LEN as u32);
+    }
+    classify(ctx, cfg, ctx.len() as usize)
+}
+
+/// Pops everything between the outer Ethernet header and the inner IPv4
+/// header. Every packet pointer is stale afterwards.
+#[inline(always)]
+fn pop_tc(ctx: &TcContext, tunnel: Tunnel) -> Result<(), Reason> {
     ctx.skb
         .adjust_room(-(tunnel.encap_len() as i32), BPF_ADJ_ROOM_MAC, 0)
-        .map_err(|_| Reason::DropAdjustRoom)?;
-    Ok(TC_ACT_OK)
+        .map_err(|_| Reason::DropAdjustRoom)
 }
 
 /// Which tunnel the packet is, when it is one for this node carrying a sane

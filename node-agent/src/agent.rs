@@ -11,7 +11,9 @@ use anyhow::{Context as _, bail};
 use etcd_client::{Client, ConnectOptions};
 use ipnet::Ipv4Net;
 use tokio::io::unix::AsyncFd;
-use weft_common::{DECAP_IPIP, DECAP_VXLAN, Mode, NodeConfig};
+use weft_common::{
+    DECAP_IPIP, DECAP_VXLAN, Mode, NodeConfig, PROG_SLOWPATH_IPIP_TC, PROG_SLOWPATH_RX_TC,
+};
 
 use crate::{
     datapath::{self, Datapath, DecapMode},
@@ -19,6 +21,7 @@ use crate::{
         Backend, KeyLayout, LeaseAttrs, NetworkConfig, SubnetEnv, VxlanLeaseData, flannel_mtu,
         subnet_env,
     },
+    ipip_slow_path,
     lease_manager::LeaseManager,
     netconf::{self, ClusterRoute, HostNetworking, Interface},
     netlink::{Netlink as _, NetlinkEvents, RtNetlink},
@@ -101,6 +104,16 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
         Backend::Ipip => (None, DECAP_IPIP),
         Backend::HostGw => (None, 0),
     };
+    let ipip_slow_path = (decap == DECAP_IPIP)
+        .then(|| ipip_slow_path::IpipSlowPath::open(iface.mac))
+        .transpose()
+        .unwrap_or_else(|e| {
+            tracing::warn!(
+                error = %e,
+                "no IP-in-IP slow path: reassembled outer fragments will be lost"
+            );
+            None
+        });
     let attrs = LeaseAttrs {
         public_ip,
         backend_type: cfg.backend.type_name().to_owned(),
@@ -199,7 +212,28 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
     // program would even turn TSO off on the peer, for nothing.
     let decap_mode = (decap != 0).then_some(s.decap_mode);
     let hook = dp.attach(&iface.name, decap_mode)?;
-    dp.attach_slow_path(slow_path.map(|(_, fresh)| (netconf::SLOW_PATH_DEVICE, fresh)))?;
+    dp.attach_slow_path(
+        PROG_SLOWPATH_RX_TC,
+        slow_path.map(|(_, fresh)| (netconf::SLOW_PATH_DEVICE, fresh)),
+    )?;
+    // The tap is new with every start (it lives as long as this process).
+    dp.attach_slow_path(
+        PROG_SLOWPATH_IPIP_TC,
+        ipip_slow_path
+            .as_ref()
+            .map(|_| (ipip_slow_path::IPIP_TAP, true)),
+    )?;
+    if ipip_slow_path.is_some() {
+        // Up only now that its program is attached: nothing is read from
+        // the raw socket until the task below runs anyway.
+        let tap = nl
+            .link_by_name(ipip_slow_path::IPIP_TAP)
+            .await
+            .context("the IP-in-IP tap")?;
+        nl.link_set_up(tap.index)
+            .await
+            .context("bringing the IP-in-IP tap up")?;
+    }
     // Subscribed before the route goes in, so no removal of it is missed.
     let events = NetlinkEvents::subscribe().context("netlink events")?;
     let mut host = HostNetworking::new(cluster_route, iface.addrs.clone());
@@ -228,6 +262,9 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
         }
         r = leases.keep_renewed(held) => r.context("subnet lease"),
         () = drain_bpf_logs(logger) => bail!("BPF log reader stopped"),
+        e = run_ipip_slow_path(ipip_slow_path) => {
+            Err(anyhow::Error::new(e)).context("the IP-in-IP slow path's raw socket failed")
+        }
         r = shutdown_signal() => {
             r?;
             tracing::info!("stopping; the data path stays in place (`node-agent cleanup` removes it)");
@@ -268,6 +305,14 @@ async fn slow_path_device(nl: &RtNetlink, port: Option<u16>, mtu: u32) -> Option
             );
             None
         }
+    }
+}
+
+/// Runs the IP-in-IP slow path, if there is one; otherwise never returns.
+async fn run_ipip_slow_path(path: Option<ipip_slow_path::IpipSlowPath>) -> std::io::Error {
+    match path {
+        Some(path) => path.run().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -25,7 +25,7 @@ use aya::{
 };
 use weft_common::{
     MAP_COUNTERS, MAP_NODE_CONFIG, MAP_NODE_IPS, MAP_SUBNETS, NodeConfig, PROG_DECAP_TC,
-    PROG_DECAP_XDP, PROG_ENCAP_TC, PROG_SLOWPATH_RX_TC, Reason, RemoteNode,
+    PROG_DECAP_XDP, PROG_ENCAP_TC, PROG_SLOWPATH_IPIP_TC, PROG_SLOWPATH_RX_TC, Reason, RemoteNode,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -182,19 +182,24 @@ impl Datapath {
         Ok(hook)
     }
 
-    /// Attaches the slow-path receive program at TC ingress of the
-    /// slow-path device `dev`, or, with `None` (no VXLAN backend, or no
-    /// device), removes a link an earlier run pinned. `fresh` says the
-    /// device was (re)created by this run: a link pinned for an earlier
-    /// device died with it and cannot be updated, so it is unpinned first.
-    pub fn attach_slow_path(&mut self, dev: Option<(&str, bool)>) -> Result<(), DatapathError> {
-        let link_path = self.pin_path.join(PROG_SLOWPATH_RX_TC);
+    /// Attaches slow-path receive program `name` (`weft_slowpath_rx_tc` or
+    /// `weft_slowpath_ipip_tc`) at TC ingress of device `dev`, or, with
+    /// `None` (another backend, or no device), removes a link an earlier
+    /// run pinned for it. `fresh` says the device was (re)created by this
+    /// run: a link pinned for an earlier device died with it and cannot be
+    /// updated, so it is unpinned first.
+    pub fn attach_slow_path(
+        &mut self,
+        name: &'static str,
+        dev: Option<(&str, bool)>,
+    ) -> Result<(), DatapathError> {
+        let link_path = self.pin_path.join(name);
         match dev {
-            Some((name, fresh)) => {
+            Some((dev, fresh)) => {
                 if fresh {
                     remove_pin(&link_path)?;
                 }
-                self.attach_tc(PROG_SLOWPATH_RX_TC, name, TcAttachType::Ingress)
+                self.attach_tc(name, dev, TcAttachType::Ingress)
             }
             None => remove_pin(&link_path),
         }
@@ -492,6 +497,7 @@ pub fn remove_pins(pin_path: &Path) -> Result<(), DatapathError> {
         PROG_DECAP_XDP,
         PROG_DECAP_TC,
         PROG_SLOWPATH_RX_TC,
+        PROG_SLOWPATH_IPIP_TC,
         MAP_SUBNETS,
         MAP_NODE_IPS,
         MAP_NODE_CONFIG,

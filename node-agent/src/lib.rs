@@ -17,6 +17,7 @@ pub mod datapath;
 pub mod docker_opts;
 pub mod ebpf;
 pub mod flannel;
+pub mod ipip_slow_path;
 pub mod lease_manager;
 pub mod netconf;
 pub mod netlink;

@@ -679,6 +679,10 @@ mod tests {
             );
             Ok(())
         }
+        async fn link_set_up(&self, index: u32) -> Result<(), NetlinkError> {
+            self.calls.borrow_mut().push(format!("link up {index}"));
+            Ok(())
+        }
         async fn link_delete(&self, index: u32) -> Result<bool, NetlinkError> {
             self.calls.borrow_mut().push(format!("link del {index}"));
             let mut vxlans = self.vxlans.borrow_mut();

@@ -16,7 +16,7 @@ use std::{
 use futures::{StreamExt as _, TryStreamExt as _, channel::mpsc::UnboundedReceiver};
 use ipnet::Ipv4Net;
 use rtnetlink::{
-    Handle, LinkMessageBuilder, LinkVxlan, MulticastGroup, RouteMessageBuilder,
+    Handle, LinkMessageBuilder, LinkUnspec, LinkVxlan, MulticastGroup, RouteMessageBuilder,
     packet_core::{NetlinkMessage, NetlinkPayload},
     packet_route::{
         AddressFamily, RouteNetlinkMessage,
@@ -232,6 +232,8 @@ pub trait Netlink {
     async fn vxlan_add(&self, dev: &ExternalVxlan) -> Result<(), NetlinkError>;
     /// Deletes the link; `Ok(false)` when there was none.
     async fn link_delete(&self, index: u32) -> Result<bool, NetlinkError>;
+    /// Brings the link up (`ip link set ... up`).
+    async fn link_set_up(&self, index: u32) -> Result<(), NetlinkError>;
 }
 
 /// [`Netlink`] over an rtnetlink socket of the caller's network namespace.
@@ -599,6 +601,16 @@ impl Netlink for RtNetlink {
                 e,
             )
         })
+    }
+
+    async fn link_set_up(&self, index: u32) -> Result<(), NetlinkError> {
+        let msg = LinkUnspec::new_with_index(index).up().build();
+        self.handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .map_err(|e| NetlinkError::from_rtnetlink(format!("setting ifindex {index} up"), e))
     }
 
     async fn link_delete(&self, index: u32) -> Result<bool, NetlinkError> {

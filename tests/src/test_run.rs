@@ -19,7 +19,7 @@ use node_agent::datapath::Datapath;
 use node_agent::flannel::lease::format_mac;
 use weft_common::{
     DECAP_IPIP, DECAP_VXLAN, Mode, NodeConfig, PROG_DECAP_TC, PROG_DECAP_XDP, PROG_ENCAP_TC,
-    PROG_SLOWPATH_RX_TC, Reason, RemoteNode,
+    PROG_SLOWPATH_IPIP_TC, PROG_SLOWPATH_RX_TC, Reason, RemoteNode,
 };
 
 use crate::{Netns, PinDir, ns_name, require_bpffs, require_root, unique_tag};
@@ -93,7 +93,12 @@ impl ProgramBench {
         let (ifindex, mac) = ns.link("u0")?;
         let pins = PinDir::new()?;
         let mut dp = Datapath::load(pins.path()).context("loading the BPF object")?;
-        for name in [PROG_ENCAP_TC, PROG_DECAP_TC, PROG_SLOWPATH_RX_TC] {
+        for name in [
+            PROG_ENCAP_TC,
+            PROG_DECAP_TC,
+            PROG_SLOWPATH_RX_TC,
+            PROG_SLOWPATH_IPIP_TC,
+        ] {
             let prog: &mut SchedClassifier = dp
                 .ebpf_mut()
                 .program_mut(name)

@@ -9,7 +9,9 @@
 use std::collections::BTreeSet;
 
 use anyhow::{Context as _, Result, ensure};
-use weft_common::{MAP_NODE_CONFIG, Mode, PROG_DECAP_TC, PROG_SLOWPATH_RX_TC, Reason};
+use weft_common::{
+    MAP_NODE_CONFIG, Mode, PROG_DECAP_TC, PROG_SLOWPATH_IPIP_TC, PROG_SLOWPATH_RX_TC, Reason,
+};
 use weft_tests::test_run::*;
 use weft_tests::{PinDir, require_bpffs, require_root};
 
@@ -803,5 +805,49 @@ fn an_old_48_byte_node_config_pin_is_read_and_replaced_on_load() -> Result<()> {
     let bench = ProgramBench::new()?;
     dp.write_node_config(&bench.node_config(LOCAL_IP, bench.mac, LOCAL_SUBNET))
         .context("writing the new layout")?;
+    Ok(())
+}
+
+#[test]
+fn ipip_slow_path_decapsulates_like_the_fast_path_and_drops_the_rest() -> Result<()> {
+    let mut b = ProgramBench::new()?;
+    b.add_peer_with_mode([10, 244, 4, 0], 24, PEER_IP, [0; 6], Mode::Ipip)?;
+    let inner = inner_frame([10, 244, 4, 7], 4321, 64, false);
+    let (_, wire) = b.encap(&inner)?;
+    b.configure_as_receiver([10, 244, 4, 0])?;
+    b.dp.node_ips()?.insert(LOCAL_IP, 1, 0)?;
+    // What the agent writes into the tap: a reassembled datagram behind an
+    // Ethernet header of its own.
+    let mut frame = wire.clone();
+    frame[0..6].copy_from_slice(&[0x02, 0, 0, 0, 0x77, 0x77]);
+    let before = b.counter(Reason::DecapsulatedSlowPath)?;
+    let (rc, out) = b.run_tc(PROG_SLOWPATH_IPIP_TC, &frame, 0)?;
+    ensure!(
+        rc == TC_ACT_REDIRECT,
+        "verdict {rc}, counters {:?}",
+        b.dp.counters()?
+    );
+    ensure!(b.counter(Reason::DecapsulatedSlowPath)? == before + 1);
+    ensure!(
+        out[0..6] == RECEIVER_MAC && out[12..14] == [8, 0],
+        "addressed to --iface: {:02x?}",
+        &out[..14]
+    );
+    ensure!(out[14..] == inner[14..], "inner packet changed");
+    // Rejected ones are dropped, pass reasons included (passed up from the
+    // tap they would return to the agent's raw socket).
+    let mut unknown = frame.clone();
+    unknown[26..30].copy_from_slice(&[198, 18, 0, 77]);
+    let mut elsewhere = frame.clone();
+    elsewhere[30..34].copy_from_slice(&[198, 18, 0, 78]);
+    for (what, f, reason) in [
+        ("unknown source", unknown, Reason::DropUnknownSource),
+        ("another destination", elsewhere, Reason::PassNotTunnel),
+    ] {
+        let before = b.counter(reason)?;
+        let (rc, _) = b.run_tc(PROG_SLOWPATH_IPIP_TC, &f, 0)?;
+        ensure!(rc == TC_ACT_SHOT, "{what}: verdict {rc}");
+        ensure!(b.counter(reason)? == before + 1, "{what}: not counted");
+    }
     Ok(())
 }

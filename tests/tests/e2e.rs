@@ -1092,7 +1092,8 @@ const BIG_DATAGRAM: usize = 1480;
 /// Its UDP payload (IPv4 20 + UDP 8 bytes of headers).
 const BIG_PAYLOAD: usize = BIG_DATAGRAM - 28;
 
-/// Sends `count` datagrams of [`BIG_DATAGRAM`] bytes from a socket in `from`
+/// Sends `count` datagrams of `payload` UDP bytes (usually [`BIG_PAYLOAD`])
+/// from a socket in `from`
 /// with `IP_MTU_DISCOVER` = `pmtudisc` (so it sizes by the device MTU and
 /// never sets DF) to a socket bound in `to` at `to_ip`, and checks that each
 /// arrives whole and unchanged. `Ok(false)` when the sending kernel refuses
@@ -1104,6 +1105,7 @@ fn big_datagrams_arrive(
     to_ip: Ipv4Addr,
     pmtudisc: libc::c_int,
     count: u8,
+    payload: usize,
 ) -> Result<bool> {
     use std::net::UdpSocket;
     use std::os::fd::AsRawFd as _;
@@ -1134,7 +1136,7 @@ fn big_datagrams_arrive(
     );
     let mut buf = vec![0u8; 4096];
     for i in 0..count {
-        let payload: Vec<u8> = (0..BIG_PAYLOAD).map(|b| (b as u8) ^ i).collect();
+        let payload: Vec<u8> = (0..payload).map(|b| (b as u8) ^ i).collect();
         // The socket was made in `from`'s namespace and stays there; sending
         // from this thread is fine.
         match sender.send_to(&payload, SocketAddrV4::new(to_ip, PORT)) {
@@ -1146,8 +1148,9 @@ fn big_datagrams_arrive(
         }
         let (n, src) = receiver.recv_from(&mut buf).with_context(|| {
             format!(
-                "datagram {i} of {BIG_DATAGRAM} bytes (IP_MTU_DISCOVER {pmtudisc}) from {} \
+                "datagram {i} of {} bytes (IP_MTU_DISCOVER {pmtudisc}) from {} \
                  never reached {to_ip}",
+                payload.len() + 28,
                 from.name()
             )
         })?;
@@ -1260,7 +1263,8 @@ fn path_mtu_never_black_holes(far_args: &[&str], far_gro: bool) -> Result<()> {
             (a.ns(), c.ns(), c.ip(), "container -> remote container"),
             (c.ns(), a.ns(), a.ip(), "remote container -> container"),
         ] {
-            let sent = big_datagrams_arrive(from, to, to_ip, mode, 5).with_context(|| what(dir))?;
+            let sent = big_datagrams_arrive(from, to, to_ip, mode, 5, BIG_PAYLOAD)
+                .with_context(|| what(dir))?;
             ensure!(
                 sent || mode == libc::IP_PMTUDISC_INTERFACE,
                 "{}: refused locally with EMSGSIZE",
@@ -1271,7 +1275,8 @@ fn path_mtu_never_black_holes(far_args: &[&str], far_gro: bool) -> Result<()> {
             (near.ns(), c.ns(), c.ip(), "host -> remote container"),
             (far.ns(), a.ns(), a.ip(), "far host -> remote container"),
         ] {
-            let sent = big_datagrams_arrive(from, to, to_ip, mode, 5).with_context(|| what(dir))?;
+            let sent = big_datagrams_arrive(from, to, to_ip, mode, 5, BIG_PAYLOAD)
+                .with_context(|| what(dir))?;
             ensure!(sent, "{}: refused locally with EMSGSIZE", what(dir));
         }
     }
@@ -1352,41 +1357,74 @@ fn tc_decap_delivers_gro_aggregates_through_the_slow_path() -> Result<()> {
     Ok(())
 }
 
-/// What applies to IP-in-IP across the narrow hop on this kernel, which has
-/// no ipip device: outer headers carry no DF either, so the hop fragments
-/// full-size packets; the receiver counts the outer fragments
-/// (`pass_outer_fragment`) and its stack reassembles them, but has no
-/// IP-in-IP handler to give the whole to, so they are lost. Small packets
-/// cross. The README says so; this test fails when that changes.
+/// IP-in-IP across the narrow hop, on this kernel without an ipip device:
+/// outer headers carry no DF either, so the hop fragments full-size
+/// packets; the receiver counts the outer fragments
+/// (`pass_outer_fragment`), its stack reassembles them, and the agent's
+/// userspace slow path (a raw IP-in-IP socket feeding the `weft.ipip` tap,
+/// whose program decapsulates) delivers them (`decapsulated_slow_path`).
+/// Too-big packets without DF from a host cannot be sent: there is no
+/// kernel device to fragment outer IP-in-IP, so they stay `drop_too_big`.
 #[test]
-fn ipip_outer_fragments_are_counted_but_not_carried_on_this_kernel() -> Result<()> {
+fn ipip_across_a_narrow_hop_is_carried_by_the_userspace_slow_path() -> Result<()> {
     preflight()?;
     let cluster = Cluster::new(IPIP.config)?;
     let near = cluster.add_host(1)?;
     let far = cluster.add_host_behind_narrow_link(3, NARROW_HOP_MTU)?;
     start_agents(&[(&near, &[]), (&far, &[])])?;
-    let dev = near.ns().exec(&["ip", "link", "show", "weft.vxlan"])?;
-    ensure!(
-        !dev.status.success(),
-        "the ipip backend must not create the VXLAN slow-path device"
-    );
+    for host in [&near, &far] {
+        let dev = host.ns().exec(&["ip", "link", "show", "weft.vxlan"])?;
+        ensure!(
+            !dev.status.success(),
+            "the ipip backend must not create the VXLAN slow-path device"
+        );
+        let tap = host.ns().ip(&["-d", "link", "show", "weft.ipip"])?;
+        ensure!(
+            tap.contains("tun type tap") && tap.contains(",UP"),
+            "host {}: no IP-in-IP tap up: {tap}",
+            host.index()
+        );
+    }
     let a = near.attach_container()?;
     let c = far.attach_container()?;
-    a.ping_until(c.ip(), CONVERGE)?;
-    // 1352 + 28 = 1380 inner, 1400 outer: fits the narrow hop.
-    a.ping(c.ip(), 2, 1352, true)
-        .context("an IP-in-IP packet that fits the narrow hop")?;
-    let before = counters(&far)?;
-    // 1452 + 28 = 1480 inner (the ipip cluster MTU), 1500 outer.
-    let lost = a.ping(c.ip(), 2, 1452, false).is_err();
-    let frags = grew(&far, &before, Reason::PassOuterFragment)?;
-    eprintln!(
-        "ipip full-size ping across the narrow hop: lost {lost}, pass_outer_fragment {frags}"
-    );
-    ensure!(frags > 0, "outer IP-in-IP fragments were not counted");
+    let (near0, far0) = (counters(&near)?, counters(&far)?);
+    check_both_ways(&a, &c)?;
+    for df in [true, false] {
+        // 1452 + 28 = 1480 inner (the ipip cluster MTU), 1500 outer.
+        a.ping(c.ip(), 2, 1452, df)
+            .with_context(|| format!("full-size IP-in-IP ping (DF {df}) across the narrow hop"))?;
+        c.ping(a.ip(), 2, 1452, df)
+            .with_context(|| format!("full-size IP-in-IP ping (DF {df}) back"))?;
+    }
+    big_datagrams_arrive(
+        a.ns(),
+        c.ns(),
+        c.ip(),
+        libc::IP_PMTUDISC_OMIT,
+        5,
+        BIG_PAYLOAD,
+    )
+    .context("big datagrams from an IP_PMTUDISC_OMIT socket in a container")?;
+    for (host, before) in [(&near, &near0), (&far, &far0)] {
+        let frags = grew(host, before, Reason::PassOuterFragment)?;
+        let slow = grew(host, before, Reason::DecapsulatedSlowPath)?;
+        eprintln!(
+            "ipip host {}: pass_outer_fragment {frags}, decapsulated_slow_path {slow}",
+            host.index()
+        );
+        ensure!(
+            frags > 0 && slow > 0,
+            "host {}: outer fragments {frags}, slow-path deliveries {slow}",
+            host.index()
+        );
+    }
+    // What is not carried: a host's datagram without DF that fits its
+    // 1500-byte interface but not the tunnel (1500 + 20 bytes).
+    let before = counters(&near)?;
+    let sent = big_datagrams_arrive(near.ns(), c.ns(), c.ip(), libc::IP_PMTUDISC_OMIT, 1, 1472);
     ensure!(
-        lost,
-        "a full-size IP-in-IP packet crossed the narrow hop: update the README and this test"
+        sent.is_err() && grew(&near, &before, Reason::DropTooBig)? > 0,
+        "a host's too-big IP-in-IP datagram without DF: {sent:?}; update the README and this test"
     );
     Ok(())
 }
