@@ -376,16 +376,23 @@ fn ipip_encap_pushes_one_rfc2003_header() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn ipip_decap_round_trip_and_unknown_sources_are_dropped() -> Result<()> {
+/// A bench with an IP-in-IP packet to 10.244.4.7 as this node's encap
+/// program sends it, then configured as the receiving node (leasing
+/// 10.244.4.0/24, the sender 198.18.0.1 a known node). Returns the bench,
+/// the inner frame and the wire frame.
+fn ipip_receiver() -> Result<(ProgramBench, Vec<u8>, Vec<u8>)> {
     let mut b = ProgramBench::new()?;
     b.add_peer_with_mode([10, 244, 4, 0], 24, PEER_IP, [0; 6], Mode::Ipip)?;
     let inner = inner_frame([10, 244, 4, 7], 4321, 64, false);
     let (_, wire) = b.encap(&inner)?;
-    // The receiver is the node leasing 10.244.4.0/24.
     b.configure_as_receiver([10, 244, 4, 0])?;
-    // As the receiver, the sender (198.18.0.1) is a known node.
     b.dp.node_ips()?.insert(LOCAL_IP, 1, 0)?;
+    Ok((b, inner, wire))
+}
+
+#[test]
+fn ipip_decap_round_trip_and_unknown_sources_are_dropped() -> Result<()> {
+    let (mut b, inner, wire) = ipip_receiver()?;
 
     let (rc, out) = b.run_xdp(&wire)?;
     ensure!(rc == XDP_PASS, "XDP verdict {rc}");
@@ -810,12 +817,7 @@ fn an_old_48_byte_node_config_pin_is_read_and_replaced_on_load() -> Result<()> {
 
 #[test]
 fn ipip_slow_path_decapsulates_like_the_fast_path_and_drops_the_rest() -> Result<()> {
-    let mut b = ProgramBench::new()?;
-    b.add_peer_with_mode([10, 244, 4, 0], 24, PEER_IP, [0; 6], Mode::Ipip)?;
-    let inner = inner_frame([10, 244, 4, 7], 4321, 64, false);
-    let (_, wire) = b.encap(&inner)?;
-    b.configure_as_receiver([10, 244, 4, 0])?;
-    b.dp.node_ips()?.insert(LOCAL_IP, 1, 0)?;
+    let (mut b, inner, wire) = ipip_receiver()?;
     // What the agent writes into the tap: a reassembled datagram behind an
     // Ethernet header of its own.
     let mut frame = wire.clone();
