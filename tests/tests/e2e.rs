@@ -1195,6 +1195,12 @@ fn path_mtu_never_black_holes(far_args: &[&str], far_gro: bool) -> Result<()> {
     let cluster = Cluster::new(VXLAN.config)?;
     let near = cluster.add_host(1)?;
     let far = cluster.add_host_behind_narrow_link(3, NARROW_HOP_MTU)?;
+    // Strict reverse-path filtering, as many distributions set it: the
+    // slow path re-injects into eth0's ingress, where the route back to the
+    // sender's subnet (the cluster route) also points, so it passes.
+    for host in [&near, &far] {
+        host.ns().sysctl("net.ipv4.conf.all.rp_filter", "1")?;
+    }
     if far_gro {
         // GRO on the far node's veth: with the slow-path device's UDP
         // tunnel socket, the kernel then aggregates VXLAN packets before
