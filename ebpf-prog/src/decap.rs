@@ -24,7 +24,9 @@
 //! ingress, so it meets the same rp_filter and firewall as fast-path
 //! packets. That device's UDP socket also turns on UDP-tunnel GRO, whose
 //! aggregates the TC decap hook passes (`PassGso`) and the slow path
-//! delivers.
+//! delivers. Reassembled IP-in-IP has no kernel handler here; the agent
+//! writes it into a tap whose program, [`try_slowpath_ipip_rx`], runs the
+//! very classification of the fast path.
 
 use core::mem::size_of;
 
