@@ -104,16 +104,6 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
         Backend::Ipip => (None, DECAP_IPIP),
         Backend::HostGw => (None, 0),
     };
-    let ipip_slow_path = (decap == DECAP_IPIP)
-        .then(|| ipip_slow_path::IpipSlowPath::open(iface.mac))
-        .transpose()
-        .unwrap_or_else(|e| {
-            tracing::warn!(
-                error = %e,
-                "no IP-in-IP slow path: reassembled outer fragments will be lost"
-            );
-            None
-        });
     let attrs = LeaseAttrs {
         public_ip,
         backend_type: cfg.backend.type_name().to_owned(),
@@ -192,6 +182,16 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
         "firewall rules in place"
     );
     let slow_path = slow_path_device(&nl, vxlan.map(|v| v.port), iface.mtu).await;
+    let ipip_slow_path = (decap == DECAP_IPIP)
+        .then(|| ipip_slow_path::IpipSlowPath::open(iface.mac))
+        .transpose()
+        .unwrap_or_else(|e| {
+            tracing::warn!(
+                error = %e,
+                "no IP-in-IP slow path: reassembled outer fragments will be lost"
+            );
+            None
+        });
     dp.write_node_config(&NodeConfig {
         configured: 1,
         public_ip: public_ip.octets(),
