@@ -106,11 +106,12 @@ pub struct NodeConfig {
     pub local_subnet: [u8; 4],
     /// Which tunnels the decap programs accept: [`DECAP_VXLAN`] | [`DECAP_IPIP`].
     pub decap: u32,
-    /// ifindex of the agent's collect-metadata VXLAN device (the slow path),
-    /// host byte order; 0 when there is none. Too-big packets without DF to
-    /// a VXLAN peer are handed to it, so the kernel fragments the outer
-    /// packet. Added after the 48-byte layout; the agent replaces a pinned
-    /// map of the old size.
+    /// ifindex of the slow-path device, host byte order; 0 when there is
+    /// none: the agent's collect-metadata VXLAN device (vxlan backend) or
+    /// its IP-in-IP tap (ipip backend). Too-big packets without DF are
+    /// handed to it, so that the kernel fragments the outer packet. Added
+    /// after the 48-byte layout; the agent replaces a pinned map of the old
+    /// size.
     pub slow_path_ifindex: u32,
 }
 const _: () = assert!(size_of::<NodeConfig>() == 52);

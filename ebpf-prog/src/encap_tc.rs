@@ -10,10 +10,11 @@
 //!
 //! A packet too big for the underlay once encapsulated takes one of three
 //! ways ([`size_verdict`]): with DF its sender gets ICMP "fragmentation
-//! needed"; without DF, to a VXLAN peer, it goes to the agent's
-//! collect-metadata VXLAN device with the tunnel parameters as metadata, and
-//! the kernel encapsulates it and fragments the outer packet (the slow
-//! path); otherwise it is dropped.
+//! needed"; without DF it takes the slow path, where the kernel fragments
+//! the outer packet: to a VXLAN peer through the agent's collect-metadata
+//! VXLAN device, with the tunnel parameters as metadata; to an IP-in-IP
+//! peer through the agent's tap and raw socket. Without a slow path it is
+//! dropped.
 
 use core::{ffi::c_void, mem::size_of};
 
@@ -131,14 +132,16 @@ pub fn try_encap(ctx: &TcContext) -> Result<Sent, Reason> {
             cfg.iface_mtu,
             gso_size != 0,
             u16::from_be_bytes(ip.frags) & IP_DF != 0,
-            is_vxlan && cfg.slow_path_ifindex != 0,
+            cfg.slow_path_ifindex != 0,
         ) {
             SizeVerdict::Fits => {}
             SizeVerdict::SlowPath => {
-                return Ok((
-                    Reason::EncapsulatedSlowPath,
-                    slow_path_tx(ctx, cfg, &remote, &ip)?,
-                ));
+                let verdict = if is_vxlan {
+                    slow_path_tx(ctx, cfg, &remote, &ip)?
+                } else {
+                    ipip_slow_path_tx(ctx, cfg, &remote, &ip, inner_l3_len)?
+                };
+                return Ok((Reason::EncapsulatedSlowPath, verdict));
             }
             // The cluster route's MTU makes the stack itself answer most of
             // these; this catches what bypasses it. `frag_needed` decides
@@ -241,6 +244,24 @@ fn slow_path_tx(
     ctx.skb
         .store(0, &l2, 0)
         .map_err(|_| Reason::DropStoreBytes)?;
+    // SAFETY: plain helper call; the verdict it returns is ours.
+    Ok(unsafe { bpf_redirect(cfg.slow_path_ifindex, 0) } as i32)
+}
+
+/// Hands a too-big IP-in-IP packet without DF to the agent's `weft.ipip`
+/// tap, encapsulated as the fast path would send it. The agent reads it
+/// there and sends the inner packet through a raw IP-in-IP socket to the
+/// outer destination, so the kernel builds the outer header again and
+/// fragments it (no ipip device exists to do that on this kernel).
+#[inline(always)]
+fn ipip_slow_path_tx(
+    ctx: &TcContext,
+    cfg: &NodeConfig,
+    remote: &RemoteNode,
+    ip: &Ipv4Hdr,
+    inner_l3_len: u32,
+) -> Result<i32, Reason> {
+    push_ipip(ctx, cfg, remote, ip, inner_l3_len)?;
     // SAFETY: plain helper call; the verdict it returns is ours.
     Ok(unsafe { bpf_redirect(cfg.slow_path_ifindex, 0) } as i32)
 }

@@ -183,15 +183,24 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
     );
     let slow_path = slow_path_device(&nl, vxlan.map(|v| v.port), iface.mtu).await;
     let ipip_slow_path = (decap == DECAP_IPIP)
-        .then(|| ipip_slow_path::IpipSlowPath::open(iface.mac))
+        .then(|| ipip_slow_path::IpipSlowPath::open(public_ip, iface.mac))
         .transpose()
         .unwrap_or_else(|e| {
             tracing::warn!(
                 error = %e,
-                "no IP-in-IP slow path: reassembled outer fragments will be lost"
+                "no IP-in-IP slow path: reassembled outer fragments and too-big packets without DF will be lost"
             );
             None
         });
+    let ipip_tap = match &ipip_slow_path {
+        Some(_) => Some(
+            nl.link_by_name(ipip_slow_path::IPIP_TAP)
+                .await
+                .context("the IP-in-IP tap")?
+                .index,
+        ),
+        None => None,
+    };
     dp.write_node_config(&NodeConfig {
         configured: 1,
         public_ip: public_ip.octets(),
@@ -206,7 +215,7 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
         cluster_network: cfg.network.network().octets(),
         local_subnet: held.subnet.network().octets(),
         decap,
-        slow_path_ifindex: slow_path.map_or(0, |(index, _)| index),
+        slow_path_ifindex: slow_path.map(|(index, _)| index).or(ipip_tap).unwrap_or(0),
     })?;
     // host-gw receives plain packets: no decap hook at all. On a veth an XDP
     // program would even turn TSO off on the peer, for nothing.
@@ -223,14 +232,10 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
             .as_ref()
             .map(|_| (ipip_slow_path::IPIP_TAP, true)),
     )?;
-    if ipip_slow_path.is_some() {
+    if let Some(index) = ipip_tap {
         // Up only now that its program is attached: nothing is read from
         // the raw socket until the task below runs anyway.
-        let tap = nl
-            .link_by_name(ipip_slow_path::IPIP_TAP)
-            .await
-            .context("the IP-in-IP tap")?;
-        nl.link_set_up(tap.index)
+        nl.link_set_up(index)
             .await
             .context("bringing the IP-in-IP tap up")?;
     }

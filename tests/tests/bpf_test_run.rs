@@ -711,11 +711,25 @@ fn too_big_without_df_goes_to_the_slow_path_device() -> Result<()> {
     let before = b.counter(Reason::FragNeeded)?;
     let (rc, _) = b.encap(&big_df)?;
     ensure!(rc == TC_ACT_REDIRECT && b.counter(Reason::FragNeeded)? == before + 1);
-    // IP-in-IP has no kernel device here: still dropped.
+    // IP-in-IP goes to the agent's tap already encapsulated: the agent
+    // sends the inner packet on through a raw socket.
     let big_ipip = inner_frame([10, 244, 4, 7], 1, 1472, false);
-    let before = b.counter(Reason::DropTooBig)?;
-    let (rc, _) = b.encap(&big_ipip)?;
-    ensure!(rc == TC_ACT_SHOT && b.counter(Reason::DropTooBig)? == before + 1);
+    let before = b.counter(Reason::EncapsulatedSlowPath)?;
+    let (rc, out) = b.encap(&big_ipip)?;
+    ensure!(
+        rc == TC_ACT_REDIRECT,
+        "too big without DF to an ipip peer: verdict {rc}"
+    );
+    ensure!(b.counter(Reason::EncapsulatedSlowPath)? == before + 1);
+    ensure!(
+        out.len() == big_ipip.len() + 20
+            && out[23] == 4
+            && out[26..30] == LOCAL_IP
+            && out[30..34] == PEER_IP
+            && out[34..] == big_ipip[14..],
+        "not the IP-in-IP packet the fast path would send: {:02x?}",
+        &out[14..34]
+    );
     // A packet that fits never takes the slow path.
     let (rc, out) = b.encap(&inner_frame([10, 244, 2, 7], 1, 1422, false))?;
     ensure!(
@@ -724,9 +738,11 @@ fn too_big_without_df_goes_to_the_slow_path_device() -> Result<()> {
     );
     // Without a slow-path device, the old rule: dropped.
     b.configure_slow_path(0)?;
-    let before = b.counter(Reason::DropTooBig)?;
-    let (rc, _) = b.encap(&big)?;
-    ensure!(rc == TC_ACT_SHOT && b.counter(Reason::DropTooBig)? == before + 1);
+    for frame in [&big, &big_ipip] {
+        let before = b.counter(Reason::DropTooBig)?;
+        let (rc, _) = b.encap(frame)?;
+        ensure!(rc == TC_ACT_SHOT && b.counter(Reason::DropTooBig)? == before + 1);
+    }
     Ok(())
 }
 

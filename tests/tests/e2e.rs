@@ -1369,8 +1369,9 @@ fn tc_decap_delivers_gro_aggregates_through_the_slow_path() -> Result<()> {
 /// (`pass_outer_fragment`), its stack reassembles them, and the agent's
 /// userspace slow path (a raw IP-in-IP socket feeding the `weft.ipip` tap,
 /// whose program decapsulates) delivers them (`decapsulated_slow_path`).
-/// Too-big packets without DF from a host cannot be sent: there is no
-/// kernel device to fragment outer IP-in-IP, so they stay `drop_too_big`.
+/// A host's too-big datagram without DF goes the other way: the encap
+/// program hands it to the tap, the agent sends it through the raw socket,
+/// the kernel fragments it (`encapsulated_slow_path`).
 #[test]
 fn ipip_across_a_narrow_hop_is_carried_by_the_userspace_slow_path() -> Result<()> {
     preflight()?;
@@ -1424,14 +1425,26 @@ fn ipip_across_a_narrow_hop_is_carried_by_the_userspace_slow_path() -> Result<()
             host.index()
         );
     }
-    // What is not carried: a host's datagram without DF that fits its
-    // 1500-byte interface but not the tunnel (1500 + 20 bytes).
-    let before = counters(&near)?;
-    let sent = big_datagrams_arrive(near.ns(), c.ns(), c.ip(), libc::IP_PMTUDISC_OMIT, 1, 1472);
-    ensure!(
-        sent.is_err() && grew(&near, &before, Reason::DropTooBig)? > 0,
-        "a host's too-big IP-in-IP datagram without DF: {sent:?}; update the README and this test"
-    );
+    // A host's datagrams without DF that fit its 1500-byte interface but
+    // not the tunnel (1500 + 20 bytes), both ways.
+    let (near1, far1) = (counters(&near)?, counters(&far)?);
+    big_datagrams_arrive(near.ns(), c.ns(), c.ip(), libc::IP_PMTUDISC_OMIT, 5, 1472)
+        .context("1500-byte datagrams from an IP_PMTUDISC_OMIT socket on a host")?;
+    big_datagrams_arrive(far.ns(), a.ns(), a.ip(), libc::IP_PMTUDISC_OMIT, 5, 1472)
+        .context("1500-byte datagrams from an IP_PMTUDISC_OMIT socket on the far host")?;
+    for (host, before) in [(&near, &near1), (&far, &far1)] {
+        let sent = grew(host, before, Reason::EncapsulatedSlowPath)?;
+        let too_big = grew(host, before, Reason::DropTooBig)?;
+        eprintln!(
+            "ipip host {}: encapsulated_slow_path {sent}, drop_too_big {too_big}",
+            host.index()
+        );
+        ensure!(
+            sent >= 5 && too_big == 0,
+            "host {}: slow-path sends {sent}, dropped as too big {too_big}",
+            host.index()
+        );
+    }
     Ok(())
 }
 

@@ -40,12 +40,11 @@ pub enum SizeVerdict {
     /// Too big with DF set: answer ICMP "fragmentation needed" so the
     /// sender's path-MTU discovery converges.
     FragNeeded,
-    /// Too big without DF, to a VXLAN peer, with the slow-path device
-    /// present: the kernel's VXLAN device encapsulates it and fragments the
-    /// outer packet.
+    /// Too big without DF, with a slow path present: the kernel fragments
+    /// the outer packet (the VXLAN device, or for IP-in-IP the agent's raw
+    /// socket).
     SlowPath,
-    /// Too big without DF and no way to fragment it (IP-in-IP on a kernel
-    /// without an ipip device, or no slow-path device).
+    /// Too big without DF and no slow path to fragment it.
     Drop,
 }
 
