@@ -33,6 +33,13 @@ pub const GLOBAL_DECAP_MARK: &str = "DECAP_MARK";
 /// Default of the agent's `--decap-mark`: one bit that kube-proxy (0x4000,
 /// 0x8000), Calico (0xffff0000) and Docker leave alone.
 pub const DEFAULT_DECAP_MARK: u32 = 0x1000;
+/// TC ingress of the slow-path VXLAN device: what the kernel decapsulated
+/// (reassembled outer fragments, GRO aggregates) is checked as the fast path
+/// checks it and re-injected into `--iface`'s ingress.
+pub const PROG_SLOWPATH_RX_TC: &str = "weft_slowpath_rx_tc";
+/// TC ingress of the agent's IP-in-IP tap: reassembled IP-in-IP packets the
+/// agent read from a raw socket, decapsulated as on the fast path.
+pub const PROG_SLOWPATH_IPIP_TC: &str = "weft_slowpath_ipip_tc";
 
 /// Capacity of [`MAP_SUBNETS`]. flannel networks rarely hold more than a few
 /// thousand nodes; 131072 leaves room for the 100k-lease scale benchmark.
@@ -107,8 +114,15 @@ pub struct NodeConfig {
     pub local_subnet: [u8; 4],
     /// Which tunnels the decap programs accept: [`DECAP_VXLAN`] | [`DECAP_IPIP`].
     pub decap: u32,
+    /// ifindex of the slow-path device, host byte order; 0 when there is
+    /// none: the agent's collect-metadata VXLAN device (vxlan backend) or
+    /// its IP-in-IP tap (ipip backend). Too-big packets without DF are
+    /// handed to it, so that the kernel fragments the outer packet. Added
+    /// after the 48-byte layout; the agent replaces a pinned map of the old
+    /// size.
+    pub slow_path_ifindex: u32,
 }
-const _: () = assert!(size_of::<NodeConfig>() == 48);
+const _: () = assert!(size_of::<NodeConfig>() == 52);
 
 /// [`NodeConfig::decap`] bit: VXLAN to `vxlan_port_be` with `vni`.
 pub const DECAP_VXLAN: u32 = 1;

@@ -15,10 +15,27 @@
 //! - the inner source must be in the sending node's subnet (per `SUBNETS`),
 //!   or be that node's PublicIP: its host's own traffic to containers leaves
 //!   with the underlay address as source.
+//!
+//! Outer fragments cannot be decapsulated here (only the first holds the
+//! tunnel headers, none holds the whole inner packet): they are counted and
+//! passed to the stack, which reassembles them and hands VXLAN to the
+//! agent's collect-metadata VXLAN device (the slow path). Its TC ingress
+//! program, [`try_slowpath_rx`], applies the same rules through the same
+//! function, [`accept`], and re-injects the inner frame into `--iface`'s
+//! ingress, so it meets the same rp_filter and firewall as fast-path
+//! packets. That device's UDP socket also turns on UDP-tunnel GRO, whose
+//! aggregates the TC decap hook passes (`PassGso`) and the slow path
+//! delivers. Reassembled IP-in-IP has no kernel handler here; the agent
+//! writes it into a tap whose program, [`try_slowpath_ipip_rx`], runs the
+//! very classification of the fast path.
+
+use core::mem::size_of;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action},
-    helpers::bpf_xdp_adjust_head,
+    bindings::{
+        BPF_F_INGRESS, TC_ACT_OK, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_tunnel_key, xdp_action,
+    },
+    helpers::{bpf_redirect, bpf_skb_get_tunnel_key, bpf_xdp_adjust_head},
     programs::{TcContext, XdpContext},
 };
 use ebpf_prog::{
@@ -97,26 +114,68 @@ pub fn try_decap_xdp(ctx: &XdpContext) -> Result<u32, Reason> {
 
 pub fn try_decap_tc(ctx: &TcContext) -> Result<i32, Reason> {
     let cfg = node_config().ok_or(Reason::PassNotConfigured)?;
+    // Classified first, so that only aggregates of tunnel packets for this
+    // node count as `PassGso` (not, say, the slow path's re-injected inner
+    // aggregates), and injected ones are dropped here already.
+    let tunnel = classify_tc(ctx, cfg)?;
     // SAFETY: reading a field of the context the kernel handed us.
     if unsafe { (*ctx.skb.skb).gso_size } != 0 {
-        // A GRO aggregate of tunnel packets: this kernel cannot pop a UDP
-        // tunnel off a GSO skb from BPF (no BPF_F_ADJ_ROOM_DECAP_L4_UDP).
+        // A GRO aggregate of tunnel packets (UDP-tunnel GRO runs because
+        // the slow-path device has a socket on the port): this kernel
+        // cannot pop a UDP tunnel off a GSO skb from BPF (no
+        // BPF_F_ADJ_ROOM_DECAP_L4_UDP). The device's socket decapsulates
+        // it and the slow path delivers it.
         return Err(Reason::PassGso);
     }
+    pop_tc(ctx, tunnel)?;
+    Ok(TC_ACT_OK)
+}
+
+/// The IP-in-IP slow path: TC ingress of the agent's `weft.ipip` tap. This
+/// kernel has no IP-in-IP handler, so the agent reads reassembled outer
+/// fragments from a raw IPPROTO_IPIP socket and writes them, behind an
+/// Ethernet header, into the tap. They are classified and decapsulated
+/// exactly as on the fast path, then re-injected into `--iface`'s ingress.
+/// The caller drops whatever this rejects, pass reasons included: passed
+/// up from the tap, an IP-in-IP packet would reach the raw socket again.
+pub fn try_slowpath_ipip_rx(ctx: &TcContext) -> Result<i32, Reason> {
+    let cfg = node_config().ok_or(Reason::PassNotConfigured)?;
+    let tunnel = classify_tc(ctx, cfg)?;
+    if !matches!(tunnel, Tunnel::Ipip) {
+        return Err(Reason::DropMalformedTunnel);
+    }
+    pop_tc(ctx, tunnel)?;
+    // Whatever the agent wrote as the destination, the stack must take the
+    // frame as addressed to `--iface` when it is re-injected there.
+    ctx.skb
+        .store(0, &cfg.iface_mac, 0)
+        .map_err(|_| Reason::DropStoreBytes)?;
+    // SAFETY: plain helper call; the verdict it returns is ours.
+    Ok(unsafe { bpf_redirect(cfg.iface_ifindex, u64::from(BPF_F_INGRESS)) } as i32)
+}
+
+/// [`classify`] at TC, where the headers may first need pulling into the
+/// linear window.
+#[inline(always)]
+fn classify_tc(ctx: &TcContext, cfg: &NodeConfig) -> Result<Tunnel, Reason> {
     if ctx.data() + CLASSIFY_LEN > ctx.data_end() && ctx.len() as usize >= CLASSIFY_LEN {
         // Headers may sit in paged data; pulling is harmless if it fails
         // (classify then sees a short window and passes the packet).
         let _ = ctx.skb.pull_data(CLASSIFY_LEN as u32);
     }
-    let tunnel = classify(ctx, cfg, ctx.len() as usize)?;
+    classify(ctx, cfg, ctx.len() as usize)
+}
 
-    // Pops everything between the outer Ethernet header, whose destination
-    // already is this host's MAC, and the inner IPv4 header.
+/// Pops everything between the outer Ethernet header and the inner IPv4
+/// header, and marks the packet as decapsulated. Every packet pointer is
+/// stale afterwards.
+#[inline(always)]
+fn pop_tc(ctx: &TcContext, tunnel: Tunnel) -> Result<(), Reason> {
     ctx.skb
         .adjust_room(-(tunnel.encap_len() as i32), BPF_ADJ_ROOM_MAC, 0)
         .map_err(|_| Reason::DropAdjustRoom)?;
     mark::mark_tc(ctx);
-    Ok(TC_ACT_OK)
+    Ok(())
 }
 
 /// Which tunnel the packet is, when it is one for this node carrying a sane
@@ -135,8 +194,12 @@ fn classify(pkt: &impl PacketWindow, cfg: &NodeConfig, frame_len: usize) -> Resu
     if ip.dst_addr != cfg.public_ip {
         return Err(Reason::PassNotTunnel);
     }
-    // Outer options or fragments: the stack reassembles / parses those.
-    if ip.vihl & 0x0f != 5 || u16::from_be_bytes(ip.frags) & IP_MF_OFFSET != 0 {
+    let frags = u16::from_be_bytes(ip.frags);
+    if frags & IP_MF_OFFSET != 0 {
+        return Err(outer_fragment(pkt, cfg, &ip, frags));
+    }
+    // Outer options: the stack parses those.
+    if ip.vihl & 0x0f != 5 {
         return Err(Reason::PassNotTunnel);
     }
     let outer_len = usize::from(u16::from_be_bytes(ip.tot_len));
@@ -150,19 +213,11 @@ fn classify(pkt: &impl PacketWindow, cfg: &NodeConfig, frame_len: usize) -> Resu
         if vni_of(&vxlan) != Some(cfg.vni) {
             return Err(Reason::PassForeignVni);
         }
-        if !is_known_node(ip.src_addr) {
-            return Err(Reason::DropUnknownSource);
-        }
-        let inner_eth =
-            read_at::<EthHdr>(pkt, VXLAN_INNER_ETH_OFF).ok_or(Reason::DropMalformedTunnel)?;
-        if inner_eth.ether_type != ETH_P_IP.to_be() {
-            return Err(Reason::DropInnerNotIpv4);
-        }
-        check_inner(
+        accept(
             pkt,
             cfg,
             ip.src_addr,
-            VXLAN_INNER_IP_OFF,
+            Inner::Ethernet(VXLAN_INNER_ETH_OFF),
             outer_len,
             frame_len,
         )?;
@@ -170,14 +225,11 @@ fn classify(pkt: &impl PacketWindow, cfg: &NodeConfig, frame_len: usize) -> Resu
     } else if ip.proto == IPPROTO_IPIP && cfg.decap & DECAP_IPIP != 0 {
         // IP-in-IP has no key or port: the source address is all that tells
         // a peer's packet from an injected one.
-        if !is_known_node(ip.src_addr) {
-            return Err(Reason::DropUnknownSource);
-        }
-        check_inner(
+        accept(
             pkt,
             cfg,
             ip.src_addr,
-            IPIP_INNER_IP_OFF,
+            Inner::Ipv4(IPIP_INNER_IP_OFF),
             outer_len,
             frame_len,
         )?;
@@ -185,6 +237,126 @@ fn classify(pkt: &impl PacketWindow, cfg: &NodeConfig, frame_len: usize) -> Resu
     } else {
         Err(Reason::PassNotTunnel)
     }
+}
+
+/// Where the inner packet starts.
+#[derive(Clone, Copy)]
+enum Inner {
+    /// An inner Ethernet header at this offset (VXLAN), then IPv4.
+    Ethernet(usize),
+    /// The inner IPv4 header at this offset (IP-in-IP).
+    Ipv4(usize),
+}
+
+/// The acceptance rules of every decapsulating path (XDP, TC ingress, the
+/// slow path), in one place: the tunnel packet from `outer_src` must come
+/// from a known node, carry IPv4, and pass [`check_inner`]. `outer_len` is
+/// the outer IPv4 length the packet claims (0 when the kernel already
+/// removed the outer headers); `frame_len` the whole frame's length.
+#[inline(always)]
+fn accept(
+    pkt: &impl PacketWindow,
+    cfg: &NodeConfig,
+    outer_src: [u8; 4],
+    inner: Inner,
+    outer_len: usize,
+    frame_len: usize,
+) -> Result<(), Reason> {
+    if !is_known_node(outer_src) {
+        return Err(Reason::DropUnknownSource);
+    }
+    let ip_off = match inner {
+        Inner::Ethernet(off) => {
+            let eth = read_at::<EthHdr>(pkt, off).ok_or(Reason::DropMalformedTunnel)?;
+            if eth.ether_type != ETH_P_IP.to_be() {
+                return Err(Reason::DropInnerNotIpv4);
+            }
+            off + ETH_HLEN
+        }
+        Inner::Ipv4(off) => off,
+    };
+    check_inner(pkt, cfg, outer_src, ip_off, outer_len, frame_len)
+}
+
+/// The counter for an outer IPv4 fragment addressed to this node: a piece
+/// of a tunnel packet ([`Reason::PassOuterFragment`]), or something else
+/// the stack owns. Only the first fragment holds the UDP header, so a later
+/// UDP fragment counts as a tunnel fragment whatever its port. Either way
+/// the packet passes: the stack reassembles it, and a reassembled VXLAN
+/// packet reaches the slow-path device's socket. Reassembled IP-in-IP has
+/// nowhere to go on a kernel without an ipip device (see README).
+#[inline(always)]
+fn outer_fragment(pkt: &impl PacketWindow, cfg: &NodeConfig, ip: &Ipv4Hdr, frags: u16) -> Reason {
+    const IP_OFFSET: u16 = 0x1fff;
+    let tunnel = if ip.proto == IPPROTO_UDP && cfg.decap & DECAP_VXLAN != 0 {
+        // Options would move the UDP header; such a first fragment counts
+        // as a tunnel fragment too.
+        frags & IP_OFFSET != 0
+            || ip.vihl & 0x0f != 5
+            || read_at::<UdpHdr>(pkt, UDP_OFF)
+                .is_none_or(|udp| u16::from_ne_bytes(udp.dst) == cfg.vxlan_port_be)
+    } else {
+        ip.proto == IPPROTO_IPIP && cfg.decap & DECAP_IPIP != 0
+    };
+    if tunnel {
+        Reason::PassOuterFragment
+    } else {
+        Reason::PassNotTunnel
+    }
+}
+
+/// The slow path: TC ingress of the agent's collect-metadata VXLAN device.
+/// The kernel has already removed the outer headers (of a reassembled outer
+/// packet, a GRO aggregate, or anything else its socket received) and left
+/// them as tunnel metadata; the frame starts at the inner Ethernet header.
+/// Accepted frames are addressed to `--iface` and re-injected into its
+/// ingress, exactly where a fast-path decapsulated frame enters the stack;
+/// everything else is dropped, because the device's own stack has no use
+/// for it.
+pub fn try_slowpath_rx(ctx: &TcContext) -> Result<i32, Reason> {
+    let cfg = node_config().ok_or(Reason::PassNotConfigured)?;
+    // SAFETY: all-zero is a valid bpf_tunnel_key.
+    let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
+    // SAFETY: `key` is a writable parameter block on our stack and the size
+    // passed is its size.
+    let rc = unsafe {
+        bpf_skb_get_tunnel_key(ctx.skb.skb, &mut key, size_of::<bpf_tunnel_key>() as u32, 0)
+    };
+    if rc != 0 {
+        // No tunnel metadata: nothing the VXLAN receive path produced.
+        return Err(Reason::DropMalformedTunnel);
+    }
+    // The device accepts every VNI (collect_metadata); the fast path passes
+    // other VNIs to the stack, so this is where they end.
+    if key.tunnel_id != cfg.vni {
+        return Err(Reason::DropForeignVni);
+    }
+    // SAFETY: the IPv4 member of the union; the helper filled it (flags 0
+    // means IPv4), in host byte order (net/core/filter.c).
+    let outer_src = unsafe { key.__bindgen_anon_1.remote_ipv4 }.to_be_bytes();
+    const PULL: usize = ETH_HLEN + IPV4_HLEN;
+    if ctx.data() + PULL > ctx.data_end() && ctx.len() as usize >= PULL {
+        // A reassembled packet's headers may sit in a fragment's page; a
+        // failed pull shows up as a short window below.
+        let _ = ctx.skb.pull_data(PULL as u32);
+    }
+    accept(
+        ctx,
+        cfg,
+        outer_src,
+        Inner::Ethernet(0),
+        0,
+        ctx.len() as usize,
+    )?;
+    // As on the fast path: the frame must be addressed to `--iface` for the
+    // stack to take it as PACKET_HOST when it is re-injected there, and it
+    // carries the mark (a redirect within the namespace keeps it).
+    ctx.skb
+        .store(0, &cfg.iface_mac, 0)
+        .map_err(|_| Reason::DropStoreBytes)?;
+    mark::mark_tc(ctx);
+    // SAFETY: plain helper call; the verdict it returns is ours.
+    Ok(unsafe { bpf_redirect(cfg.iface_ifindex, u64::from(BPF_F_INGRESS)) } as i32)
 }
 
 /// The inner IPv4 header at `off` must be sane, the outer one may not claim

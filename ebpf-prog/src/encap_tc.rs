@@ -7,28 +7,38 @@
 //! (RFC 2003) headers inserted after the L2 header, or left as it is (host-gw,
 //! DirectRouting). Either way the L2 header is rewritten for the underlay
 //! next hop that the kernel's FIB picks.
+//!
+//! A packet too big for the underlay once encapsulated takes one of three
+//! ways ([`size_verdict`]): with DF its sender gets ICMP "fragmentation
+//! needed"; without DF it takes the slow path, where the kernel fragments
+//! the outer packet: to a VXLAN peer through the agent's collect-metadata
+//! VXLAN device, with the tunnel parameters as metadata; to an IP-in-IP
+//! peer through the agent's tap and raw socket. Without a slow path it is
+//! dropped.
 
 use core::{ffi::c_void, mem::size_of};
 
 use aya_ebpf::{
     bindings::{
         BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
-        BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_INGRESS, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_INGRESS, BPF_F_ZERO_CSUM_TX, BPF_FIB_LKUP_RET_NO_NEIGH,
         BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, TC_ACT_OK,
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup, bpf_redir_neigh,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup, bpf_redir_neigh, bpf_tunnel_key,
     },
     helpers::{
         bpf_fib_lookup as fib_lookup, bpf_get_hash_recalc, bpf_get_prandom_u32, bpf_redirect,
-        bpf_redirect_neigh, bpf_skb_change_tail,
+        bpf_redirect_neigh, bpf_skb_change_tail, bpf_skb_set_tunnel_key,
     },
     programs::TcContext,
 };
 use ebpf_prog::{
     encap::{
+        OUTER_FRAG_OFF, SizeVerdict,
         ipip::{self, IpipParams},
-        vxlan::{self, VxlanParams, flow_src_port, outer_frag_off, outer_tos},
+        outer_ip_id, size_verdict,
+        vxlan::{self, VxlanParams, flow_src_port, outer_tos},
     },
-    headers::{ETH_HLEN, ETH_P_IP, IP_DF, IPPROTO_UDP, IPV4_HLEN},
+    headers::{ETH_HLEN, ETH_P_IP, IP_DF, IPPROTO_UDP, IPV4_HLEN, OUTER_TTL},
     icmp,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
@@ -115,18 +125,49 @@ pub fn try_encap(ctx: &TcContext) -> Result<Sent, Reason> {
         } else {
             vxlan::ENCAP_LEN
         };
-        if gso_size == 0 && inner_l3_len + overhead as u32 > cfg.iface_mtu {
+        let is_vxlan = remote.mode == Mode::Vxlan as u8;
+        match size_verdict(
+            inner_l3_len,
+            overhead as u32,
+            cfg.iface_mtu,
+            gso_size != 0,
+            u16::from_be_bytes(ip.frags) & IP_DF != 0,
+            cfg.slow_path_ifindex != 0,
+        ) {
+            SizeVerdict::Fits => {}
+            SizeVerdict::SlowPath => {
+                let verdict = if is_vxlan {
+                    slow_path_tx(ctx, cfg, &remote, &ip)?
+                } else {
+                    ipip_slow_path_tx(ctx, cfg, &remote, &ip, inner_l3_len)?
+                };
+                return Ok((Reason::EncapsulatedSlowPath, verdict));
+            }
             // The cluster route's MTU makes the stack itself answer most of
-            // these; this catches what bypasses it.
-            let next_hop_mtu = cfg.iface_mtu.saturating_sub(overhead as u32);
-            let verdict = frag_needed(ctx, cfg, &ip, next_hop_mtu)?;
-            return Ok((Reason::FragNeeded, verdict));
+            // these; this catches what bypasses it. `frag_needed` decides
+            // what is answered and what is dropped.
+            SizeVerdict::FragNeeded | SizeVerdict::Drop => {
+                let next_hop_mtu = cfg.iface_mtu.saturating_sub(overhead as u32);
+                let verdict = frag_needed(ctx, cfg, &ip, next_hop_mtu)?;
+                return Ok((Reason::FragNeeded, verdict));
+            }
         }
         let next = next_hop(ctx, cfg.iface_ifindex, cfg.public_ip, remote.public_ip)?;
         if remote.mode == Mode::Ipip as u8 {
             push_ipip(ctx, cfg, &remote, &ip, inner_l3_len)?;
         } else {
-            push_vxlan(ctx, cfg, &remote, &ip, inner_l3_len)?;
+            match push_vxlan(ctx, cfg, &remote, &ip, inner_l3_len) {
+                // A GSO packet that already is a tunnel packet, untouched
+                // (the helper refused before changing it). The slow-path
+                // device has no UDP-tunnel GSO feature, so the kernel
+                // segments the packet in software before the device
+                // (validate_xmit_skb) and encapsulates every segment.
+                Err(Reason::DropNestedGso) if cfg.slow_path_ifindex != 0 => {
+                    let verdict = slow_path_tx(ctx, cfg, &remote, &ip)?;
+                    return Ok((Reason::EncapsulatedSlowPath, verdict));
+                }
+                pushed => pushed?,
+            }
         }
         // The outer header names the next hop; the kernel routes it itself.
         (Reason::Encapsulated, transmit(ctx, next, None)?)
@@ -176,16 +217,77 @@ fn frag_needed(
     Ok(unsafe { bpf_redirect(cfg.iface_ifindex, u64::from(BPF_F_INGRESS)) } as i32)
 }
 
-/// Outer IP identification: DF packets need none (RFC 6864); others may be
-/// fragmented on the underlay and need one that differs between packets.
+/// Hands a too-big packet without DF to the slow-path VXLAN device: the
+/// tunnel parameters travel as metadata (`bpf_skb_set_tunnel_key`), the
+/// device's transmit path (drivers/net/vxlan/vxlan_core.c, collect_metadata
+/// mode) builds the outer headers, and `ip_fragment` splits the outer packet
+/// for the underlay, which the peer's stack reassembles. The inner frame is
+/// addressed as the fast path addresses it, to the peer's VtepMAC.
 #[inline(always)]
-fn outer_id(frag_off: u16) -> u16 {
-    if frag_off & IP_DF != 0 {
-        0
-    } else {
-        // SAFETY: helper without arguments.
-        (unsafe { bpf_get_prandom_u32() }) as u16
+fn slow_path_tx(
+    ctx: &TcContext,
+    cfg: &NodeConfig,
+    remote: &RemoteNode,
+    ip: &Ipv4Hdr,
+) -> Result<i32, Reason> {
+    // SAFETY: all-zero is a valid bpf_tunnel_key.
+    let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
+    key.tunnel_id = remote.vni;
+    // Addresses in host byte order, as the helper expects.
+    key.__bindgen_anon_1.remote_ipv4 = u32::from_be_bytes(remote.public_ip);
+    // The source must be the PublicIP the peer knows (its NODE_IPS), not
+    // whatever the route would pick.
+    key.__bindgen_anon_3.local_ipv4 = u32::from_be_bytes(cfg.public_ip);
+    key.tunnel_tos = outer_tos(ip.tos);
+    key.tunnel_ttl = OUTER_TTL;
+    // No BPF_F_DONT_FRAGMENT: the outer packet must be fragmentable (see
+    // `OUTER_FRAG_OFF`). UDP checksum 0, as on the fast path.
+    // SAFETY: `key` is a valid parameter block on our stack and the size
+    // passed is its size.
+    let rc = unsafe {
+        bpf_skb_set_tunnel_key(
+            ctx.skb.skb,
+            &mut key,
+            size_of::<bpf_tunnel_key>() as u32,
+            u64::from(BPF_F_ZERO_CSUM_TX),
+        )
+    };
+    if rc != 0 {
+        return Err(Reason::DropStoreBytes);
     }
+    let mut l2 = [0u8; 12];
+    l2[..6].copy_from_slice(&remote.vtep_mac);
+    l2[6..].copy_from_slice(&cfg.vtep_mac);
+    ctx.skb
+        .store(0, &l2, 0)
+        .map_err(|_| Reason::DropStoreBytes)?;
+    // SAFETY: plain helper call; the verdict it returns is ours.
+    Ok(unsafe { bpf_redirect(cfg.slow_path_ifindex, 0) } as i32)
+}
+
+/// Hands a too-big IP-in-IP packet without DF to the agent's `weft.ipip`
+/// tap, encapsulated as the fast path would send it. The agent reads it
+/// there and sends the inner packet through a raw IP-in-IP socket to the
+/// outer destination, so the kernel builds the outer header again and
+/// fragments it (no ipip device exists to do that on this kernel).
+#[inline(always)]
+fn ipip_slow_path_tx(
+    ctx: &TcContext,
+    cfg: &NodeConfig,
+    remote: &RemoteNode,
+    ip: &Ipv4Hdr,
+    inner_l3_len: u32,
+) -> Result<i32, Reason> {
+    push_ipip(ctx, cfg, remote, ip, inner_l3_len)?;
+    // SAFETY: plain helper call; the verdict it returns is ours.
+    Ok(unsafe { bpf_redirect(cfg.slow_path_ifindex, 0) } as i32)
+}
+
+/// A fresh outer IP identification per packet; see [`outer_ip_id`].
+#[inline(always)]
+fn fresh_outer_id() -> u16 {
+    // SAFETY: helper without arguments.
+    outer_ip_id(unsafe { bpf_get_prandom_u32() })
 }
 
 #[inline(always)]
@@ -196,7 +298,6 @@ fn push_vxlan(
     ip: &Ipv4Hdr,
     inner_l3_len: u32,
 ) -> Result<(), Reason> {
-    let frag_off = outer_frag_off(u16::from_be_bytes(ip.frags));
     let headers = vxlan::build_headers(&VxlanParams {
         outer_src: cfg.public_ip,
         outer_dst: remote.public_ip,
@@ -208,8 +309,8 @@ fn push_vxlan(
         inner_src_mac: cfg.vtep_mac,
         inner_l3_len,
         tos: outer_tos(ip.tos),
-        frag_off,
-        ip_id: outer_id(frag_off),
+        frag_off: OUTER_FRAG_OFF,
+        ip_id: fresh_outer_id(),
     });
     insert_after_l2(ctx, &headers, VXLAN_FLAGS)
 }
@@ -222,14 +323,13 @@ fn push_ipip(
     ip: &Ipv4Hdr,
     inner_l3_len: u32,
 ) -> Result<(), Reason> {
-    let frag_off = outer_frag_off(u16::from_be_bytes(ip.frags));
     let header = ipip::build_header(&IpipParams {
         outer_src: cfg.public_ip,
         outer_dst: remote.public_ip,
         inner_l3_len,
         tos: outer_tos(ip.tos),
-        frag_off,
-        ip_id: outer_id(frag_off),
+        frag_off: OUTER_FRAG_OFF,
+        ip_id: fresh_outer_id(),
     });
     insert_after_l2(ctx, &header, IPIP_FLAGS)
 }

@@ -8,6 +8,13 @@
 //! - `weft_decap_tc`: the same at TC ingress, where XDP cannot attach.
 //! - `weft_mark_tc`: TC ingress next to `weft_decap_xdp`, turning XDP's
 //!   "decapsulated" tag into the firewall mark (see `mark`).
+//! - `weft_slowpath_rx_tc`: TC ingress of the agent's collect-metadata VXLAN
+//!   device. What the kernel decapsulated there (reassembled outer
+//!   fragments, GRO aggregates) is checked like fast-path traffic and
+//!   re-injected into `--iface`'s ingress.
+//! - `weft_slowpath_ipip_tc`: TC ingress of the agent's `weft.ipip` tap,
+//!   into which the agent writes reassembled IP-in-IP packets; decapsulated
+//!   as on the fast path and re-injected into `--iface`'s ingress.
 //!
 //! Each entry calls `try_*` and turns its `Result<action, Reason>` into a
 //! verdict plus a per-CPU counter, so every outcome is visible in `COUNTERS`.
@@ -91,6 +98,33 @@ mod entries {
     pub fn weft_mark_tc(ctx: TcContext) -> i32 {
         mark::mark_tagged(&ctx);
         TC_ACT_OK
+    }
+
+    #[classifier]
+    pub fn weft_slowpath_rx_tc(ctx: TcContext) -> i32 {
+        match decap::try_slowpath_rx(&ctx) {
+            Ok(action) => {
+                count(Reason::DecapsulatedSlowPath);
+                action
+            }
+            Err(reason) => tc_verdict(&ctx, reason),
+        }
+    }
+
+    #[classifier]
+    pub fn weft_slowpath_ipip_tc(ctx: TcContext) -> i32 {
+        match decap::try_slowpath_ipip_rx(&ctx) {
+            Ok(action) => {
+                count(Reason::DecapsulatedSlowPath);
+                action
+            }
+            Err(reason) => {
+                // Dropped whatever the reason: passed up from the tap, an
+                // IP-in-IP packet would go back to the agent's raw socket.
+                count(reason);
+                TC_ACT_SHOT
+            }
+        }
     }
 
     #[inline(always)]

@@ -11,7 +11,9 @@ use anyhow::{Context as _, bail};
 use etcd_client::Client;
 use ipnet::Ipv4Net;
 use tokio::io::unix::AsyncFd;
-use weft_common::{DECAP_IPIP, DECAP_VXLAN, Mode, NodeConfig};
+use weft_common::{
+    DECAP_IPIP, DECAP_VXLAN, Mode, NodeConfig, PROG_SLOWPATH_IPIP_TC, PROG_SLOWPATH_RX_TC,
+};
 
 use crate::{
     datapath::{self, Datapath, DecapMode, LoadOptions},
@@ -20,6 +22,7 @@ use crate::{
         Backend, KeyLayout, LeaseAttrs, NetworkConfig, SubnetEnv, VxlanLeaseData, flannel_mtu,
         subnet_env,
     },
+    ipip_slow_path,
     lease_manager::LeaseManager,
     netconf::{self, ClusterRoute, HostNetworking, IfaceChoice},
     netlink::{Netlink as _, NetlinkEvents, RtNetlink},
@@ -246,6 +249,26 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
         forward_rules = s.forward_rules,
         "firewall rules in place"
     );
+    let slow_path = slow_path_device(&nl, vxlan.map(|v| v.port), iface.mtu).await;
+    let ipip_slow_path = (decap == DECAP_IPIP)
+        .then(|| ipip_slow_path::IpipSlowPath::open(public_ip, iface.mac))
+        .transpose()
+        .unwrap_or_else(|e| {
+            tracing::warn!(
+                error = %e,
+                "no IP-in-IP slow path: reassembled outer fragments and too-big packets without DF will be lost"
+            );
+            None
+        });
+    let ipip_tap = match &ipip_slow_path {
+        Some(_) => Some(
+            nl.link_by_name(ipip_slow_path::IPIP_TAP)
+                .await
+                .context("the IP-in-IP tap")?
+                .index,
+        ),
+        None => None,
+    };
     dp.write_node_config(&NodeConfig {
         configured: 1,
         public_ip: public_ip.octets(),
@@ -260,11 +283,30 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
         cluster_network: cfg.network.network().octets(),
         local_subnet: held.subnet.network().octets(),
         decap,
+        slow_path_ifindex: slow_path.map(|(index, _)| index).or(ipip_tap).unwrap_or(0),
     })?;
     // host-gw receives plain packets: no decap hook at all. On a veth an XDP
     // program would even turn TSO off on the peer, for nothing.
     let decap_mode = (decap != 0).then_some(s.decap_mode);
     let hook = dp.attach(&iface.name, decap_mode)?;
+    dp.attach_slow_path(
+        PROG_SLOWPATH_RX_TC,
+        slow_path.map(|(_, fresh)| (netconf::SLOW_PATH_DEVICE, fresh)),
+    )?;
+    // The tap is new with every start (it lives as long as this process).
+    dp.attach_slow_path(
+        PROG_SLOWPATH_IPIP_TC,
+        ipip_slow_path
+            .as_ref()
+            .map(|_| (ipip_slow_path::IPIP_TAP, true)),
+    )?;
+    if let Some(index) = ipip_tap {
+        // Up only now that its program is attached: nothing is read from
+        // the raw socket until the task below runs anyway.
+        nl.link_set_up(index)
+            .await
+            .context("bringing the IP-in-IP tap up")?;
+    }
     // Subscribed before the route goes in, so no removal of it is missed.
     let events = NetlinkEvents::subscribe().context("netlink events")?;
     let mut host = HostNetworking::new(cluster_route, iface.addrs.clone());
@@ -304,11 +346,57 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
         }
         r = leases.keep_renewed(held) => r.context("subnet lease"),
         () = drain_bpf_logs(logger) => bail!("BPF log reader stopped"),
+        e = run_ipip_slow_path(ipip_slow_path) => {
+            Err(anyhow::Error::new(e)).context("the IP-in-IP slow path's raw socket failed")
+        }
         r = shutdown_signal() => {
             r?;
             tracing::info!("stopping; the data path stays in place (`node-agent cleanup` removes it)");
             Ok(())
         }
+    }
+}
+
+/// Sets up the slow-path device for a VXLAN backend on `port` (`None`: not
+/// VXLAN, and a device left by an earlier VXLAN run is removed). Returns its
+/// ifindex and whether it is new. Without it the fast path still works and
+/// only too-big packets without DF and outer fragments are lost, as before
+/// the slow path existed, so a failure (e.g. the port is taken by a flannel
+/// device in the same namespace) is logged, not fatal.
+async fn slow_path_device(nl: &RtNetlink, port: Option<u16>, mtu: u32) -> Option<(u32, bool)> {
+    let Some(port) = port else {
+        match netconf::remove_slow_path_device(nl).await {
+            Ok(true) => tracing::info!(
+                device = netconf::SLOW_PATH_DEVICE,
+                "removed the slow-path device: the backend is not vxlan"
+            ),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot remove the slow-path device"),
+        }
+        return None;
+    };
+    let dev = netconf::slow_path_device(port, mtu);
+    match netconf::ensure_slow_path_device(nl, &dev).await {
+        Ok((index, fresh)) => {
+            tracing::info!(device = %dev.name, index, port, fresh, "slow-path device ready");
+            Some((index, fresh))
+        }
+        Err(e) => {
+            tracing::warn!(
+                device = %dev.name,
+                error = %e,
+                "no slow-path device: too-big packets without DF and outer fragments will be dropped"
+            );
+            None
+        }
+    }
+}
+
+/// Runs the IP-in-IP slow path, if there is one; otherwise never returns.
+async fn run_ipip_slow_path(path: Option<ipip_slow_path::IpipSlowPath>) -> std::io::Error {
+    match path {
+        Some(path) => path.run().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -589,7 +677,8 @@ pub fn status(pin_path: &Path, json: bool) -> anyhow::Result<()> {
 
 /// Removes what `run` created: the cluster route and its neighbour entry,
 /// the peers' managed neighbour entries, weft's firewall rules, every pin
-/// (which detaches the programs), and the subnet file.
+/// (which detaches the programs), the slow-path device, and the subnet
+/// file.
 pub async fn cleanup(pin_path: &Path, subnet_file: &Path) -> anyhow::Result<()> {
     let pinned_cfg = if PinnedState::exists(pin_path) {
         PinnedState::open(pin_path)?.node_config()?
@@ -621,6 +710,16 @@ pub async fn cleanup(pin_path: &Path, subnet_file: &Path) -> anyhow::Result<()> 
     let mut nft = Nft::open().context("netfilter")?;
     Firewall::remove(&mut nft).context("removing weft's firewall rules")?;
     datapath::remove_pins(pin_path)?;
+    let nl = RtNetlink::open().context("netlink")?;
+    if netconf::remove_slow_path_device(&nl)
+        .await
+        .context("removing the slow-path device")?
+    {
+        tracing::debug!(
+            device = netconf::SLOW_PATH_DEVICE,
+            "slow-path device removed"
+        );
+    }
     match std::fs::remove_file(subnet_file) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
             Err(e).with_context(|| format!("removing {}", subnet_file.display()))
@@ -639,7 +738,10 @@ mod tests {
         assert!(check_flannel_env(["FLANNELD_ETCD_PASSWORD".to_owned()]).is_ok());
         let err = check_flannel_env(["FLANNELD_KUBE_SUBNET_MGR".to_owned()])
             .expect_err("not implemented");
-        assert!(err.to_string().contains("FLANNELD_KUBE_SUBNET_MGR"), "{err}");
+        assert!(
+            err.to_string().contains("FLANNELD_KUBE_SUBNET_MGR"),
+            "{err}"
+        );
     }
 
     #[test]

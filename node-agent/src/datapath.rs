@@ -25,8 +25,8 @@ use aya::{
 };
 use weft_common::{
     DEFAULT_DECAP_MARK, GLOBAL_DECAP_MARK, MAP_COUNTERS, MAP_NODE_CONFIG, MAP_NODE_IPS,
-    MAP_SUBNETS, NodeConfig, PROG_DECAP_TC, PROG_DECAP_XDP, PROG_ENCAP_TC, PROG_MARK_TC, Reason,
-    RemoteNode,
+    MAP_SUBNETS, NodeConfig, PROG_DECAP_TC, PROG_DECAP_XDP, PROG_ENCAP_TC, PROG_MARK_TC,
+    PROG_SLOWPATH_IPIP_TC, PROG_SLOWPATH_RX_TC, Reason, RemoteNode,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -209,6 +209,29 @@ impl Datapath {
         Ok(hook)
     }
 
+    /// Attaches slow-path receive program `name` (`weft_slowpath_rx_tc` or
+    /// `weft_slowpath_ipip_tc`) at TC ingress of device `dev`, or, with
+    /// `None` (another backend, or no device), removes a link an earlier
+    /// run pinned for it. `fresh` says the device was (re)created by this
+    /// run: a link pinned for an earlier device died with it and cannot be
+    /// updated, so it is unpinned first.
+    pub fn attach_slow_path(
+        &mut self,
+        name: &'static str,
+        dev: Option<(&str, bool)>,
+    ) -> Result<(), DatapathError> {
+        let link_path = self.pin_path.join(name);
+        match dev {
+            Some((dev, fresh)) => {
+                if fresh {
+                    remove_pin(&link_path)?;
+                }
+                self.attach_tc(name, dev, TcAttachType::Ingress)
+            }
+            None => remove_pin(&link_path),
+        }
+    }
+
     fn attach_tc(
         &mut self,
         name: &'static str,
@@ -346,8 +369,13 @@ fn missing_map(name: &str) -> aya::maps::MapError {
 /// with the object's, so a map made by an older build would be used with
 /// the wrong sizes. `COUNTERS` grows whenever a [`Reason`] is appended; its
 /// totals are statistics, so one of another size is replaced (the counts
-/// restart) instead of leaving the new reasons uncounted. A table whose
-/// value layout changed cannot be adopted: that is an error naming the fix.
+/// restart) instead of leaving the new reasons uncounted. `NODE_CONFIG` is
+/// derived entirely from the agent's flags, etcd and the host, and written
+/// in full before the new programs are swapped into the pinned links, so
+/// one of another size (the 48-byte layout before `slow_path_ifindex`) is
+/// replaced too: the old programs keep the old map until the swap. A peer
+/// table whose value layout changed cannot be adopted: that is an error
+/// naming the fix.
 fn check_pinned_layouts(pin_path: &Path) -> Result<(), DatapathError> {
     let info = |name: &'static str| {
         let path = pin_path.join(name);
@@ -366,10 +394,17 @@ fn check_pinned_layouts(pin_path: &Path) -> Result<(), DatapathError> {
         );
         remove_pin(&path)?;
     }
-    for (name, want) in [
-        (MAP_SUBNETS, size_of::<RemoteNode>()),
-        (MAP_NODE_CONFIG, size_of::<NodeConfig>()),
-    ] {
+    if let Some((path, config)) = info(MAP_NODE_CONFIG)?
+        && config.value_size() as usize != size_of::<NodeConfig>()
+    {
+        tracing::info!(
+            pinned = config.value_size(),
+            now = size_of::<NodeConfig>(),
+            "the pinned node config has an older layout; replacing it"
+        );
+        remove_pin(&path)?;
+    }
+    for (name, want) in [(MAP_SUBNETS, size_of::<RemoteNode>())] {
         if let Some((path, pinned)) = info(name)?
             && pinned.value_size() as usize != want
         {
@@ -489,6 +524,8 @@ pub fn remove_pins(pin_path: &Path) -> Result<(), DatapathError> {
         PROG_DECAP_XDP,
         PROG_DECAP_TC,
         PROG_MARK_TC,
+        PROG_SLOWPATH_RX_TC,
+        PROG_SLOWPATH_IPIP_TC,
         MAP_SUBNETS,
         MAP_NODE_IPS,
         MAP_NODE_CONFIG,

@@ -9,7 +9,8 @@ use std::{collections::BTreeSet, fs, net::Ipv4Addr, time::Duration};
 use ipnet::Ipv4Net;
 
 use crate::netlink::{
-    Link, Neighbour, NeighbourKind, Netlink, NetlinkError, NetlinkEvent, NetlinkEvents, Route,
+    ExternalVxlan, Link, Neighbour, NeighbourKind, Netlink, NetlinkError, NetlinkEvent,
+    NetlinkEvents, Route,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +43,8 @@ pub enum NetconfError {
     Netlink(#[from] NetlinkError),
     #[error("cannot enable IPv4 forwarding: {0}")]
     Forwarding(#[source] std::io::Error),
+    #[error("the slow-path VXLAN device {name:?} did not appear after it was created")]
+    SlowPathDeviceMissing { name: String },
 }
 
 /// How the underlay interface is picked, as flanneld's flags do: `--iface`
@@ -91,7 +94,11 @@ pub async fn choose_interface(
                 }
             }
             if let Some(found) = interface_with_addr(nl, |a| re.is_match(&a.to_string())).await? {
-                let ip = found.addrs.iter().map(Ipv4Net::addr).find(|a| re.is_match(&a.to_string()));
+                let ip = found
+                    .addrs
+                    .iter()
+                    .map(Ipv4Net::addr)
+                    .find(|a| re.is_match(&a.to_string()));
                 return Ok((found, ip));
             }
         }
@@ -299,6 +306,64 @@ pub async fn check_network_capture(
         }
     }
     Ok(())
+}
+
+/// Name of the slow-path device: a collect-metadata VXLAN device the agent
+/// creates for the VXLAN backend (15 characters at most, `IFNAMSIZ`). It
+/// carries what eBPF cannot: its UDP socket on the VXLAN port receives
+/// reassembled outer fragments (and GRO aggregates), and its transmit path
+/// sends too-big packets without DF with a fragmentable outer header.
+pub const SLOW_PATH_DEVICE: &str = "weft.vxlan";
+const _: () = assert!(SLOW_PATH_DEVICE.len() <= 15);
+
+/// The slow-path device for a VXLAN `port`, sized for `mtu`-byte inner
+/// packets (the underlay's MTU: the slow path exists for packets that do
+/// not fit it once encapsulated).
+pub fn slow_path_device(port: u16, mtu: u32) -> ExternalVxlan {
+    ExternalVxlan {
+        name: SLOW_PATH_DEVICE.to_owned(),
+        port,
+        mtu,
+    }
+}
+
+/// Makes sure `dev` exists as specified and is up, and returns its ifindex
+/// and whether it was (re)created now (then programs attached to an
+/// earlier device are gone with it). A link of that name with other
+/// settings (another port after a config change, or not VXLAN at all) is
+/// replaced: the name is weft's.
+pub async fn ensure_slow_path_device(
+    nl: &impl Netlink,
+    dev: &ExternalVxlan,
+) -> Result<(u32, bool), NetconfError> {
+    if let Some(existing) = nl.vxlan_by_name(&dev.name).await? {
+        if existing.matches(dev) && existing.link.up {
+            return Ok((existing.link.index, false));
+        }
+        tracing::info!(
+            name = %dev.name,
+            found = ?existing.vxlan,
+            up = existing.link.up,
+            "replacing the slow-path device, whose settings differ"
+        );
+        nl.link_delete(existing.link.index).await?;
+    }
+    nl.vxlan_add(dev).await?;
+    let created =
+        nl.vxlan_by_name(&dev.name)
+            .await?
+            .ok_or_else(|| NetconfError::SlowPathDeviceMissing {
+                name: dev.name.clone(),
+            })?;
+    Ok((created.link.index, true))
+}
+
+/// Deletes the slow-path device if it exists; `Ok(false)` when it did not.
+pub async fn remove_slow_path_device(nl: &impl Netlink) -> Result<bool, NetconfError> {
+    match nl.vxlan_by_name(SLOW_PATH_DEVICE).await? {
+        Some(existing) => Ok(nl.link_delete(existing.link.index).await?),
+        None => Ok(false),
+    }
 }
 
 /// Deletes every managed, externally learned neighbour entry on `ifindex`:
@@ -575,7 +640,7 @@ mod tests {
     use std::{cell::RefCell, collections::BTreeMap};
 
     use super::*;
-    use crate::netlink::{ListedRoute, NeighbourEntry};
+    use crate::netlink::{ListedRoute, NeighbourEntry, VxlanLink, VxlanParams};
 
     /// The kernel's tables as a fake netlink sees them: enough state to
     /// check what the logic above installs, deletes and puts back.
@@ -590,6 +655,8 @@ mod tests {
         route_errno: RefCell<Option<i32>>,
         /// Routes someone else installed.
         foreign_routes: Vec<ListedRoute>,
+        /// VXLAN devices by name.
+        vxlans: RefCell<BTreeMap<String, VxlanLink>>,
     }
 
     fn kernel_error(op: &str, errno: i32) -> NetlinkError {
@@ -693,6 +760,48 @@ mod tests {
             Ok(installed
                 .chain(self.foreign_routes.iter().copied())
                 .collect())
+        }
+        async fn vxlan_by_name(&self, name: &str) -> Result<Option<VxlanLink>, NetlinkError> {
+            Ok(self.vxlans.borrow().get(name).cloned())
+        }
+        async fn vxlan_add(&self, dev: &ExternalVxlan) -> Result<(), NetlinkError> {
+            self.calls
+                .borrow_mut()
+                .push(format!("vxlan add {} port {}", dev.name, dev.port));
+            let mut vxlans = self.vxlans.borrow_mut();
+            if vxlans.contains_key(&dev.name) {
+                return Err(kernel_error("vxlan add", libc::EEXIST));
+            }
+            let index = 100 + vxlans.len() as u32 + self.calls.borrow().len() as u32;
+            vxlans.insert(
+                dev.name.clone(),
+                VxlanLink {
+                    link: Link {
+                        index,
+                        name: dev.name.clone(),
+                        mac: [2, 0, 0, 0, 0, 9],
+                        mtu: dev.mtu,
+                        up: true,
+                    },
+                    vxlan: Some(VxlanParams {
+                        external: true,
+                        learning: false,
+                        port: dev.port,
+                    }),
+                },
+            );
+            Ok(())
+        }
+        async fn link_set_up(&self, index: u32) -> Result<(), NetlinkError> {
+            self.calls.borrow_mut().push(format!("link up {index}"));
+            Ok(())
+        }
+        async fn link_delete(&self, index: u32) -> Result<bool, NetlinkError> {
+            self.calls.borrow_mut().push(format!("link del {index}"));
+            let mut vxlans = self.vxlans.borrow_mut();
+            let before = vxlans.len();
+            vxlans.retain(|_, v| v.link.index != index);
+            Ok(vxlans.len() != before)
         }
     }
 
@@ -1024,5 +1133,87 @@ mod tests {
         assert!(kernel_error("x", libc::ENODEV).is_not_found());
         assert!(!kernel_error("x", libc::EPERM).is_not_found());
         assert!(NetlinkError::NoSuchLink("eth9".to_owned()).is_not_found());
+    }
+
+    #[test]
+    fn slow_path_device_is_created_once_and_replaced_when_it_differs() {
+        let nl = eth0();
+        let dev = slow_path_device(8472, 1500);
+        let (index, created) = block_on(ensure_slow_path_device(&nl, &dev)).expect("create");
+        assert!(created);
+        // A restart adopts it: no churn, same ifindex.
+        let calls = nl.calls.borrow().len();
+        assert_eq!(
+            block_on(ensure_slow_path_device(&nl, &dev)).expect("adopt"),
+            (index, false)
+        );
+        assert_eq!(nl.calls.borrow().len(), calls, "adopting changed something");
+        // Another port (the config changed): replaced.
+        let other = slow_path_device(4789, 1500);
+        let (new_index, created) = block_on(ensure_slow_path_device(&nl, &other)).expect("port");
+        assert!(created);
+        assert_ne!(new_index, index);
+        assert_eq!(
+            nl.vxlans.borrow()[SLOW_PATH_DEVICE].vxlan.map(|v| v.port),
+            Some(4789)
+        );
+        // A link of that name that is no VXLAN device is replaced too.
+        nl.vxlans.borrow_mut().insert(
+            SLOW_PATH_DEVICE.to_owned(),
+            VxlanLink {
+                link: Link {
+                    index: 55,
+                    name: SLOW_PATH_DEVICE.to_owned(),
+                    mac: MAC,
+                    mtu: 1500,
+                    up: true,
+                },
+                vxlan: None,
+            },
+        );
+        let (index, created) = block_on(ensure_slow_path_device(&nl, &dev)).expect("replace");
+        assert!(created && index != 55);
+        assert!(nl.calls.borrow().contains(&"link del 55".to_owned()));
+    }
+
+    #[test]
+    fn slow_path_device_removal_is_idempotent() {
+        let nl = eth0();
+        block_on(ensure_slow_path_device(&nl, &slow_path_device(8472, 1500))).expect("create");
+        assert!(block_on(remove_slow_path_device(&nl)).expect("remove"));
+        assert!(!block_on(remove_slow_path_device(&nl)).expect("remove again"));
+        assert!(nl.vxlans.borrow().is_empty());
+    }
+
+    #[test]
+    fn a_learning_or_non_external_vxlan_is_not_the_slow_path_device() {
+        let want = slow_path_device(8472, 1500);
+        let mut link = VxlanLink {
+            link: Link {
+                index: 1,
+                name: want.name.clone(),
+                mac: MAC,
+                mtu: 1500,
+                up: true,
+            },
+            vxlan: Some(VxlanParams {
+                external: true,
+                learning: false,
+                port: 8472,
+            }),
+        };
+        assert!(link.matches(&want));
+        link.vxlan = Some(VxlanParams {
+            external: false,
+            learning: false,
+            port: 8472,
+        });
+        assert!(!link.matches(&want));
+        link.vxlan = Some(VxlanParams {
+            external: true,
+            learning: true,
+            port: 8472,
+        });
+        assert!(!link.matches(&want));
     }
 }

@@ -16,12 +16,12 @@ use std::{
 use futures::{StreamExt as _, TryStreamExt as _, channel::mpsc::UnboundedReceiver};
 use ipnet::Ipv4Net;
 use rtnetlink::{
-    Handle, MulticastGroup, RouteMessageBuilder,
+    Handle, LinkMessageBuilder, LinkUnspec, LinkVxlan, MulticastGroup, RouteMessageBuilder,
     packet_core::{NetlinkMessage, NetlinkPayload},
     packet_route::{
         AddressFamily, RouteNetlinkMessage,
         address::AddressAttribute,
-        link::{LinkAttribute, LinkFlags, LinkMessage},
+        link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
         neighbour::{
             NeighbourAddress, NeighbourAttribute, NeighbourExtFlags, NeighbourFlags,
             NeighbourMessage, NeighbourState,
@@ -100,6 +100,48 @@ pub struct Link {
     pub mac: [u8; 6],
     pub mtu: u32,
     pub up: bool,
+}
+
+/// A collect-metadata ("external") VXLAN device: one UDP socket on `port`
+/// for every VNI and remote, the tunnel parameters travelling with each
+/// packet as metadata (`ip link add NAME type vxlan external dstport PORT
+/// nolearning`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExternalVxlan {
+    pub name: String,
+    /// UDP port, host order.
+    pub port: u16,
+    pub mtu: u32,
+}
+
+/// What the kernel says of a link looked up by name, as far as deciding
+/// whether it is a given [`ExternalVxlan`] goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VxlanLink {
+    pub link: Link,
+    /// `None` when the link is not a VXLAN device at all.
+    pub vxlan: Option<VxlanParams>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VxlanParams {
+    pub external: bool,
+    pub learning: bool,
+    /// UDP port, host order.
+    pub port: u16,
+}
+
+impl VxlanLink {
+    /// Whether this link is `want`, with the settings the slow path needs.
+    pub fn matches(&self, want: &ExternalVxlan) -> bool {
+        self.vxlan
+            == Some(VxlanParams {
+                external: true,
+                learning: false,
+                port: want.port,
+            })
+            && self.link.mtu == want.mtu
+    }
 }
 
 /// How a neighbour entry the agent installs behaves.
@@ -186,6 +228,14 @@ pub trait Netlink {
     async fn route_delete(&self, route: &Route) -> Result<bool, NetlinkError>;
     /// The main table's IPv4 routes.
     async fn routes(&self) -> Result<Vec<ListedRoute>, NetlinkError>;
+    /// The link called `name` with its VXLAN settings; `None` if absent.
+    async fn vxlan_by_name(&self, name: &str) -> Result<Option<VxlanLink>, NetlinkError>;
+    /// Creates the device, up (fails with EEXIST if the name is taken).
+    async fn vxlan_add(&self, dev: &ExternalVxlan) -> Result<(), NetlinkError>;
+    /// Deletes the link; `Ok(false)` when there was none.
+    async fn link_delete(&self, index: u32) -> Result<bool, NetlinkError>;
+    /// Brings the link up (`ip link set ... up`).
+    async fn link_set_up(&self, index: u32) -> Result<(), NetlinkError>;
 }
 
 /// [`Netlink`] over an rtnetlink socket of the caller's network namespace.
@@ -241,6 +291,39 @@ fn route_message(route: &Route) -> RouteMessage {
             .push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(mtu)]));
     }
     msg
+}
+
+fn vxlan_params_from(msg: &LinkMessage) -> Option<VxlanParams> {
+    let infos = msg.attributes.iter().find_map(|a| match a {
+        LinkAttribute::LinkInfo(infos) => Some(infos),
+        _ => None,
+    })?;
+    if !infos
+        .iter()
+        .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Vxlan)))
+    {
+        return None;
+    }
+    // The kernel reports every setting; these defaults only apply to a
+    // message that omits one.
+    let mut params = VxlanParams {
+        external: false,
+        learning: true,
+        port: 0,
+    };
+    for info in infos {
+        if let LinkInfo::Data(InfoData::Vxlan(data)) = info {
+            for d in data {
+                match d {
+                    InfoVxlan::CollectMetadata(on) => params.external = *on,
+                    InfoVxlan::Learning(on) => params.learning = *on,
+                    InfoVxlan::Port(port) => params.port = *port,
+                    _ => {}
+                }
+            }
+        }
+    }
+    Some(params)
 }
 
 /// The kernel's main routing table (`RT_TABLE_MAIN`).
@@ -309,8 +392,9 @@ fn neighbour_managed(msg: &NeighbourMessage) -> bool {
     managed && msg.header.flags.contains(NeighbourFlags::ExtLearned)
 }
 
-impl Netlink for RtNetlink {
-    async fn link_by_name(&self, name: &str) -> Result<Link, NetlinkError> {
+impl RtNetlink {
+    /// The kernel's message for the link called `name`; `None` if absent.
+    async fn link_message_by_name(&self, name: &str) -> Result<Option<LinkMessage>, NetlinkError> {
         let mut links = self
             .handle
             .link()
@@ -318,17 +402,21 @@ impl Netlink for RtNetlink {
             .match_name(name.to_owned())
             .execute();
         match links.try_next().await {
-            Ok(Some(msg)) => Ok(link_from(&msg)),
-            Ok(None) => Err(NetlinkError::NoSuchLink(name.to_owned())),
+            Ok(found) => Ok(found),
             Err(e) => {
                 let e = NetlinkError::from_rtnetlink(format!("looking up interface {name:?}"), e);
-                if e.is_not_found() {
-                    Err(NetlinkError::NoSuchLink(name.to_owned()))
-                } else {
-                    Err(e)
-                }
+                if e.is_not_found() { Ok(None) } else { Err(e) }
             }
         }
+    }
+}
+
+impl Netlink for RtNetlink {
+    async fn link_by_name(&self, name: &str) -> Result<Link, NetlinkError> {
+        self.link_message_by_name(name)
+            .await?
+            .map(|msg| link_from(&msg))
+            .ok_or_else(|| NetlinkError::NoSuchLink(name.to_owned()))
     }
 
     async fn link_by_index(&self, index: u32) -> Result<Option<Link>, NetlinkError> {
@@ -501,6 +589,54 @@ impl Netlink for RtNetlink {
             .filter_map(listed_route_from)
             .filter(|r| r.table == RT_TABLE_MAIN)
             .collect())
+    }
+
+    async fn vxlan_by_name(&self, name: &str) -> Result<Option<VxlanLink>, NetlinkError> {
+        Ok(self.link_message_by_name(name).await?.map(|msg| VxlanLink {
+            link: link_from(&msg),
+            vxlan: vxlan_params_from(&msg),
+        }))
+    }
+
+    async fn vxlan_add(&self, dev: &ExternalVxlan) -> Result<(), NetlinkError> {
+        // No VNI, no remote, no lower device: with collect_metadata the
+        // packet's metadata names all three.
+        let msg = LinkMessageBuilder::<LinkVxlan>::new(&dev.name)
+            .collect_metadata(true)
+            .learning(false)
+            .port(dev.port)
+            .mtu(dev.mtu)
+            .up()
+            .build();
+        self.handle.link().add(msg).execute().await.map_err(|e| {
+            NetlinkError::from_rtnetlink(
+                format!(
+                    "creating vxlan device {:?} (external, port {})",
+                    dev.name, dev.port
+                ),
+                e,
+            )
+        })
+    }
+
+    async fn link_set_up(&self, index: u32) -> Result<(), NetlinkError> {
+        let msg = LinkUnspec::new_with_index(index).up().build();
+        self.handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .map_err(|e| NetlinkError::from_rtnetlink(format!("setting ifindex {index} up"), e))
+    }
+
+    async fn link_delete(&self, index: u32) -> Result<bool, NetlinkError> {
+        match self.handle.link().del(index).execute().await {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                let e = NetlinkError::from_rtnetlink(format!("deleting ifindex {index}"), e);
+                if e.is_not_found() { Ok(false) } else { Err(e) }
+            }
+        }
     }
 }
 

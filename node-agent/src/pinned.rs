@@ -51,11 +51,41 @@ fn key_subnet(key: &Key<[u8; 4]>) -> Result<Ipv4Net, PinnedError> {
         })
 }
 
+/// Size of [`NodeConfig`] before `slow_path_ifindex` was appended; the
+/// first 48 bytes of both layouts are the same fields.
+const OLD_NODE_CONFIG_LEN: usize = 48;
+const _: () = assert!(OLD_NODE_CONFIG_LEN < size_of::<NodeConfig>());
+
+/// The pinned `NODE_CONFIG`, in the current layout or the one before it.
+enum NodeConfigMap {
+    Current(Array<MapData, NodeConfig>),
+    Before48(Array<MapData, [u8; OLD_NODE_CONFIG_LEN]>),
+}
+
+impl NodeConfigMap {
+    fn open(map: Map) -> Result<Self, PinnedError> {
+        let Map::Array(data) = map else {
+            return Array::<_, NodeConfig>::try_from(map)
+                .map(Self::Current)
+                .map_err(map_err(MAP_NODE_CONFIG));
+        };
+        let old = data.info().map_err(map_err(MAP_NODE_CONFIG))?.value_size() as usize
+            == OLD_NODE_CONFIG_LEN;
+        let map = Map::Array(data);
+        if old {
+            Array::try_from(map).map(Self::Before48)
+        } else {
+            Array::try_from(map).map(Self::Current)
+        }
+        .map_err(map_err(MAP_NODE_CONFIG))
+    }
+}
+
 /// Read access to every map pinned under one pin path.
 pub struct PinnedState {
     subnets: LpmTrie<MapData, [u8; 4], RemoteNode>,
     node_ips: HashMap<MapData, [u8; 4], u32>,
-    node_config: Array<MapData, NodeConfig>,
+    node_config: NodeConfigMap,
     counters: PerCpuArray<MapData, u64>,
 }
 
@@ -73,8 +103,7 @@ impl PinnedState {
                 .map_err(map_err(MAP_SUBNETS))?,
             node_ips: HashMap::try_from(open(MAP_NODE_IPS, Map::HashMap)?)
                 .map_err(map_err(MAP_NODE_IPS))?,
-            node_config: Array::try_from(open(MAP_NODE_CONFIG, Map::Array)?)
-                .map_err(map_err(MAP_NODE_CONFIG))?,
+            node_config: NodeConfigMap::open(open(MAP_NODE_CONFIG, Map::Array)?)?,
             counters: PerCpuArray::try_from(open(MAP_COUNTERS, Map::PerCpuArray)?)
                 .map_err(map_err(MAP_COUNTERS))?,
         })
@@ -131,11 +160,21 @@ impl PinnedState {
     }
 
     /// This node's configuration, or `None` before the agent filled it in.
+    /// A pin of the older 48-byte layout (an agent from before the slow
+    /// path still running) reads with `slow_path_ifindex` 0.
     pub fn node_config(&self) -> Result<Option<NodeConfig>, PinnedError> {
-        let cfg = self
-            .node_config
-            .get(&0, 0)
-            .map_err(map_err(MAP_NODE_CONFIG))?;
+        let cfg = match &self.node_config {
+            NodeConfigMap::Current(map) => map.get(&0, 0),
+            NodeConfigMap::Before48(map) => map.get(&0, 0).map(|old| {
+                let mut bytes = [0u8; size_of::<NodeConfig>()];
+                bytes[..OLD_NODE_CONFIG_LEN].copy_from_slice(&old);
+                // SAFETY: NodeConfig is #[repr(C)] plain old data (aya::Pod:
+                // every bit pattern is valid), `bytes` is exactly its size,
+                // and read_unaligned needs no alignment.
+                unsafe { bytes.as_ptr().cast::<NodeConfig>().read_unaligned() }
+            }),
+        }
+        .map_err(map_err(MAP_NODE_CONFIG))?;
         Ok((cfg.configured != 0).then_some(cfg))
     }
 

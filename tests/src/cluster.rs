@@ -291,12 +291,76 @@ impl Cluster {
         Ok(host)
     }
 
+    /// A host on its own segment 198.19.<index>.0/24 (eth0 MTU 1500), behind
+    /// its own router namespace `wtst-<tag>-n<index>`, whose uplink to the
+    /// switch namespace (also a router) is 198.19.<200 + index>.0/24 with
+    /// MTU `narrow_mtu` on both veth ends (a veth drops frames larger than
+    /// the receiving end's MTU, so one narrow end alone would not behave
+    /// like a narrow link). Paths between this host and every other one
+    /// cross that hop: it fragments packets without DF and answers DF ones
+    /// with ICMP "fragmentation needed" to their source.
+    pub fn add_host_behind_narrow_link(&self, index: u8, narrow_mtu: u32) -> Result<Host<'_>> {
+        ensure!(
+            (1..=50).contains(&index),
+            "host index {index} outside 1..=50"
+        );
+        let router = Netns::new(&crate::ns_name(&self.tag, &format!("n{index}")))?;
+        let uplink = |host: u8| Ipv4Addr::new(198, 19, 200 + index, host);
+        let port = format!("n{index}");
+        self.switch
+            .add_veth(&port, &router, "uplink", narrow_mtu)
+            .with_context(|| format!("cabling router {index} to the switch"))?;
+        self.switch.sysctl("net.ipv4.ip_forward", "1")?;
+        router.sysctl("net.ipv4.ip_forward", "1")?;
+        self.switch.ip(&[
+            "addr",
+            "add",
+            &format!("{}/{UNDERLAY_PREFIX_LEN}", uplink(254)),
+            "dev",
+            &port,
+        ])?;
+        self.switch.ip(&["link", "set", &port, "up"])?;
+        router.ip(&[
+            "addr",
+            "add",
+            &format!("{}/{UNDERLAY_PREFIX_LEN}", uplink(1)),
+            "dev",
+            "uplink",
+        ])?;
+        router.ip(&["link", "set", "uplink", "up"])?;
+        router.ip(&["route", "add", "default", "via", &uplink(254).to_string()])?;
+        let segment = format!("198.19.{index}.0/{UNDERLAY_PREFIX_LEN}");
+        self.switch
+            .ip(&["route", "add", &segment, "via", &uplink(1).to_string()])?;
+        let gateway = Ipv4Addr::new(198, 19, index, 254);
+        let mut host =
+            self.cable_host_to(index, &router, "downlink", Ipv4Addr::new(198, 19, index, 1))?;
+        router.ip(&[
+            "addr",
+            "add",
+            &format!("{gateway}/{UNDERLAY_PREFIX_LEN}"),
+            "dev",
+            "downlink",
+        ])?;
+        router.ip(&["link", "set", "downlink", "up"])?;
+        host.ns
+            .ip(&["route", "add", "default", "via", &gateway.to_string()])?;
+        host.router = Some(router);
+        Ok(host)
+    }
+
     /// A new host namespace whose `eth0` (address `ip`) is cabled to the
     /// switch namespace's `port`.
     fn cable_host(&self, index: u8, port: &str, ip: Ipv4Addr) -> Result<Host<'_>> {
+        self.cable_host_to(index, &self.switch, port, ip)
+    }
+
+    /// A new host namespace whose `eth0` (address `ip`) is cabled to
+    /// `port` in namespace `peer`.
+    fn cable_host_to(&self, index: u8, peer: &Netns, port: &str, ip: Ipv4Addr) -> Result<Host<'_>> {
         let ns = Netns::new(&crate::ns_name(&self.tag, &format!("h{index}")))?;
-        ns.add_veth("eth0", &self.switch, port, UNDERLAY_MTU)
-            .with_context(|| format!("cabling host {index} to the switch"))?;
+        ns.add_veth("eth0", peer, port, UNDERLAY_MTU)
+            .with_context(|| format!("cabling host {index} to {}", peer.name()))?;
         ns.ip(&[
             "addr",
             "add",
@@ -317,6 +381,7 @@ impl Cluster {
             agent: Mutex::new(None),
             containers: AtomicU8::new(0),
             ns,
+            router: None,
         })
     }
 }
@@ -431,8 +496,11 @@ pub struct Host<'c> {
     pin_path: PathBuf,
     agent: Mutex<Option<Agent>>,
     containers: AtomicU8,
-    // Last field: the namespace goes after Drop::drop has cleaned up in it.
+    // Last fields: the namespaces go after Drop::drop has cleaned up in
+    // them, the host's before its router's.
     ns: Netns,
+    /// The router namespace of [`Cluster::add_host_behind_narrow_link`].
+    router: Option<Netns>,
 }
 
 /// What the fixtures need of a subnet file beyond its fields.

@@ -19,7 +19,7 @@ use node_agent::datapath::{Datapath, LoadOptions};
 use node_agent::flannel::lease::format_mac;
 use weft_common::{
     DECAP_IPIP, DECAP_VXLAN, Mode, NodeConfig, PROG_DECAP_TC, PROG_DECAP_XDP, PROG_ENCAP_TC,
-    Reason, RemoteNode,
+    PROG_SLOWPATH_IPIP_TC, PROG_SLOWPATH_RX_TC, Reason, RemoteNode,
 };
 
 use crate::{Netns, PinDir, ns_name, require_bpffs, require_root, unique_tag};
@@ -97,7 +97,12 @@ impl ProgramBench {
         let pins = PinDir::new()?;
         let mut dp = Datapath::load(pins.path(), LoadOptions::default())
             .context("loading the BPF object")?;
-        for name in [PROG_ENCAP_TC, PROG_DECAP_TC] {
+        for name in [
+            PROG_ENCAP_TC,
+            PROG_DECAP_TC,
+            PROG_SLOWPATH_RX_TC,
+            PROG_SLOWPATH_IPIP_TC,
+        ] {
             let prog: &mut SchedClassifier = dp
                 .ebpf_mut()
                 .program_mut(name)
@@ -149,11 +154,21 @@ impl ProgramBench {
             cluster_network: [10, 244, 0, 0],
             local_subnet,
             decap: DECAP_VXLAN | DECAP_IPIP,
+            slow_path_ifindex: 0,
         }
     }
 
     pub fn configure_as_sender(&mut self) -> Result<()> {
         let cfg = self.node_config(LOCAL_IP, self.mac, LOCAL_SUBNET);
+        Ok(self.dp.write_node_config(&cfg)?)
+    }
+
+    /// The sender again, with a slow-path device at `ifindex` (0: none).
+    pub fn configure_slow_path(&mut self, ifindex: u32) -> Result<()> {
+        let cfg = NodeConfig {
+            slow_path_ifindex: ifindex,
+            ..self.node_config(LOCAL_IP, self.mac, LOCAL_SUBNET)
+        };
         Ok(self.dp.write_node_config(&cfg)?)
     }
 

@@ -9,8 +9,12 @@
 use std::collections::BTreeSet;
 
 use anyhow::{Context as _, Result, ensure};
-use weft_common::{DEFAULT_DECAP_MARK, Mode, PROG_DECAP_TC, Reason};
+use weft_common::{
+    DEFAULT_DECAP_MARK, MAP_NODE_CONFIG, Mode, PROG_DECAP_TC, PROG_SLOWPATH_IPIP_TC,
+    PROG_SLOWPATH_RX_TC, Reason,
+};
 use weft_tests::test_run::*;
+use weft_tests::{PinDir, require_bpffs, require_root};
 
 #[test]
 fn encap_writes_rfc7348_headers_and_keeps_the_inner_packet() -> Result<()> {
@@ -44,7 +48,11 @@ fn encap_writes_rfc7348_headers_and_keeps_the_inner_packet() -> Result<()> {
         u16::from_be_bytes([ip[2], ip[3]]) as usize == out.len() - 14,
         "tot_len"
     );
-    ensure!(ip[6] & 0x40 != 0, "DF of the inner packet is inherited");
+    ensure!(
+        ip[6..8] == [0, 0],
+        "outer DF is clear (and no fragment) even for a DF inner packet: {:02x?}",
+        &ip[6..8]
+    );
     ensure!(ip[8] == 64 && ip[9] == 17, "ttl/proto {:?}", &ip[8..10]);
     ensure!(ip[12..16] == LOCAL_IP && ip[16..20] == PEER_IP, "addresses");
     ensure!(
@@ -226,7 +234,22 @@ fn decap_passes_foreign_traffic_untouched() -> Result<()> {
     cases.push(("another destination", other_dst, Reason::PassNotTunnel));
     let mut fragment = wire.clone();
     fragment[20] = 0x20; // MF
-    cases.push(("outer fragment", fragment, Reason::PassNotTunnel));
+    cases.push(("outer first fragment", fragment, Reason::PassOuterFragment));
+    let mut later_fragment = wire.clone();
+    later_fragment[20..22].copy_from_slice(&[0x00, 0xb9]); // offset 1480, last
+    cases.push((
+        "outer later fragment",
+        later_fragment,
+        Reason::PassOuterFragment,
+    ));
+    let mut other_udp_fragment = wire.clone();
+    other_udp_fragment[20] = 0x20;
+    other_udp_fragment[36..38].copy_from_slice(&53u16.to_be_bytes());
+    cases.push((
+        "first fragment of other UDP",
+        other_udp_fragment,
+        Reason::PassNotTunnel,
+    ));
     let mut options = wire.clone();
     options[14] = 0x46;
     cases.push(("outer IP options", options, Reason::PassNotTunnel));
@@ -353,8 +376,8 @@ fn ipip_encap_pushes_one_rfc2003_header() -> Result<()> {
     ensure!(out[0..6] == PEER_UNDERLAY_MAC && out[6..12] == b.mac && out[12..14] == [8, 0]);
     let ip = &out[14..34];
     ensure!(
-        ip[0] == 0x45 && ip[6] & 0x40 != 0 && ip[8] == 64 && ip[9] == 4,
-        "outer {ip:02x?}"
+        ip[0] == 0x45 && ip[6..8] == [0, 0] && ip[8] == 64 && ip[9] == 4,
+        "outer {ip:02x?} (DF must be clear)"
     );
     ensure!(usize::from(u16::from_be_bytes([ip[2], ip[3]])) == out.len() - 14);
     ensure!(ip[12..16] == LOCAL_IP && ip[16..20] == PEER_IP);
@@ -366,16 +389,23 @@ fn ipip_encap_pushes_one_rfc2003_header() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn ipip_decap_round_trip_and_unknown_sources_are_dropped() -> Result<()> {
+/// A bench with an IP-in-IP packet to 10.244.4.7 as this node's encap
+/// program sends it, then configured as the receiving node (leasing
+/// 10.244.4.0/24, the sender 198.18.0.1 a known node). Returns the bench,
+/// the inner frame and the wire frame.
+fn ipip_receiver() -> Result<(ProgramBench, Vec<u8>, Vec<u8>)> {
     let mut b = ProgramBench::new()?;
     b.add_peer_with_mode([10, 244, 4, 0], 24, PEER_IP, [0; 6], Mode::Ipip)?;
     let inner = inner_frame([10, 244, 4, 7], 4321, 64, false);
     let (_, wire) = b.encap(&inner)?;
-    // The receiver is the node leasing 10.244.4.0/24.
     b.configure_as_receiver([10, 244, 4, 0])?;
-    // As the receiver, the sender (198.18.0.1) is a known node.
     b.dp.node_ips()?.insert(LOCAL_IP, 1, 0)?;
+    Ok((b, inner, wire))
+}
+
+#[test]
+fn ipip_decap_round_trip_and_unknown_sources_are_dropped() -> Result<()> {
+    let (mut b, inner, wire) = ipip_receiver()?;
 
     let (rc, out) = b.run_xdp(&wire)?;
     ensure!(rc == XDP_PASS, "XDP verdict {rc}");
@@ -410,10 +440,20 @@ fn ipip_decap_round_trip_and_unknown_sources_are_dropped() -> Result<()> {
     // dropped or passed, never half-decapsulated.
     let mut fragment = wire.clone();
     fragment[20] = 0x20;
+    let before = b.counter(Reason::PassOuterFragment)?;
     let (rc, out) = b.run_xdp(&fragment)?;
     ensure!(
         rc == XDP_PASS && out == fragment,
         "outer fragment: verdict {rc}"
+    );
+    let (rc, out) = b.run_tc(PROG_DECAP_TC, &fragment, 0)?;
+    ensure!(
+        rc == TC_ACT_OK && out == fragment,
+        "outer fragment (TC): verdict {rc}"
+    );
+    ensure!(
+        b.counter(Reason::PassOuterFragment)? == before + 2,
+        "IP-in-IP outer fragments are counted as such"
     );
     for n in 14..wire.len() {
         let (rc, out) = b.run_xdp(&wire[..n])?;
@@ -679,6 +719,234 @@ fn decap_accepts_only_what_a_peer_could_have_sent() -> Result<()> {
                 counted.name()
             );
         }
+    }
+    Ok(())
+}
+
+#[test]
+fn outer_df_is_clear_and_ids_vary_per_packet() -> Result<()> {
+    let mut b = ProgramBench::new()?;
+    b.add_peer_with_mode([10, 244, 4, 0], 24, PEER_IP, [0; 6], Mode::Ipip)?;
+    for (what, dst) in [("vxlan", [10, 244, 2, 7]), ("ipip", [10, 244, 4, 7])] {
+        for df in [true, false] {
+            let inner = inner_frame(dst, 1234, 32, df);
+            let mut ids = BTreeSet::new();
+            for _ in 0..32 {
+                let (rc, out) = b.encap(&inner)?;
+                ensure!(rc == TC_ACT_OK, "{what}: verdict {rc}");
+                let ip = &out[14..34];
+                ensure!(
+                    ip[6..8] == [0, 0],
+                    "{what} (inner DF {df}): outer flags {:02x?}, want DF clear",
+                    &ip[6..8]
+                );
+                ensure!(checksum(ip) == 0, "{what}: outer checksum");
+                ids.insert(u16::from_be_bytes([ip[4], ip[5]]));
+            }
+            // 32 random 16-bit IDs: a repeat is possible but rare.
+            ensure!(
+                ids.len() >= 28,
+                "{what} (inner DF {df}): only {} distinct outer IDs in 32 packets",
+                ids.len()
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn too_big_without_df_goes_to_the_slow_path_device() -> Result<()> {
+    let mut b = ProgramBench::new()?;
+    b.add_peer_with_mode([10, 244, 4, 0], 24, PEER_IP, [0; 6], Mode::Ipip)?;
+    // Any ifindex will do: BPF_PROG_TEST_RUN returns the redirect verdict
+    // without performing it. u0's own index stands in for the device.
+    b.configure_slow_path(b.ifindex)?;
+    // 1500 bytes of inner IPv4 without DF (what an IP_PMTUDISC_OMIT or
+    // _INTERFACE socket on a 1500-byte host sends): 1550 once encapsulated.
+    let big = inner_frame([10, 244, 2, 7], 1, 1472, false);
+    let before = b.counter(Reason::EncapsulatedSlowPath)?;
+    let (rc, out) = b.encap(&big)?;
+    ensure!(
+        rc == TC_ACT_REDIRECT,
+        "too big without DF to a vxlan peer: verdict {rc}, counters {:?}",
+        b.dp.counters()?
+    );
+    ensure!(b.counter(Reason::EncapsulatedSlowPath)? == before + 1);
+    ensure!(
+        out.len() == big.len(),
+        "the kernel device encapsulates, not the program"
+    );
+    ensure!(
+        out[0..6] == PEER_VTEP && out[6..12] == b.mac,
+        "inner MACs as the fast path writes them: {:02x?}",
+        &out[..12]
+    );
+    ensure!(out[12..] == big[12..], "the inner packet is untouched");
+
+    // With DF, the sender is told instead (the ICMP answer is redirected
+    // back into the stack).
+    let big_df = inner_frame([10, 244, 2, 7], 1, 1472, true);
+    let before = b.counter(Reason::FragNeeded)?;
+    let (rc, _) = b.encap(&big_df)?;
+    ensure!(rc == TC_ACT_REDIRECT && b.counter(Reason::FragNeeded)? == before + 1);
+    // IP-in-IP goes to the agent's tap already encapsulated: the agent
+    // sends the inner packet on through a raw socket.
+    let big_ipip = inner_frame([10, 244, 4, 7], 1, 1472, false);
+    let before = b.counter(Reason::EncapsulatedSlowPath)?;
+    let (rc, out) = b.encap(&big_ipip)?;
+    ensure!(
+        rc == TC_ACT_REDIRECT,
+        "too big without DF to an ipip peer: verdict {rc}"
+    );
+    ensure!(b.counter(Reason::EncapsulatedSlowPath)? == before + 1);
+    ensure!(
+        out.len() == big_ipip.len() + 20
+            && out[23] == 4
+            && out[26..30] == LOCAL_IP
+            && out[30..34] == PEER_IP
+            && out[34..] == big_ipip[14..],
+        "not the IP-in-IP packet the fast path would send: {:02x?}",
+        &out[14..34]
+    );
+    // A packet that fits never takes the slow path.
+    let (rc, out) = b.encap(&inner_frame([10, 244, 2, 7], 1, 1422, false))?;
+    ensure!(
+        rc == TC_ACT_OK && out.len() == 1464 + 50,
+        "fits: verdict {rc}"
+    );
+    // Without a slow-path device, the old rule: dropped.
+    b.configure_slow_path(0)?;
+    for frame in [&big, &big_ipip] {
+        let before = b.counter(Reason::DropTooBig)?;
+        let (rc, _) = b.encap(frame)?;
+        ensure!(rc == TC_ACT_SHOT && b.counter(Reason::DropTooBig)? == before + 1);
+    }
+    Ok(())
+}
+
+#[test]
+fn slow_path_rx_drops_frames_without_tunnel_metadata() -> Result<()> {
+    let mut b = ProgramBench::new()?;
+    b.configure_as_receiver(PEER_SUBNET)?;
+    // What the device's receive path would hand over, but with no tunnel
+    // metadata attached (BPF_PROG_TEST_RUN cannot attach any): nothing the
+    // kernel's VXLAN receive path produced, so it is dropped.
+    let inner = inner_frame([10, 244, 2, 7], 1, 64, false);
+    let before = b.counter(Reason::DropMalformedTunnel)?;
+    let (rc, _) = b.run_tc(PROG_SLOWPATH_RX_TC, &inner, 0)?;
+    ensure!(rc == TC_ACT_SHOT, "verdict {rc}");
+    ensure!(b.counter(Reason::DropMalformedTunnel)? == before + 1);
+    ensure!(b.counter(Reason::DecapsulatedSlowPath)? == 0);
+    Ok(())
+}
+
+#[test]
+fn an_old_48_byte_node_config_pin_is_read_and_replaced_on_load() -> Result<()> {
+    require_root()?;
+    require_bpffs()?;
+    let pins = PinDir::new()?;
+    // Every map as the agent pins it, then NODE_CONFIG swapped for one of
+    // the layout before slow_path_ifindex: an array of one 48-byte value,
+    // holding `configured` = 1 and PublicIP 198.18.0.1.
+    drop(node_agent::datapath::Datapath::load(
+        pins.path(),
+        Default::default(),
+    )?);
+    let old = pins.path().join(MAP_NODE_CONFIG);
+    std::fs::remove_file(&old)?;
+    let bpftool = |args: &[&str]| -> Result<()> {
+        let out = std::process::Command::new("bpftool")
+            .args(args)
+            .output()
+            .context("running bpftool (needed to make an old-layout map)")?;
+        ensure!(
+            out.status.success(),
+            "bpftool {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    let old_s = old.to_string_lossy();
+    bpftool(&[
+        "map",
+        "create",
+        &old_s,
+        "type",
+        "array",
+        "key",
+        "4",
+        "value",
+        "48",
+        "entries",
+        "1",
+        "name",
+        "NODE_CONFIG",
+    ])?;
+    let mut update = vec![
+        "map", "update", "pinned", &old_s, "key", "0", "0", "0", "0", "value", "1", "0", "0", "0",
+        "198", "18", "0", "1",
+    ];
+    update.extend(std::iter::repeat_n("0", 40));
+    bpftool(&update)?;
+
+    // `status` and `cleanup` read it (an older agent may still run).
+    let cfg = node_agent::pinned::PinnedState::open(pins.path())?
+        .node_config()?
+        .context("the old NODE_CONFIG reads as unconfigured")?;
+    ensure!(
+        cfg.public_ip == LOCAL_IP && cfg.slow_path_ifindex == 0,
+        "old layout misread: {cfg:?}"
+    );
+    // The agent's load replaces it with the current layout.
+    let mut dp = node_agent::datapath::Datapath::load(pins.path(), Default::default())
+        .context("an old NODE_CONFIG must not stop the agent from loading")?;
+    let info = aya::maps::MapInfo::from_pin(&old)?;
+    ensure!(
+        info.value_size() as usize == size_of::<weft_common::NodeConfig>(),
+        "NODE_CONFIG pinned with value size {}",
+        info.value_size()
+    );
+    let bench = ProgramBench::new()?;
+    dp.write_node_config(&bench.node_config(LOCAL_IP, bench.mac, LOCAL_SUBNET))
+        .context("writing the new layout")?;
+    Ok(())
+}
+
+#[test]
+fn ipip_slow_path_decapsulates_like_the_fast_path_and_drops_the_rest() -> Result<()> {
+    let (mut b, inner, wire) = ipip_receiver()?;
+    // What the agent writes into the tap: a reassembled datagram behind an
+    // Ethernet header of its own.
+    let mut frame = wire.clone();
+    frame[0..6].copy_from_slice(&[0x02, 0, 0, 0, 0x77, 0x77]);
+    let before = b.counter(Reason::DecapsulatedSlowPath)?;
+    let (rc, out) = b.run_tc(PROG_SLOWPATH_IPIP_TC, &frame, 0)?;
+    ensure!(
+        rc == TC_ACT_REDIRECT,
+        "verdict {rc}, counters {:?}",
+        b.dp.counters()?
+    );
+    ensure!(b.counter(Reason::DecapsulatedSlowPath)? == before + 1);
+    ensure!(
+        out[0..6] == RECEIVER_MAC && out[12..14] == [8, 0],
+        "addressed to --iface: {:02x?}",
+        &out[..14]
+    );
+    ensure!(out[14..] == inner[14..], "inner packet changed");
+    // Rejected ones are dropped, pass reasons included (passed up from the
+    // tap they would return to the agent's raw socket).
+    let mut unknown = frame.clone();
+    unknown[26..30].copy_from_slice(&[198, 18, 0, 77]);
+    let mut elsewhere = frame.clone();
+    elsewhere[30..34].copy_from_slice(&[198, 18, 0, 78]);
+    for (what, f, reason) in [
+        ("unknown source", unknown, Reason::DropUnknownSource),
+        ("another destination", elsewhere, Reason::PassNotTunnel),
+    ] {
+        let before = b.counter(reason)?;
+        let (rc, _) = b.run_tc(PROG_SLOWPATH_IPIP_TC, &f, 0)?;
+        ensure!(rc == TC_ACT_SHOT, "{what}: verdict {rc}");
+        ensure!(b.counter(reason)? == before + 1, "{what}: not counted");
     }
     Ok(())
 }

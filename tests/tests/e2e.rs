@@ -133,6 +133,21 @@ fn start_hosts<'c>(
     Ok((hosts, envs))
 }
 
+/// Starts an agent on each host with its flags, waits for every subnet file
+/// and until every agent has every other one in its map.
+fn start_agents(hosts: &[(&Host<'_>, &[&str])]) -> Result<Vec<SubnetEnv>> {
+    for (host, args) in hosts {
+        host.start_agent(args)?;
+    }
+    let envs = hosts
+        .iter()
+        .map(|(h, _)| h.wait_subnet_env(CONVERGE))
+        .collect::<Result<Vec<_>>>()?;
+    let hosts: Vec<&Host<'_>> = hosts.iter().map(|(h, _)| *h).collect();
+    wait_full_mesh(&hosts, &envs.iter().collect::<Vec<_>>())?;
+    Ok(envs)
+}
+
 /// The subnet file matches the config and the lease in etcd names the host.
 fn check_env(cluster: &Cluster, host: &Host<'_>, env: &SubnetEnv) -> Result<()> {
     let network: Ipv4Net = NETWORK.parse()?;
@@ -434,6 +449,16 @@ fn a_killed_agent_leaves_the_data_path_and_its_restart_adopts_it(backend: Backen
         .map(|m| hosts[0].pinned_map_id(m))
         .collect::<Result<Vec<_>>>()?;
     let pins_before = hosts[0].pinned_entries()?;
+    // The VXLAN backends' slow-path device, adopted by the restart.
+    let vxlan = backend.config.contains("vxlan");
+    let slow_path_device = || -> Result<Option<u32>> {
+        Ok(if vxlan {
+            Some(hosts[0].ns().link("weft.vxlan")?.0)
+        } else {
+            None
+        })
+    };
+    let device_before = slow_path_device()?;
 
     hosts[0].kill_agent(Signal::Kill)?;
     a.ping(b.ip(), 3, 56, false)
@@ -479,6 +504,11 @@ fn a_killed_agent_leaves_the_data_path_and_its_restart_adopts_it(backend: Backen
         .filter(|p| !pins_after.contains(*p))
         .collect();
     ensure!(missing.is_empty(), "pins gone after restart: {missing:?}");
+    ensure!(
+        slow_path_device()? == device_before,
+        "the restart replaced the slow-path device: ifindex {device_before:?} -> {:?}",
+        slow_path_device()?
+    );
     check_both_ways(&a, &b)?;
 
     // A clean stop leaves the data path in place too.
@@ -727,9 +757,21 @@ fn cleanup_removes_everything_the_agent_created() -> Result<()> {
             Ok((!route(host)?.trim().is_empty() && !managed(host)?.is_empty()).then_some(()))
         },
     )?;
+    let slow_path_device = |host: &Host<'_>| -> Result<bool> {
+        Ok(host
+            .ns()
+            .exec(&["ip", "link", "show", "weft.vxlan"])?
+            .status
+            .success())
+    };
+    ensure!(slow_path_device(host)?, "no slow-path device weft.vxlan");
     host.kill_agent(Signal::Term)?;
     let (pin, file) = (host.pin_path(), host.subnet_file());
     host.agent_cleanup()?;
+    ensure!(
+        !slow_path_device(host)?,
+        "the slow-path device weft.vxlan is left"
+    );
     ensure!(!pin.exists(), "{} still exists", pin.display());
     ensure!(!file.exists(), "{} still exists", file.display());
     ensure!(
@@ -1104,12 +1146,445 @@ fn a_network_capturing_an_underlay_route_is_refused() -> Result<()> {
     Ok(())
 }
 
+/// The MTU of the hop in the middle of [`path_mtu_never_black_holes`]'s
+/// underlay: below the nodes' 1500, so full-size VXLAN packets (1450 inner
+/// + 50) must be fragmented on the way.
+const NARROW_HOP_MTU: u32 = 1400;
+/// An IPv4 datagram size over the cluster MTU (1450) but within the hosts'
+/// 1500-byte interfaces: what a host socket that ignores the route's MTU
+/// sends whole, without DF. A container (MTU 1450) fragments it itself.
+const BIG_DATAGRAM: usize = 1480;
+/// Its UDP payload (IPv4 20 + UDP 8 bytes of headers).
+const BIG_PAYLOAD: usize = BIG_DATAGRAM - 28;
+
+/// Sends `count` datagrams of `payload` UDP bytes (usually [`BIG_PAYLOAD`])
+/// from a socket in `from`
+/// with `IP_MTU_DISCOVER` = `pmtudisc` (so it sizes by the device MTU and
+/// never sets DF) to a socket bound in `to` at `to_ip`, and checks that each
+/// arrives whole and unchanged. `Ok(false)` when the sending kernel refuses
+/// the datagram with `EMSGSIZE` (an `IP_PMTUDISC_INTERFACE` socket on a
+/// device whose MTU is below it: it neither fragments nor sets DF).
+fn big_datagrams_arrive(
+    from: &Netns,
+    to: &Netns,
+    to_ip: Ipv4Addr,
+    pmtudisc: libc::c_int,
+    count: u8,
+    payload: usize,
+) -> Result<bool> {
+    use std::net::UdpSocket;
+    use std::os::fd::AsRawFd as _;
+    const PORT: u16 = 7788;
+    let receiver = to
+        .run_in(|| UdpSocket::bind(SocketAddrV4::new(to_ip, PORT)))?
+        .with_context(|| format!("binding {to_ip}:{PORT} in {}", to.name()))?;
+    receiver.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let sender = from
+        .run_in(|| UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)))?
+        .with_context(|| format!("binding a sender in {}", from.name()))?;
+    let mode = pmtudisc;
+    // SAFETY: setsockopt(2) on a socket we own, with a c_int option value
+    // that outlives the call and its exact size.
+    let rc = unsafe {
+        libc::setsockopt(
+            sender.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            (&raw const mode).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    ensure!(
+        rc == 0,
+        "setsockopt IP_MTU_DISCOVER {pmtudisc}: {}",
+        std::io::Error::last_os_error()
+    );
+    let mut buf = vec![0u8; 4096];
+    for i in 0..count {
+        let payload: Vec<u8> = (0..payload).map(|b| (b as u8) ^ i).collect();
+        // The socket was made in `from`'s namespace and stays there; sending
+        // from this thread is fine.
+        match sender.send_to(&payload, SocketAddrV4::new(to_ip, PORT)) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => return Ok(false),
+            Err(e) => {
+                return Err(e).with_context(|| format!("sending datagram {i} to {to_ip}"));
+            }
+        }
+        let (n, src) = receiver.recv_from(&mut buf).with_context(|| {
+            format!(
+                "datagram {i} of {} bytes (IP_MTU_DISCOVER {pmtudisc}) from {} \
+                 never reached {to_ip}",
+                payload.len() + 28,
+                from.name()
+            )
+        })?;
+        ensure!(
+            buf[..n] == payload[..],
+            "datagram {i} from {src} arrived changed: {n} bytes"
+        );
+    }
+    Ok(true)
+}
+
+/// The counters of `host` by reason.
+fn counters(host: &Host<'_>) -> Result<std::collections::BTreeMap<&'static str, u64>> {
+    Ok(host
+        .pinned()?
+        .counters()?
+        .into_iter()
+        .map(|(r, n)| (r.name(), n))
+        .collect())
+}
+
+/// How much `reason` grew on `host` since `before`.
+fn grew(
+    host: &Host<'_>,
+    before: &std::collections::BTreeMap<&'static str, u64>,
+    reason: Reason,
+) -> Result<u64> {
+    let now = host.pinned()?.counter(reason)?;
+    Ok(now - before.get(reason.name()).copied().unwrap_or(0))
+}
+
+/// Path MTU never black-holes: both nodes have 1500-byte interfaces, but
+/// the routed underlay between them crosses a 1400-byte hop. Outer headers
+/// never carry DF, so that hop fragments full-size tunnel packets, and the
+/// receiver reassembles them and decapsulates through its slow-path
+/// device; datagrams bigger than the cluster MTU from sockets that ignore
+/// path MTU (`IP_PMTUDISC_OMIT`, `IP_PMTUDISC_INTERFACE`) go out through
+/// the sender's slow-path device, which fragments the outer packet.
+/// `far_args` are the far node's agent flags (its decap mode).
+fn path_mtu_never_black_holes(far_args: &[&str], far_gro: bool) -> Result<()> {
+    preflight()?;
+    let cluster = Cluster::new(VXLAN.config)?;
+    let near = cluster.add_host(1)?;
+    let far = cluster.add_host_behind_narrow_link(3, NARROW_HOP_MTU)?;
+    // Strict reverse-path filtering, as many distributions set it: the
+    // slow path re-injects into eth0's ingress, where the route back to the
+    // sender's subnet (the cluster route) also points, so it passes.
+    for host in [&near, &far] {
+        host.ns().sysctl("net.ipv4.conf.all.rp_filter", "1")?;
+    }
+    if far_gro {
+        // GRO on the far node's veth: with the slow-path device's UDP
+        // tunnel socket, the kernel then aggregates VXLAN packets before
+        // TC ingress, as a NIC's GRO does.
+        far.ns().run(&["ethtool", "-K", "eth0", "gro", "on"])?;
+    }
+    start_agents(&[(&near, &[]), (&far, far_args)])?;
+    for host in [&near, &far] {
+        let dev = host.ns().ip(&["-d", "link", "show", "weft.vxlan"])?;
+        ensure!(
+            dev.contains("vxlan external") && dev.contains("dstport 8472") && dev.contains("UP"),
+            "host {}: the slow-path device is not an external vxlan device on 8472: {dev}",
+            host.index()
+        );
+    }
+    let a = near.attach_container()?;
+    let c = far.attach_container()?;
+    let (near0, far0) = (counters(&near)?, counters(&far)?);
+
+    // DF and non-DF pings up to the full 1450-byte MTU, fragmented pings,
+    // and TCP at full MSS, both ways: every full-size tunnel packet is
+    // fragmented at the narrow hop.
+    check_both_ways(&a, &c)?;
+    for &size in &[1000, 1372, 1400, 1422] {
+        for df in [true, false] {
+            a.ping(c.ip(), 2, size, df)
+                .with_context(|| format!("{size}-byte ping (DF {df}) across the narrow hop"))?;
+            c.ping(a.ip(), 2, size, df)
+                .with_context(|| format!("{size}-byte ping (DF {df}) back"))?;
+        }
+    }
+    let frags_far = grew(&far, &far0, Reason::PassOuterFragment)?;
+    let slow_far = grew(&far, &far0, Reason::DecapsulatedSlowPath)?;
+    let frags_near = grew(&near, &near0, Reason::PassOuterFragment)?;
+    let slow_near = grew(&near, &near0, Reason::DecapsulatedSlowPath)?;
+    eprintln!(
+        "after pings and TCP: far pass_outer_fragment {frags_far} decapsulated_slow_path {slow_far}; \
+         near {frags_near} / {slow_near}"
+    );
+    ensure!(
+        slow_far > 0 && slow_near > 0,
+        "full-size packets crossed the narrow hop without the slow path: far {slow_far}, near {slow_near}"
+    );
+    if !far_gro {
+        // With GRO, the far node may see the fragments already reassembled
+        // and aggregated; without, every fragment passes the decap hook.
+        ensure!(
+            frags_far > 0 && frags_near > 0,
+            "no outer fragments counted: far {frags_far}, near {frags_near}"
+        );
+    }
+
+    // Datagrams bigger than the cluster MTU from sockets that ignore path
+    // MTU. Hosts send them whole (their device MTU is 1500) without DF, too
+    // big to encapsulate here: the slow-path device sends them and
+    // fragments the outer packet. Containers fragment them at their
+    // 1450-byte MTU (OMIT) and the fast path carries the pieces, or refuse
+    // them locally (INTERFACE, see `big_datagrams_arrive`).
+    let (near1, far1) = (counters(&near)?, counters(&far)?);
+    for (mode, name) in [
+        (libc::IP_PMTUDISC_OMIT, "IP_PMTUDISC_OMIT"),
+        (libc::IP_PMTUDISC_INTERFACE, "IP_PMTUDISC_INTERFACE"),
+    ] {
+        let what = |dir: &str| format!("{BIG_DATAGRAM}-byte UDP from a {name} socket, {dir}");
+        for (from, to, to_ip, dir) in [
+            (a.ns(), c.ns(), c.ip(), "container -> remote container"),
+            (c.ns(), a.ns(), a.ip(), "remote container -> container"),
+        ] {
+            let sent = big_datagrams_arrive(from, to, to_ip, mode, 5, BIG_PAYLOAD)
+                .with_context(|| what(dir))?;
+            ensure!(
+                sent || mode == libc::IP_PMTUDISC_INTERFACE,
+                "{}: refused locally with EMSGSIZE",
+                what(dir)
+            );
+        }
+        for (from, to, to_ip, dir) in [
+            (near.ns(), c.ns(), c.ip(), "host -> remote container"),
+            (far.ns(), a.ns(), a.ip(), "far host -> remote container"),
+        ] {
+            let sent = big_datagrams_arrive(from, to, to_ip, mode, 5, BIG_PAYLOAD)
+                .with_context(|| what(dir))?;
+            ensure!(sent, "{}: refused locally with EMSGSIZE", what(dir));
+        }
+    }
+    let slow_tx_near = grew(&near, &near1, Reason::EncapsulatedSlowPath)?;
+    let slow_tx_far = grew(&far, &far1, Reason::EncapsulatedSlowPath)?;
+    let too_big_near = grew(&near, &near1, Reason::DropTooBig)?;
+    let too_big_far = grew(&far, &far1, Reason::DropTooBig)?;
+    let slow_rx_far = grew(&far, &far1, Reason::DecapsulatedSlowPath)?;
+    let slow_rx_near = grew(&near, &near1, Reason::DecapsulatedSlowPath)?;
+    eprintln!(
+        "after big datagrams: encapsulated_slow_path near {slow_tx_near} far {slow_tx_far}; \
+         decapsulated_slow_path near {slow_rx_near} far {slow_rx_far}; \
+         drop_too_big near {too_big_near} far {too_big_far}"
+    );
+    // Two modes x five datagrams from each host, one too-big fragment each.
+    ensure!(
+        slow_tx_near >= 10 && slow_tx_far >= 10,
+        "hosts' too-big datagrams did not take the slow path: near {slow_tx_near}, far {slow_tx_far}"
+    );
+    ensure!(
+        too_big_near == 0 && too_big_far == 0,
+        "too-big packets were dropped: near {too_big_near}, far {too_big_far}"
+    );
+    // Each host's ten plus the containers' five OMIT datagrams cross the
+    // narrow hop as outer fragments.
+    ensure!(
+        slow_rx_far >= 15 && slow_rx_near >= 15,
+        "reassembled datagrams did not come through the slow path: near {slow_rx_near}, far {slow_rx_far}"
+    );
+    Ok(())
+}
+
+#[test]
+fn path_mtu_never_black_holes_across_a_narrow_underlay_hop() -> Result<()> {
+    path_mtu_never_black_holes(&[], false)
+}
+
+/// The same with TC-ingress decapsulation on the far node and GRO on its
+/// interface: UDP-tunnel GRO aggregates (`pass_gso`) reach the slow path.
+#[test]
+fn path_mtu_never_black_holes_with_tc_decap_and_gro() -> Result<()> {
+    path_mtu_never_black_holes(&["--decap-mode", "tc"], true)?;
+    Ok(())
+}
+
+/// With a kernel UDP tunnel socket on the VXLAN port (the slow-path
+/// device's), GRO aggregates VXLAN packets before TC ingress. TC decap
+/// cannot pop a UDP tunnel off an aggregate on this kernel (no
+/// `BPF_F_ADJ_ROOM_DECAP_L4_UDP`), so it passes them (`pass_gso`), the
+/// device's socket decapsulates them and the slow path delivers them.
+#[test]
+fn tc_decap_delivers_gro_aggregates_through_the_slow_path() -> Result<()> {
+    preflight()?;
+    let cluster = Cluster::new(VXLAN.config)?;
+    let sender = cluster.add_host(1)?;
+    let receiver = cluster.add_host(2)?;
+    // veth runs GRO (in NAPI) only when asked to, as a NIC does by default.
+    receiver.ns().run(&["ethtool", "-K", "eth0", "gro", "on"])?;
+    start_agents(&[(&sender, &[]), (&receiver, &["--decap-mode", "tc"])])?;
+    let a = sender.attach_container()?;
+    let b = receiver.attach_container()?;
+    let before = counters(&receiver)?;
+    check_both_ways(&a, &b)?;
+    let gso = grew(&receiver, &before, Reason::PassGso)?;
+    let slow = grew(&receiver, &before, Reason::DecapsulatedSlowPath)?;
+    let fast = grew(&receiver, &before, Reason::Decapsulated)?;
+    eprintln!(
+        "TC decap with GRO: pass_gso {gso}, decapsulated_slow_path {slow}, decapsulated {fast}"
+    );
+    ensure!(
+        gso > 0,
+        "no GRO aggregates reached TC decap; the test does not exercise them"
+    );
+    ensure!(
+        slow >= gso,
+        "GRO aggregates passed by TC decap ({gso}) were not all delivered by the slow path ({slow})"
+    );
+    Ok(())
+}
+
+/// IP-in-IP across the narrow hop, on this kernel without an ipip device:
+/// outer headers carry no DF either, so the hop fragments full-size
+/// packets; the receiver counts the outer fragments
+/// (`pass_outer_fragment`), its stack reassembles them, and the agent's
+/// userspace slow path (a raw IP-in-IP socket feeding the `weft.ipip` tap,
+/// whose program decapsulates) delivers them (`decapsulated_slow_path`).
+/// A host's too-big datagram without DF goes the other way: the encap
+/// program hands it to the tap, the agent sends it through the raw socket,
+/// the kernel fragments it (`encapsulated_slow_path`).
+#[test]
+fn ipip_across_a_narrow_hop_is_carried_by_the_userspace_slow_path() -> Result<()> {
+    preflight()?;
+    let cluster = Cluster::new(IPIP.config)?;
+    let near = cluster.add_host(1)?;
+    let far = cluster.add_host_behind_narrow_link(3, NARROW_HOP_MTU)?;
+    start_agents(&[(&near, &[]), (&far, &[])])?;
+    for host in [&near, &far] {
+        let dev = host.ns().exec(&["ip", "link", "show", "weft.vxlan"])?;
+        ensure!(
+            !dev.status.success(),
+            "the ipip backend must not create the VXLAN slow-path device"
+        );
+        let tap = host.ns().ip(&["-d", "link", "show", "weft.ipip"])?;
+        ensure!(
+            tap.contains("tun type tap") && tap.contains(",UP"),
+            "host {}: no IP-in-IP tap up: {tap}",
+            host.index()
+        );
+    }
+    let a = near.attach_container()?;
+    let c = far.attach_container()?;
+    let (near0, far0) = (counters(&near)?, counters(&far)?);
+    check_both_ways(&a, &c)?;
+    for df in [true, false] {
+        // 1452 + 28 = 1480 inner (the ipip cluster MTU), 1500 outer.
+        a.ping(c.ip(), 2, 1452, df)
+            .with_context(|| format!("full-size IP-in-IP ping (DF {df}) across the narrow hop"))?;
+        c.ping(a.ip(), 2, 1452, df)
+            .with_context(|| format!("full-size IP-in-IP ping (DF {df}) back"))?;
+    }
+    big_datagrams_arrive(
+        a.ns(),
+        c.ns(),
+        c.ip(),
+        libc::IP_PMTUDISC_OMIT,
+        5,
+        BIG_PAYLOAD,
+    )
+    .context("big datagrams from an IP_PMTUDISC_OMIT socket in a container")?;
+    for (host, before) in [(&near, &near0), (&far, &far0)] {
+        let frags = grew(host, before, Reason::PassOuterFragment)?;
+        let slow = grew(host, before, Reason::DecapsulatedSlowPath)?;
+        eprintln!(
+            "ipip host {}: pass_outer_fragment {frags}, decapsulated_slow_path {slow}",
+            host.index()
+        );
+        ensure!(
+            frags > 0 && slow > 0,
+            "host {}: outer fragments {frags}, slow-path deliveries {slow}",
+            host.index()
+        );
+    }
+    // A host's datagrams without DF that fit its 1500-byte interface but
+    // not the tunnel (1500 + 20 bytes), both ways.
+    let (near1, far1) = (counters(&near)?, counters(&far)?);
+    big_datagrams_arrive(near.ns(), c.ns(), c.ip(), libc::IP_PMTUDISC_OMIT, 5, 1472)
+        .context("1500-byte datagrams from an IP_PMTUDISC_OMIT socket on a host")?;
+    big_datagrams_arrive(far.ns(), a.ns(), a.ip(), libc::IP_PMTUDISC_OMIT, 5, 1472)
+        .context("1500-byte datagrams from an IP_PMTUDISC_OMIT socket on the far host")?;
+    for (host, before) in [(&near, &near1), (&far, &far1)] {
+        let sent = grew(host, before, Reason::EncapsulatedSlowPath)?;
+        let too_big = grew(host, before, Reason::DropTooBig)?;
+        eprintln!(
+            "ipip host {}: encapsulated_slow_path {sent}, drop_too_big {too_big}",
+            host.index()
+        );
+        ensure!(
+            sent >= 5 && too_big == 0,
+            "host {}: slow-path sends {sent}, dropped as too big {too_big}",
+            host.index()
+        );
+    }
+    Ok(())
+}
+
+/// On the wire, tunnel packets never carry DF, and their outer IP IDs
+/// differ packet to packet, also for the segments the kernel cuts from a
+/// GSO super-packet after the encap program (the container's TCP hands it
+/// super-packets): `inet_gso_segment` gives each segment the next ID. Fragmentable datagrams with repeating IDs could be spliced wrongly.
+#[test]
+fn outer_headers_never_set_df_and_ids_vary_on_the_wire() -> Result<()> {
+    preflight()?;
+    let cluster = Cluster::new(VXLAN.config)?;
+    let sender = cluster.add_host(1)?;
+    let receiver = cluster.add_host(2)?;
+    // The sender's cable has no segmentation offloads, as a NIC without
+    // them: GSO super-packets leaving the encap program are cut into
+    // segments before the wire, where the capture sees them.
+    sender.set_realistic_wire(true)?;
+    start_agents(&[(&sender, &[]), (&receiver, &[])])?;
+    let a = sender.attach_container()?;
+    let b = receiver.attach_container()?;
+    a.ping_until(b.ip(), CONVERGE)?;
+    let before = counters(&sender)?;
+    const PACKETS: u32 = 400;
+    let capture = weft_tests::Capture::start_tshark(
+        cluster.switch(),
+        &switch_port(sender.index()),
+        &format!("udp dst port {VXLAN_PORT} and greater 1400"),
+        PACKETS,
+        &["ip.id", "ip.flags.df"],
+    )?;
+    a.tcp_transfer_to(&b, 4 * 1024 * 1024)?;
+    let seen = capture.finish(Duration::from_secs(20))?;
+    let gso = grew(&sender, &before, Reason::Encapsulated)?;
+    let mut ids = BTreeSet::new();
+    let mut lines = 0;
+    for line in seen.lines().filter(|l| !l.trim().is_empty()) {
+        let cols: Vec<&str> = line.split('\t').collect();
+        let (Some(id), Some(df)) = (cols.first(), cols.get(1)) else {
+            bail!("unexpected tshark line {line:?}");
+        };
+        // Outer first, then the inner packet's.
+        let outer_id = id.split(',').next().unwrap_or_default();
+        let outer_df = df.split(',').next().unwrap_or_default();
+        ensure!(
+            matches!(outer_df, "0" | "False"),
+            "an outer header with DF: {line:?}"
+        );
+        ids.insert(outer_id.to_owned());
+        lines += 1;
+    }
+    eprintln!(
+        "{lines} full-size tunnel packets from {gso} encapsulations: {} distinct outer IDs",
+        ids.len()
+    );
+    ensure!(lines == PACKETS as usize, "captured {lines} packets");
+    ensure!(
+        (gso as usize) < lines,
+        "no GSO super-packets were encapsulated ({gso} encapsulations for {lines} packets): \
+         the test does not exercise per-segment IDs"
+    );
+    ensure!(
+        ids.len() >= lines * 95 / 100,
+        "outer IDs repeat: {} distinct in {lines} packets",
+        ids.len()
+    );
+    Ok(())
+}
+
 /// Containers running their own VXLAN tunnel to each other (kind in a pod,
 /// KubeVirt) put tunnel packets inside weft's tunnel. Packets without GSO
 /// are carried by the fast path. GSO packets that already are tunnel packets
 /// cannot get a second tunnel from BPF: `tcp` says whether the backend
-/// carries them another way; if not they are counted as drop_nested_gso,
-/// never logged per packet.
+/// carries them another way (VXLAN: the slow-path device, which segments
+/// them first); if not they are counted as drop_nested_gso, never logged
+/// per packet.
 fn nested_vxlan_between_containers(backend: Backend, tcp: bool) -> Result<()> {
     preflight()?;
     let cluster = Cluster::new(backend.config)?;
@@ -1151,14 +1626,24 @@ fn nested_vxlan_between_containers(backend: Backend, tcp: bool) -> Result<()> {
     );
     let nested_gso =
         |h: &Host<'_>| -> Result<u64> { Ok(h.pinned()?.counter(Reason::DropNestedGso)?) };
+    let slow_sent =
+        |h: &Host<'_>| -> Result<u64> { Ok(h.pinned()?.counter(Reason::EncapsulatedSlowPath)?) };
     let before = nested_gso(&hosts[0])?;
+    let slow_before = slow_sent(&hosts[0])?;
     // A failing transfer stalls until its deadline: keep that short.
     let deadline = Duration::from_secs(if tcp { 60 } else { 5 });
     let transfer =
         weft_tests::tcp_transfer(a.ns(), a_inner, b.ns(), b_inner, 2 * 1024 * 1024, deadline);
     let dropped = nested_gso(&hosts[0])? - before;
     match transfer {
-        Ok(_) => ensure!(tcp, "nested TCP went through; this backend should carry it"),
+        Ok(_) => {
+            ensure!(tcp, "nested TCP went through; this backend should carry it");
+            let slow = slow_sent(&hosts[0])? - slow_before;
+            ensure!(
+                slow > 0 && dropped == 0,
+                "nested TCP should go through the slow-path device: {slow} sent there, {dropped} dropped"
+            );
+        }
         Err(e) if tcp => bail!("TCP over the nested tunnel failed: {e:#}"),
         Err(_) => ensure!(
             dropped > 0,
@@ -1179,7 +1664,7 @@ fn nested_vxlan_between_containers(backend: Backend, tcp: bool) -> Result<()> {
 
 #[test]
 fn nested_vxlan_between_containers_over_vxlan() -> Result<()> {
-    nested_vxlan_between_containers(VXLAN, false)
+    nested_vxlan_between_containers(VXLAN, true)
 }
 
 #[test]

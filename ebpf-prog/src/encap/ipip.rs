@@ -26,8 +26,9 @@ pub struct IpipParams {
     pub inner_l3_len: u32,
     /// Outer TOS; see [`super::vxlan::outer_tos`], the same rule applies.
     pub tos: u8,
-    /// Outer flags/fragment field: DF inherited from the inner packet.
+    /// Outer flags/fragment field; see [`super::OUTER_FRAG_OFF`].
     pub frag_off: u16,
+    /// Outer IP identification; see [`super::outer_ip_id`].
     pub ip_id: u16,
 }
 

@@ -1,3 +1,117 @@
-//! Encapsulation header builders, one module per tunnel type.
+//! Encapsulation header builders, one module per tunnel type, and the
+//! policies both tunnels share: the outer IPv4 header's fragmentation fields
+//! and what happens to a packet too big for the underlay once encapsulated.
+
+use crate::headers::IP_DF;
+
 pub mod ipip;
 pub mod vxlan;
+
+/// Outer flags/fragment field of every tunnel packet: DF clear, as flannel's
+/// kernel vxlan device sends (its `df` setting defaults to unset). A hop on
+/// a routed underlay with a smaller MTU than the nodes' then fragments the
+/// outer packet instead of dropping it; with DF set its ICMP "fragmentation
+/// needed" would go to this node's PublicIP, where no socket owns the flow,
+/// so the inner sender would never learn the smaller MTU and the flow would
+/// black-hole. The receiver reassembles (see the decap programs and the
+/// slow path).
+pub const OUTER_FRAG_OFF: u16 = 0;
+const _: () = assert!(OUTER_FRAG_OFF & IP_DF == 0);
+
+/// Outer IP identification. With DF clear every outer packet may be
+/// fragmented, so RFC 791 / RFC 6864 section 4.1 want an ID that does not
+/// repeat between packets of the same source, destination and protocol
+/// while fragments may live; a constant would let the receiver splice
+/// fragments of different packets. `random` is a fresh per-packet random
+/// number (`bpf_get_prandom_u32`); both halves are folded in so neither
+/// half's quality alone decides. GSO super-packets get this ID on the first
+/// segment and the kernel increments it per segment (`inet_gso_segment`).
+#[inline(always)]
+pub fn outer_ip_id(random: u32) -> u16 {
+    (random ^ (random >> 16)) as u16
+}
+
+/// What to do with a packet bound for a tunnel peer, given its size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SizeVerdict {
+    /// It fits the underlay once encapsulated (or is a GSO super-packet,
+    /// which the kernel segments to the inner MSS after the hook).
+    Fits,
+    /// Too big with DF set: answer ICMP "fragmentation needed" so the
+    /// sender's path-MTU discovery converges.
+    FragNeeded,
+    /// Too big without DF, with a slow path present: the kernel fragments
+    /// the outer packet (the VXLAN device, or for IP-in-IP the agent's raw
+    /// socket).
+    SlowPath,
+    /// Too big without DF and no slow path to fragment it.
+    Drop,
+}
+
+/// The size policy: `inner_l3_len` bytes of inner IPv4 plus `overhead`
+/// against the underlay `mtu`. Senders that ignore the cluster route's MTU
+/// (`IP_PMTUDISC_OMIT`, `IP_PMTUDISC_INTERFACE`, `IP_PMTUDISC_PROBE`) are the
+/// ones that get here with a too-big packet.
+#[inline(always)]
+pub fn size_verdict(
+    inner_l3_len: u32,
+    overhead: u32,
+    mtu: u32,
+    gso: bool,
+    inner_df: bool,
+    slow_path: bool,
+) -> SizeVerdict {
+    if gso || inner_l3_len + overhead <= mtu {
+        SizeVerdict::Fits
+    } else if inner_df {
+        SizeVerdict::FragNeeded
+    } else if slow_path {
+        SizeVerdict::SlowPath
+    } else {
+        SizeVerdict::Drop
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+
+    use super::*;
+
+    #[test]
+    fn outer_df_is_never_set() {
+        assert_eq!(OUTER_FRAG_OFF & IP_DF, 0);
+        assert_eq!(OUTER_FRAG_OFF, 0, "no MF or offset either: a whole packet");
+    }
+
+    #[test]
+    fn outer_id_follows_the_random_input_in_both_halves() {
+        assert_eq!(outer_ip_id(0x0000_1234), 0x1234);
+        assert_eq!(outer_ip_id(0x1234_0000), 0x1234);
+        assert_ne!(outer_ip_id(0x0001_0000), outer_ip_id(0x0002_0000));
+        // A stream of random inputs gives (nearly) distinct IDs.
+        let mut x: u32 = 0x9e37_79b9;
+        let ids: std::collections::BTreeSet<u16> = (0..256)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                outer_ip_id(x)
+            })
+            .collect();
+        assert!(ids.len() > 240, "only {} distinct IDs", ids.len());
+    }
+
+    #[test]
+    fn size_policy() {
+        use SizeVerdict::*;
+        // 1450 + 50 fits a 1500 underlay exactly; one byte more does not.
+        assert_eq!(size_verdict(1450, 50, 1500, false, true, true), Fits);
+        assert_eq!(size_verdict(1451, 50, 1500, false, true, true), FragNeeded);
+        assert_eq!(size_verdict(1500, 50, 1500, false, false, true), SlowPath);
+        assert_eq!(size_verdict(1500, 50, 1500, false, false, false), Drop);
+        assert_eq!(size_verdict(1500, 20, 1500, false, false, false), Drop);
+        // GSO super-packets are segmented by the kernel afterwards.
+        assert_eq!(size_verdict(64000, 50, 1500, true, false, false), Fits);
+    }
+}

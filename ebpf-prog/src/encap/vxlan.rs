@@ -8,8 +8,8 @@
 use crate::{
     checksum,
     headers::{
-        ETH_HLEN, ETH_P_IP, IP_DF, IPPROTO_UDP, IPV4_HLEN, IPV4_VIHL_NO_OPTIONS, OUTER_TTL,
-        UDP_HLEN, VXLAN_HLEN,
+        ETH_HLEN, ETH_P_IP, IPPROTO_UDP, IPV4_HLEN, IPV4_VIHL_NO_OPTIONS, OUTER_TTL, UDP_HLEN,
+        VXLAN_HLEN,
     },
 };
 
@@ -44,9 +44,9 @@ pub struct VxlanParams {
     pub inner_l3_len: u32,
     /// Outer TOS byte; see [`outer_tos`].
     pub tos: u8,
-    /// Outer flags/fragment field: [`IP_DF`] or 0.
+    /// Outer flags/fragment field; see [`super::OUTER_FRAG_OFF`].
     pub frag_off: u16,
-    /// Outer IP identification; 0 is fine for DF packets (RFC 6864).
+    /// Outer IP identification; see [`super::outer_ip_id`].
     pub ip_id: u16,
 }
 
@@ -115,13 +115,6 @@ pub fn outer_tos(inner_tos: u8) -> u8 {
     if ecn == 0x03 { 0x02 } else { ecn }
 }
 
-/// Outer fragment field: DF is inherited from the inner packet, as the kernel
-/// does for `df inherit`, so PMTU discovery of the inner flow keeps working.
-#[inline(always)]
-pub fn outer_frag_off(inner_frag_off: u16) -> u16 {
-    inner_frag_off & IP_DF
-}
-
 /// The VNI of a VXLAN header, or `None` when the I flag is clear (RFC 7348:
 /// receivers must then not use the VNI).
 #[inline(always)]
@@ -137,7 +130,7 @@ mod tests {
     extern crate std;
 
     use super::*;
-    use crate::checksum::ipv4_header_is_valid;
+    use crate::{checksum::ipv4_header_is_valid, headers::IP_DF};
 
     fn params() -> VxlanParams {
         VxlanParams {
@@ -198,11 +191,9 @@ mod tests {
     }
 
     #[test]
-    fn ecn_and_df_inheritance() {
+    fn ecn_inheritance() {
         assert_eq!(outer_tos(0xb8), 0x00); // DSCP EF is not copied.
         assert_eq!(outer_tos(0x01), 0x01);
         assert_eq!(outer_tos(0x03), 0x02); // CE -> ECT(0).
-        assert_eq!(outer_frag_off(0x4000), IP_DF);
-        assert_eq!(outer_frag_off(0x2001), 0);
     }
 }
