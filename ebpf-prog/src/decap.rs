@@ -218,7 +218,7 @@ fn classify(pkt: &impl PacketWindow, cfg: &NodeConfig, frame_len: usize) -> Resu
             cfg,
             ip.src_addr,
             Inner::Ethernet(VXLAN_INNER_ETH_OFF),
-            outer_len,
+            Some(outer_len),
             frame_len,
         )?;
         Ok(Tunnel::Vxlan)
@@ -230,7 +230,7 @@ fn classify(pkt: &impl PacketWindow, cfg: &NodeConfig, frame_len: usize) -> Resu
             cfg,
             ip.src_addr,
             Inner::Ipv4(IPIP_INNER_IP_OFF),
-            outer_len,
+            Some(outer_len),
             frame_len,
         )?;
         Ok(Tunnel::Ipip)
@@ -251,7 +251,7 @@ enum Inner {
 /// The acceptance rules of every decapsulating path (XDP, TC ingress, the
 /// slow path), in one place: the tunnel packet from `outer_src` must come
 /// from a known node, carry IPv4, and pass [`check_inner`]. `outer_len` is
-/// the outer IPv4 length the packet claims (0 when the kernel already
+/// the outer IPv4 length the packet claims (`None` when the kernel already
 /// removed the outer headers); `frame_len` the whole frame's length.
 #[inline(always)]
 fn accept(
@@ -259,7 +259,7 @@ fn accept(
     cfg: &NodeConfig,
     outer_src: [u8; 4],
     inner: Inner,
-    outer_len: usize,
+    outer_len: Option<usize>,
     frame_len: usize,
 ) -> Result<(), Reason> {
     if !is_known_node(outer_src) {
@@ -345,7 +345,7 @@ pub fn try_slowpath_rx(ctx: &TcContext) -> Result<i32, Reason> {
         cfg,
         outer_src,
         Inner::Ethernet(0),
-        0,
+        None,
         ctx.len() as usize,
     )?;
     // As on the fast path: the frame must be addressed to `--iface` for the
@@ -370,19 +370,24 @@ fn check_inner(
     cfg: &NodeConfig,
     outer_src: [u8; 4],
     off: usize,
-    outer_len: usize,
+    outer_len: Option<usize>,
     frame_len: usize,
 ) -> Result<(), Reason> {
     let inner = read_at::<Ipv4Hdr>(pkt, off).ok_or(Reason::DropMalformedTunnel)?;
     let inner_len = usize::from(u16::from_be_bytes(inner.tot_len));
+    // Within the outer packet, not merely the frame: an outer total length
+    // short of the inner packet (0 included) is no packet a peer sends, and
+    // what lies past it is Ethernet padding. Without outer headers (the
+    // kernel removed them on the slow path) the frame is the bound.
+    let limit = match outer_len {
+        Some(len) if len + ETH_HLEN > frame_len => return Err(Reason::DropMalformedTunnel),
+        Some(len) => len + ETH_HLEN,
+        None => frame_len,
+    };
     if inner.vihl >> 4 != 4
         || inner.vihl & 0x0f < 5
         || inner_len < usize::from(inner.vihl & 0x0f) * 4
-        || outer_len + ETH_HLEN > frame_len
-        // Within the outer packet, not merely the frame: an outer total
-        // length short of the inner packet (0 included) is no packet a
-        // peer sends, and what lies past it is Ethernet padding.
-        || inner_len + off > outer_len + ETH_HLEN
+        || inner_len + off > limit
     {
         return Err(Reason::DropMalformedTunnel);
     }
