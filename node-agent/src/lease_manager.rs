@@ -403,12 +403,15 @@ impl LeaseManager {
         let mut retry = crate::watcher::Backoff::new(RENEW_RETRY_MIN, RENEW_RETRY_MAX);
         let mut failing = false;
         let mut delay = match self.ttl_left(held.etcd_lease).await {
-            Ok(Some(ttl)) => renew_delay(ttl),
+            Ok(Some(ttl)) => {
+                let delay = renew_delay(ttl);
+                if delay.is_zero() {
+                    tracing::info!(subnet = %held.subnet, ttl_secs = ttl.as_secs(), "kept subnet lease is due for renewal; renewing now");
+                }
+                delay
+            }
             Ok(None) | Err(_) => Duration::ZERO,
         };
-        if delay < RENEW_EVERY {
-            tracing::info!(subnet = %held.subnet, in_secs = delay.as_secs(), "subnet lease has less than a day left; renewing early");
-        }
         loop {
             tokio::time::sleep(delay).await;
             match self.renew_once(&mut held).await {
