@@ -225,10 +225,12 @@ impl<M: SubnetMap> PeerWatcher<M> {
         outage: &mut bool,
         watching_since: &mut Option<Instant>,
     ) -> WatchError {
+        let started = Instant::now();
         let listing = match list_leases(&mut self.client, &self.keys).await {
             Ok(l) => l,
             Err(e) => return e.into(),
         };
+        let listed = started.elapsed();
         let own = self.own.subnet;
         if let Some(bad) = listing.rejected.iter().find(|r| r.subnet == Some(own)) {
             return self.taken_over(format!("an unreadable value ({})", bad.reason));
@@ -276,6 +278,8 @@ impl<M: SubnetMap> PeerWatcher<M> {
             updated = report.updated,
             removed = report.removed,
             refused = report.refused.len() + listing.rejected.len(),
+            list_ms = listed.as_millis() as u64,
+            total_ms = started.elapsed().as_millis() as u64,
             "peer table reconciled with etcd"
         );
         if *outage {

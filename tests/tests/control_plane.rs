@@ -394,3 +394,99 @@ fn bad_leases_are_logged_once_and_blocked_leases_are_checked_again() -> Result<(
     }
     Ok(())
 }
+
+/// Writes `n` /25 leases in 10.0.0.0/8 under one etcd lease, 128 puts a
+/// transaction, as a client in the switch namespace (where etcd listens).
+fn write_many_leases(cluster: &Cluster, n: usize) -> Result<()> {
+    use etcd_client::{PutOptions, Txn, TxnOp};
+    let endpoint = cluster.etcd().endpoint();
+    let leases: Vec<(String, String)> = (0..n)
+        .map(|i| {
+            let base = u32::from(Ipv4Addr::new(10, 0, 1, 0)) + (i as u32) * 128;
+            let subnet = Ipv4Net::new(Ipv4Addr::from(base), 25)?;
+            let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 1, 0)) + i as u32);
+            Ok((cluster.lease_key(subnet), vxlan_lease(ip).to_json()))
+        })
+        .collect::<Result<_>>()?;
+    cluster.switch().run_in(move || -> Result<()> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("building a tokio runtime")?;
+        rt.block_on(async {
+            let mut client = etcd_client::Client::connect([endpoint], None)
+                .await
+                .context("connecting to etcd")?;
+            let lease = client.lease_grant(24 * 3600, None).await?.id();
+            let mut set = tokio::task::JoinSet::new();
+            for chunk in leases.chunks(128) {
+                let ops: Vec<TxnOp> = chunk
+                    .iter()
+                    .map(|(k, v)| {
+                        TxnOp::put(
+                            k.as_str(),
+                            v.as_str(),
+                            Some(PutOptions::new().with_lease(lease)),
+                        )
+                    })
+                    .collect();
+                let mut c = client.clone();
+                set.spawn(async move { c.txn(Txn::new().and_then(ops)).await });
+                if set.len() >= 8
+                    && let Some(r) = set.join_next().await
+                {
+                    r.context("txn task")?.context("etcd txn")?;
+                }
+            }
+            while let Some(r) = set.join_next().await {
+                r.context("txn task")?.context("etcd txn")?;
+            }
+            Ok(())
+        })
+    })?
+}
+
+/// `list_ms` of the agent's reconciliations so far.
+fn list_times(host: &Host<'_>) -> Vec<u64> {
+    host.agent_log()
+        .lines()
+        .filter(|l| l.contains(RECONCILED))
+        .filter_map(|l| {
+            let rest = l.split("list_ms=").nth(1)?;
+            rest.split_whitespace().next()?.parse().ok()
+        })
+        .collect()
+}
+
+/// 100,000 leases: the first listing and a relist each take under 3 s.
+/// Ignored by default (writing the leases takes a while); run with
+/// `--ignored relisting_100k`.
+#[test]
+#[ignore = "scale check: writes 100k leases"]
+fn relisting_100k_leases_takes_under_three_seconds() -> Result<()> {
+    preflight()?;
+    const N: usize = 100_000;
+    let cluster =
+        Cluster::new(r#"{"Network":"10.0.0.0/8","SubnetLen":25,"Backend":{"Type":"vxlan"}}"#)?;
+    cluster.set_dump_logs_on_drop(false);
+    let t = std::time::Instant::now();
+    write_many_leases(&cluster, N)?;
+    eprintln!("{N} leases written in {:.1} s", t.elapsed().as_secs_f64());
+    let host = cluster.add_host(1)?;
+    host.start_agent(&[])?;
+    host.wait_subnet_env(Duration::from_secs(60))?;
+    wait_until(Duration::from_secs(120), "the first reconciliation", |_| {
+        Ok((!list_times(&host).is_empty()).then_some(()))
+    })?;
+    force_relist(cluster.etcd(), &[&host])?;
+    let times = list_times(&host);
+    let log = host.agent_log();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains(RECONCILED)).collect();
+    eprintln!("{}", lines.join("\n"));
+    ensure!(times.len() >= 2, "reconciliations: {times:?}");
+    ensure!(
+        times.iter().all(|&ms| ms < 3_000),
+        "listing {N} leases took {times:?} ms"
+    );
+    Ok(())
+}
