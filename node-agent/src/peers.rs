@@ -598,8 +598,12 @@ mod tests {
     use super::*;
     use crate::flannel::VxlanLeaseData;
 
+    /// Also the map of the `one_rule` proptest.
     #[derive(Default)]
-    struct FakeMap(BTreeMap<Ipv4Net, RemoteNode>, BTreeSet<Ipv4Addr>);
+    pub(super) struct FakeMap(
+        pub(super) BTreeMap<Ipv4Net, RemoteNode>,
+        pub(super) BTreeSet<Ipv4Addr>,
+    );
 
     impl SubnetMap for FakeMap {
         fn put(&mut self, subnet: Ipv4Net, node: &RemoteNode) -> Result<(), MapError> {
@@ -989,39 +993,9 @@ mod tests {
 mod one_rule {
     use proptest::prelude::*;
 
+    use super::tests::FakeMap;
     use super::*;
     use crate::flannel::VxlanLeaseData;
-
-    #[derive(Default)]
-    struct FakeMap(BTreeMap<Ipv4Net, RemoteNode>, BTreeSet<Ipv4Addr>);
-
-    impl SubnetMap for FakeMap {
-        fn put(&mut self, subnet: Ipv4Net, node: &RemoteNode) -> Result<(), MapError> {
-            self.0.insert(subnet, *node);
-            Ok(())
-        }
-        fn delete(&mut self, subnet: Ipv4Net) -> Result<(), MapError> {
-            self.0.remove(&subnet);
-            Ok(())
-        }
-        fn subnets(&self) -> Result<Vec<Ipv4Net>, MapError> {
-            Ok(self.0.keys().copied().collect())
-        }
-        fn update_node_ips(
-            &mut self,
-            add: &[Ipv4Addr],
-            remove: &[Ipv4Addr],
-        ) -> Result<(), MapError> {
-            self.1.extend(add);
-            for ip in remove {
-                self.1.remove(ip);
-            }
-            Ok(())
-        }
-        fn node_ips(&self) -> Result<Vec<Ipv4Addr>, MapError> {
-            Ok(self.1.iter().copied().collect())
-        }
-    }
 
     /// Nested and neighbouring prefixes, this node's own subnet, one
     /// overlapping it and one outside the network.

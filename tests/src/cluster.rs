@@ -509,7 +509,7 @@ impl<'c> Host<'c> {
             let agent = slot
                 .as_mut()
                 .with_context(|| format!("host {}: no agent was started", self.index))?;
-            Ok(agent.process.try_wait()?)
+            agent.process.try_wait()
         })
         .with_context(|| format!("log:\n{}", process::tail(&self.agent_log(), 40)))
     }
