@@ -342,7 +342,7 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
         () = host.run(&nl, Some(events), peer_ips_rx) => bail!("host networking task stopped"),
         () = keep_firewall(&firewall, nft, Duration::from_secs(s.firewall_resync_secs)) => bail!("firewall task stopped"),
         err = watcher.run() => {
-            Err(anyhow::Error::new(err)).context("stopping: lease revoked; restart the agent to lease again")
+            Err(anyhow::Error::new(err)).context("stopping: this node no longer holds its subnet lease; restart the agent to lease again")
         }
         r = leases.keep_renewed(held) => r.context("subnet lease"),
         () = drain_bpf_logs(logger) => bail!("BPF log reader stopped"),

@@ -20,7 +20,7 @@ use weft_common::{Mode, RemoteNode};
 
 use crate::flannel::{Backend, LeaseAttrs, NetworkConfig, subnet::overlaps};
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum PeerError {
     #[error("lease {subnet}: outside the network {network}")]
     OutsideNetwork { subnet: Ipv4Net, network: Ipv4Net },
@@ -76,12 +76,32 @@ pub trait SubnetMap {
     fn node_ips(&self) -> Result<Vec<Ipv4Addr>, MapError>;
 }
 
-/// What [`PeerTable::upsert`] did.
+/// What happened to one map entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Change {
     Added,
     Updated,
+    Removed,
     Unchanged,
+}
+
+/// A lease as etcd holds it, parsed: what the rule decides on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Candidate {
+    pub attrs: LeaseAttrs,
+    /// Older leases win overlaps.
+    pub create_revision: i64,
+    /// Identifies this version of the lease, so a refusal is reported once
+    /// per change of the lease.
+    pub mod_revision: i64,
+}
+
+/// A lease the rule refused, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub subnet: Ipv4Net,
+    pub mod_revision: i64,
+    pub error: PeerError,
 }
 
 /// Counts from a full [`PeerTable::reconcile`].
@@ -90,7 +110,18 @@ pub struct ReconcileReport {
     pub added: usize,
     pub updated: usize,
     pub removed: usize,
-    pub skipped: Vec<PeerError>,
+    /// Every lease without an entry, and why.
+    pub refused: Vec<Refusal>,
+    pub map_errors: Vec<PeerError>,
+}
+
+/// What one event changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct EventReport {
+    pub changes: Vec<(Ipv4Net, Change)>,
+    /// The leases without an entry among those the event could affect.
+    pub refused: Vec<Refusal>,
+    pub map_errors: Vec<PeerError>,
 }
 
 /// How this node reaches its peers, from the network config.
@@ -111,6 +142,10 @@ pub struct PeerTable {
     /// peers must be in one of them.
     onlink: Vec<Ipv4Net>,
     peers: BTreeMap<Ipv4Net, RemoteNode>,
+    /// Every other node's lease known to be in etcd, accepted or not: the
+    /// input of the rule, kept so that an event can re-check the leases it
+    /// affects.
+    leases: BTreeMap<Ipv4Net, Candidate>,
     /// Known node addresses, with the number of leases naming each.
     node_ips: BTreeMap<Ipv4Addr, usize>,
 }
@@ -138,6 +173,7 @@ impl PeerTable {
             type_name: cfg.backend.type_name(),
             onlink,
             peers: BTreeMap::new(),
+            leases: BTreeMap::new(),
             node_ips: BTreeMap::new(),
         }
     }
@@ -282,21 +318,13 @@ impl PeerTable {
         Ok(node)
     }
 
-    fn overlapping_peer(&self, subnet: Ipv4Net) -> Option<Ipv4Net> {
-        overlapping(&self.peers, subnet)
-    }
-
-    /// Adds or updates one lease (a watch PUT event).
-    pub fn upsert(
+    /// Adds or updates one entry the rule accepted.
+    fn set(
         &mut self,
         map: &mut impl SubnetMap,
         subnet: Ipv4Net,
-        attrs: &LeaseAttrs,
+        node: RemoteNode,
     ) -> Result<Change, PeerError> {
-        let node = self.remote_node(subnet, attrs)?;
-        if let Some(other) = self.overlapping_peer(subnet) {
-            return Err(PeerError::OverlapsPeer { subnet, other });
-        }
         let old = self.peers.get(&subnet).copied();
         let change = match old {
             None => Change::Added,
@@ -323,8 +351,8 @@ impl PeerTable {
         Ok(change)
     }
 
-    /// Removes one lease (a watch DELETE event). Returns whether it was known.
-    pub fn remove(&mut self, map: &mut impl SubnetMap, subnet: Ipv4Net) -> Result<bool, PeerError> {
+    /// Removes one entry. Returns whether it was known.
+    fn remove(&mut self, map: &mut impl SubnetMap, subnet: Ipv4Net) -> Result<bool, PeerError> {
         let Some(old) = self.peers.remove(&subnet) else {
             return Ok(false);
         };
@@ -350,35 +378,21 @@ impl PeerTable {
         Ok(())
     }
 
-    /// Makes the table and the maps equal to exactly `leases` (a full listing,
-    /// oldest lease first): entries for leases that vanished, including ones a
-    /// previous agent left in the pinned maps, are removed. Of overlapping
-    /// leases the first (oldest) keeps its entry, as it would have when the
-    /// later one arrived as a watch event.
+    /// Makes the table and the maps equal to exactly `leases` (a full
+    /// listing; this node's own lease in it is ignored): entries for leases
+    /// that vanished, including ones a previous agent left in the pinned
+    /// maps, are removed. Which leases get an entry is [`accepted`]'s rule,
+    /// the same one [`Self::put`] and [`Self::delete`] apply to events.
     pub fn reconcile(
         &mut self,
         map: &mut impl SubnetMap,
-        leases: &[(Ipv4Net, LeaseAttrs)],
+        leases: BTreeMap<Ipv4Net, Candidate>,
     ) -> ReconcileReport {
         let mut report = ReconcileReport::default();
-        let mut desired: BTreeMap<Ipv4Net, RemoteNode> = BTreeMap::new();
-        for (subnet, attrs) in leases {
-            if self.is_local(*subnet) {
-                continue;
-            }
-            match self.remote_node(*subnet, attrs) {
-                Ok(node) => match overlapping(&desired, *subnet) {
-                    Some(other) => report.skipped.push(PeerError::OverlapsPeer {
-                        subnet: *subnet,
-                        other,
-                    }),
-                    None => {
-                        desired.insert(*subnet, node);
-                    }
-                },
-                Err(e) => report.skipped.push(e),
-            }
-        }
+        self.leases = leases;
+        self.leases.remove(&self.local);
+        let (desired, refused) = self.accepted(self.leases.iter());
+        report.refused = refused;
         let mut want_ips: BTreeMap<Ipv4Addr, usize> = BTreeMap::new();
         for node in desired.values() {
             *want_ips.entry(Ipv4Addr::from(node.public_ip)).or_default() += 1;
@@ -411,7 +425,7 @@ impl PeerTable {
         for subnet in stale.into_iter().filter(|s| !desired.contains_key(s)) {
             match map.delete(subnet) {
                 Ok(()) => report.removed += 1,
-                Err(e) => report.skipped.push(PeerError::Map {
+                Err(e) => report.map_errors.push(PeerError::Map {
                     subnet,
                     message: e.to_string(),
                 }),
@@ -425,7 +439,7 @@ impl PeerTable {
                 Some(_) => Change::Updated,
             };
             if let Err(e) = map.put(subnet, &node) {
-                report.skipped.push(PeerError::Map {
+                report.map_errors.push(PeerError::Map {
                     subnet,
                     message: e.to_string(),
                 });
@@ -441,6 +455,117 @@ impl PeerTable {
             tracing::error!(error = %e, "cannot remove stale NODE_IPS entries");
         }
         self.node_ips = want_ips;
+        report
+    }
+
+    /// The one rule deciding which leases get a map entry, for a relist and
+    /// for events alike: in order of creation (etcd's create_revision, then
+    /// the subnet), a lease that passes [`Self::remote_node`] and overlaps
+    /// no lease accepted before it is accepted. Refused leases block
+    /// nothing. Returns the accepted entries and the refusals.
+    fn accepted<'a>(
+        &self,
+        leases: impl Iterator<Item = (&'a Ipv4Net, &'a Candidate)>,
+    ) -> (BTreeMap<Ipv4Net, RemoteNode>, Vec<Refusal>) {
+        let mut ordered: Vec<(&Ipv4Net, &Candidate)> = leases.collect();
+        ordered.sort_by_key(|(subnet, c)| (c.create_revision, **subnet));
+        let mut desired = BTreeMap::new();
+        let mut refused = Vec::new();
+        for (subnet, cand) in ordered {
+            let verdict =
+                self.remote_node(*subnet, &cand.attrs).and_then(|node| {
+                    match overlapping(&desired, *subnet) {
+                        Some(other) => Err(PeerError::OverlapsPeer {
+                            subnet: *subnet,
+                            other,
+                        }),
+                        None => Ok(node),
+                    }
+                });
+            match verdict {
+                Ok(node) => {
+                    desired.insert(*subnet, node);
+                }
+                Err(error) => refused.push(Refusal {
+                    subnet: *subnet,
+                    mod_revision: cand.mod_revision,
+                    error,
+                }),
+            }
+        }
+        (desired, refused)
+    }
+
+    /// A watch PUT of a lease that parsed. The map then holds what
+    /// [`Self::reconcile`] of the leases known now would give it: leases this
+    /// one now blocks lose their entry, and ones its old value blocked are
+    /// checked again.
+    pub fn put(
+        &mut self,
+        map: &mut impl SubnetMap,
+        subnet: Ipv4Net,
+        candidate: Candidate,
+    ) -> EventReport {
+        if self.is_local(subnet) {
+            return EventReport::default();
+        }
+        self.leases.insert(subnet, candidate);
+        self.settle(map, subnet)
+    }
+
+    /// A watch DELETE, or a PUT whose value no relist would accept as a
+    /// lease (malformed, too large): the subnet has no lease any more, and
+    /// leases it blocked are checked again.
+    pub fn delete(&mut self, map: &mut impl SubnetMap, subnet: Ipv4Net) -> EventReport {
+        if self.is_local(subnet) {
+            return EventReport::default();
+        }
+        self.leases.remove(&subnet);
+        self.settle(map, subnet)
+    }
+
+    /// Applies the rule again to every lease whose acceptance a change of
+    /// `subnet` can affect. Overlap between prefixes is containment, so the
+    /// leases that can be affected are those inside the largest known prefix
+    /// containing `subnet` (or `subnet` itself): any lease overlapping one
+    /// of them is inside it too, or would contain `subnet` and be larger.
+    fn settle(&mut self, map: &mut impl SubnetMap, subnet: Ipv4Net) -> EventReport {
+        let mut outer = subnet;
+        for len in 0..subnet.prefix_len() {
+            if let Ok(n) = Ipv4Net::new(subnet.network(), len).map(|n| n.trunc())
+                && (self.leases.contains_key(&n) || self.peers.contains_key(&n))
+            {
+                outer = n;
+                break;
+            }
+        }
+        let inside = |k: &Ipv4Net| outer.contains(k);
+        let last = Ipv4Net::new(outer.broadcast(), 32).unwrap_or(outer);
+        let (desired, refused) =
+            self.accepted(self.leases.range(outer..=last).filter(|(k, _)| inside(k)));
+        let mut report = EventReport {
+            refused,
+            ..EventReport::default()
+        };
+        let gone: Vec<Ipv4Net> = self
+            .peers
+            .range(outer..=last)
+            .map(|(k, _)| *k)
+            .filter(|k| inside(k) && !desired.contains_key(k))
+            .collect();
+        for s in gone {
+            match self.remove(map, s) {
+                Ok(_) => report.changes.push((s, Change::Removed)),
+                Err(e) => report.map_errors.push(e),
+            }
+        }
+        for (s, node) in desired {
+            match self.set(map, s, node) {
+                Ok(Change::Unchanged) => {}
+                Ok(change) => report.changes.push((s, change)),
+                Err(e) => report.map_errors.push(e),
+            }
+        }
         report
     }
 }
@@ -473,8 +598,12 @@ mod tests {
     use super::*;
     use crate::flannel::VxlanLeaseData;
 
+    /// Also the map of the `one_rule` proptest.
     #[derive(Default)]
-    struct FakeMap(BTreeMap<Ipv4Net, RemoteNode>, BTreeSet<Ipv4Addr>);
+    pub(super) struct FakeMap(
+        pub(super) BTreeMap<Ipv4Net, RemoteNode>,
+        pub(super) BTreeSet<Ipv4Addr>,
+    );
 
     impl SubnetMap for FakeMap {
         fn put(&mut self, subnet: Ipv4Net, node: &RemoteNode) -> Result<(), MapError> {
@@ -502,6 +631,66 @@ mod tests {
         fn node_ips(&self) -> Result<Vec<Ipv4Addr>, MapError> {
             Ok(self.1.iter().copied().collect())
         }
+    }
+
+    /// A watch PUT as the old single-lease API reported it.
+    fn up(
+        t: &mut PeerTable,
+        m: &mut FakeMap,
+        subnet: Ipv4Net,
+        attrs: &LeaseAttrs,
+    ) -> Result<Change, PeerError> {
+        let rev = t
+            .leases
+            .get(&subnet)
+            .map_or(t.leases.len() as i64 + 100, |c| c.create_revision);
+        let r = t.put(
+            m,
+            subnet,
+            Candidate {
+                attrs: attrs.clone(),
+                create_revision: rev,
+                mod_revision: rev,
+            },
+        );
+        if let Some(refused) = r.refused.into_iter().find(|x| x.subnet == subnet) {
+            return Err(refused.error);
+        }
+        Ok(r.changes
+            .iter()
+            .find(|(s, _)| *s == subnet)
+            .map_or(Change::Unchanged, |(_, c)| *c))
+    }
+
+    fn down(t: &mut PeerTable, m: &mut FakeMap, subnet: Ipv4Net) -> Result<bool, PeerError> {
+        let r = t.delete(m, subnet);
+        Ok(r.changes.contains(&(subnet, Change::Removed)))
+    }
+
+    /// A listing, oldest first.
+    fn rec(
+        t: &mut PeerTable,
+        m: &mut FakeMap,
+        leases: &[(Ipv4Net, LeaseAttrs)],
+    ) -> ReconcileReport {
+        t.reconcile(m, listing(leases))
+    }
+
+    fn listing(leases: &[(Ipv4Net, LeaseAttrs)]) -> BTreeMap<Ipv4Net, Candidate> {
+        leases
+            .iter()
+            .enumerate()
+            .map(|(i, (s, a))| {
+                (
+                    *s,
+                    Candidate {
+                        attrs: a.clone(),
+                        create_revision: i as i64 + 1,
+                        mod_revision: i as i64 + 1,
+                    },
+                )
+            })
+            .collect()
     }
 
     fn onlink() -> Vec<Ipv4Net> {
@@ -542,22 +731,22 @@ mod tests {
         let (mut t, mut m) = (table(), FakeMap::default());
         let s = net("10.244.2.0/24");
         assert_eq!(
-            t.upsert(&mut m, s, &lease([198, 18, 0, 2], Some(1))),
+            up(&mut t, &mut m, s, &lease([198, 18, 0, 2], Some(1))),
             Ok(Change::Added)
         );
         assert_eq!(
-            t.upsert(&mut m, s, &lease([198, 18, 0, 2], None)),
+            up(&mut t, &mut m, s, &lease([198, 18, 0, 2], None)),
             Ok(Change::Unchanged)
         );
         assert_eq!(
-            t.upsert(&mut m, s, &lease([198, 18, 0, 9], Some(1))),
+            up(&mut t, &mut m, s, &lease([198, 18, 0, 9], Some(1))),
             Ok(Change::Updated)
         );
         assert_eq!(m.0[&s].public_ip, [198, 18, 0, 9]);
         assert_eq!(m.0[&s].vtep_mac, [2, 0, 0, 0, 0, 9]);
-        assert_eq!(t.remove(&mut m, s), Ok(true));
+        assert_eq!(down(&mut t, &mut m, s), Ok(true));
         assert!(m.0.is_empty());
-        assert_eq!(t.remove(&mut m, s), Ok(false));
+        assert_eq!(down(&mut t, &mut m, s), Ok(false));
     }
 
     #[test]
@@ -599,15 +788,16 @@ mod tests {
         let (mut t, mut m) = (table(), FakeMap::default());
         let ok = lease([198, 18, 0, 2], Some(1));
         assert!(matches!(
-            t.upsert(&mut m, net("10.245.0.0/24"), &ok),
+            up(&mut t, &mut m, net("10.245.0.0/24"), &ok),
             Err(PeerError::OutsideNetwork { .. })
         ));
         assert!(matches!(
-            t.upsert(&mut m, net("10.244.0.0/23"), &ok),
+            up(&mut t, &mut m, net("10.244.0.0/23"), &ok),
             Err(PeerError::OverlapsLocal { .. })
         ));
         assert!(matches!(
-            t.upsert(
+            up(
+                &mut t,
                 &mut m,
                 net("10.244.3.0/24"),
                 &lease([198, 18, 0, 1], Some(1))
@@ -615,7 +805,8 @@ mod tests {
             Err(PeerError::OwnAddress { .. })
         ));
         assert!(matches!(
-            t.upsert(
+            up(
+                &mut t,
                 &mut m,
                 net("10.244.3.0/24"),
                 &lease([198, 18, 0, 3], Some(2))
@@ -630,15 +821,15 @@ mod tests {
         hostgw.backend_type = "host-gw".into();
         hostgw.backend_data = None;
         assert!(matches!(
-            t.upsert(&mut m, net("10.244.3.0/24"), &hostgw),
+            up(&mut t, &mut m, net("10.244.3.0/24"), &hostgw),
             Err(PeerError::Backend { .. })
         ));
         assert_eq!(
-            t.upsert(&mut m, net("10.244.4.0/24"), &ok),
+            up(&mut t, &mut m, net("10.244.4.0/24"), &ok),
             Ok(Change::Added)
         );
         assert!(matches!(
-            t.upsert(&mut m, net("10.244.4.0/23"), &ok),
+            up(&mut t, &mut m, net("10.244.4.0/23"), &ok),
             Err(PeerError::OverlapsPeer { .. })
         ));
         assert_eq!(m.0.len(), 1);
@@ -694,17 +885,17 @@ mod tests {
             (net("10.244.2.0/23"), lease([198, 18, 0, 3], Some(1))), // overlaps .2/24
             (net("10.244.5.0/24"), lease([198, 18, 0, 5], Some(1))),
         ];
-        let report = t.reconcile(&mut m, &leases);
+        let report = rec(&mut t, &mut m, &leases);
         assert_eq!(report.added, 2, "{report:?}");
         assert_eq!(report.removed, 1);
-        assert_eq!(report.skipped.len(), 1);
+        assert_eq!(report.refused.len(), 1);
         let keys: Vec<_> = m.0.keys().map(ToString::to_string).collect();
         assert!(
             keys.len() == 2 && keys.iter().all(|k| k != "10.244.9.0/24"),
             "{keys:?}"
         );
         // A second identical listing changes nothing.
-        let again = t.reconcile(&mut m, &leases);
+        let again = rec(&mut t, &mut m, &leases);
         assert_eq!((again.added, again.updated, again.removed), (0, 0, 0));
     }
 
@@ -720,22 +911,38 @@ mod tests {
     fn known_sources_follow_the_leases() {
         let (mut t, mut m) = (table(), FakeMap::default());
         let ip2 = Ipv4Addr::new(198, 18, 0, 2);
-        t.upsert(&mut m, net("10.244.2.0/24"), &lease([198, 18, 0, 2], None))
-            .unwrap();
-        t.upsert(&mut m, net("10.244.3.0/24"), &lease([198, 18, 0, 2], None))
-            .unwrap();
+        up(
+            &mut t,
+            &mut m,
+            net("10.244.2.0/24"),
+            &lease([198, 18, 0, 2], None),
+        )
+        .unwrap();
+        up(
+            &mut t,
+            &mut m,
+            net("10.244.3.0/24"),
+            &lease([198, 18, 0, 2], None),
+        )
+        .unwrap();
         assert!(m.1.contains(&ip2));
-        t.remove(&mut m, net("10.244.2.0/24")).unwrap();
+        down(&mut t, &mut m, net("10.244.2.0/24")).unwrap();
         assert!(m.1.contains(&ip2), "still named by 10.244.3.0/24");
-        t.upsert(&mut m, net("10.244.3.0/24"), &lease([198, 18, 0, 7], None))
-            .unwrap();
+        up(
+            &mut t,
+            &mut m,
+            net("10.244.3.0/24"),
+            &lease([198, 18, 0, 7], None),
+        )
+        .unwrap();
         assert_eq!(
             m.1.iter().copied().collect::<Vec<_>>(),
             vec![Ipv4Addr::new(198, 18, 0, 7)]
         );
         // A pinned map left with a stale source loses it on reconcile.
         m.1.insert(Ipv4Addr::new(198, 18, 0, 99));
-        t.reconcile(
+        rec(
+            &mut t,
             &mut m,
             &[(net("10.244.3.0/24"), lease([198, 18, 0, 7], None))],
         );
@@ -776,5 +983,136 @@ mod tests {
             .remote_node(net("10.244.3.0/24"), &bare(far, "ipip"))
             .unwrap();
         assert_eq!((any.mode, any.public_ip), (Mode::Ipip as u8, far));
+    }
+}
+
+/// The one rule, checked: any sequence of watch events leaves the table and
+/// the maps exactly as a fresh relist of the same etcd state would.
+#[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "test code")]
+mod one_rule {
+    use proptest::prelude::*;
+
+    use super::tests::FakeMap;
+    use super::*;
+    use crate::flannel::VxlanLeaseData;
+
+    /// Nested and neighbouring prefixes, this node's own subnet, one
+    /// overlapping it and one outside the network.
+    const SUBNETS: &[&str] = &[
+        "10.244.2.0/24",
+        "10.244.2.0/23",
+        "10.244.0.0/22",
+        "10.244.2.128/25",
+        "10.244.3.0/24",
+        "10.244.8.0/24",
+        "10.244.8.0/21",
+        "10.244.1.0/24",
+        "10.244.0.0/16",
+        "10.245.0.0/24",
+    ];
+
+    /// Valid peers (two sharing an address), this node's address, another VNI.
+    fn attrs(i: usize) -> LeaseAttrs {
+        let (ip, vni) = [
+            ([198, 18, 0, 2], Some(1)),
+            ([198, 18, 0, 3], None),
+            ([198, 18, 0, 3], Some(1)),
+            ([198, 18, 0, 4], Some(1)),
+            ([198, 18, 0, 1], Some(1)),
+            ([198, 18, 0, 5], Some(2)),
+        ][i % 6];
+        LeaseAttrs {
+            public_ip: Ipv4Addr::from(ip),
+            backend_type: "vxlan".into(),
+            backend_data: Some(VxlanLeaseData {
+                vni,
+                vtep_mac: [2, 0, 0, 0, 0, ip[3]],
+            }),
+        }
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Put(usize, usize),
+        /// A value that does not parse (or is too large): no lease.
+        PutMalformed(usize),
+        Delete(usize),
+        Relist,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0..SUBNETS.len(), 0..6usize).prop_map(|(s, a)| Op::Put(s, a)),
+            1 => (0..SUBNETS.len()).prop_map(Op::PutMalformed),
+            2 => (0..SUBNETS.len()).prop_map(Op::Delete),
+            1 => Just(Op::Relist),
+        ]
+    }
+
+    fn table() -> PeerTable {
+        let cfg = NetworkConfig::parse(
+            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","VNI":1}}"#,
+        )
+        .unwrap();
+        PeerTable::new(
+            &cfg,
+            "10.244.1.0/24".parse().unwrap(),
+            Ipv4Addr::new(198, 18, 0, 1),
+            vec!["198.18.0.0/24".parse().unwrap()],
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #[test]
+        fn events_end_where_a_relist_would(ops in proptest::collection::vec(op(), 0..40)) {
+            // etcd: subnet -> (value, create_revision, mod_revision).
+            let mut etcd: BTreeMap<Ipv4Net, (Option<LeaseAttrs>, i64, i64)> = BTreeMap::new();
+            let mut revision = 0;
+            let (mut t, mut m) = (table(), FakeMap::default());
+            let listing = |etcd: &BTreeMap<Ipv4Net, (Option<LeaseAttrs>, i64, i64)>| {
+                etcd.iter()
+                    .filter_map(|(s, (a, c, m))| a.clone().map(|attrs| (*s, Candidate {
+                        attrs, create_revision: *c, mod_revision: *m,
+                    })))
+                    .collect::<BTreeMap<_, _>>()
+            };
+            for op in ops {
+                revision += 1;
+                match op {
+                    Op::Put(s, a) | Op::PutMalformed(s @ a) => {
+                        let subnet: Ipv4Net = SUBNETS[s].parse().unwrap();
+                        let value = matches!(op, Op::Put(..)).then(|| attrs(a));
+                        let created = etcd.get(&subnet).map_or(revision, |e| e.1);
+                        etcd.insert(subnet, (value.clone(), created, revision));
+                        match value {
+                            Some(attrs) => {
+                                t.put(&mut m, subnet, Candidate {
+                                    attrs, create_revision: created, mod_revision: revision,
+                                });
+                            }
+                            None => {
+                                t.delete(&mut m, subnet);
+                            }
+                        }
+                    }
+                    Op::Delete(s) => {
+                        let subnet: Ipv4Net = SUBNETS[s].parse().unwrap();
+                        etcd.remove(&subnet);
+                        t.delete(&mut m, subnet);
+                    }
+                    Op::Relist => {
+                        t.reconcile(&mut m, listing(&etcd));
+                    }
+                }
+            }
+            let (mut fresh, mut fresh_map) = (table(), FakeMap::default());
+            fresh.reconcile(&mut fresh_map, listing(&etcd));
+            prop_assert_eq!(&t.peers, &fresh.peers);
+            prop_assert_eq!(&m.0, &fresh_map.0);
+            prop_assert_eq!(&m.1, &fresh_map.1);
+            prop_assert_eq!(&t.node_ips, &fresh.node_ips);
+        }
     }
 }

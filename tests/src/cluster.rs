@@ -683,6 +683,19 @@ impl<'c> Host<'c> {
             .is_some_and(|a| matches!(a.process.try_wait(), Ok(None)))
     }
 
+    /// Waits up to `timeout` for the agent to exit by itself and returns
+    /// its status; fails, with the log, if it is still running.
+    pub fn wait_agent_exit(&self, timeout: Duration) -> Result<ExitStatus> {
+        process::wait_until(timeout, "the agent to exit", |_| {
+            let mut slot = self.agent_slot();
+            let agent = slot
+                .as_mut()
+                .with_context(|| format!("host {}: no agent was started", self.index))?;
+            agent.process.try_wait()
+        })
+        .with_context(|| format!("log:\n{}", process::tail(&self.agent_log(), 40)))
+    }
+
     /// Sends `signal` to the agent and waits for it to exit.
     pub fn kill_agent(&self, signal: Signal) -> Result<ExitStatus> {
         let mut agent = self
