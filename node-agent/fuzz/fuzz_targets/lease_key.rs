@@ -10,7 +10,10 @@ fuzz_target!(|data: &[u8]| {
     let keys = KeyLayout::default();
     // As a whole key, and as the name under the default prefix, so that mutations need not
     // keep the prefix intact to reach the subnet parsing.
-    for key in [input.to_string(), format!("{}{input}", keys.subnets_prefix())] {
+    for key in [
+        input.to_string(),
+        format!("{}{input}", keys.subnets_prefix()),
+    ] {
         check_key(&keys, &key);
     }
     match KeyLayout::new(&input) {
