@@ -33,6 +33,12 @@ pub struct Args {
     /// Inputs per target.
     #[arg(long, default_value_t = FULL_RUNS)]
     pub runs: u64,
+    /// Optimise the targets less (opt-level 1 instead of 3): a cold build
+    /// takes about a third of the time (cargo-fuzz compiles every crate as
+    /// one codegen unit) and the targets run a few times slower, the right
+    /// trade for a short run. `cargo xtask test` uses it.
+    #[arg(long)]
+    pub quick_build: bool,
 }
 
 pub fn run(args: &Args) -> Result<()> {
@@ -40,7 +46,7 @@ pub fn run(args: &Args) -> Result<()> {
     require_cargo_fuzz()?;
     step("building the fuzz targets (nightly, cargo-fuzz, overflow checks on)");
     let started = Instant::now();
-    let mut build = cargo_fuzz(&dir);
+    let mut build = cargo_fuzz(&dir, args.quick_build);
     build.args(["build", "--debug-assertions"]);
     cmd::run(build)?;
     println!("fuzz build: {:.1} s", started.elapsed().as_secs_f64());
@@ -48,7 +54,7 @@ pub fn run(args: &Args) -> Result<()> {
     let mut results = Vec::new();
     for target in TARGETS {
         step(&format!("fuzzing {target}: {} inputs", args.runs));
-        let result = fuzz_target(&dir, target, args.runs)?;
+        let result = fuzz_target(&dir, target, args)?;
         println!(
             "{target}: {} inputs in {:.1} s, {:.0} inputs/s, corpus {} inputs",
             result.runs,
@@ -79,7 +85,8 @@ struct Outcome {
     corpus: usize,
 }
 
-fn fuzz_target(dir: &Path, target: &str, runs: u64) -> Result<Outcome> {
+fn fuzz_target(dir: &Path, target: &str, args: &Args) -> Result<Outcome> {
+    let runs = args.runs;
     let seeds = dir.join("seeds").join(target);
     let seed_count = count_files(&seeds)?;
     if seed_count == 0 {
@@ -93,7 +100,7 @@ fn fuzz_target(dir: &Path, target: &str, runs: u64) -> Result<Outcome> {
     let log =
         File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
 
-    let mut fuzz = cargo_fuzz(dir);
+    let mut fuzz = cargo_fuzz(dir, args.quick_build);
     // The first corpus directory is where libFuzzer adds what it finds, the
     // seeds are only read. One process: the machine is shared.
     fuzz.args(["run", "--debug-assertions", target])
@@ -151,15 +158,25 @@ fn fuzz_target(dir: &Path, target: &str, runs: u64) -> Result<Outcome> {
 }
 
 /// `cargo fuzz` on the nightly toolchain (libFuzzer's instrumentation needs
-/// it), run in the fuzz crate.
-fn cargo_fuzz(dir: &Path) -> Command {
+/// it), run in the fuzz crate. `cargo fuzz run` builds too, so it must be
+/// given the same `quick_build` as the build, or it would build again.
+fn cargo_fuzz(dir: &Path, quick_build: bool) -> Command {
     let mut cmd = Command::new("rustup");
     cmd.args(["run", "nightly", "cargo", "fuzz"])
         .current_dir(dir);
     // `cargo xtask` runs under stable cargo, which exports itself here; the
     // fuzz build must find nightly's cargo and rustc instead.
-    for var in ["CARGO", "RUSTC", "RUSTDOC", "CARGO_TARGET_DIR"] {
+    for var in [
+        "CARGO",
+        "RUSTC",
+        "RUSTDOC",
+        "CARGO_TARGET_DIR",
+        "CARGO_PROFILE_RELEASE_OPT_LEVEL",
+    ] {
         cmd.env_remove(var);
+    }
+    if quick_build {
+        cmd.env("CARGO_PROFILE_RELEASE_OPT_LEVEL", "1");
     }
     cmd
 }

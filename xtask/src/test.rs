@@ -41,6 +41,7 @@ pub fn run(_: &Args) -> Result<()> {
     ));
     fuzz::run(&fuzz::Args {
         runs: fuzz::SHORT_RUNS,
+        quick_build: true,
     })?;
     step(
         "weft-tests: fixture unit tests, BPF_PROG_TEST_RUN, end-to-end and CNI plugin (podman) tests, one at a time",
