@@ -1,4 +1,4 @@
-//! `cargo xtask <setup|build|test|demo|bench>`: the project's task runner.
+//! `cargo xtask <setup|build|test|fuzz|demo|bench>`: the project's task runner.
 //!
 //! One module per task, each owning its options (`Args`) and its `run`.
 //! The default build compiles with stable Rust and nothing installed, so
@@ -10,6 +10,7 @@ mod bench;
 mod build;
 mod cmd;
 mod demo;
+mod fuzz;
 #[cfg(not(feature = "fixtures"))]
 mod handover;
 mod setup;
@@ -40,8 +41,12 @@ enum Task {
     Setup(setup::Args),
     /// Build node-agent (and through its build script the BPF programs).
     Build(build::Args),
-    /// Setup, build, then every unit and end-to-end test (needs root).
+    /// Setup, build, then every unit and end-to-end test and a short fuzz
+    /// run (needs root).
     Test(test::Args),
+    /// Run every fuzz target of the agent's flannel parsers (cargo-fuzz,
+    /// nightly) for `--runs` inputs each; fails if any target fails.
+    Fuzz(fuzz::Args),
     /// Setup, build, then a two-node cluster with a ping and a TCP
     /// transfer between containers, narrated (needs root).
     Demo(demo::Args),
@@ -60,6 +65,7 @@ fn main() -> Result<()> {
         Task::Setup(args) => setup::run(&args),
         Task::Build(args) => build::run(&args),
         Task::Test(args) => test::run(&args),
+        Task::Fuzz(args) => fuzz::run(&args),
         Task::Demo(args) => demo::run(&args),
         Task::Bench(args) => bench::run(&args),
         #[cfg(feature = "fixtures")]

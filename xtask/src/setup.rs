@@ -45,6 +45,9 @@ const PACKAGES: &[&str] = &[
     "prometheus",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// `cargo xtask fuzz` and the short fuzz run of `cargo xtask test`; this
+/// version builds with stable Rust 1.95 from its lock file.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
 /// `setup` has no options.
@@ -56,6 +59,7 @@ pub fn run(_: &Args) -> Result<()> {
     bpffs()?;
     rust_src()?;
     bpf_linker()?;
+    cargo_fuzz()?;
     step("setup complete");
     Ok(())
 }
@@ -152,4 +156,26 @@ fn bpf_linker() -> Result<()> {
         println!("--locked install failed ({e:#}); retrying without --locked");
         install(false)
     })
+}
+
+fn cargo_fuzz() -> Result<()> {
+    let (_, version) = probe("cargo", &["fuzz", "--version"]);
+    // It prints "cargo-fuzz 0.13.2".
+    if version.split_whitespace().nth(1) == Some(CARGO_FUZZ_VERSION) {
+        step(&format!("cargo-fuzz {CARGO_FUZZ_VERSION}: present"));
+        return Ok(());
+    }
+    step(&format!(
+        "cargo-fuzz {CARGO_FUZZ_VERSION}: installing (found: {:?})",
+        version.trim()
+    ));
+    let mut install = cargo();
+    install.args([
+        "install",
+        "cargo-fuzz",
+        "--locked",
+        "--version",
+        CARGO_FUZZ_VERSION,
+    ]);
+    cmd::run(install)
 }

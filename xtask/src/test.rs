@@ -1,10 +1,11 @@
-//! `cargo xtask test`: set-up, build, then every tier of tests.
+//! `cargo xtask test`: set-up, build, then every tier of tests, and a short
+//! run of the fuzz targets.
 
 use anyhow::{Context, Result, bail};
 
 use crate::cmd::{self, cargo, step};
 use crate::system::require_root;
-use crate::{build, setup};
+use crate::{build, fuzz, setup};
 
 /// The crate holding the BPF programs and their host-testable logic.
 const BPF_CRATE: &str = "ebpf-prog";
@@ -33,6 +34,15 @@ pub fn run(_: &Args) -> Result<()> {
         "weft-tests",
     ]);
     cmd::run(unit)?;
+    step(&format!(
+        "fuzz targets of the flannel parsers, short run ({} inputs each; `cargo xtask fuzz` runs {})",
+        fuzz::SHORT_RUNS,
+        fuzz::FULL_RUNS
+    ));
+    fuzz::run(&fuzz::Args {
+        runs: fuzz::SHORT_RUNS,
+        quick_build: true,
+    })?;
     step(
         "weft-tests: fixture unit tests, BPF_PROG_TEST_RUN, end-to-end and CNI plugin (podman) tests, one at a time",
     );

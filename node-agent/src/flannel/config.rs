@@ -11,6 +11,7 @@ use ipnet::Ipv4Net;
 use serde_json::{Map, Value};
 use thiserror::Error;
 
+use super::echo::Echo;
 use super::json::{FieldError, field, field_bool, field_int, field_str, field_u64};
 
 /// flannel's vxlan backend `defaultVNI`.
@@ -37,10 +38,10 @@ pub enum ConfigError {
     Field(#[from] FieldError),
     #[error("{field}: missing")]
     Missing { field: &'static str },
-    #[error("Network {value:?}: not a valid IPv4 CIDR ({reason})")]
-    InvalidNetwork { value: String, reason: String },
-    #[error("{field} {value:?}: not a valid IPv4 address")]
-    InvalidAddress { field: &'static str, value: String },
+    #[error("Network {value}: not a valid IPv4 CIDR ({reason})")]
+    InvalidNetwork { value: Echo, reason: String },
+    #[error("{field} {value}: not a valid IPv4 address")]
+    InvalidAddress { field: &'static str, value: Echo },
     #[error("EnableIPv4 is false, but weft only supports IPv4 networks")]
     Ipv4Disabled,
     #[error("EnableIPv6 is true, but weft does not support IPv6 networks")]
@@ -75,8 +76,8 @@ pub enum ConfigError {
     MinAboveMax { min: Ipv4Addr, max: Ipv4Addr },
     #[error("Backend.Type missing (flannel would default to its udp backend; {SUPPORTED})")]
     BackendTypeMissing,
-    #[error("Backend.Type {backend_type:?}: unsupported ({SUPPORTED})")]
-    UnsupportedBackend { backend_type: String },
+    #[error("Backend.Type {backend_type}: unsupported ({SUPPORTED})")]
+    UnsupportedBackend { backend_type: Echo },
     #[error("Backend.VNI {vni}: must be between 0 and {MAX_VNI}")]
     VniOutOfRange { vni: i128 },
     #[error("Backend.Port {port}: must be between 0 and 65535")]
@@ -158,7 +159,7 @@ impl NetworkConfig {
         let network = network_str
             .parse::<Ipv4Net>()
             .map_err(|e| ConfigError::InvalidNetwork {
-                value: network_str.to_owned(),
+                value: Echo::new(network_str),
                 reason: e.to_string(),
             })?
             .trunc();
@@ -290,7 +291,7 @@ fn parse_backend(obj: &Map<String, Value>) -> Result<Backend, ConfigError> {
         "host-gw" => Ok(Backend::HostGw),
         "ipip" => Ok(Backend::Ipip),
         _ => Err(ConfigError::UnsupportedBackend {
-            backend_type: type_name.to_owned(),
+            backend_type: Echo::new(type_name),
         }),
     }
 }
@@ -330,7 +331,7 @@ fn field_addr(
         .parse::<Ipv4Addr>()
         .map_err(|_| ConfigError::InvalidAddress {
             field,
-            value: text.to_owned(),
+            value: Echo::new(text),
         })?;
     Ok((!addr.is_unspecified()).then_some(addr))
 }
@@ -347,6 +348,7 @@ fn to_addr(value: u64) -> Ipv4Addr {
 )]
 mod tests {
     use super::*;
+    use crate::flannel::echo::assert_bounded;
 
     fn net(s: &str) -> Ipv4Net {
         s.parse().unwrap()
@@ -405,7 +407,7 @@ mod tests {
         let udp = r#"{"Network":"10.0.0.0/8","SubnetLen":20,"SubnetMin":"10.10.0.0","SubnetMax":"10.99.0.0","Backend":{"Type":"udp","Port":7890}}"#;
         let e = err(udp);
         assert!(
-            matches!(&e, ConfigError::UnsupportedBackend { backend_type } if backend_type == "udp"),
+            matches!(&e, ConfigError::UnsupportedBackend { backend_type } if *backend_type == Echo::new("udp")),
             "{e:?}"
         );
         assert!(e.to_string().contains("\"udp\""), "{e}");
@@ -722,6 +724,38 @@ mod tests {
                 }
             ),
             "{e:?}"
+        );
+    }
+
+    #[test]
+    fn error_text_is_bounded_whatever_the_config() {
+        let long = "x".repeat(1 << 20);
+        for json in [
+            format!(r#"{{"Network":"{long}","Backend":{{"Type":"vxlan"}}}}"#),
+            format!(
+                r#"{{"Network":"10.0.0.0/8","SubnetMin":"{long}","Backend":{{"Type":"vxlan"}}}}"#
+            ),
+            format!(
+                r#"{{"Network":"10.0.0.0/8","SubnetMax":"{long}","Backend":{{"Type":"vxlan"}}}}"#
+            ),
+            format!(r#"{{"Network":"10.0.0.0/8","Backend":{{"Type":"{long}"}}}}"#),
+            format!(
+                r#"{{"Network":"10.0.0.0/8","Backend":{{"Type":"vxlan","VNI":{}}}}}"#,
+                "9".repeat(1 << 20)
+            ),
+            format!(r#"{{"Network":"10.0.0.0/8",{long}}}"#),
+        ] {
+            assert_bounded(&err(&json));
+        }
+        let e = err(&format!(
+            r#"{{"Network":"10.0.0.0/8","Backend":{{"Type":"{long}"}}}}"#
+        ));
+        assert!(
+            e.to_string().starts_with(&format!(
+                "Backend.Type \"{}\"… (1048576 bytes): unsupported",
+                "x".repeat(100)
+            )),
+            "{e}"
         );
     }
 

@@ -3,6 +3,11 @@
 use serde_json::{Map, Value};
 use thiserror::Error;
 
+use super::echo::Echo;
+
+/// Spellings an [`FieldError::AmbiguousKey`] lists before counting the rest.
+const MAX_SPELLINGS: usize = 4;
+
 /// A field that is present but unusable. `field` is the documented, dotted name (e.g.
 /// `Backend.VNI`), so the message points at the right place whatever spelling the JSON used.
 #[derive(Debug, Error, PartialEq, Eq, Clone)]
@@ -39,10 +44,17 @@ pub(crate) fn field<'a>(
     };
     let others: Vec<&String> = matches.map(|(key, _)| key).collect();
     if !others.is_empty() {
-        let spellings: Vec<String> = std::iter::once(first_key)
-            .chain(others)
-            .map(|key| format!("{key:?}"))
+        let all = std::iter::once(first_key).chain(others.iter().copied());
+        // A name of n letters has 2^n spellings: list a few, count the rest, so the message
+        // stays bounded (each spelling is as short as `name`, which is one of ours).
+        let mut spellings: Vec<String> = all
+            .take(MAX_SPELLINGS)
+            .map(|key| Echo::new(key).to_string())
             .collect();
+        let more = others.len() + 1 - spellings.len();
+        if more > 0 {
+            spellings.push(format!("and {more} more"));
+        }
         return Err(FieldError::AmbiguousKey {
             field,
             spellings: spellings.join(", "),
@@ -124,6 +136,7 @@ fn as_integer(value: &Value) -> Option<i128> {
 )]
 mod tests {
     use super::*;
+    use crate::flannel::echo::assert_bounded;
 
     fn object(json: &str) -> Map<String, Value> {
         serde_json::from_str(json).unwrap()
@@ -156,6 +169,36 @@ mod tests {
                 .starts_with("Network: key given more than once with different case ("),
             "{e}"
         );
+    }
+
+    #[test]
+    fn ambiguous_key_lists_a_bounded_number_of_spellings() {
+        // Every spelling of "Network" with a different case: 2^7 keys.
+        let keys: Vec<String> = (0..128u32)
+            .map(|bits| {
+                "network"
+                    .chars()
+                    .enumerate()
+                    .map(|(i, c)| {
+                        if bits & (1 << i) != 0 {
+                            c.to_ascii_uppercase()
+                        } else {
+                            c
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        let json = format!(
+            "{{{}}}",
+            keys.iter()
+                .map(|k| format!("{k:?}:1"))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let e = field(&object(&json), "Network", "Network").unwrap_err();
+        let text = assert_bounded(&e);
+        assert!(text.ends_with(", and 124 more)"), "{text}");
     }
 
     #[test]

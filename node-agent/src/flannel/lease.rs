@@ -10,6 +10,7 @@ use serde_json::Value;
 use thiserror::Error;
 
 use super::config::MAX_VNI;
+use super::echo::Echo;
 use super::json::{FieldError, field, field_int, field_str};
 
 #[derive(Debug, Error)]
@@ -22,14 +23,14 @@ pub enum LeaseError {
     Field(#[from] FieldError),
     #[error("{field}: missing")]
     Missing { field: &'static str },
-    #[error("PublicIP {value:?}: not a valid IPv4 address")]
-    InvalidPublicIp { value: String },
+    #[error("PublicIP {value}: not a valid IPv4 address")]
+    InvalidPublicIp { value: Echo },
     #[error("BackendData.VNI {vni}: must be between 0 and {MAX_VNI}")]
     VniOutOfRange { vni: i128 },
     #[error(
-        "MAC address {value:?}: {reason} (expected six hex octets separated by ':', e.g. aa:bb:cc:dd:ee:ff)"
+        "MAC address {value}: {reason} (expected six hex octets separated by ':', e.g. aa:bb:cc:dd:ee:ff)"
     )]
-    InvalidMac { value: String, reason: &'static str },
+    InvalidMac { value: Echo, reason: &'static str },
 }
 
 /// The vxlan backend's per-node data: the VTEP to send encapsulated traffic to.
@@ -97,7 +98,7 @@ pub fn parse(json: &str) -> Result<LeaseAttrs, LeaseError> {
     let public_ip = ip_text
         .parse::<Ipv4Addr>()
         .map_err(|_| LeaseError::InvalidPublicIp {
-            value: ip_text.to_owned(),
+            value: Echo::new(ip_text),
         })?;
     let backend_type = field_str(obj, "BackendType", "BackendType")?
         .ok_or(LeaseError::Missing {
@@ -153,7 +154,7 @@ pub fn format_mac(mac: &[u8; 6]) -> String {
 /// throughout); its dotted and 8/20-byte forms are not, since a VTEP MAC is always Ethernet.
 pub fn parse_mac(text: &str) -> Result<[u8; 6], LeaseError> {
     let invalid = |reason| LeaseError::InvalidMac {
-        value: text.to_owned(),
+        value: Echo::new(text),
         reason,
     };
     let separator = if text.contains('-') { '-' } else { ':' };
@@ -182,6 +183,7 @@ pub fn parse_mac(text: &str) -> Result<[u8; 6], LeaseError> {
 )]
 mod tests {
     use super::*;
+    use crate::flannel::echo::assert_bounded;
 
     const MAC: [u8; 6] = [0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff];
 
@@ -331,6 +333,33 @@ mod tests {
             "{e:?}"
         );
         assert_eq!(e.to_string(), "BackendData.VNI: expected an integer");
+    }
+
+    #[test]
+    fn error_text_is_bounded_whatever_the_value() {
+        let long = "7".repeat(1 << 20);
+        for json in [
+            format!(r#"{{"PublicIP":"{long}","BackendType":"host-gw"}}"#),
+            format!(
+                r#"{{"PublicIP":"1.2.3.4","BackendType":"vxlan","BackendData":{{"VtepMAC":"{long}"}}}}"#
+            ),
+            format!(r#"{{"PublicIP":"1.2.3.4","BackendType":"vxlan","BackendData":"{long}"}}"#),
+            format!(r#"{{"PublicIP":"1.2.3.4""{long}"}}"#),
+            format!(r#"{{"PublicIP":"1.2.3.4","BackendType":{long}}}"#),
+        ] {
+            assert_bounded(&parse(&json).unwrap_err());
+        }
+        let e = parse(&format!(
+            r#"{{"PublicIP":"{long}","BackendType":"host-gw"}}"#
+        ))
+        .unwrap_err();
+        assert!(
+            e.to_string().starts_with(&format!(
+                "PublicIP \"{}\"… (1048576 bytes)",
+                "7".repeat(100)
+            )),
+            "{e}"
+        );
     }
 
     #[test]

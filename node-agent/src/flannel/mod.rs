@@ -5,6 +5,7 @@
 //! can be unit tested without etcd or the kernel. Subnets are always [`ipnet::Ipv4Net`].
 
 pub mod config;
+pub mod echo;
 pub mod keys;
 pub mod lease;
 pub mod subnet;
@@ -13,8 +14,9 @@ pub mod subnet_env;
 mod json;
 
 pub use config::{Backend, ConfigError, NetworkConfig, VxlanConfig};
+pub use echo::{Echo, MAX_ERROR_TEXT, error_chain};
 pub use json::FieldError;
-pub use keys::{DEFAULT_PREFIX, KeyError, KeyLayout, subnet_key_name};
+pub use keys::{DEFAULT_PREFIX, KeyError, KeyLayout, SubnetKey, subnet_key_name};
 pub use lease::{LeaseAttrs, LeaseError, VxlanLeaseData};
 pub use subnet::{AllocError, Reuse, choose_subnet};
 pub use subnet_env::{SubnetEnv, SubnetEnvError, flannel_mtu};

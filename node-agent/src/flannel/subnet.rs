@@ -243,6 +243,39 @@ mod tests {
     }
 
     #[test]
+    fn dual_stack_leases_take_their_ipv4_subnet() {
+        // Three of the four candidates leased by dual-stack flannel nodes, as listed from etcd:
+        // only the fourth may be chosen, whatever the seed.
+        let keys = crate::flannel::KeyLayout::default();
+        let value = r#"{"PublicIP":"198.18.0.2","PublicIPv6":"fd00::2","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:00:00:00:00:02"},"BackendV6Data":{"VNI":1,"VtepMAC":"02:00:00:00:00:02"}}"#;
+        let leases: Vec<(Ipv4Net, LeaseAttrs)> = [
+            "10.244.1.0-24&fd00:0:0:1::-64",
+            "10.244.2.0-24&fd00:0:0:2::-64",
+            "10.244.4.0-24&fd00:0:0:4::-64",
+        ]
+        .iter()
+        .map(|name| {
+            let key = format!("{}{name}", keys.subnets_prefix());
+            (
+                keys.parse_subnet_key(&key).unwrap(),
+                LeaseAttrs::parse(value).unwrap(),
+            )
+        })
+        .collect();
+        for seed in 0..16 {
+            assert_eq!(
+                choose_subnet(&small(), &leases, ME, None, seed).unwrap(),
+                Reuse::Fresh(net("10.244.3.0/24"))
+            );
+        }
+        // Nor is a subnet file naming one of them reused.
+        assert_eq!(
+            choose_subnet(&small(), &leases, ME, Some(net("10.244.2.0/24")), 0).unwrap(),
+            Reuse::Fresh(net("10.244.3.0/24"))
+        );
+    }
+
+    #[test]
     fn overlap_rules() {
         assert!(overlaps(net("10.244.0.0/16"), net("10.244.5.0/24")));
         assert!(overlaps(net("10.244.5.0/24"), net("10.244.0.0/16")));

@@ -10,7 +10,8 @@ use std::path::Path;
 use ipnet::Ipv4Net;
 use thiserror::Error;
 
-use super::config::Backend;
+use super::config::{Backend, MAX_SUBNET_LEN};
+use super::echo::Echo;
 
 /// flannel's default `--subnet-file`, also where the CNI plugin looks.
 pub const DEFAULT_PATH: &str = "/run/flannel/subnet.env";
@@ -26,16 +27,20 @@ const IPMASQ_VAR: &str = "FLANNEL_IPMASQ";
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum SubnetEnvError {
-    #[error("{SUBNET_VAR}={value:?}: not an IPv4 CIDR ({reason})")]
-    InvalidSubnet { value: String, reason: String },
+    #[error("{SUBNET_VAR}={value}: not an IPv4 CIDR ({reason})")]
+    InvalidSubnet { value: Echo, reason: String },
     #[error("{var} is missing")]
     Missing { var: &'static str },
-    #[error("{NETWORK_VAR}={value:?}: not an IPv4 CIDR ({reason})")]
-    InvalidNetwork { value: String, reason: String },
-    #[error("{MTU_VAR}={value:?}: not an MTU between {MIN_MTU} and {MAX_MTU}")]
-    InvalidMtu { value: String },
-    #[error("{IPMASQ_VAR}={value:?}: not a boolean")]
-    InvalidIpMasq { value: String },
+    #[error("{NETWORK_VAR}={value}: not an IPv4 CIDR ({reason})")]
+    InvalidNetwork { value: Echo, reason: String },
+    #[error("{MTU_VAR}={value}: not an MTU between {MIN_MTU} and {MAX_MTU}")]
+    InvalidMtu { value: Echo },
+    #[error("{IPMASQ_VAR}={value}: not a boolean")]
+    InvalidIpMasq { value: Echo },
+    #[error(
+        "{SUBNET_VAR}={subnet}: longer than /{MAX_SUBNET_LEN}, no room for the bridge's address and a container"
+    )]
+    SubnetTooLong { subnet: Ipv4Net },
     #[error("{SUBNET_VAR}={subnet} is not inside {NETWORK_VAR}={network}")]
     SubnetOutsideNetwork { subnet: Ipv4Net, network: Ipv4Net },
 }
@@ -87,22 +92,27 @@ impl SubnetEnv {
         let network = network_raw
             .parse::<Ipv4Net>()
             .map_err(|e| SubnetEnvError::InvalidNetwork {
-                value: network_raw.to_owned(),
+                value: Echo::new(network_raw),
                 reason: e.to_string(),
             })?
             .trunc();
         let subnet = parse_subnet(contents)?.ok_or(SubnetEnvError::Missing { var: SUBNET_VAR })?;
+        // No flannel or weft node leases one (SubnetLen is at most 30), and the file of a
+        // /32 would not even read back the same: its gateway is the next address.
+        if subnet.prefix_len() > MAX_SUBNET_LEN {
+            return Err(SubnetEnvError::SubnetTooLong { subnet });
+        }
         let mtu_raw = get(MTU_VAR)?;
         let mtu = mtu_raw
             .parse::<u32>()
             .ok()
             .filter(|mtu| (MIN_MTU..=MAX_MTU).contains(mtu))
             .ok_or_else(|| SubnetEnvError::InvalidMtu {
-                value: mtu_raw.to_owned(),
+                value: Echo::new(mtu_raw),
             })?;
         let ipmasq_raw = get(IPMASQ_VAR)?;
         let ipmasq = parse_go_bool(ipmasq_raw).ok_or_else(|| SubnetEnvError::InvalidIpMasq {
-            value: ipmasq_raw.to_owned(),
+            value: Echo::new(ipmasq_raw),
         })?;
         if !network.contains(&subnet) {
             return Err(SubnetEnvError::SubnetOutsideNetwork { subnet, network });
@@ -163,7 +173,7 @@ pub fn parse_subnet(contents: &str) -> Result<Option<Ipv4Net>, SubnetEnvError> {
         .parse::<Ipv4Net>()
         .map(|subnet| Some(subnet.trunc()))
         .map_err(|e| SubnetEnvError::InvalidSubnet {
-            value: value.to_owned(),
+            value: Echo::new(value),
             reason: e.to_string(),
         })
 }
@@ -233,6 +243,7 @@ pub fn flannel_mtu(iface_mtu: u32, backend: &Backend) -> u32 {
 mod tests {
     use super::*;
     use crate::flannel::config::VxlanConfig;
+    use crate::flannel::echo::assert_bounded;
 
     fn net(s: &str) -> Ipv4Net {
         s.parse().unwrap()
@@ -364,6 +375,16 @@ mod tests {
                 "FLANNEL_SUBNET=10.9.0.1/24",
                 "FLANNEL_SUBNET=10.9.0.0/24 is not inside FLANNEL_NETWORK=10.244.0.0/16",
             ),
+            (
+                "FLANNEL_SUBNET",
+                "FLANNEL_SUBNET=10.244.5.5/32",
+                "FLANNEL_SUBNET=10.244.5.5/32: longer than /30",
+            ),
+            (
+                "FLANNEL_SUBNET",
+                "FLANNEL_SUBNET=10.244.5.4/31",
+                "FLANNEL_SUBNET=10.244.5.4/31: longer than /30",
+            ),
         ] {
             let text: String = good
                 .lines()
@@ -384,6 +405,29 @@ mod tests {
                 var: "FLANNEL_NETWORK"
             })
         );
+    }
+
+    #[test]
+    fn error_text_is_bounded_whatever_the_value() {
+        let long = "1".repeat(1 << 20);
+        for (var, expected) in [
+            ("FLANNEL_NETWORK", "FLANNEL_NETWORK=\"111"),
+            ("FLANNEL_SUBNET", "FLANNEL_SUBNET=\"111"),
+            ("FLANNEL_MTU", "FLANNEL_MTU=\"111"),
+            ("FLANNEL_IPMASQ", "FLANNEL_IPMASQ=\"111"),
+        ] {
+            let text: String = env()
+                .render()
+                .lines()
+                .map(|l| match l.starts_with(&format!("{var}=")) {
+                    true => format!("{var}={long}\n"),
+                    false => format!("{l}\n"),
+                })
+                .collect();
+            let e = assert_bounded(&SubnetEnv::parse(&text).unwrap_err());
+            assert!(e.starts_with(expected), "{e}");
+            assert!(e.contains("… (1048576 bytes)"), "{e}");
+        }
     }
 
     #[test]
