@@ -115,7 +115,7 @@ const RETRY_MAX: Duration = Duration::from_secs(10);
 /// flanneld's environment variables this agent reads: every flag's.
 fn known_flannel_env() -> BTreeSet<String> {
     use clap::Args as _;
-    RunSettings::augment_args(clap::Command::new("run"))
+    RunSettings::augment_args(clap::Command::default())
         .get_arguments()
         .filter_map(|a| a.get_env())
         .map(|e| e.to_string_lossy().into_owned())

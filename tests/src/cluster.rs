@@ -20,6 +20,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use etcd_client::{PutOptions, Txn, TxnOp};
 use ipnet::Ipv4Net;
 use node_agent::flannel::subnet_env::parse_subnet;
 use node_agent::flannel::{KeyLayout, LeaseAttrs, NetworkConfig, SubnetEnv};
@@ -42,6 +43,10 @@ const TCP_PORT: &str = "7777";
 const AGENT_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 const AGENT_CLEANUP_TIMEOUT: Duration = Duration::from_secs(20);
 const CONTAINER_ENV_TIMEOUT: Duration = Duration::from_secs(30);
+/// etcd's default --max-txn-ops.
+const TXN_OPS: usize = 128;
+/// Transactions in flight while writing leases.
+const TXN_CONCURRENCY: usize = 8;
 /// How long agents get to lease, write their subnet file and learn peers.
 pub const CONVERGE: Duration = Duration::from_secs(30);
 
@@ -193,6 +198,54 @@ impl Cluster {
             .get(&key)?
             .map(|v| LeaseAttrs::parse(&v).with_context(|| format!("lease {key} = {v}")))
             .transpose()
+    }
+
+    /// Writes `leases` (key, value) to etcd under one 24 h etcd lease, as
+    /// flannel's are, in transactions of [`TXN_OPS`] puts: for scale runs.
+    pub fn put_leases_bulk(&self, leases: &[(String, String)]) -> Result<()> {
+        let endpoint = self.etcd().endpoint();
+        // The client's sockets must live in the switch namespace, where etcd
+        // listens: a current-thread runtime on a thread that entered it.
+        self.switch().run_in(move || -> Result<()> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("building a tokio runtime")?;
+            rt.block_on(async {
+                let mut client = etcd_client::Client::connect([endpoint], None)
+                    .await
+                    .context("connecting to etcd")?;
+                let lease = client
+                    .lease_grant(24 * 3600, None)
+                    .await
+                    .context("granting an etcd lease")?
+                    .id();
+                let mut set = tokio::task::JoinSet::new();
+                for chunk in leases.chunks(TXN_OPS) {
+                    let ops: Vec<TxnOp> = chunk
+                        .iter()
+                        .map(|(k, v)| {
+                            TxnOp::put(
+                                k.as_str(),
+                                v.as_str(),
+                                Some(PutOptions::new().with_lease(lease)),
+                            )
+                        })
+                        .collect();
+                    let mut c = client.clone();
+                    set.spawn(async move { c.txn(Txn::new().and_then(ops)).await });
+                    if set.len() >= TXN_CONCURRENCY
+                        && let Some(r) = set.join_next().await
+                    {
+                        r.context("txn task")?.context("etcd txn")?;
+                    }
+                }
+                while let Some(r) = set.join_next().await {
+                    r.context("txn task")?.context("etcd txn")?;
+                }
+                Ok(())
+            })
+        })?
     }
 
     /// Stores a lease for `subnet` as flanneld or an agent would.

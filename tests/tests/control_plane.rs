@@ -398,8 +398,6 @@ fn bad_leases_are_logged_once_and_blocked_leases_are_checked_again() -> Result<(
 /// Writes `n` /25 leases in 10.0.0.0/8 under one etcd lease, 128 puts a
 /// transaction, as a client in the switch namespace (where etcd listens).
 fn write_many_leases(cluster: &Cluster, n: usize) -> Result<()> {
-    use etcd_client::{PutOptions, Txn, TxnOp};
-    let endpoint = cluster.etcd().endpoint();
     let leases: Vec<(String, String)> = (0..n)
         .map(|i| {
             let base = u32::from(Ipv4Addr::new(10, 0, 1, 0)) + (i as u32) * 128;
@@ -408,42 +406,7 @@ fn write_many_leases(cluster: &Cluster, n: usize) -> Result<()> {
             Ok((cluster.lease_key(subnet), vxlan_lease(ip).to_json()))
         })
         .collect::<Result<_>>()?;
-    cluster.switch().run_in(move || -> Result<()> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .context("building a tokio runtime")?;
-        rt.block_on(async {
-            let mut client = etcd_client::Client::connect([endpoint], None)
-                .await
-                .context("connecting to etcd")?;
-            let lease = client.lease_grant(24 * 3600, None).await?.id();
-            let mut set = tokio::task::JoinSet::new();
-            for chunk in leases.chunks(128) {
-                let ops: Vec<TxnOp> = chunk
-                    .iter()
-                    .map(|(k, v)| {
-                        TxnOp::put(
-                            k.as_str(),
-                            v.as_str(),
-                            Some(PutOptions::new().with_lease(lease)),
-                        )
-                    })
-                    .collect();
-                let mut c = client.clone();
-                set.spawn(async move { c.txn(Txn::new().and_then(ops)).await });
-                if set.len() >= 8
-                    && let Some(r) = set.join_next().await
-                {
-                    r.context("txn task")?.context("etcd txn")?;
-                }
-            }
-            while let Some(r) = set.join_next().await {
-                r.context("txn task")?.context("etcd txn")?;
-            }
-            Ok(())
-        })
-    })?
+    cluster.put_leases_bulk(&leases)
 }
 
 /// `list_ms` of the agent's reconciliations so far.

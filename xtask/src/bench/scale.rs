@@ -8,7 +8,6 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use etcd_client::{PutOptions, Txn, TxnOp};
 use ipnet::Ipv4Net;
 use node_agent::flannel::{LeaseAttrs, VxlanLeaseData};
 use serde_json::{Value, json};
@@ -25,10 +24,6 @@ const COST_SIZES: &[usize] = &[10, 1_000, 10_000, 100_000];
 /// split of a /8 has only 65536).
 const SCALE_PREFIX_LEN: u8 = 25;
 const SCALE_CONFIG: &str = r#"{"Network":"10.0.0.0/8","SubnetLen":25,"Backend":{"Type":"vxlan"}}"#;
-/// etcd's default --max-txn-ops.
-const TXN_OPS: usize = 128;
-/// Transactions in flight while writing leases.
-const TXN_CONCURRENCY: usize = 8;
 const LOAD_TIMEOUT: Duration = Duration::from_secs(60);
 /// A full-MTU inner packet: the container MTU (1450) is what fits the
 /// underlay's 1500 with the 50-byte VXLAN overhead.
@@ -217,54 +212,6 @@ impl ScaleResults {
     }
 }
 
-/// Writes `leases` (key, value) to etcd under one 24 h etcd lease, as
-/// flannel's are, in transactions of [`TXN_OPS`] puts.
-fn write_leases(cluster: &Cluster, leases: &[(String, String)]) -> Result<()> {
-    let endpoint = cluster.etcd().endpoint();
-    // The client's sockets must live in the switch namespace, where etcd
-    // listens: a current-thread runtime on a thread that entered it.
-    cluster.switch().run_in(move || -> Result<()> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .context("building a tokio runtime")?;
-        rt.block_on(async {
-            let mut client = etcd_client::Client::connect([endpoint], None)
-                .await
-                .context("connecting to etcd")?;
-            let lease = client
-                .lease_grant(24 * 3600, None)
-                .await
-                .context("granting an etcd lease")?
-                .id();
-            let mut set = tokio::task::JoinSet::new();
-            for chunk in leases.chunks(TXN_OPS) {
-                let ops: Vec<TxnOp> = chunk
-                    .iter()
-                    .map(|(k, v)| {
-                        TxnOp::put(
-                            k.as_str(),
-                            v.as_str(),
-                            Some(PutOptions::new().with_lease(lease)),
-                        )
-                    })
-                    .collect();
-                let mut c = client.clone();
-                set.spawn(async move { c.txn(Txn::new().and_then(ops)).await });
-                if set.len() >= TXN_CONCURRENCY
-                    && let Some(r) = set.join_next().await
-                {
-                    r.context("txn task")?.context("etcd txn")?;
-                }
-            }
-            while let Some(r) = set.join_next().await {
-                r.context("txn task")?.context("etcd txn")?;
-            }
-            Ok(())
-        })
-    })?
-}
-
 pub fn run(plan: &Plan, plain: Option<&ModeEnv<'_>>, out: &mut ScaleResults) -> Result<()> {
     let cluster = Cluster::new(SCALE_CONFIG)?;
     cluster.set_dump_logs_on_drop(false);
@@ -305,7 +252,7 @@ pub fn run(plan: &Plan, plain: Option<&ModeEnv<'_>>, out: &mut ScaleResults) -> 
             .map(|f| lease_of(&cluster, f))
             .collect();
         let t = Instant::now();
-        write_leases(&cluster, &batch)?;
+        cluster.put_leases_bulk(&batch)?;
         out.write_secs.push((n, t.elapsed().as_secs_f64()));
         written = n;
         println!(
