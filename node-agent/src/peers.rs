@@ -715,7 +715,7 @@ mod tests {
         table_for(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","VNI":1}}"#)
     }
 
-    fn lease(ip: [u8; 4], vni: Option<u32>) -> LeaseAttrs {
+    pub(super) fn lease(ip: [u8; 4], vni: Option<u32>) -> LeaseAttrs {
         LeaseAttrs {
             public_ip: Ipv4Addr::from(ip),
             backend_type: "vxlan".into(),
@@ -995,7 +995,6 @@ mod one_rule {
 
     use super::tests::FakeMap;
     use super::*;
-    use crate::flannel::VxlanLeaseData;
 
     /// Nested and neighbouring prefixes, this node's own subnet, one
     /// overlapping it and one outside the network.
@@ -1022,14 +1021,7 @@ mod one_rule {
             ([198, 18, 0, 1], Some(1)),
             ([198, 18, 0, 5], Some(2)),
         ][i % 6];
-        LeaseAttrs {
-            public_ip: Ipv4Addr::from(ip),
-            backend_type: "vxlan".into(),
-            backend_data: Some(VxlanLeaseData {
-                vni,
-                vtep_mac: [2, 0, 0, 0, 0, ip[3]],
-            }),
-        }
+        super::tests::lease(ip, vni)
     }
 
     #[derive(Clone, Debug)]
