@@ -29,7 +29,7 @@ use crate::{
     nft::{Firewall, FirewallPlan, Nft, Repairs},
     observe::{self, AgentInfo, ObserveSettings},
     peers::PeerTable,
-    pinned::PinnedState,
+    pinned::{PinnedError, PinnedState},
     watcher::PeerWatcher,
 };
 
@@ -269,7 +269,7 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    dp.write_node_config(&NodeConfig {
+    let node_config = NodeConfig {
         configured: 1,
         public_ip: public_ip.octets(),
         vtep_mac: iface.mac,
@@ -284,7 +284,8 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
         local_subnet: held.subnet.network().octets(),
         decap,
         slow_path_ifindex: slow_path.map(|(index, _)| index).or(ipip_tap).unwrap_or(0),
-    })?;
+    };
+    dp.write_node_config(&node_config)?;
     // host-gw receives plain packets: no decap hook at all. On a veth an XDP
     // program would even turn TSO off on the peer, for nothing.
     let decap_mode = (decap != 0).then_some(s.decap_mode);
@@ -300,6 +301,7 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
             .as_ref()
             .map(|_| (ipip_slow_path::IPIP_TAP, true)),
     )?;
+    dp.remove_stale_pins()?;
     if let Some(index) = ipip_tap {
         // Up only now that its program is attached: nothing is read from
         // the raw socket until the task below runs anyway.
@@ -309,7 +311,9 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
     }
     // Subscribed before the route goes in, so no removal of it is missed.
     let events = NetlinkEvents::subscribe().context("netlink events")?;
-    let mut host = HostNetworking::new(cluster_route, iface.addrs.clone());
+    let (recreated_tx, recreated) = tokio::sync::mpsc::unbounded_channel();
+    let mut host = HostNetworking::new(cluster_route, iface.addrs.clone())
+        .follow_recreation(iface.name.clone(), recreated_tx);
     host.ensure_route(&nl)
         .await
         .context("installing the cluster route")?;
@@ -346,6 +350,7 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
         }
         r = leases.keep_renewed(held) => r.context("subnet lease"),
         () = drain_bpf_logs(logger) => bail!("BPF log reader stopped"),
+        () = follow_iface(&mut dp, node_config, &iface.name, decap_mode, recreated) => bail!("interface follower stopped"),
         e = run_ipip_slow_path(ipip_slow_path) => {
             Err(anyhow::Error::new(e)).context("the IP-in-IP slow path's raw socket failed")
         }
@@ -388,6 +393,54 @@ async fn slow_path_device(nl: &RtNetlink, port: Option<u16>, mtu: u32) -> Option
                 "no slow-path device: too-big packets without DF and outer fragments will be dropped"
             );
             None
+        }
+    }
+}
+
+/// Attaches the data path to `--iface` again whenever it is deleted and
+/// created again (`recreated` gets the new link): NODE_CONFIG first, with
+/// the new ifindex, MTU and MAC, then the programs (their pinned links died
+/// with the old interface, see `adopt_or_attach`). A failure (the interface
+/// gone again, or not ready) is logged once and retried.
+async fn follow_iface(
+    dp: &mut Datapath,
+    mut cfg: NodeConfig,
+    iface: &str,
+    decap: Option<DecapMode>,
+    mut recreated: tokio::sync::mpsc::UnboundedReceiver<crate::netlink::Link>,
+) {
+    const RETRY: Duration = Duration::from_secs(2);
+    let mut failed: Option<(crate::netlink::Link, String)> = None;
+    loop {
+        let link = match failed.as_ref() {
+            Some((link, _)) => tokio::select! {
+                newer = recreated.recv() => newer,
+                () = tokio::time::sleep(RETRY) => Some(link.clone()),
+            },
+            None => recreated.recv().await,
+        };
+        // Closed only when the agent is stopping.
+        let Some(link) = link else {
+            return std::future::pending().await;
+        };
+        cfg.iface_ifindex = link.index;
+        cfg.iface_mtu = link.mtu;
+        cfg.iface_mac = link.mac;
+        match dp
+            .write_node_config(&cfg)
+            .and_then(|()| dp.attach(iface, decap))
+        {
+            Ok(hook) => {
+                tracing::info!(%iface, ifindex = link.index, ?hook, "data path attached to the re-created interface");
+                failed = None;
+            }
+            Err(e) => {
+                let text = e.to_string();
+                if failed.as_ref().is_none_or(|(_, last)| *last != text) {
+                    tracing::warn!(%iface, error = %text, "cannot attach to the re-created interface yet; retrying");
+                }
+                failed = Some((link, text));
+            }
         }
     }
 }
@@ -574,25 +627,33 @@ fn peer_mode(node: &weft_common::RemoteNode) -> String {
 /// are stable; new ones may be added.
 fn status_json(state: &PinnedState) -> anyhow::Result<serde_json::Value> {
     use serde_json::json;
-    let peers: Vec<_> = state
-        .peers()?
-        .iter()
-        .map(|(subnet, node)| {
-            json!({
-                "subnet": subnet.to_string(),
-                "public_ip": Ipv4Addr::from(node.public_ip).to_string(),
-                "mode": peer_mode(node),
-                "vtep_mac": crate::flannel::lease::format_mac(&node.vtep_mac),
-                "vni": node.vni,
+    let peers: Option<Vec<_>> = if_readable(state.peers())?.map(|peers| {
+        peers
+            .iter()
+            .map(|(subnet, node)| {
+                json!({
+                    "subnet": subnet.to_string(),
+                    "public_ip": Ipv4Addr::from(node.public_ip).to_string(),
+                    "mode": peer_mode(node),
+                    "vtep_mac": crate::flannel::lease::format_mac(&node.vtep_mac),
+                    "vni": node.vni,
+                })
             })
-        })
-        .collect();
-    let counters: serde_json::Map<String, serde_json::Value> = state
-        .counters()?
+            .collect()
+    });
+    let counters: Option<serde_json::Map<String, serde_json::Value>> =
+        if_readable(state.counters())?.map(|counters| {
+            counters
+                .iter()
+                .map(|(reason, n)| (reason.name().to_owned(), json!(n)))
+                .collect()
+        });
+    let unreadable: Vec<_> = state
+        .unreadable()
         .iter()
-        .map(|(reason, n)| (reason.name().to_owned(), json!(n)))
+        .map(|u| json!({ "map": u.name, "why": u.why }))
         .collect();
-    let node = state.node_config()?.map(|c| {
+    let node = if_readable(state.node_config())?.flatten().map(|c| {
         json!({
             "configured": c.configured != 0,
             "public_ip": Ipv4Addr::from(c.public_ip).to_string(),
@@ -614,7 +675,18 @@ fn status_json(state: &PinnedState) -> anyhow::Result<serde_json::Value> {
         "peers": peers,
         "counters": counters,
         "firewall": firewall,
+        "unreadable": unreadable,
     }))
+}
+
+/// `Ok(None)` for a map this build cannot read: `status` shows the rest and
+/// lists it among the unreadable ones.
+fn if_readable<T>(r: Result<T, PinnedError>) -> Result<Option<T>, PinnedError> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(PinnedError::Unreadable { .. }) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// Prints the peer table and the counters (what bpftool shows as raw bytes),
@@ -627,7 +699,9 @@ pub fn status(pin_path: &Path, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
     }
-    let peers = state.peers().with_context(reading)?;
+    let peers = if_readable(state.peers())
+        .with_context(reading)?
+        .unwrap_or_default();
     println!("peers ({}):", peers.len());
     for (subnet, node) in &peers {
         let mut how = peer_mode(node);
@@ -644,8 +718,20 @@ pub fn status(pin_path: &Path, json: bool) -> anyhow::Result<()> {
         );
     }
     println!("counters (packets, all CPUs):");
-    for (reason, n) in &state.counters().with_context(reading)? {
+    for (reason, n) in &if_readable(state.counters())
+        .with_context(reading)?
+        .unwrap_or_default()
+    {
         println!("  {:<22} {n}", reason.name());
+    }
+    if !state.unreadable().is_empty() {
+        println!(
+            "maps this build cannot read (another weft version pinned them; \
+             `node-agent cleanup` removes them):"
+        );
+        for u in state.unreadable() {
+            println!("  {:<22} {}", u.name, u.why);
+        }
     }
     // The firewall rules are this network namespace's, not pinned state.
     match Nft::open().and_then(|mut nft| Firewall::installed(&mut nft)) {
@@ -680,8 +766,17 @@ pub fn status(pin_path: &Path, json: bool) -> anyhow::Result<()> {
 /// (which detaches the programs), the slow-path device, and the subnet
 /// file.
 pub async fn cleanup(pin_path: &Path, subnet_file: &Path) -> anyhow::Result<()> {
+    // Pins of another version are removed all the same; only the route
+    // needs NODE_CONFIG, and is left if it cannot be read.
     let pinned_cfg = if PinnedState::exists(pin_path) {
-        PinnedState::open(pin_path)?.node_config()?
+        match PinnedState::open(pin_path)?.node_config() {
+            Ok(cfg) => cfg,
+            Err(e @ PinnedError::Unreadable { .. }) => {
+                tracing::warn!(error = %e, "the cluster route is left in place: its interface is unknown");
+                None
+            }
+            Err(e) => return Err(e.into()),
+        }
     } else {
         None
     };

@@ -12,7 +12,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::pinned::{PeerMaps, PinnedError};
+use crate::{
+    layout,
+    pinned::{PeerMaps, PinnedError},
+};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray},
@@ -25,8 +28,8 @@ use aya::{
 };
 use weft_common::{
     DEFAULT_DECAP_MARK, GLOBAL_DECAP_MARK, MAP_COUNTERS, MAP_NODE_CONFIG, MAP_NODE_IPS,
-    MAP_SUBNETS, NodeConfig, PROG_DECAP_TC, PROG_DECAP_XDP, PROG_ENCAP_TC, PROG_MARK_TC,
-    PROG_SLOWPATH_IPIP_TC, PROG_SLOWPATH_RX_TC, Reason, RemoteNode,
+    MAP_SUBNETS, NodeConfig, PROG_DECAP_TC, PROG_DECAP_XDP, PROG_ENCAP_TC, PROG_MARK_TC, Reason,
+    RemoteNode,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -70,17 +73,18 @@ pub enum DatapathError {
     #[error("cannot remove {path}: {source}")]
     Remove { path: PathBuf, source: io::Error },
     #[error(
-        "pinned map {path} has {what} {found}, this build needs {want}: it was made by an \
-         incompatible version; run `node-agent cleanup --pin-path {pin_path}` (forwarding \
-         stops until the next start) and start again"
+        "the maps pinned under {pin_path} were made by an incompatible weft version and hold \
+         peer state this build cannot read: {maps}. Nothing was changed and the running data \
+         path keeps forwarding; to upgrade, run `node-agent cleanup --pin-path {pin_path}` \
+         (forwarding stops until the next start) and start again"
     )]
-    PinnedLayout {
-        path: PathBuf,
-        pin_path: String,
-        what: &'static str,
-        found: u32,
-        want: u32,
-    },
+    PinnedLayout { pin_path: String, maps: String },
+    #[error("cannot check the pinned maps' layouts: {0}")]
+    Layouts(String),
+    #[error("cannot read which interface the link pinned at {path} is attached to: {source}")]
+    LinkIfindex { path: PathBuf, source: io::Error },
+    #[error("interface {iface}: {source}")]
+    Iface { iface: String, source: io::Error },
     #[error(transparent)]
     Pinned(#[from] PinnedError),
 }
@@ -239,11 +243,13 @@ impl Datapath {
         attach_type: TcAttachType,
     ) -> Result<(), DatapathError> {
         let link_path = self.pin_path.join(name);
+        let ifindex = ifindex(iface)?;
         let prog: &mut SchedClassifier = load_program(&mut self.ebpf, name)?;
         let program_err = |source| DatapathError::Program { name, source };
         adopt_or_attach(
             prog,
             &link_path,
+            ifindex,
             |prog, pinned| {
                 let link = SchedClassifierLink::try_from(pinned)?;
                 let id = prog.attach_to_link(link).map_err(program_err)?;
@@ -264,11 +270,13 @@ impl Datapath {
     fn attach_xdp(&mut self, iface: &str) -> Result<(), DatapathError> {
         let name = PROG_DECAP_XDP;
         let link_path = self.pin_path.join(name);
+        let ifindex = ifindex(iface)?;
         let prog: &mut Xdp = load_program(&mut self.ebpf, name)?;
         let program_err = |source| DatapathError::Program { name, source };
         adopt_or_attach(
             prog,
             &link_path,
+            ifindex,
             |prog, pinned| {
                 let link = XdpLink::try_from(pinned)?;
                 let id = prog.attach_to_link(link).map_err(program_err)?;
@@ -344,6 +352,22 @@ impl Datapath {
         array.set(0, cfg, 0).map_err(err)
     }
 
+    /// Unpins what an older version pinned under a name this one no longer
+    /// uses (a renamed map or program). Called once every program is
+    /// attached: nothing of ours uses them any more, and a stale link would
+    /// keep an old program running beside the new ones.
+    pub fn remove_stale_pins(&self) -> Result<(), DatapathError> {
+        let programs: Vec<&str> = self.ebpf.programs().map(|(name, _)| name).collect();
+        let removed = remove_pins_except(&self.pin_path, &programs)?;
+        if !removed.is_empty() {
+            tracing::info!(
+                ?removed,
+                "removed pins an older version left under names no longer used"
+            );
+        }
+        Ok(())
+    }
+
     /// Counter totals over all CPUs, in [`Reason`] order.
     pub fn counters(&self) -> Result<Vec<(Reason, u64)>, DatapathError> {
         let map = self.ebpf.map(MAP_COUNTERS).ok_or(DatapathError::Map {
@@ -366,56 +390,40 @@ fn missing_map(name: &str) -> aya::maps::MapError {
 }
 
 /// Pinned maps are adopted as they are: aya does not compare their layout
-/// with the object's, so a map made by an older build would be used with
-/// the wrong sizes. `COUNTERS` grows whenever a [`Reason`] is appended; its
-/// totals are statistics, so one of another size is replaced (the counts
-/// restart) instead of leaving the new reasons uncounted. `NODE_CONFIG` is
-/// derived entirely from the agent's flags, etcd and the host, and written
-/// in full before the new programs are swapped into the pinned links, so
-/// one of another size (the 48-byte layout before `slow_path_ifindex`) is
-/// replaced too: the old programs keep the old map until the swap. A peer
-/// table whose value layout changed cannot be adopted: that is an error
-/// naming the fix.
+/// with the object's, so a map made by another build would be used with the
+/// wrong sizes. Every pinned map is compared with the object's definition
+/// ([`layout::plan`]); a mismatch is replaced or refuses the start, per
+/// [`layout::on_mismatch`]. Nothing is replaced when anything is refused,
+/// so a refused start leaves the running data path exactly as it was.
 fn check_pinned_layouts(pin_path: &Path) -> Result<(), DatapathError> {
-    let info = |name: &'static str| {
+    let wanted = layout::wanted().map_err(DatapathError::Layouts)?;
+    let mut pinned = std::collections::BTreeMap::new();
+    for name in wanted.keys() {
         let path = pin_path.join(name);
-        path.exists()
-            .then(|| aya::maps::MapInfo::from_pin(&path).map(|i| (path, i)))
-            .transpose()
-            .map_err(|source| DatapathError::Map { name, source })
-    };
-    if let Some((path, counters)) = info(MAP_COUNTERS)?
-        && counters.max_entries() != Reason::COUNT
-    {
+        let found = layout::MapLayout::of_pin(&path)
+            .map_err(|source| DatapathError::Pinned(PinnedError::Open { path, source }))?;
+        pinned.insert(name.clone(), found);
+    }
+    let (replace, refuse) = layout::plan(wanted, |name| pinned.get(name).copied().flatten());
+    if !refuse.is_empty() {
+        return Err(DatapathError::PinnedLayout {
+            pin_path: pin_path.display().to_string(),
+            maps: refuse
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; "),
+        });
+    }
+    for m in replace {
         tracing::warn!(
-            pinned = counters.max_entries(),
-            now = Reason::COUNT,
-            "the pinned counters have another number of reasons; they restart from zero"
+            map = %m.name,
+            pinned = %m.pinned,
+            now = %m.wanted,
+            "the pinned map has another layout (an upgrade); replacing it \
+             (counters restart from zero, the node config is written afresh)"
         );
-        remove_pin(&path)?;
-    }
-    if let Some((path, config)) = info(MAP_NODE_CONFIG)?
-        && config.value_size() as usize != size_of::<NodeConfig>()
-    {
-        tracing::info!(
-            pinned = config.value_size(),
-            now = size_of::<NodeConfig>(),
-            "the pinned node config has an older layout; replacing it"
-        );
-        remove_pin(&path)?;
-    }
-    for (name, want) in [(MAP_SUBNETS, size_of::<RemoteNode>())] {
-        if let Some((path, pinned)) = info(name)?
-            && pinned.value_size() as usize != want
-        {
-            return Err(DatapathError::PinnedLayout {
-                path,
-                pin_path: pin_path.display().to_string(),
-                what: "value size",
-                found: pinned.value_size(),
-                want: want as u32,
-            });
-        }
+        remove_pin(&pin_path.join(&m.name))?;
     }
     Ok(())
 }
@@ -446,9 +454,11 @@ where
         .ok_or(DatapathError::MissingProgram { name })?
         .try_into()
         .map_err(|source| DatapathError::Program { name, source })?;
-    prog.load_once()
-        .map_err(|source| DatapathError::Program { name, source })?;
-    Ok(prog)
+    match prog.load_once() {
+        // Attaching again (the interface was created again) reuses it.
+        Ok(()) | Err(aya::programs::ProgramError::AlreadyLoaded) => Ok(prog),
+        Err(source) => Err(DatapathError::Program { name, source }),
+    }
 }
 
 /// `load()` for the program types the agent attaches.
@@ -470,10 +480,14 @@ impl ProgramLoad for Xdp {
 
 /// Swaps our program into the link pinned at `link_path` (`replace`), or,
 /// when nothing is pinned there, attaches it afresh (`attach`) and pins the
-/// new link so it outlives this process.
+/// new link so it outlives this process. A pinned link attached to another
+/// interface than `ifindex` (`--iface` changed, or the interface was deleted
+/// and created again, which leaves the link attached to nothing) is not
+/// swapped into: it is unpinned, which detaches it, and attached afresh.
 fn adopt_or_attach<P>(
     prog: &mut P,
     link_path: &Path,
+    ifindex: u32,
     replace: impl FnOnce(&mut P, FdLink) -> Result<(), DatapathError>,
     attach: impl FnOnce(&mut P) -> Result<FdLink, DatapathError>,
 ) -> Result<(), DatapathError> {
@@ -481,18 +495,89 @@ fn adopt_or_attach<P>(
         path: link_path.to_owned(),
         source,
     };
-    match pinned_link(link_path).map_err(link_err)? {
-        Some(pinned) => replace(prog, FdLink::from(pinned)),
-        None => {
-            attach(prog)?
-                .pin(link_path)
-                .map_err(|source| DatapathError::Pin {
-                    path: link_path.to_owned(),
-                    source,
-                })?;
-            Ok(())
+    if let Some(pinned) = pinned_link(link_path).map_err(link_err)? {
+        let attached =
+            pinned_link_ifindex(link_path).map_err(|source| DatapathError::LinkIfindex {
+                path: link_path.to_owned(),
+                source,
+            })?;
+        match attached {
+            Some(attached) if attached != ifindex => {
+                tracing::warn!(
+                    link = %link_path.display(),
+                    attached,
+                    ifindex,
+                    "the pinned link is attached to another interface (0: to one that is gone); \
+                     attaching afresh"
+                );
+                drop(pinned);
+                remove_pin(link_path)?;
+            }
+            _ => return replace(prog, FdLink::from(pinned)),
         }
     }
+    attach(prog)?
+        .pin(link_path)
+        .map_err(|source| DatapathError::Pin {
+            path: link_path.to_owned(),
+            source,
+        })?;
+    Ok(())
+}
+
+/// The index of interface `iface` in this network namespace.
+fn ifindex(iface: &str) -> Result<u32, DatapathError> {
+    let err = |source| DatapathError::Iface {
+        iface: iface.to_owned(),
+        source,
+    };
+    let c_name = std::ffi::CString::new(iface).map_err(|e| err(io::Error::other(e)))?;
+    // SAFETY: `c_name` is a valid NUL-terminated string for the whole call.
+    match unsafe { libc::if_nametoindex(c_name.as_ptr()) } {
+        0 => Err(err(io::Error::last_os_error())),
+        index => Ok(index),
+    }
+}
+
+/// The ifindex the tcx or XDP link pinned at `path` is attached to, as the
+/// kernel shows it in the link's fdinfo (0 once its interface is gone);
+/// `None` for a link that names no interface. aya 0.14's `LinkInfo` does
+/// not expose it, hence a file descriptor of our own.
+fn pinned_link_ifindex(path: &Path) -> io::Result<Option<u32>> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    const BPF_OBJ_GET: libc::c_long = 7;
+    let c_path =
+        std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    // `union bpf_attr` for BPF_OBJ_GET: `pathname` (a u64 pointer), then
+    // `bpf_fd`, `file_flags` (0: read-write) and `path_fd`, all zero.
+    let mut attr = [0u64; 3];
+    attr[0] = c_path.as_ptr() as u64;
+    // SAFETY: `attr` is a valid, writable bpf_attr prefix of the size
+    // passed, and the path it points to outlives the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            attr.as_mut_ptr(),
+            size_of_val(&attr),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = i32::try_from(fd).map_err(io::Error::other)?;
+    // SAFETY: the kernel just returned this new descriptor, owned by no one else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let text = fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))?;
+    Ok(fdinfo_ifindex(&text))
+}
+
+/// The `ifindex:` field of a BPF link's fdinfo (tcx and XDP links print it).
+fn fdinfo_ifindex(fdinfo: &str) -> Option<u32> {
+    fdinfo.lines().find_map(|line| {
+        let value = line.strip_prefix("ifindex:")?;
+        value.trim().parse().ok()
+    })
 }
 
 /// The link pinned at `path`, or `None` if nothing is pinned there.
@@ -515,23 +600,24 @@ fn remove_pin(path: &Path) -> Result<(), DatapathError> {
     }
 }
 
-/// Unpins every link (detaching the programs) and map under `pin_path`, then
+/// Unpins every link (detaching the programs) and map under `pin_path`,
+/// whatever version of weft pinned them and whatever their layout, then
 /// removes the directory.
 pub fn remove_pins(pin_path: &Path) -> Result<(), DatapathError> {
-    // Links first, so no program runs against half-removed maps.
-    for name in [
-        PROG_ENCAP_TC,
-        PROG_DECAP_XDP,
-        PROG_DECAP_TC,
-        PROG_MARK_TC,
-        PROG_SLOWPATH_RX_TC,
-        PROG_SLOWPATH_IPIP_TC,
-        MAP_SUBNETS,
-        MAP_NODE_IPS,
-        MAP_NODE_CONFIG,
-        MAP_COUNTERS,
-    ] {
-        remove_pin(&pin_path.join(name))?;
+    let pins = match pinned_names(pin_path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        other => other.map_err(|source| DatapathError::Remove {
+            path: pin_path.to_owned(),
+            source,
+        })?,
+    };
+    // Links (everything that is not a map) first, so no program runs
+    // against half-removed maps.
+    let (maps, links): (Vec<_>, Vec<_>) = pins
+        .into_iter()
+        .partition(|path| aya::maps::MapInfo::from_pin(path).is_ok());
+    for path in links.iter().chain(&maps) {
+        remove_pin(path)?;
     }
     match fs::remove_dir(pin_path) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(DatapathError::Remove {
@@ -539,5 +625,48 @@ pub fn remove_pins(pin_path: &Path) -> Result<(), DatapathError> {
             source: e,
         }),
         _ => Ok(()),
+    }
+}
+
+/// Every pin directly under `pin_path`.
+fn pinned_names(pin_path: &Path) -> io::Result<Vec<PathBuf>> {
+    fs::read_dir(pin_path)?
+        .map(|entry| entry.map(|e| e.path()))
+        .collect()
+}
+
+/// Unpins what is under `pin_path` but named after neither a map pinned by
+/// the object nor one of `programs` (the links' names). Returns the names
+/// removed.
+fn remove_pins_except(pin_path: &Path, programs: &[&str]) -> Result<Vec<String>, DatapathError> {
+    let wanted = layout::wanted().map_err(DatapathError::Layouts)?;
+    let pins = pinned_names(pin_path).map_err(|source| DatapathError::Remove {
+        path: pin_path.to_owned(),
+        source,
+    })?;
+    let mut removed = Vec::new();
+    for path in pins {
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        if !wanted.contains_key(name) && !programs.contains(&name) {
+            removed.push(name.to_owned());
+            remove_pin(&path)?;
+        }
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_fdinfo_names_the_interface() {
+        let tcx = "pos:\t0\nflags:\t02000002\nmnt_id:\t16\nino:\t2063\nlink_type:\ttcx\n\
+                   link_id:\t12\nprog_tag:\tab\nprog_id:\t40\nifindex:\t7\nattach_type:\t46 (tcx_egress)\n";
+        assert_eq!(fdinfo_ifindex(tcx), Some(7));
+        assert_eq!(fdinfo_ifindex("link_type:\txdp\nifindex:\t0\n"), Some(0));
+        assert_eq!(fdinfo_ifindex("link_type:\ttracing\nprog_id:\t3\n"), None);
     }
 }

@@ -7,6 +7,7 @@
 //! - [`watcher`] and [`peers`]: other nodes' leases, mirrored into the BPF map;
 //! - [`datapath`]: loading, attaching and pinning the BPF programs;
 //! - [`docker_opts`]: `node-agent docker-opts`, the dockerd flags;
+//! - [`layout`]: pinned map layouts checked against the object's;
 //! - [`pinned`]: the one reader of pinned state, and the peer-map writer;
 //! - [`netconf`]: the underlay interface, the cluster route, peers' neighbour
 //!   entries (kept in place against removals), forwarding;
@@ -21,6 +22,7 @@ pub mod ebpf;
 pub mod etcd;
 pub mod flannel;
 pub mod ipip_slow_path;
+pub mod layout;
 pub mod lease_manager;
 pub mod netconf;
 pub mod netlink;

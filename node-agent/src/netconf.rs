@@ -412,6 +412,9 @@ pub struct HostNetworking {
     link_up: Option<bool>,
     /// The last repair failure logged, so an outage is reported once.
     last_failure: Option<String>,
+    /// `--iface`'s name, and who is told when an interface of that name
+    /// appears with another ifindex (deleted and created again).
+    recreation: Option<(String, tokio::sync::mpsc::UnboundedSender<Link>)>,
 }
 
 impl HostNetworking {
@@ -424,6 +427,48 @@ impl HostNetworking {
             unverified: false,
             link_up: None,
             last_failure: None,
+            recreation: None,
+        }
+    }
+
+    /// Follows `--iface` by `name`: when it is deleted and created again,
+    /// the route and neighbour entries move to the new interface and `tx`
+    /// gets its link, for the data path to be attached to it.
+    pub fn follow_recreation(
+        mut self,
+        name: String,
+        tx: tokio::sync::mpsc::UnboundedSender<Link>,
+    ) -> Self {
+        self.recreation = Some((name, tx));
+        self
+    }
+
+    /// Whether `link` is `--iface` under another ifindex.
+    fn is_recreated(&self, link: &Link) -> bool {
+        link.index != self.route.ifindex
+            && self
+                .recreation
+                .as_ref()
+                .is_some_and(|(name, _)| *name == link.name)
+    }
+
+    /// Moves everything of ours to the re-created `--iface`: what was on
+    /// the old one went with it.
+    fn move_to(&mut self, link: &Link) {
+        tracing::warn!(
+            iface = %link.name,
+            old_ifindex = self.route.ifindex,
+            ifindex = link.index,
+            "--iface was deleted and created again; moving the route and the data path to it"
+        );
+        self.route.ifindex = link.index;
+        self.route.iface_mac = link.mac;
+        self.route_missing = true;
+        self.neighbours.clear();
+        self.link_up = Some(link.up);
+        if let Some((_, tx)) = &self.recreation {
+            // Closed only when the agent is stopping.
+            let _ = tx.send(link.clone());
         }
     }
 
@@ -495,6 +540,7 @@ impl HostNetworking {
                 }
                 self.unverified = true;
             }
+            NetlinkEvent::LinkChanged(link) if self.is_recreated(link) => self.move_to(link),
             NetlinkEvent::Overrun => {
                 tracing::warn!(
                     "netlink notifications were lost; checking the route and neighbours"
@@ -511,6 +557,14 @@ impl HostNetworking {
     /// entries (taken as they are, so the next sync adds what is gone and
     /// deletes what is unwanted, including leftovers of a failed delete).
     pub async fn verify(&mut self, nl: &impl Netlink) -> Result<(), NetconfError> {
+        // A re-creation whose notification was lost.
+        if let Some((name, _)) = &self.recreation {
+            match nl.link_by_name(name).await {
+                Ok(link) if self.is_recreated(&link) => self.move_to(&link),
+                Ok(_) | Err(NetlinkError::NoSuchLink(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         let entries = nl.neighbours(self.route.ifindex).await?;
         if !self.route_missing {
             let gateway = entries
@@ -1022,6 +1076,54 @@ mod tests {
         assert!(nl.neighbours.borrow().contains_key(&(7, ip("198.18.0.2"))));
         // Changes of an up link (MTU, XDP attached) are no reason to act.
         assert!(!host.on_event(&NetlinkEvent::LinkChanged(up)));
+    }
+
+    #[test]
+    fn a_recreated_iface_takes_the_route_and_is_reported_once_by_event_or_listing() {
+        let mut nl = eth0();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut host = HostNetworking::new(cluster_route(), vec![net("198.18.0.0/24")])
+            .follow_recreation("eth0".to_owned(), tx);
+        let peers: BTreeSet<_> = [ip("198.18.0.2")].into();
+        block_on(host.repair(&nl, &peers));
+        // Another interface's changes, and eth0's own, are not a re-creation.
+        let other = Link {
+            index: 8,
+            name: "eth1".to_owned(),
+            ..nl.links[0].0.clone()
+        };
+        assert!(!host.on_event(&NetlinkEvent::LinkChanged(other)));
+        assert!(!host.on_event(&NetlinkEvent::LinkChanged(nl.links[0].0.clone())));
+        assert!(rx.try_recv().is_err());
+
+        // eth0 deleted and added again: ifindex 9, another MAC.
+        let new = Link {
+            index: 9,
+            mac: [2, 0, 0, 0, 0, 9],
+            ..nl.links[0].0.clone()
+        };
+        nl.links[0].0 = new.clone();
+        nl.routes.borrow_mut().clear();
+        nl.neighbours.borrow_mut().clear();
+        assert!(host.on_event(&NetlinkEvent::LinkChanged(new.clone())));
+        assert_eq!(rx.try_recv().ok(), Some(new.clone()));
+        block_on(host.repair(&nl, &peers));
+        let moved = ClusterRoute {
+            ifindex: 9,
+            iface_mac: new.mac,
+            ..cluster_route()
+        };
+        assert!(block_on(moved.is_installed(&nl)).expect("check"));
+        assert!(nl.neighbours.borrow().contains_key(&(9, ip("198.18.0.2"))));
+        assert!(!host.on_event(&NetlinkEvent::LinkChanged(new)));
+        assert!(rx.try_recv().is_err(), "reported once");
+
+        // Again, with the notification lost: the listing finds it.
+        nl.links[0].0.index = 11;
+        assert!(host.on_event(&NetlinkEvent::Overrun));
+        block_on(host.repair(&nl, &peers));
+        assert_eq!(rx.try_recv().map(|l| l.index).ok(), Some(11));
+        assert!(nl.neighbours.borrow().contains_key(&(11, ip("198.18.0.2"))));
     }
 
     #[test]

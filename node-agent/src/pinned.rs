@@ -17,7 +17,10 @@ use weft_common::{
     MAP_COUNTERS, MAP_NODE_CONFIG, MAP_NODE_IPS, MAP_SUBNETS, NodeConfig, Reason, RemoteNode,
 };
 
-use crate::peers::SubnetMap;
+use crate::{
+    layout::{self, MapLayout},
+    peers::SubnetMap,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PinnedError {
@@ -30,6 +33,12 @@ pub enum PinnedError {
     },
     #[error("BPF map {name} holds an invalid key {key:?}")]
     BadKey { name: &'static str, key: String },
+    #[error("BPF map {name} cannot be read by this build: {why}")]
+    Unreadable { name: &'static str, why: String },
+    #[error("nothing of weft is pinned under {path}")]
+    NothingPinned { path: PathBuf },
+    #[error("cannot check the pinned maps' layouts: {0}")]
+    Layouts(String),
 }
 
 fn map_err(name: &'static str) -> impl Fn(MapError) -> PinnedError {
@@ -81,32 +90,100 @@ impl NodeConfigMap {
     }
 }
 
-/// Read access to every map pinned under one pin path.
+/// A pinned map this build cannot decode (pinned by another version), or
+/// that is not pinned at all.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unreadable {
+    pub name: &'static str,
+    pub why: String,
+}
+
+/// Read access to every map pinned under one pin path. A map of a layout
+/// this build does not know (see [`crate::layout`]) is left closed and
+/// listed by [`PinnedState::unreadable`]: the others still read, so
+/// `status` and `cleanup` work over pins of another version.
 pub struct PinnedState {
-    subnets: LpmTrie<MapData, [u8; 4], RemoteNode>,
-    node_ips: HashMap<MapData, [u8; 4], u32>,
-    node_config: NodeConfigMap,
-    counters: PerCpuArray<MapData, u64>,
+    subnets: Option<LpmTrie<MapData, [u8; 4], RemoteNode>>,
+    node_ips: Option<HashMap<MapData, [u8; 4], u32>>,
+    node_config: Option<NodeConfigMap>,
+    counters: Option<PerCpuArray<MapData, u64>>,
+    unreadable: Vec<Unreadable>,
+}
+
+fn readable<'a, T>(
+    map: &'a Option<T>,
+    name: &'static str,
+    unreadable: &[Unreadable],
+) -> Result<&'a T, PinnedError> {
+    map.as_ref().ok_or_else(|| PinnedError::Unreadable {
+        name,
+        why: unreadable
+            .iter()
+            .find(|u| u.name == name)
+            .map_or_else(String::new, |u| u.why.clone()),
+    })
 }
 
 impl PinnedState {
     /// Opens the maps an agent pinned under `pin_path`.
     pub fn open(pin_path: &Path) -> Result<Self, PinnedError> {
-        let open = |name: &'static str, wrap: fn(MapData) -> Map| {
+        let wanted = layout::wanted().map_err(PinnedError::Layouts)?;
+        let mut unreadable = Vec::new();
+        let mut open = |name: &'static str, also: Option<MapLayout>| {
             let path = pin_path.join(name);
-            MapData::from_pin(&path)
-                .map(wrap)
-                .map_err(|source| PinnedError::Open { path, source })
+            let checked = match MapLayout::of_pin(&path) {
+                Ok(None) => Err("not pinned".to_owned()),
+                Err(e) => Err(e.to_string()),
+                Ok(Some(found)) => match wanted.get(name) {
+                    Some(want) if found == *want || Some(found) == also => {
+                        MapData::from_pin(&path).map_err(|e| e.to_string())
+                    }
+                    Some(want) => Err(format!("pinned as {found}, this build reads {want}")),
+                    None => Err(format!("pinned as {found}, unknown to this build")),
+                },
+            };
+            checked
+                .map_err(|why| unreadable.push(Unreadable { name, why }))
+                .ok()
         };
+        // NODE_CONFIG of the layout before `slow_path_ifindex` still reads.
+        let before48 = wanted.get(MAP_NODE_CONFIG).map(|l| MapLayout {
+            value_size: OLD_NODE_CONFIG_LEN as u32,
+            ..*l
+        });
+        let subnets = open(MAP_SUBNETS, None);
+        let node_ips = open(MAP_NODE_IPS, None);
+        let node_config = open(MAP_NODE_CONFIG, before48);
+        let counters = open(MAP_COUNTERS, None);
+        if unreadable.len() == 4 && unreadable.iter().all(|u| u.why == "not pinned") {
+            return Err(PinnedError::NothingPinned {
+                path: pin_path.to_owned(),
+            });
+        }
         Ok(Self {
-            subnets: LpmTrie::try_from(open(MAP_SUBNETS, Map::LpmTrie)?)
+            subnets: subnets
+                .map(|m| LpmTrie::try_from(Map::LpmTrie(m)))
+                .transpose()
                 .map_err(map_err(MAP_SUBNETS))?,
-            node_ips: HashMap::try_from(open(MAP_NODE_IPS, Map::HashMap)?)
+            node_ips: node_ips
+                .map(|m| HashMap::try_from(Map::HashMap(m)))
+                .transpose()
                 .map_err(map_err(MAP_NODE_IPS))?,
-            node_config: NodeConfigMap::open(open(MAP_NODE_CONFIG, Map::Array)?)?,
-            counters: PerCpuArray::try_from(open(MAP_COUNTERS, Map::PerCpuArray)?)
+            node_config: node_config
+                .map(|m| NodeConfigMap::open(Map::Array(m)))
+                .transpose()?,
+            counters: counters
+                .map(|m| PerCpuArray::try_from(Map::PerCpuArray(m)))
+                .transpose()
                 .map_err(map_err(MAP_COUNTERS))?,
+            unreadable,
         })
+    }
+
+    /// The maps this build cannot read (another version's layout, or not
+    /// pinned), and why.
+    pub fn unreadable(&self) -> &[Unreadable] {
+        &self.unreadable
     }
 
     /// Whether anything is pinned under `pin_path` (cleanup of a node that
@@ -117,8 +194,7 @@ impl PinnedState {
 
     /// Every remote subnet and its node, sorted by subnet.
     pub fn peers(&self) -> Result<Vec<(Ipv4Net, RemoteNode)>, PinnedError> {
-        let mut peers = self
-            .subnets
+        let mut peers = readable(&self.subnets, MAP_SUBNETS, &self.unreadable)?
             .iter()
             .map(|entry| {
                 let (key, node) = entry.map_err(map_err(MAP_SUBNETS))?;
@@ -131,7 +207,8 @@ impl PinnedState {
 
     /// The entry stored for exactly `subnet`, if any.
     pub fn peer(&self, subnet: Ipv4Net) -> Result<Option<RemoteNode>, PinnedError> {
-        match self.subnets.get(&subnet_key(subnet), 0) {
+        let subnets = readable(&self.subnets, MAP_SUBNETS, &self.unreadable)?;
+        match subnets.get(&subnet_key(subnet), 0) {
             Ok(node) => Ok(Some(node)),
             Err(MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(map_err(MAP_SUBNETS)(e)),
@@ -140,7 +217,8 @@ impl PinnedState {
 
     /// What the encap program finds for a packet to `dst`: the longest match.
     pub fn lookup(&self, dst: Ipv4Addr) -> Result<Option<RemoteNode>, PinnedError> {
-        match self.subnets.get(&Key::new(32, dst.octets()), 0) {
+        let subnets = readable(&self.subnets, MAP_SUBNETS, &self.unreadable)?;
+        match subnets.get(&Key::new(32, dst.octets()), 0) {
             Ok(node) => Ok(Some(node)),
             Err(MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(map_err(MAP_SUBNETS)(e)),
@@ -149,8 +227,7 @@ impl PinnedState {
 
     /// The PublicIPs IP-in-IP is accepted from, sorted.
     pub fn node_ips(&self) -> Result<Vec<Ipv4Addr>, PinnedError> {
-        let mut ips = self
-            .node_ips
+        let mut ips = readable(&self.node_ips, MAP_NODE_IPS, &self.unreadable)?
             .keys()
             .map(|k| k.map(Ipv4Addr::from))
             .collect::<Result<Vec<_>, _>>()
@@ -163,7 +240,7 @@ impl PinnedState {
     /// A pin of the older 48-byte layout (an agent from before the slow
     /// path still running) reads with `slow_path_ifindex` 0.
     pub fn node_config(&self) -> Result<Option<NodeConfig>, PinnedError> {
-        let cfg = match &self.node_config {
+        let cfg = match readable(&self.node_config, MAP_NODE_CONFIG, &self.unreadable)? {
             NodeConfigMap::Current(map) => map.get(&0, 0),
             NodeConfigMap::Before48(map) => map.get(&0, 0).map(|old| {
                 let mut bytes = [0u8; size_of::<NodeConfig>()];
@@ -180,12 +257,15 @@ impl PinnedState {
 
     /// Counter totals over all CPUs, in [`Reason`] order.
     pub fn counters(&self) -> Result<Vec<(Reason, u64)>, PinnedError> {
-        read_counters(&self.counters)
+        read_counters(readable(&self.counters, MAP_COUNTERS, &self.unreadable)?)
     }
 
     /// One counter's total over all CPUs.
     pub fn counter(&self, reason: Reason) -> Result<u64, PinnedError> {
-        counter_total(&self.counters, reason)
+        counter_total(
+            readable(&self.counters, MAP_COUNTERS, &self.unreadable)?,
+            reason,
+        )
     }
 }
 

@@ -939,6 +939,35 @@ impl<'c> Host<'c> {
         parse_subnet_env(&text).with_context(|| format!("{}", self.subnet_file.display()))
     }
 
+    /// Deletes this host's underlay interface `eth0` and cables a new one
+    /// to the same switch port with the same address: what a re-created
+    /// interface (a new ifindex, and a veth's new MAC) looks like to the
+    /// agent. Hosts on the switch's bridge only ([`Cluster::add_host`]).
+    pub fn recable_underlay(&self) -> Result<()> {
+        ensure!(
+            self.router.is_none() && self.ip.octets()[..3] == [198, 18, 0],
+            "host {}: only a host on the switch's bridge can be cabled again",
+            self.index
+        );
+        let port = switch_port(self.index);
+        // Deleting one end of a veth pair deletes both.
+        self.ns.ip(&["link", "del", "eth0"])?;
+        self.ns
+            .add_veth("eth0", &self.cluster.switch, &port, UNDERLAY_MTU)?;
+        self.ns.ip(&[
+            "addr",
+            "add",
+            &format!("{}/{UNDERLAY_PREFIX_LEN}", self.ip),
+            "dev",
+            "eth0",
+        ])?;
+        self.ns.ip(&["link", "set", "eth0", "up"])?;
+        self.cluster
+            .switch
+            .ip(&["link", "set", &port, "master", BRIDGE, "up"])?;
+        Ok(())
+    }
+
     /// The agent's pinned maps, read as `node-agent status` reads them.
     pub fn pinned(&self) -> Result<PinnedState> {
         PinnedState::open(&self.pin_path)

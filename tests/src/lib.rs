@@ -13,6 +13,7 @@ mod cluster;
 pub mod docker;
 mod etcd;
 mod netns;
+pub mod old_pins;
 pub mod pki;
 pub mod podman;
 pub mod process;

@@ -852,42 +852,20 @@ fn an_old_48_byte_node_config_pin_is_read_and_replaced_on_load() -> Result<()> {
         pins.path(),
         Default::default(),
     )?);
-    let old = pins.path().join(MAP_NODE_CONFIG);
-    std::fs::remove_file(&old)?;
-    let bpftool = |args: &[&str]| -> Result<()> {
-        let out = std::process::Command::new("bpftool")
-            .args(args)
-            .output()
-            .context("running bpftool (needed to make an old-layout map)")?;
-        ensure!(
-            out.status.success(),
-            "bpftool {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(())
-    };
-    let old_s = old.to_string_lossy();
-    bpftool(&[
-        "map",
-        "create",
-        &old_s,
-        "type",
-        "array",
-        "key",
-        "4",
-        "value",
-        "48",
-        "entries",
-        "1",
-        "name",
-        "NODE_CONFIG",
-    ])?;
-    let mut update = vec![
-        "map", "update", "pinned", &old_s, "key", "0", "0", "0", "0", "value", "1", "0", "0", "0",
-        "198", "18", "0", "1",
-    ];
-    update.extend(std::iter::repeat_n("0", 40));
-    bpftool(&update)?;
+    std::fs::remove_file(pins.path().join(MAP_NODE_CONFIG))?;
+    let old = weft_tests::old_pins::OldMap {
+        name: MAP_NODE_CONFIG,
+        kind: "array",
+        key: 4,
+        value: 48,
+        entries: 1,
+        flags: 0,
+    }
+    .pin(pins.path())?;
+    let mut value = [0u8; 48];
+    value[0] = 1;
+    value[4..8].copy_from_slice(&LOCAL_IP);
+    weft_tests::old_pins::update(&old, &0u32.to_ne_bytes(), &value)?;
 
     // `status` and `cleanup` read it (an older agent may still run).
     let cfg = node_agent::pinned::PinnedState::open(pins.path())?
