@@ -12,7 +12,8 @@
 //! sizes is not detectable from these, and no version marker is pinned for
 //! it: such a change must rename the map (the name is the version). The new
 //! agent then creates the map afresh, and removes the old name's pin once
-//! its programs no longer use it ([`crate::datapath::remove_stale_pins`]).
+//! its programs no longer use it
+//! ([`crate::datapath::Datapath::remove_stale_pins`]).
 
 use std::{collections::BTreeMap, fmt, io, path::Path, sync::OnceLock};
 

@@ -18,6 +18,16 @@ pub struct OldMap {
     pub flags: u32,
 }
 
+/// NODE_CONFIG before `slow_path_ifindex` was appended: one 48-byte value.
+pub const NODE_CONFIG_48: OldMap = OldMap {
+    name: weft_common::MAP_NODE_CONFIG,
+    kind: "array",
+    key: 4,
+    value: 48,
+    entries: 1,
+    flags: 0,
+};
+
 impl OldMap {
     /// Creates the map and pins it as `dir/<name>`; returns the pin's path.
     pub fn pin(&self, dir: &Path) -> Result<PathBuf> {

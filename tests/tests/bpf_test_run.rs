@@ -853,15 +853,7 @@ fn an_old_48_byte_node_config_pin_is_read_and_replaced_on_load() -> Result<()> {
         Default::default(),
     )?);
     std::fs::remove_file(pins.path().join(MAP_NODE_CONFIG))?;
-    let old = weft_tests::old_pins::OldMap {
-        name: MAP_NODE_CONFIG,
-        kind: "array",
-        key: 4,
-        value: 48,
-        entries: 1,
-        flags: 0,
-    }
-    .pin(pins.path())?;
+    let old = weft_tests::old_pins::NODE_CONFIG_48.pin(pins.path())?;
     let mut value = [0u8; 48];
     value[0] = 1;
     value[4..8].copy_from_slice(&LOCAL_IP);

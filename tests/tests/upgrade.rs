@@ -9,8 +9,9 @@ use anyhow::{Context, Result, ensure};
 use node_agent::layout::{self, MapLayout};
 use weft_common::{MAP_COUNTERS, MAP_NODE_CONFIG, MAP_NODE_IPS, MAP_SUBNETS, RemoteNode};
 use weft_tests::{
-    CONVERGE, Cluster, Host, Signal, node_agent_binary, old_pins::OldMap, require_bpffs,
-    require_root, require_tools, wait_full_mesh,
+    CONVERGE, Cluster, Host, Signal, node_agent_binary,
+    old_pins::{NODE_CONFIG_48, OldMap},
+    require_bpffs, require_root, require_tools, wait_full_mesh,
 };
 
 const CONFIG: &str =
@@ -38,16 +39,6 @@ const OLD_COUNTERS: OldMap = OldMap {
     key: 4,
     value: 8,
     entries: 3,
-    flags: 0,
-};
-
-/// NODE_CONFIG before `slow_path_ifindex`: 48 bytes.
-const OLD_NODE_CONFIG: OldMap = OldMap {
-    name: MAP_NODE_CONFIG,
-    kind: "array",
-    key: 4,
-    value: 48,
-    entries: 1,
     flags: 0,
 };
 
@@ -185,7 +176,7 @@ fn old_counters_and_node_config_are_replaced_and_the_node_forwards() -> Result<(
     preflight()?;
     let cluster = Cluster::new(CONFIG)?;
     let hosts = [cluster.add_host(1)?, cluster.add_host(2)?];
-    pin_old(&hosts[0], &[OLD_COUNTERS, OLD_NODE_CONFIG, RETIRED_MAP])?;
+    pin_old(&hosts[0], &[OLD_COUNTERS, NODE_CONFIG_48, RETIRED_MAP])?;
     let mut value = [0u8; 48];
     value[0] = 1; // configured
     weft_tests::old_pins::update(
