@@ -25,7 +25,7 @@ use crate::{
     ipip_slow_path,
     lease_manager::LeaseManager,
     netconf::{self, ClusterRoute, HostNetworking, IfaceChoice},
-    netlink::{Netlink as _, NetlinkEvents, RtNetlink},
+    netlink::{ExternalVxlan, Netlink as _, NetlinkEvents, RtNetlink},
     nft::{Firewall, FirewallPlan, Nft, Repairs},
     observe::{self, AgentInfo, ObserveSettings},
     peers::PeerTable,
@@ -350,7 +350,15 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
         }
         r = leases.keep_renewed(held) => r.context("subnet lease"),
         () = drain_bpf_logs(logger) => bail!("BPF log reader stopped"),
-        () = follow_iface(&mut dp, node_config, &iface.name, decap_mode, recreated) => bail!("interface follower stopped"),
+        () = follow_iface(
+            &mut dp,
+            &nl,
+            node_config,
+            &iface.name,
+            decap_mode,
+            slow_path.and(vxlan).map(|v| netconf::slow_path_device(v.port, iface.mtu)),
+            recreated,
+        ) => bail!("interface follower stopped"),
         e = run_ipip_slow_path(ipip_slow_path) => {
             Err(anyhow::Error::new(e)).context("the IP-in-IP slow path's raw socket failed")
         }
@@ -397,52 +405,111 @@ async fn slow_path_device(nl: &RtNetlink, port: Option<u16>, mtu: u32) -> Option
     }
 }
 
-/// Attaches the data path to `--iface` again whenever it is deleted and
-/// created again (`recreated` gets the new link): NODE_CONFIG first, with
-/// the new ifindex, MTU and MAC, then the programs (their pinned links died
-/// with the old interface, see `adopt_or_attach`). A failure (the interface
-/// gone again, or not ready) is logged once and retried.
+/// How often the slow-path device is checked for (it has no other user
+/// whose events would tell).
+const SLOW_PATH_CHECK: Duration = Duration::from_secs(5);
+
+/// Keeps the data path on its devices while the agent runs. Whenever
+/// `--iface` is deleted and created again (`recreated` gets the new link),
+/// NODE_CONFIG is written first, with the new ifindex, MTU and MAC, then the
+/// programs are attached (their pinned links died with the old interface,
+/// see `adopt_or_attach`). A deleted slow-path device (`slow_path`: the
+/// device this run set up) is created again and its program attached. A
+/// failure (the interface gone again, not ready) is logged once and
+/// retried.
 async fn follow_iface(
     dp: &mut Datapath,
+    nl: &RtNetlink,
     mut cfg: NodeConfig,
     iface: &str,
     decap: Option<DecapMode>,
+    slow_path: Option<ExternalVxlan>,
     mut recreated: tokio::sync::mpsc::UnboundedReceiver<crate::netlink::Link>,
 ) {
     const RETRY: Duration = Duration::from_secs(2);
-    let mut failed: Option<(crate::netlink::Link, String)> = None;
+    let mut pending: Option<crate::netlink::Link> = None;
+    let mut last_failure: Option<String> = None;
+    let mut check = tokio::time::interval(SLOW_PATH_CHECK);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let link = match failed.as_ref() {
-            Some((link, _)) => tokio::select! {
-                newer = recreated.recv() => newer,
-                () = tokio::time::sleep(RETRY) => Some(link.clone()),
-            },
-            None => recreated.recv().await,
+        let retry = async {
+            match pending {
+                Some(_) => tokio::time::sleep(RETRY).await,
+                None => std::future::pending().await,
+            }
         };
-        // Closed only when the agent is stopping.
-        let Some(link) = link else {
-            return std::future::pending().await;
+        let result = tokio::select! {
+            link = recreated.recv() => {
+                // Closed only when the agent is stopping.
+                let Some(link) = link else {
+                    return std::future::pending().await;
+                };
+                cfg.iface_ifindex = link.index;
+                cfg.iface_mtu = link.mtu;
+                cfg.iface_mac = link.mac;
+                pending = Some(link);
+                reattach(dp, &cfg, iface, decap)
+            }
+            () = retry => reattach(dp, &cfg, iface, decap),
+            _ = check.tick(), if slow_path.is_some() => {
+                match recreate_slow_path(dp, nl, &mut cfg, slow_path.as_ref()).await {
+                    // Not an --iface failure: that one stays pending.
+                    Ok(()) if pending.is_some() => continue,
+                    other => other,
+                }
+            }
         };
-        cfg.iface_ifindex = link.index;
-        cfg.iface_mtu = link.mtu;
-        cfg.iface_mac = link.mac;
-        match dp
-            .write_node_config(&cfg)
-            .and_then(|()| dp.attach(iface, decap))
-        {
-            Ok(hook) => {
-                tracing::info!(%iface, ifindex = link.index, ?hook, "data path attached to the re-created interface");
-                failed = None;
+        match result {
+            Ok(()) => {
+                if pending.take().is_some() {
+                    tracing::info!(%iface, ifindex = cfg.iface_ifindex, "data path attached to the re-created interface");
+                } else if last_failure.is_some() {
+                    tracing::info!("the slow-path device is in place again");
+                }
+                last_failure = None;
             }
             Err(e) => {
-                let text = e.to_string();
-                if failed.as_ref().is_none_or(|(_, last)| *last != text) {
-                    tracing::warn!(%iface, error = %text, "cannot attach to the re-created interface yet; retrying");
+                let text = format!("{e:#}");
+                if last_failure.as_deref() != Some(text.as_str()) {
+                    tracing::warn!(%iface, error = %text, "cannot attach the data path to a re-created device yet; retrying");
                 }
-                failed = Some((link, text));
+                last_failure = Some(text);
             }
         }
     }
+}
+
+/// NODE_CONFIG, then the programs, onto the current `--iface`.
+fn reattach(
+    dp: &mut Datapath,
+    cfg: &NodeConfig,
+    iface: &str,
+    decap: Option<DecapMode>,
+) -> anyhow::Result<()> {
+    dp.write_node_config(cfg)?;
+    dp.attach(iface, decap)?;
+    Ok(())
+}
+
+/// Creates the slow-path device again if it was deleted (or changed), and
+/// attaches its program and points NODE_CONFIG at it.
+async fn recreate_slow_path(
+    dp: &mut Datapath,
+    nl: &RtNetlink,
+    cfg: &mut NodeConfig,
+    dev: Option<&ExternalVxlan>,
+) -> anyhow::Result<()> {
+    let Some(dev) = dev else { return Ok(()) };
+    let (index, fresh) = netconf::ensure_slow_path_device(nl, dev)
+        .await
+        .context("the slow-path device")?;
+    if fresh {
+        tracing::warn!(device = %dev.name, index, "the slow-path device was deleted; created it again");
+        dp.attach_slow_path(PROG_SLOWPATH_RX_TC, Some((&dev.name, true)))?;
+        cfg.slow_path_ifindex = index;
+        dp.write_node_config(cfg)?;
+    }
+    Ok(())
 }
 
 /// Runs the IP-in-IP slow path, if there is one; otherwise never returns.

@@ -7,7 +7,10 @@ use std::{path::Path, time::Duration};
 
 use anyhow::{Context, Result, ensure};
 use node_agent::layout::{self, MapLayout};
-use weft_common::{MAP_COUNTERS, MAP_NODE_CONFIG, MAP_NODE_IPS, MAP_SUBNETS, RemoteNode};
+use node_agent::netconf::SLOW_PATH_DEVICE;
+use weft_common::{
+    MAP_COUNTERS, MAP_NODE_CONFIG, MAP_NODE_IPS, MAP_SUBNETS, PROG_SLOWPATH_RX_TC, RemoteNode,
+};
 use weft_tests::{
     CONVERGE, Cluster, Host, Signal, node_agent_binary,
     old_pins::{NODE_CONFIG_48, OldMap},
@@ -77,6 +80,15 @@ fn agent_command(host: &Host<'_>, args: &[&str]) -> Result<String> {
     argv.extend_from_slice(args);
     argv.extend_from_slice(&["--pin-path", &pin_path]);
     weft_tests::process::run(host.ns().command_keep_mounts(&argv))
+}
+
+/// The kernel id of the link pinned for the slow-path program: a new id
+/// means it was attached afresh.
+fn slow_path_link_id(host: &Host<'_>) -> Result<u32> {
+    let path = host.pin_path().join(PROG_SLOWPATH_RX_TC);
+    let link = aya::programs::links::PinnedLink::from_pin(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    Ok(aya::programs::links::FdLink::from(link).info()?.id())
 }
 
 fn pinned_layout(pin_path: &Path, name: &str) -> Result<MapLayout> {
@@ -273,6 +285,32 @@ fn a_recreated_underlay_interface_is_followed_live_and_after_a_restart() -> Resu
             && log.contains("data path attached to the re-created interface"),
         "the re-creation is not logged once:\n{log}"
     );
+
+    // The slow-path device deleted by hand is created again, with its
+    // program, and NODE_CONFIG points at the new one.
+    let (old_dev, _) = hosts[0].ns().link(SLOW_PATH_DEVICE)?;
+    let old_link = slow_path_link_id(&hosts[0])?;
+    hosts[0].ns().ip(&["link", "del", SLOW_PATH_DEVICE])?;
+    weft_tests::wait_until(RECOVERY, "the slow-path device to come back", |state| {
+        let Ok((dev, _)) = hosts[0].ns().link(SLOW_PATH_DEVICE) else {
+            *state = "no device".to_owned();
+            return Ok(None);
+        };
+        let cfg = hosts[0].pinned()?.node_config()?;
+        *state = format!("device {dev}, NODE_CONFIG {cfg:?}");
+        Ok((dev != old_dev && cfg.is_some_and(|c| c.slow_path_ifindex == dev)).then_some(()))
+    })?;
+    ensure!(
+        hosts[0]
+            .agent_log()
+            .contains("the slow-path device was deleted; created it again"),
+        "the re-creation is not logged"
+    );
+    ensure!(
+        slow_path_link_id(&hosts[0])? != old_link,
+        "the slow-path program was not attached afresh"
+    );
+    a.ping_until(b.ip(), RECOVERY)?;
 
     // While the agent is stopped: the restarted agent finds links pinned
     // for an interface that is gone, and attaches afresh.
