@@ -766,11 +766,13 @@ pub fn status(pin_path: &Path, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
     }
-    let peers = if_readable(state.peers())
-        .with_context(reading)?
-        .unwrap_or_default();
-    println!("peers ({}):", peers.len());
-    for (subnet, node) in &peers {
+    const UNREADABLE: &str = "not readable by this build, see below";
+    let peers = if_readable(state.peers()).with_context(reading)?;
+    match &peers {
+        Some(peers) => println!("peers ({}):", peers.len()),
+        None => println!("peers: {UNREADABLE}"),
+    }
+    for (subnet, node) in peers.iter().flatten() {
         let mut how = peer_mode(node);
         if node.mode == Mode::Vxlan as u8 {
             how = format!(
@@ -784,11 +786,12 @@ pub fn status(pin_path: &Path, json: bool) -> anyhow::Result<()> {
             Ipv4Addr::from(node.public_ip)
         );
     }
-    println!("counters (packets, all CPUs):");
-    for (reason, n) in &if_readable(state.counters())
-        .with_context(reading)?
-        .unwrap_or_default()
-    {
+    let counters = if_readable(state.counters()).with_context(reading)?;
+    match &counters {
+        Some(_) => println!("counters (packets, all CPUs):"),
+        None => println!("counters: {UNREADABLE}"),
+    }
+    for (reason, n) in counters.iter().flatten() {
         println!("  {:<22} {n}", reason.name());
     }
     if !state.unreadable().is_empty() {
