@@ -24,9 +24,9 @@ use aya::{
     },
 };
 use weft_common::{
-    DEFAULT_DECAP_MARK, GLOBAL_DECAP_MARK, MAP_COUNTERS, MAP_NODE_CONFIG, MAP_NODE_IPS,
-    MAP_SUBNETS, NodeConfig, PROG_DECAP_TC, PROG_DECAP_XDP, PROG_ENCAP_TC, PROG_MARK_TC,
-    PROG_SLOWPATH_IPIP_TC, PROG_SLOWPATH_RX_TC, Reason, RemoteNode,
+    COUNTER_SLOTS, Counter, DEFAULT_DECAP_MARK, GLOBAL_DECAP_MARK, MAP_COUNTERS,
+    MAP_NODE_CONFIG, MAP_NODE_IPS, MAP_SUBNETS, NodeConfig, PROG_DECAP_TC, PROG_DECAP_XDP,
+    PROG_ENCAP_TC, PROG_MARK_TC, PROG_SLOWPATH_IPIP_TC, PROG_SLOWPATH_RX_TC, Reason, RemoteNode,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -344,18 +344,23 @@ impl Datapath {
         array.set(0, cfg, 0).map_err(err)
     }
 
-    /// Counter totals over all CPUs, in [`Reason`] order.
+    /// Packets per reason over all programs and CPUs, in [`Reason`] order.
     pub fn counters(&self) -> Result<Vec<(Reason, u64)>, DatapathError> {
+        Ok(crate::pinned::packets_by_reason(&self.counter_table()?))
+    }
+
+    /// Every (program, reason) slot, totalled over the CPUs.
+    pub fn counter_table(&self) -> Result<Vec<crate::pinned::CounterRow>, DatapathError> {
         let map = self.ebpf.map(MAP_COUNTERS).ok_or(DatapathError::Map {
             name: MAP_COUNTERS,
             source: missing_map(MAP_COUNTERS),
         })?;
-        let counters: PerCpuArray<_, u64> =
+        let counters: PerCpuArray<_, Counter> =
             PerCpuArray::try_from(map).map_err(|source| DatapathError::Map {
                 name: MAP_COUNTERS,
                 source,
             })?;
-        Ok(crate::pinned::read_counters(&counters)?)
+        Ok(crate::pinned::read_counter_table(&counters)?)
     }
 }
 
@@ -367,7 +372,8 @@ fn missing_map(name: &str) -> aya::maps::MapError {
 
 /// Pinned maps are adopted as they are: aya does not compare their layout
 /// with the object's, so a map made by an older build would be used with
-/// the wrong sizes. `COUNTERS` grows whenever a [`Reason`] is appended; its
+/// the wrong sizes. `COUNTERS` grows whenever a [`Reason`] or [`weft_common::Program`]
+/// is appended, and its value grew from one `u64` to a [`Counter`]; its
 /// totals are statistics, so one of another size is replaced (the counts
 /// restart) instead of leaving the new reasons uncounted. `NODE_CONFIG` is
 /// derived entirely from the agent's flags, etcd and the host, and written
@@ -385,12 +391,13 @@ fn check_pinned_layouts(pin_path: &Path) -> Result<(), DatapathError> {
             .map_err(|source| DatapathError::Map { name, source })
     };
     if let Some((path, counters)) = info(MAP_COUNTERS)?
-        && counters.max_entries() != Reason::COUNT
+        && (counters.max_entries() != COUNTER_SLOTS
+            || counters.value_size() as usize != size_of::<Counter>())
     {
         tracing::warn!(
             pinned = counters.max_entries(),
-            now = Reason::COUNT,
-            "the pinned counters have another number of reasons; they restart from zero"
+            now = COUNTER_SLOTS,
+            "the pinned counters have another layout; they restart from zero"
         );
         remove_pin(&path)?;
     }

@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use anyhow::{Context as _, Result, ensure};
 use weft_common::{
     DEFAULT_DECAP_MARK, MAP_NODE_CONFIG, Mode, PROG_DECAP_TC, PROG_SLOWPATH_IPIP_TC,
-    PROG_SLOWPATH_RX_TC, Reason,
+    PROG_SLOWPATH_RX_TC, Program, Reason,
 };
 use weft_tests::test_run::*;
 use weft_tests::{PinDir, require_bpffs, require_root};
@@ -123,6 +123,42 @@ fn encap_redirects_via_the_kernel_when_the_next_hop_is_unresolved() -> Result<()
     );
     ensure!(out[30..34] == UNRESOLVED_IP && out[50..56] == UNRESOLVED_VTEP);
     ensure!(out[64..] == inner[14..]);
+    Ok(())
+}
+
+/// Counters are kept per program and reason, with bytes, and a helper's
+/// failure keeps its return code (the FIB lookup's verdict here).
+#[test]
+fn counters_are_per_program_with_bytes_and_the_helper_return_code() -> Result<()> {
+    let mut b = ProgramBench::new()?;
+    let inner = inner_frame([10, 244, 2, 7], 1, 100, true);
+    let before = b.counter_row(Program::EncapTc, Reason::Encapsulated)?;
+    let (rc, out) = b.encap(&inner)?;
+    ensure!(rc == TC_ACT_OK, "verdict {rc}");
+    let after = b.counter_row(Program::EncapTc, Reason::Encapsulated)?;
+    ensure!(
+        after.packets == before.packets + 1
+            && after.bytes == before.bytes + out.len() as u64,
+        "encapsulated: {before:?} -> {after:?}, frame of {} bytes out",
+        out.len()
+    );
+    // The decap programs counted nothing for it.
+    ensure!(b.counter_row(Program::DecapTc, Reason::Encapsulated)?.packets == 0);
+
+    // A peer whose PublicIP has no route in the bench's namespace: the FIB
+    // lookup fails with BPF_FIB_LKUP_RET_NOT_FWDED (4, no route).
+    b.add_peer([10, 244, 7, 0], 24, [198, 19, 7, 7], PEER_VTEP)?;
+    let lost = inner_frame([10, 244, 7, 9], 1, 8, true);
+    let (rc, _) = b.encap(&lost)?;
+    ensure!(rc == TC_ACT_SHOT, "unroutable peer: verdict {rc}");
+    let row = b.counter_row(Program::EncapTc, Reason::DropFibLookup)?;
+    ensure!(
+        row.packets == 1 && row.bytes == lost.len() as u64 && row.ext_err == 4,
+        "drop_fib_lookup: {row:?}"
+    );
+    // A success in between leaves the last failure's code in place.
+    b.encap(&inner)?;
+    ensure!(b.counter_row(Program::EncapTc, Reason::DropFibLookup)?.ext_err == 4);
     Ok(())
 }
 
