@@ -130,6 +130,14 @@ pub fn unix(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
+/// Calls `f` on the status a subsystem reports to, if it has one (unit
+/// tests build the watcher and lease manager without).
+pub fn report(status: &Option<Arc<AgentStatus>>, f: impl FnOnce(&AgentStatus)) {
+    if let Some(status) = status {
+        f(status);
+    }
+}
+
 /// The shared, live copy; cheap to update from any task.
 #[derive(Debug)]
 pub struct AgentStatus {

@@ -252,9 +252,7 @@ impl LeaseManager {
     }
 
     fn report(&self, f: impl FnOnce(&AgentStatus)) {
-        if let Some(status) = &self.status {
-            f(status);
-        }
+        crate::agent_state::report(&self.status, f);
     }
 
     /// Leases a subnet, preferring (1) a lease already carrying this node's

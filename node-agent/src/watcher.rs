@@ -206,9 +206,7 @@ impl<M: SubnetMap> PeerWatcher<M> {
     }
 
     fn report(&self, f: impl FnOnce(&AgentStatus)) {
-        if let Some(status) = &self.status {
-            f(status);
-        }
+        crate::agent_state::report(&self.status, f);
     }
 
     fn report_skipped(&self) {
