@@ -608,9 +608,8 @@ struct HostState {
 async fn host_state(cfg: Option<&NodeConfig>) -> anyhow::Result<HostState> {
     let nl = RtNetlink::open().context("netlink")?;
     let routes = nl.routes().await?;
-    let network = cfg.and_then(|c| {
-        Ipv4Net::new(Ipv4Addr::from(c.cluster_network), c.cluster_prefix_len).ok()
-    });
+    let network = cfg
+        .and_then(|c| Ipv4Net::new(Ipv4Addr::from(c.cluster_network), c.cluster_prefix_len).ok());
     let cluster_route = routes
         .iter()
         .find(|r| Some(r.dst) == network && r.gateway == network.map(|n| n.network()))
@@ -625,10 +624,7 @@ async fn host_state(cfg: Option<&NodeConfig>) -> anyhow::Result<HostState> {
             .collect(),
         _ => Vec::new(),
     };
-    let slow_path_device = nl
-        .vxlan_by_name(netconf::SLOW_PATH_DEVICE)
-        .await?
-        .is_some();
+    let slow_path_device = nl.vxlan_by_name(netconf::SLOW_PATH_DEVICE).await?.is_some();
     Ok(HostState {
         routes,
         cluster_route,
@@ -797,7 +793,11 @@ pub async fn status(pin_path: &Path, state_file: &Path, json: bool) -> anyhow::R
         Some(e) => println!("agent: {}", e.as_str().unwrap_or_default()),
         None => println!(
             "agent: {} (pid {}), lease {} expires in {}s, etcd {} ({} reconciles)",
-            if agent["running"] == true { "running" } else { "not running" },
+            if agent["running"] == true {
+                "running"
+            } else {
+                "not running"
+            },
             agent["pid"],
             agent["lease"]["subnet"].as_str().unwrap_or_default(),
             agent["lease"]["expires_in_seconds"],

@@ -194,7 +194,12 @@ fn respond(head: &[u8], info: &AgentInfo) -> Reply {
     match (method, path) {
         (Some("GET" | "HEAD"), Some("/healthz")) => {
             let now = unix(SystemTime::now());
-            match health(&info.pin_path, &info.status.snapshot(), info.etcd_grace, now) {
+            match health(
+                &info.pin_path,
+                &info.status.snapshot(),
+                info.etcd_grace,
+                now,
+            ) {
                 Ok(()) => Reply::status(200, "ok\n"),
                 Err(why) => Reply::status(503, &format!("{why}\n")),
             }
@@ -225,12 +230,7 @@ fn respond(head: &[u8], info: &AgentInfo) -> Reply {
 /// (flanneld's /healthz only says that the process runs.) A lost etcd does
 /// not stop forwarding, so the grace lets short outages pass unnoticed; a
 /// longer one means this node no longer learns of other nodes' changes.
-fn health(
-    pin_path: &Path,
-    state: &StateSnapshot,
-    grace: Duration,
-    now: u64,
-) -> Result<(), String> {
+fn health(pin_path: &Path, state: &StateSnapshot, grace: Duration, now: u64) -> Result<(), String> {
     let pinned = PinnedState::open(pin_path).map_err(|e| format!("data path not pinned: {e}"))?;
     match pinned.node_config() {
         Ok(Some(cfg)) if cfg.configured != 0 => {}
@@ -380,11 +380,8 @@ fn render_metrics(info: &AgentInfo, snap: &Snapshot) -> Result<String, std::fmt:
         &mut r,
         "map_entries",
         "Entries in the pinned BPF maps the agent fills, by map",
-        [
-            ("SUBNETS", snap.peers.len()),
-            ("NODE_IPS", snap.node_ips),
-        ]
-        .map(|(map, n)| (vec![("map", map.to_owned())], n as i64)),
+        [("SUBNETS", snap.peers.len()), ("NODE_IPS", snap.node_ips)]
+            .map(|(map, n)| (vec![("map", map.to_owned())], n as i64)),
     );
     let configured = snap.config.is_some_and(|c| c.configured != 0);
     gauge(
@@ -493,7 +490,11 @@ fn to_text_format(openmetrics: &str) -> String {
         match meta {
             Some((prefix, rest)) => {
                 let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
-                let total = if counters.contains(name) { "_total" } else { "" };
+                let total = if counters.contains(name) {
+                    "_total"
+                } else {
+                    ""
+                };
                 out.push_str(&format!("{prefix}{name}{total} {tail}\n"));
             }
             None => {
@@ -564,12 +565,19 @@ mod tests {
                     reason,
                     packets: reason as u64,
                     bytes: 100 * reason as u64,
-                    ext_err: if reason == Reason::DropFibLookup { 4 } else { 0 },
+                    ext_err: if reason == Reason::DropFibLookup {
+                        4
+                    } else {
+                        0
+                    },
                 })
             })
             .collect();
         let status = AgentStatus::new("10.244.5.0/24".parse().expect("subnet"), "vxlan");
-        status.skipped(std::collections::BTreeMap::from([("vni_mismatch".to_owned(), 2)]));
+        status.skipped(std::collections::BTreeMap::from([(
+            "vni_mismatch".to_owned(),
+            2,
+        )]));
         status.reconciled();
         let mut state = status.snapshot();
         state.lease_expires_at = Some(state.started_at + 3600);
@@ -602,15 +610,24 @@ mod tests {
             "weft_reconciles_total 1",
             "weft_leases_skipped{cause=\"vni_mismatch\"} 2",
         ] {
-            assert!(om.contains(&format!("{line}\n")), "{line} missing from\n{om}");
-            assert!(text.contains(&format!("{line}\n")), "{line} missing from\n{text}");
+            assert!(
+                om.contains(&format!("{line}\n")),
+                "{line} missing from\n{om}"
+            );
+            assert!(
+                text.contains(&format!("{line}\n")),
+                "{line} missing from\n{text}"
+            );
         }
         assert!(om.contains("# TYPE weft_packets counter\n") && om.ends_with("# EOF\n"));
         assert!(text.contains("# TYPE weft_packets_total counter\n"));
         assert!(text.contains("# HELP weft_reconciles_total Full"));
         assert!(!text.contains("# EOF") && !text.contains("# UNIT"));
         // Only the slot whose helper failed has a return code.
-        assert_eq!(om.matches("weft_helper_last_error{").count(), Program::ALL.len());
+        assert_eq!(
+            om.matches("weft_helper_last_error{").count(),
+            Program::ALL.len()
+        );
         // Text format: every sample's family has its TYPE line.
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let (series, value) = line.rsplit_once(' ').expect("a value");

@@ -14,8 +14,8 @@ use std::{
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key};
 use ipnet::Ipv4Net;
 use weft_common::{
-    Counter, MAP_COUNTERS, MAP_NODE_CONFIG, MAP_NODE_IPS, MAP_SUBNETS, NodeConfig, Program,
-    Reason, RemoteNode, counter_index,
+    Counter, MAP_COUNTERS, MAP_NODE_CONFIG, MAP_NODE_IPS, MAP_SUBNETS, NodeConfig, Program, Reason,
+    RemoteNode, counter_index,
 };
 
 use crate::peers::SubnetMap;

@@ -524,13 +524,22 @@ mod tests {
     fn an_unusable_key_is_reported_once_per_version() {
         let mut r = Reported::default();
         assert!(r.is_new("k", 5, "bad", UNREADABLE));
-        assert!(!r.is_new("k", 5, "bad", UNREADABLE), "same version, same reason");
+        assert!(
+            !r.is_new("k", 5, "bad", UNREADABLE),
+            "same version, same reason"
+        );
         assert!(r.is_new("k", 6, "bad", UNREADABLE), "a new version");
-        assert!(r.is_new("k", 6, "overlaps x", "overlaps_peer"), "a new reason");
+        assert!(
+            r.is_new("k", 6, "overlaps x", "overlaps_peer"),
+            "a new reason"
+        );
         assert!(r.is_new("j", 1, "vni 2", "vni_mismatch"));
         assert_eq!(
             r.by_cause(),
-            BTreeMap::from([("overlaps_peer".to_owned(), 1), ("vni_mismatch".to_owned(), 1)])
+            BTreeMap::from([
+                ("overlaps_peer".to_owned(), 1),
+                ("vni_mismatch".to_owned(), 1)
+            ])
         );
         r.keep_only(&BTreeSet::new());
         assert!(r.by_cause().is_empty());

@@ -137,13 +137,16 @@ fn counters_are_per_program_with_bytes_and_the_helper_return_code() -> Result<()
     ensure!(rc == TC_ACT_OK, "verdict {rc}");
     let after = b.counter_row(Program::EncapTc, Reason::Encapsulated)?;
     ensure!(
-        after.packets == before.packets + 1
-            && after.bytes == before.bytes + out.len() as u64,
+        after.packets == before.packets + 1 && after.bytes == before.bytes + out.len() as u64,
         "encapsulated: {before:?} -> {after:?}, frame of {} bytes out",
         out.len()
     );
     // The decap programs counted nothing for it.
-    ensure!(b.counter_row(Program::DecapTc, Reason::Encapsulated)?.packets == 0);
+    ensure!(
+        b.counter_row(Program::DecapTc, Reason::Encapsulated)?
+            .packets
+            == 0
+    );
 
     // A peer whose PublicIP has no route in the bench's namespace: the FIB
     // lookup fails with BPF_FIB_LKUP_RET_NOT_FWDED (4, no route).
@@ -158,7 +161,11 @@ fn counters_are_per_program_with_bytes_and_the_helper_return_code() -> Result<()
     );
     // A success in between leaves the last failure's code in place.
     b.encap(&inner)?;
-    ensure!(b.counter_row(Program::EncapTc, Reason::DropFibLookup)?.ext_err == 4);
+    ensure!(
+        b.counter_row(Program::EncapTc, Reason::DropFibLookup)?
+            .ext_err
+            == 4
+    );
     Ok(())
 }
 

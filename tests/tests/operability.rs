@@ -42,13 +42,7 @@ fn preflight() -> Result<()> {
     require_root()?;
     require_bpffs()?;
     require_tools(&[
-        "ip",
-        "nsenter",
-        "etcdctl",
-        "ping",
-        "python3",
-        PROMETHEUS,
-        PROMTOOL,
+        "ip", "nsenter", "etcdctl", "ping", "python3", PROMETHEUS, PROMTOOL,
     ])?;
     node_agent_binary()?;
     Ok(())
@@ -102,10 +96,7 @@ fn check_status_matches_pins(host: &Host<'_>, status: &serde_json::Value) -> Res
             )
         })
         .collect();
-    ensure!(
-        peers == shown,
-        "status peers {shown:?}, pinned {peers:?}"
-    );
+    ensure!(peers == shown, "status peers {shown:?}, pinned {peers:?}");
     for p in status["peers"].as_array().into_iter().flatten() {
         // The hosts share one underlay segment: a peer there is its own
         // next hop; the unroutable one has none.
@@ -114,10 +105,7 @@ fn check_status_matches_pins(host: &Host<'_>, status: &serde_json::Value) -> Res
         } else {
             p["public_ip"].clone()
         };
-        ensure!(
-            p["mode"] == "vxlan" && p["next_hop"] == want,
-            "peer {p}"
-        );
+        ensure!(p["mode"] == "vxlan" && p["next_hop"] == want, "peer {p}");
     }
     for reason in Reason::ALL.iter().filter(|r| r.is_drop()) {
         let pinned_n = pinned.counter(*reason)?;
@@ -164,8 +152,12 @@ fn prometheus_scrapes_the_agents_and_status_matches_the_pins() -> Result<()> {
         check
             .args(["check", "metrics"])
             .stdin(std::fs::File::open(&path)?);
-        weft_tests::process::run(check)
-            .with_context(|| format!("promtool on host {}'s /metrics:\n{exposition}", host.index()))?;
+        weft_tests::process::run(check).with_context(|| {
+            format!(
+                "promtool on host {}'s /metrics:\n{exposition}",
+                host.index()
+            )
+        })?;
     }
 
     // Prometheus in the switch namespace, scraping both agents every second.
@@ -235,9 +227,11 @@ fn prometheus_scrapes_the_agents_and_status_matches_the_pins() -> Result<()> {
             Ok((got.len() == hosts.len() && got.iter().all(|(_, v)| ok(*v))).then_some(()))
         })
     };
-    wait_all("Prometheus to scrape both agents", "up{job=\"weft\"}", &|v| {
-        v == 1.0
-    })?;
+    wait_all(
+        "Prometheus to scrape both agents",
+        "up{job=\"weft\"}",
+        &|v| v == 1.0,
+    )?;
     // Both nodes tunnelled the pings (and their replies), and each sees
     // the other as its one VXLAN peer.
     wait_all(
@@ -250,10 +244,14 @@ fn prometheus_scrapes_the_agents_and_status_matches_the_pins() -> Result<()> {
         "sum by (instance) (weft_bytes_total{program=\"weft_encap_tc\",reason=\"encapsulated\"})",
         &|v| v >= 10.0 * (84.0 + 50.0),
     )?;
-    wait_all("one vxlan peer", "weft_peers{mode=\"vxlan\"}", &|v| v == 1.0)?;
-    wait_all("etcd watch up", "weft_etcd_sync_state{state=\"watching\"}", &|v| {
+    wait_all("one vxlan peer", "weft_peers{mode=\"vxlan\"}", &|v| {
         v == 1.0
     })?;
+    wait_all(
+        "etcd watch up",
+        "weft_etcd_sync_state{state=\"watching\"}",
+        &|v| v == 1.0,
+    )?;
     wait_all(
         "a lease about to last a day",
         "weft_lease_remaining_seconds",
@@ -273,7 +271,9 @@ fn prometheus_scrapes_the_agents_and_status_matches_the_pins() -> Result<()> {
     let wrong_vni: Ipv4Net = "10.244.201.0/24".parse()?;
     cluster.put_lease(unroutable, &vxlan_lease(UNROUTABLE_PEER, 1))?;
     cluster.put_lease(wrong_vni, &vxlan_lease(Ipv4Addr::new(198, 18, 0, 99), 9))?;
-    wait_all("two vxlan peers", "weft_peers{mode=\"vxlan\"}", &|v| v == 2.0)?;
+    wait_all("two vxlan peers", "weft_peers{mode=\"vxlan\"}", &|v| {
+        v == 2.0
+    })?;
     wait_all(
         "a lease skipped for its VNI",
         "weft_leases_skipped{cause=\"vni_mismatch\"}",
@@ -282,16 +282,20 @@ fn prometheus_scrapes_the_agents_and_status_matches_the_pins() -> Result<()> {
     // Lost pings are the point here.
     let _ = a.ping(Ipv4Addr::new(10, 244, 200, 5), 5, 56, false);
     let a_instance = format!("{}:{METRICS_PORT}", hosts[0].ip());
-    wait_until(Duration::from_secs(60), "FIB-lookup drops in Prometheus", |last| {
-        let drops = query(drop_series)?;
-        let code = query(
-            "weft_helper_last_error{program=\"weft_encap_tc\",reason=\"drop_fib_lookup\"}",
-        )?;
-        *last = format!("drops {drops:?}, code {code:?}");
-        Ok((drops.contains(&(a_instance.clone(), 5.0))
-            && code == [(a_instance.clone(), BPF_FIB_LKUP_RET_NOT_FWDED)])
-        .then_some(()))
-    })?;
+    wait_until(
+        Duration::from_secs(60),
+        "FIB-lookup drops in Prometheus",
+        |last| {
+            let drops = query(drop_series)?;
+            let code = query(
+                "weft_helper_last_error{program=\"weft_encap_tc\",reason=\"drop_fib_lookup\"}",
+            )?;
+            *last = format!("drops {drops:?}, code {code:?}");
+            Ok((drops.contains(&(a_instance.clone(), 5.0))
+                && code == [(a_instance.clone(), BPF_FIB_LKUP_RET_NOT_FWDED)])
+            .then_some(()))
+        },
+    )?;
 
     // The same facts for scripts: `node-agent status --json`.
     let status = status_json(&hosts[0])?;
@@ -386,10 +390,14 @@ fn healthz_fails_once_etcd_is_lost_past_the_grace() -> Result<()> {
     );
 
     cluster.etcd().restart()?;
-    wait_until(Duration::from_secs(90), "/healthz to recover with etcd", |last| {
-        let (ok, body) = get();
-        *last = body;
-        Ok(ok.then_some(()))
-    })?;
+    wait_until(
+        Duration::from_secs(90),
+        "/healthz to recover with etcd",
+        |last| {
+            let (ok, body) = get();
+            *last = body;
+            Ok(ok.then_some(()))
+        },
+    )?;
     Ok(())
 }
