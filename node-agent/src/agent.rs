@@ -855,9 +855,9 @@ pub async fn status(pin_path: &Path, state_file: &Path, json: bool) -> anyhow::R
 
 /// Removes what `run` created: the cluster route and its neighbour entry,
 /// the peers' managed neighbour entries, weft's firewall rules, every pin
-/// (which detaches the programs), the slow-path device, and the subnet
-/// file.
-pub async fn cleanup(pin_path: &Path, subnet_file: &Path) -> anyhow::Result<()> {
+/// (which detaches the programs), the slow-path device, the subnet file
+/// and the state file.
+pub async fn cleanup(pin_path: &Path, subnet_file: &Path, state_file: &Path) -> anyhow::Result<()> {
     let pinned_cfg = if PinnedState::exists(pin_path) {
         PinnedState::open(pin_path)?.node_config()?
     } else {
@@ -898,12 +898,15 @@ pub async fn cleanup(pin_path: &Path, subnet_file: &Path) -> anyhow::Result<()> 
             "slow-path device removed"
         );
     }
-    match std::fs::remove_file(subnet_file) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(e).with_context(|| format!("removing {}", subnet_file.display()))
+    for file in [subnet_file, state_file] {
+        match std::fs::remove_file(file) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("removing {}", file.display()));
+            }
+            _ => {}
         }
-        _ => Ok(()),
     }
+    Ok(())
 }
 
 #[cfg(test)]

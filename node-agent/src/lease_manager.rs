@@ -7,7 +7,7 @@ use std::{net::Ipv4Addr, sync::Arc, time::Duration};
 use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
 use ipnet::Ipv4Net;
 
-use crate::agent_state::AgentStatus;
+use crate::agent_state::{self, AgentStatus};
 use crate::flannel::{AllocError, KeyLayout, LeaseAttrs, NetworkConfig, Reuse, choose_subnet};
 
 /// flannel's subnet lease TTL.
@@ -251,10 +251,6 @@ impl LeaseManager {
         self
     }
 
-    fn report(&self, f: impl FnOnce(&AgentStatus)) {
-        crate::agent_state::report(&self.status, f);
-    }
-
     /// Leases a subnet, preferring (1) a lease already carrying this node's
     /// PublicIP, (2) the subnet named in the existing subnet file, (3) a free
     /// one, like flanneld. Every write is a transaction that only succeeds if
@@ -410,7 +406,7 @@ impl LeaseManager {
     /// A reservation has nothing to renew.
     pub async fn keep_renewed(mut self, mut held: Acquired) -> Result<(), LeaseError> {
         if held.etcd_lease == 0 {
-            self.report(AgentStatus::lease_reservation);
+            agent_state::report(&self.status, AgentStatus::lease_reservation);
             tracing::info!(subnet = %held.subnet, "subnet is a reservation (no TTL); nothing to renew");
             return std::future::pending().await;
         }
@@ -418,7 +414,7 @@ impl LeaseManager {
         let mut failing = false;
         let mut delay = match self.ttl_left(held.etcd_lease).await {
             Ok(Some(ttl)) => {
-                self.report(|s| s.lease_ttl(ttl));
+                agent_state::report(&self.status, |s| s.lease_ttl(ttl));
                 let delay = renew_delay(ttl);
                 if delay.is_zero() {
                     tracing::info!(subnet = %held.subnet, ttl_secs = ttl.as_secs(), "kept subnet lease is due for renewal; renewing now");
@@ -431,7 +427,7 @@ impl LeaseManager {
             tokio::time::sleep(delay).await;
             match self.renew_once(&mut held).await {
                 Ok(ttl) => {
-                    self.report(|s| s.lease_ttl(ttl));
+                    agent_state::report(&self.status, |s| s.lease_ttl(ttl));
                     if failing {
                         tracing::info!(subnet = %held.subnet, "lease renewal works again");
                     }
@@ -497,7 +493,7 @@ impl LeaseManager {
                     }
                 }
                 if kv.lease() == 0 {
-                    self.report(AgentStatus::lease_reservation);
+                    agent_state::report(&self.status, AgentStatus::lease_reservation);
                     tracing::info!(subnet = %held.subnet, "subnet became a reservation; no more renewals");
                     held.etcd_lease = 0;
                     return std::future::pending().await;

@@ -49,12 +49,14 @@ enum Command {
         key: String,
     },
     /// Remove everything `run` created: programs, maps, route, firewall
-    /// rules, subnet file.
+    /// rules, subnet file, state file.
     Cleanup {
         #[arg(long, default_value = "/sys/fs/bpf/weft")]
         pin_path: PathBuf,
         #[arg(long, default_value = subnet_env::DEFAULT_PATH)]
         subnet_file: PathBuf,
+        #[arg(long, env = "WEFT_STATE_FILE", default_value = agent_state::DEFAULT_STATE_FILE)]
+        state_file: PathBuf,
     },
 }
 
@@ -100,7 +102,8 @@ async fn run_command(command: Command) -> anyhow::Result<()> {
         Command::Cleanup {
             pin_path,
             subnet_file,
-        } => agent::cleanup(&pin_path, &subnet_file).await,
+            state_file,
+        } => agent::cleanup(&pin_path, &subnet_file, &state_file).await,
     }
 }
 

@@ -20,7 +20,7 @@ use ipnet::Ipv4Net;
 use tokio::sync::watch;
 
 use crate::{
-    agent_state::AgentStatus,
+    agent_state::{self, AgentStatus},
     flannel::{KeyLayout, LeaseAttrs},
     lease_manager::{Acquired, MAX_RECEIVE, Rejected, bounded, list_leases, parse_kv},
     peers::{Candidate, Change, PeerTable, Refusal, SubnetMap},
@@ -205,12 +205,8 @@ impl<M: SubnetMap> PeerWatcher<M> {
         self
     }
 
-    fn report(&self, f: impl FnOnce(&AgentStatus)) {
-        crate::agent_state::report(&self.status, f);
-    }
-
     fn report_skipped(&self) {
-        self.report(|s| s.skipped(self.reported.by_cause()));
+        agent_state::report(&self.status, |s| s.skipped(self.reported.by_cause()));
     }
 
     /// Publishes the table's node addresses when they changed.
@@ -235,7 +231,7 @@ impl<M: SubnetMap> PeerWatcher<M> {
             if err.is_fatal() {
                 return err;
             }
-            self.report(AgentStatus::lost);
+            agent_state::report(&self.status, AgentStatus::lost);
             if let Some(since) = watching_since {
                 backoff.healthy_for(since.elapsed());
             }
@@ -301,7 +297,7 @@ impl<M: SubnetMap> PeerWatcher<M> {
         }
         self.reported.keep_only(&unusable);
         self.report_skipped();
-        self.report(AgentStatus::reconciled);
+        agent_state::report(&self.status, AgentStatus::reconciled);
         for e in &report.map_errors {
             tracing::error!(error = %e, "cannot update the peer map");
         }
@@ -335,7 +331,7 @@ impl<M: SubnetMap> PeerWatcher<M> {
             Err(e) => return e.into(),
         };
         *watching_since = Some(Instant::now());
-        self.report(AgentStatus::watching);
+        agent_state::report(&self.status, AgentStatus::watching);
         loop {
             let resp = match stream.message().await {
                 Ok(Some(r)) => r,
@@ -349,7 +345,7 @@ impl<M: SubnetMap> PeerWatcher<M> {
                 return WatchError::Canceled(bounded(resp.cancel_reason()));
             }
             if !resp.events().is_empty() {
-                self.report(AgentStatus::event);
+                agent_state::report(&self.status, AgentStatus::event);
             }
             for event in resp.events() {
                 let Some(kv) = event.kv() else { continue };

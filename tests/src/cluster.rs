@@ -1009,8 +1009,8 @@ impl<'c> Host<'c> {
         Ok(out)
     }
 
-    /// Runs `node-agent cleanup` for this host's pin path and subnet file,
-    /// inside its namespace (cleanup detaches from its devices there).
+    /// Runs `node-agent cleanup` for this host's pin path, subnet and state
+    /// files, inside its namespace (cleanup detaches from its devices there).
     pub fn agent_cleanup(&self) -> Result<()> {
         let binary = crate::node_agent_binary()?;
         let cmd = self.ns.command_keep_mounts(&[
@@ -1020,6 +1020,8 @@ impl<'c> Host<'c> {
             &self.pin_path.to_string_lossy(),
             "--subnet-file",
             &self.subnet_file.to_string_lossy(),
+            "--state-file",
+            &self.state_file.to_string_lossy(),
         ]);
         process::run_timeout(cmd, AGENT_CLEANUP_TIMEOUT)
             .with_context(|| format!("host {}: node-agent cleanup", self.index))?;
