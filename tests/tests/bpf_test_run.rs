@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 
 use anyhow::{Context as _, Result, ensure};
 use weft_common::{
-    DEFAULT_DECAP_MARK, MAP_NODE_CONFIG, Mode, PROG_DECAP_TC, PROG_SLOWPATH_IPIP_TC,
+    DEFAULT_DECAP_MARK, MAP_COUNTERS, MAP_NODE_CONFIG, Mode, PROG_DECAP_TC, PROG_SLOWPATH_IPIP_TC,
     PROG_SLOWPATH_RX_TC, Program, Reason,
 };
 use weft_tests::test_run::*;
@@ -883,6 +883,66 @@ fn slow_path_rx_drops_frames_without_tunnel_metadata() -> Result<()> {
     Ok(())
 }
 
+/// Runs bpftool, which makes maps of old layouts for the upgrade tests.
+fn bpftool(args: &[&str]) -> Result<()> {
+    let out = std::process::Command::new("bpftool")
+        .args(args)
+        .output()
+        .context("running bpftool (needed to make an old-layout map)")?;
+    ensure!(
+        out.status.success(),
+        "bpftool {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+#[test]
+fn counters_of_the_old_per_reason_layout_are_replaced_on_load() -> Result<()> {
+    require_root()?;
+    require_bpffs()?;
+    let pins = PinDir::new()?;
+    // What an agent from before the per-program counters pinned: a per-CPU
+    // array of one u64 per reason.
+    let old = pins.path().join(MAP_COUNTERS);
+    let count = Reason::COUNT.to_string();
+    bpftool(&[
+        "map",
+        "create",
+        &old.to_string_lossy(),
+        "type",
+        "percpu_array",
+        "key",
+        "4",
+        "value",
+        "8",
+        "entries",
+        &count,
+        "name",
+        "COUNTERS",
+    ])?;
+    drop(
+        node_agent::datapath::Datapath::load(pins.path(), Default::default())
+            .context("old counters must not stop the agent from loading")?,
+    );
+    let info = aya::maps::MapInfo::from_pin(&old)?;
+    ensure!(
+        info.value_size() as usize == size_of::<weft_common::Counter>()
+            && info.max_entries() == weft_common::COUNTER_SLOTS,
+        "COUNTERS pinned with value size {} and {} entries",
+        info.value_size(),
+        info.max_entries()
+    );
+    // And it reads through the one reader, every slot at zero.
+    let table = node_agent::pinned::PinnedState::open(pins.path())?.counter_table()?;
+    ensure!(
+        table.len() == weft_common::COUNTER_SLOTS as usize
+            && table.iter().all(|row| row.packets == 0 && row.bytes == 0),
+        "fresh counters: {table:?}"
+    );
+    Ok(())
+}
+
 #[test]
 fn an_old_48_byte_node_config_pin_is_read_and_replaced_on_load() -> Result<()> {
     require_root()?;
@@ -897,18 +957,6 @@ fn an_old_48_byte_node_config_pin_is_read_and_replaced_on_load() -> Result<()> {
     )?);
     let old = pins.path().join(MAP_NODE_CONFIG);
     std::fs::remove_file(&old)?;
-    let bpftool = |args: &[&str]| -> Result<()> {
-        let out = std::process::Command::new("bpftool")
-            .args(args)
-            .output()
-            .context("running bpftool (needed to make an old-layout map)")?;
-        ensure!(
-            out.status.success(),
-            "bpftool {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(())
-    };
     let old_s = old.to_string_lossy();
     bpftool(&[
         "map",
