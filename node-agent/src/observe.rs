@@ -18,8 +18,8 @@ use std::{
 };
 
 use prometheus_client::{
-    encoding::text::encode,
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    encoding::{EncodeMetric, text::encode},
+    metrics::{TypedMetric, counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 use tokio::{
@@ -272,32 +272,46 @@ fn snapshot(info: &AgentInfo) -> Result<Snapshot, PinnedError> {
 
 type Labels = Vec<(&'static str, String)>;
 
-/// Registers a counter family with one series per `(labels, value)`.
+/// Registers a family of `M` with one series per `(labels, value)`, each
+/// set by `set`.
+fn family<M, V>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    series: impl IntoIterator<Item = (Labels, V)>,
+    set: impl Fn(&M, V),
+) where
+    M: EncodeMetric + TypedMetric + Default + std::fmt::Debug + Send + Sync + 'static,
+{
+    let family = Family::<Labels, M>::default();
+    for (labels, value) in series {
+        set(&family.get_or_create(&labels), value);
+    }
+    registry.register(name, help, family);
+}
+
+/// [`family`] of counters.
 fn counters(
     registry: &mut Registry,
     name: &str,
     help: &str,
     series: impl IntoIterator<Item = (Labels, u64)>,
 ) {
-    let family = Family::<Labels, Counter>::default();
-    for (labels, value) in series {
-        family.get_or_create(&labels).inc_by(value);
-    }
-    registry.register(name, help, family);
+    family(registry, name, help, series, |c: &Counter, v| {
+        c.inc_by(v);
+    });
 }
 
-/// Registers a gauge family with one series per `(labels, value)`.
+/// [`family`] of gauges.
 fn gauges(
     registry: &mut Registry,
     name: &str,
     help: &str,
     series: impl IntoIterator<Item = (Labels, i64)>,
 ) {
-    let family = Family::<Labels, Gauge>::default();
-    for (labels, value) in series {
-        family.get_or_create(&labels).set(value);
-    }
-    registry.register(name, help, family);
+    family(registry, name, help, series, |g: &Gauge, v| {
+        g.set(v);
+    });
 }
 
 /// Registers an unlabelled gauge.
