@@ -824,7 +824,32 @@ pub async fn status(pin_path: &Path, state_file: &Path, json: bool) -> anyhow::R
     for (reason, n) in &state.counters().with_context(reading)? {
         println!("  {:<30} {n}", reason.name());
     }
-    println!("host: {}", value["host"]);
+    match &host {
+        Ok(h) => {
+            match &h.cluster_route {
+                Some(r) => println!(
+                    "cluster route: {} via {} mtu {}",
+                    r.dst,
+                    r.gateway.map(|g| g.to_string()).unwrap_or_default(),
+                    r.mtu
+                        .map(|m| m.to_string())
+                        .unwrap_or_else(|| "-".to_owned())
+                ),
+                None => println!("cluster route: missing"),
+            }
+            println!("managed neighbour entries: {}", h.managed_neighbours.len());
+            println!(
+                "slow-path device {}: {}",
+                netconf::SLOW_PATH_DEVICE,
+                if h.slow_path_device {
+                    "present"
+                } else {
+                    "absent"
+                }
+            );
+        }
+        Err(e) => println!("host state: cannot read ({e:#})"),
+    }
     // The firewall rules are this network namespace's, not pinned state.
     match Nft::open().and_then(|mut nft| Firewall::installed(&mut nft)) {
         Ok(installed) => {

@@ -230,13 +230,18 @@ impl AgentStatus {
         self.update(|s, now| s.last_event_at = Some(now));
     }
 
-    /// The leases skipped now, by cause.
+    /// The leases skipped now, by cause. Reported after every watch
+    /// response, so only a change wakes the file writer.
     pub fn skipped(&self, by_cause: BTreeMap<String, u64>) {
-        self.update(|s, _| {
-            if s.skipped_leases != by_cause {
-                s.skipped_leases = by_cause;
-            }
-        });
+        let same = self
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .skipped_leases
+            == by_cause;
+        if !same {
+            self.update(|s, _| s.skipped_leases = by_cause);
+        }
     }
 
     /// Writes the state to `path` whenever it changes, at most once per

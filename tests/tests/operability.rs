@@ -59,21 +59,27 @@ fn vxlan_lease(ip: Ipv4Addr, vni: u32) -> LeaseAttrs {
     }
 }
 
-/// `node-agent status --json` of `host`, parsed.
-fn status_json(host: &Host<'_>) -> Result<serde_json::Value> {
+/// `node-agent status` of `host`, with `extra` flags.
+fn run_status(host: &Host<'_>, extra: &[&str]) -> Result<String> {
     let binary = node_agent_binary()?;
     let binary = binary.to_string_lossy();
     let pin_path = host.pin_path().to_string_lossy().into_owned();
     let state_file = host.state_file().to_string_lossy().into_owned();
-    let out = weft_tests::process::run(host.ns().command_keep_mounts(&[
-        &binary,
+    let mut args = vec![
+        &*binary,
         "status",
-        "--json",
         "--pin-path",
         &pin_path,
         "--state-file",
         &state_file,
-    ]))?;
+    ];
+    args.extend_from_slice(extra);
+    weft_tests::process::run(host.ns().command_keep_mounts(&args))
+}
+
+/// `node-agent status --json` of `host`, parsed.
+fn status_json(host: &Host<'_>) -> Result<serde_json::Value> {
+    let out = run_status(host, &["--json"])?;
     serde_json::from_str(&out).with_context(|| format!("status --json printed {out}"))
 }
 
@@ -313,6 +319,13 @@ fn prometheus_scrapes_the_agents_and_status_matches_the_pins() -> Result<()> {
         "unexpected status --json:\n{status:#}"
     );
     check_status_matches_pins(&hosts[0], &status)?;
+    let text = run_status(&hosts[0], &[])?;
+    ensure!(
+        text.contains("agent: running")
+            && text.contains("etcd watching")
+            && text.contains("cluster route: 10.244.0.0/16 via 10.244.0.0"),
+        "unexpected status:\n{text}"
+    );
 
     cluster.etcd().del(&cluster.lease_key(unroutable))?;
     cluster.etcd().del(&cluster.lease_key(wrong_vni))?;
@@ -336,6 +349,11 @@ fn prometheus_scrapes_the_agents_and_status_matches_the_pins() -> Result<()> {
         "unexpected status --json of a stopped agent:\n{stopped:#}"
     );
     check_status_matches_pins(&hosts[0], &stopped)?;
+    let text = run_status(&hosts[0], &[])?;
+    ensure!(
+        text.contains("agent: not running") && text.contains("etcd agent_not_running"),
+        "unexpected status of a stopped agent:\n{text}"
+    );
     Ok(())
 }
 
