@@ -26,7 +26,7 @@ use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
 };
-use weft_common::{Mode, NodeConfig, Reason, RemoteNode};
+use weft_common::{MAP_NODE_IPS, MAP_SUBNETS, MAX_SUBNETS, Mode, NodeConfig, Reason, RemoteNode};
 
 use crate::{
     agent_state::{AgentStatus, StateSnapshot, SyncState, unix},
@@ -397,6 +397,13 @@ fn render_metrics(info: &AgentInfo, snap: &Snapshot) -> Result<String, std::fmt:
         [("SUBNETS", snap.peers.len()), ("NODE_IPS", snap.node_ips)]
             .map(|(map, n)| (vec![("map", map.to_owned())], n as i64)),
     );
+    gauges(
+        &mut r,
+        "map_capacity",
+        "Entries the pinned BPF maps the agent fills can hold, by map",
+        [MAP_SUBNETS, MAP_NODE_IPS]
+            .map(|map| (vec![("map", map.to_owned())], i64::from(MAX_SUBNETS))),
+    );
     let configured = snap.config.is_some_and(|c| c.configured != 0);
     gauge(
         &mut r,
@@ -616,6 +623,7 @@ mod tests {
             "weft_peers{mode=\"vxlan\"} 1",
             "weft_peers{mode=\"ipip\"} 0",
             "weft_map_entries{map=\"NODE_IPS\"} 1",
+            "weft_map_capacity{map=\"SUBNETS\"} 131072",
             "weft_datapath_configured 0",
             "weft_lease_remaining_seconds 3590",
             "weft_etcd_sync_state{state=\"listing\"} 1",
