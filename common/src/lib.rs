@@ -13,7 +13,8 @@
 pub const MAP_SUBNETS: &str = "SUBNETS";
 /// Name of the single-slot array holding this node's [`NodeConfig`].
 pub const MAP_NODE_CONFIG: &str = "NODE_CONFIG";
-/// Name of the per-CPU array of `u64` packet counters, indexed by [`Reason`].
+/// Name of the per-CPU array of [`Counter`]s, one per (program, reason):
+/// index [`counter_index`], [`COUNTER_SLOTS`] entries.
 pub const MAP_COUNTERS: &str = "COUNTERS";
 /// Name of the hash of known nodes' PublicIPs (key `[u8; 4]`, network order;
 /// value: `u32` count of subnets leased from that address). Tunnel packets
@@ -129,8 +130,8 @@ pub const DECAP_VXLAN: u32 = 1;
 /// [`NodeConfig::decap`] bit: IP-in-IP from a source in [`MAP_NODE_IPS`].
 pub const DECAP_IPIP: u32 = 2;
 
-/// Why a program did what it did. Each variant indexes [`MAP_COUNTERS`], so the
-/// counters double as metrics (`bpftool map dump pinned <pin>/COUNTERS`).
+/// Why a program did what it did. Each (program, variant) pair has its slot
+/// in [`MAP_COUNTERS`], so the counters double as metrics.
 /// Numbers are part of the pinned-map ABI: append, never renumber.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -305,6 +306,74 @@ impl Reason {
     }
 }
 
+/// The programs that count, in [`MAP_COUNTERS`] order. `weft_mark_tc` only
+/// turns a tag into a mark and counts nothing. Numbers are part of the
+/// pinned-map ABI: append, never renumber.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Program {
+    EncapTc = 0,
+    DecapXdp = 1,
+    DecapTc = 2,
+    SlowpathRxTc = 3,
+    SlowpathIpipTc = 4,
+}
+
+impl Program {
+    pub const COUNT: u32 = 5;
+
+    /// Every counting program, in index order.
+    pub const ALL: [Program; Self::COUNT as usize] = [
+        Program::EncapTc,
+        Program::DecapXdp,
+        Program::DecapTc,
+        Program::SlowpathRxTc,
+        Program::SlowpathIpipTc,
+    ];
+
+    /// The program's (entry function's) name, e.g. `weft_encap_tc`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Program::EncapTc => PROG_ENCAP_TC,
+            Program::DecapXdp => PROG_DECAP_XDP,
+            Program::DecapTc => PROG_DECAP_TC,
+            Program::SlowpathRxTc => PROG_SLOWPATH_RX_TC,
+            Program::SlowpathIpipTc => PROG_SLOWPATH_IPIP_TC,
+        }
+    }
+}
+
+/// Entries of [`MAP_COUNTERS`]: one per (program, reason).
+pub const COUNTER_SLOTS: u32 = Program::COUNT * Reason::COUNT;
+
+/// The [`MAP_COUNTERS`] index of `reason` counted by `program`:
+/// `program * Reason::COUNT + reason`. Appending a reason moves every
+/// index, so the agent replaces a pinned map of another size (the counts
+/// restart; they are statistics).
+pub const fn counter_index(program: Program, reason: Reason) -> u32 {
+    program as u32 * Reason::COUNT + reason as u32
+}
+
+/// Value of one [`MAP_COUNTERS`] slot on one CPU. All fields host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    /// Packets counted.
+    pub packets: u64,
+    /// Their bytes at the point of counting: `skb->len` at TC, the frame
+    /// (`data_end - data`) at XDP; after encapsulation or decapsulation
+    /// for the packets that got it.
+    pub bytes: u64,
+    /// The return code of the last kernel helper that failed with this
+    /// reason on this CPU (Cilium's `ext_err`): a negative errno, or for
+    /// [`Reason::DropFibLookup`] a positive `BPF_FIB_LKUP_RET_*`. 0: none.
+    pub ext_err: i64,
+    /// `bpf_ktime_get_ns()` when `ext_err` was recorded, so that a reader
+    /// can tell which CPU's code is the latest. 0: none.
+    pub ext_err_ns: u64,
+}
+const _: () = assert!(size_of::<Counter>() == 32);
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: both are #[repr(C)] with explicit padding fields and only
@@ -312,6 +381,8 @@ mod user {
     unsafe impl aya::Pod for super::RemoteNode {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::NodeConfig {}
+    // SAFETY: as above (integers only, no padding).
+    unsafe impl aya::Pod for super::Counter {}
 }
 
 #[cfg(test)]
@@ -324,5 +395,19 @@ mod tests {
             assert_eq!(*r as u32, i as u32, "{} out of place", r.name());
             assert_eq!(r.is_drop(), r.name().starts_with("drop_"), "{}", r.name());
         }
+    }
+
+    #[test]
+    fn counter_slots_are_dense_and_distinct() {
+        let mut seen = [false; COUNTER_SLOTS as usize];
+        for (i, p) in Program::ALL.iter().enumerate() {
+            assert_eq!(*p as u32, i as u32, "{} out of place", p.name());
+            for r in Reason::ALL {
+                let slot = counter_index(*p, r) as usize;
+                assert!(!seen[slot], "{} {} shares slot {slot}", p.name(), r.name());
+                seen[slot] = true;
+            }
+        }
+        assert!(seen.iter().all(|s| *s));
     }
 }

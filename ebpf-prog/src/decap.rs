@@ -51,7 +51,7 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr, udp::UdpHdr};
 use weft_common::{DECAP_IPIP, DECAP_VXLAN, NodeConfig, Reason};
 
 use crate::{
-    maps::{is_known_node, node_config, remote_for},
+    maps::{helper_failed, is_known_node, node_config, remote_for},
     mark,
     packet::{PacketWindow, ptr_at_mut, read_at},
 };
@@ -91,8 +91,9 @@ pub fn try_decap_xdp(ctx: &XdpContext) -> Result<u32, Reason> {
     let outer = read_at::<EthHdr>(ctx, 0).ok_or(Reason::DropMalformedTunnel)?;
 
     // SAFETY: plain helper call on this program's own context.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, tunnel.encap_len() as i32) } != 0 {
-        return Err(Reason::DropAdjustRoom);
+    let rc = unsafe { bpf_xdp_adjust_head(ctx.ctx, tunnel.encap_len() as i32) };
+    if rc != 0 {
+        return Err(helper_failed(Reason::DropAdjustRoom, rc));
     }
     // Every earlier pointer is stale now. The frame must be addressed to the
     // interface itself for the stack to take it as PACKET_HOST: VXLAN's inner
@@ -149,7 +150,7 @@ pub fn try_slowpath_ipip_rx(ctx: &TcContext) -> Result<i32, Reason> {
     // frame as addressed to `--iface` when it is re-injected there.
     ctx.skb
         .store(0, &cfg.iface_mac, 0)
-        .map_err(|_| Reason::DropStoreBytes)?;
+        .map_err(|rc| helper_failed(Reason::DropStoreBytes, rc))?;
     // SAFETY: plain helper call; the verdict it returns is ours.
     Ok(unsafe { bpf_redirect(cfg.iface_ifindex, u64::from(BPF_F_INGRESS)) } as i32)
 }
@@ -173,7 +174,7 @@ fn classify_tc(ctx: &TcContext, cfg: &NodeConfig) -> Result<Tunnel, Reason> {
 fn pop_tc(ctx: &TcContext, tunnel: Tunnel) -> Result<(), Reason> {
     ctx.skb
         .adjust_room(-(tunnel.encap_len() as i32), BPF_ADJ_ROOM_MAC, 0)
-        .map_err(|_| Reason::DropAdjustRoom)?;
+        .map_err(|rc| helper_failed(Reason::DropAdjustRoom, rc))?;
     mark::mark_tc(ctx);
     Ok(())
 }
@@ -353,7 +354,7 @@ pub fn try_slowpath_rx(ctx: &TcContext) -> Result<i32, Reason> {
     // carries the mark (a redirect within the namespace keeps it).
     ctx.skb
         .store(0, &cfg.iface_mac, 0)
-        .map_err(|_| Reason::DropStoreBytes)?;
+        .map_err(|rc| helper_failed(Reason::DropStoreBytes, rc))?;
     mark::mark_tc(ctx);
     // SAFETY: plain helper call; the verdict it returns is ours.
     Ok(unsafe { bpf_redirect(cfg.iface_ifindex, u64::from(BPF_F_INGRESS)) } as i32)

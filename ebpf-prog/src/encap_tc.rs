@@ -45,7 +45,7 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 use weft_common::{Mode, NodeConfig, Reason, RemoteNode};
 
 use crate::{
-    maps::{Limited, admit, node_config, remote_for},
+    maps::{Limited, admit, helper_failed, node_config, remote_for},
     packet::read_at,
 };
 
@@ -200,19 +200,20 @@ fn frag_needed(
     let reply = icmp::frag_needed(&quote, next_hop_mtu as u16);
     // SAFETY: helper on our own skb; every pointer is re-derived (by the
     // stores below) after it.
-    if unsafe { bpf_skb_change_tail(ctx.skb.skb, (ETH_HLEN + icmp::REPLY_LEN) as u32, 0) } != 0 {
-        return Err(Reason::DropAdjustRoom);
+    let rc = unsafe { bpf_skb_change_tail(ctx.skb.skb, (ETH_HLEN + icmp::REPLY_LEN) as u32, 0) };
+    if rc != 0 {
+        return Err(helper_failed(Reason::DropAdjustRoom, rc));
     }
     ctx.skb
         .store(ETH_HLEN, &reply, 0)
-        .map_err(|_| Reason::DropStoreBytes)?;
+        .map_err(|rc| helper_failed(Reason::DropStoreBytes, rc))?;
     // Addressed to the interface itself, so the stack takes it as its own.
     let mut l2 = [0u8; 12];
     l2[..6].copy_from_slice(&cfg.iface_mac);
     l2[6..].copy_from_slice(&cfg.iface_mac);
     ctx.skb
         .store(0, &l2, 0)
-        .map_err(|_| Reason::DropStoreBytes)?;
+        .map_err(|rc| helper_failed(Reason::DropStoreBytes, rc))?;
     // SAFETY: plain helper call; the verdict it returns is ours.
     Ok(unsafe { bpf_redirect(cfg.iface_ifindex, u64::from(BPF_F_INGRESS)) } as i32)
 }
@@ -253,14 +254,14 @@ fn slow_path_tx(
         )
     };
     if rc != 0 {
-        return Err(Reason::DropStoreBytes);
+        return Err(helper_failed(Reason::DropStoreBytes, rc));
     }
     let mut l2 = [0u8; 12];
     l2[..6].copy_from_slice(&remote.vtep_mac);
     l2[6..].copy_from_slice(&cfg.vtep_mac);
     ctx.skb
         .store(0, &l2, 0)
-        .map_err(|_| Reason::DropStoreBytes)?;
+        .map_err(|rc| helper_failed(Reason::DropStoreBytes, rc))?;
     // SAFETY: plain helper call; the verdict it returns is ours.
     Ok(unsafe { bpf_redirect(cfg.slow_path_ifindex, 0) } as i32)
 }
@@ -362,12 +363,12 @@ fn insert_after_l2<const N: usize>(
         }
         ctx.skb
             .adjust_room(N as i32, BPF_ADJ_ROOM_MAC, 0)
-            .map_err(|_| Reason::DropAdjustRoom)?;
+            .map_err(|rc| helper_failed(Reason::DropAdjustRoom, rc))?;
     }
     // From here on the packet is half-built: every failure must drop it.
     ctx.skb
         .store(ETH_HLEN, headers, 0)
-        .map_err(|_| Reason::DropStoreBytes)
+        .map_err(|rc| helper_failed(Reason::DropStoreBytes, rc))
 }
 
 /// Sends the (possibly encapsulated) frame towards `next`. With a resolved
@@ -386,7 +387,7 @@ fn transmit(ctx: &TcContext, next: NextHop, gateway: Option<[u8; 4]>) -> Result<
         NextHop::Resolved { ifindex, l2 } => {
             ctx.skb
                 .store(0, &l2, 0)
-                .map_err(|_| Reason::DropStoreBytes)?;
+                .map_err(|rc| helper_failed(Reason::DropStoreBytes, rc))?;
             // SAFETY: reading a field of the context the kernel handed us.
             if ifindex == unsafe { (*ctx.skb.skb).ifindex } {
                 Ok(TC_ACT_OK)
@@ -450,6 +451,8 @@ fn next_hop(ctx: &TcContext, ifindex: u32, src: [u8; 4], dst: [u8; 4]) -> Result
         BPF_FIB_LKUP_RET_NO_NEIGH => Ok(NextHop::Unresolved {
             ifindex: fib.ifindex,
         }),
-        _ => Err(Reason::DropFibLookup),
+        // The lookup's own verdict (BPF_FIB_LKUP_RET_*, or a negative
+        // errno) says why: no route, blackhole, unreachable, forwarding off.
+        _ => Err(helper_failed(Reason::DropFibLookup, rc)),
     }
 }

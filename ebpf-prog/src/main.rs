@@ -17,7 +17,8 @@
 //!   as on the fast path and re-injected into `--iface`'s ingress.
 //!
 //! Each entry calls `try_*` and turns its `Result<action, Reason>` into a
-//! verdict plus a per-CPU counter, so every outcome is visible in `COUNTERS`.
+//! verdict plus a per-CPU counter of packets and bytes per (program, reason),
+//! so every outcome is visible in `COUNTERS`.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
@@ -40,7 +41,7 @@ mod entries {
         programs::{TcContext, XdpContext},
     };
     use aya_log_ebpf::error;
-    use weft_common::Reason;
+    use weft_common::{Program, Reason};
 
     use crate::{
         decap, encap_tc,
@@ -52,10 +53,10 @@ mod entries {
     pub fn weft_encap_tc(ctx: TcContext) -> i32 {
         match encap_tc::try_encap(&ctx) {
             Ok((reason, action)) => {
-                count(reason);
+                count(Program::EncapTc, reason, ctx.len());
                 action
             }
-            Err(reason) => tc_verdict(&ctx, reason),
+            Err(reason) => tc_verdict(&ctx, Program::EncapTc, reason),
         }
     }
 
@@ -63,12 +64,12 @@ mod entries {
     pub fn weft_decap_xdp(ctx: XdpContext) -> u32 {
         match decap::try_decap_xdp(&ctx) {
             Ok(action) => {
-                count(Reason::Decapsulated);
+                count(Program::DecapXdp, Reason::Decapsulated, xdp_len(&ctx));
                 action
             }
             Err(reason) => {
-                count(reason);
-                if helper_failed(reason) && admit(Limited::Log) {
+                count(Program::DecapXdp, reason, xdp_len(&ctx));
+                if worth_a_log(reason) && admit(Limited::Log) {
                     error!(
                         &ctx,
                         "weft_decap_xdp: helper failed, reason {}", reason as u32
@@ -87,10 +88,10 @@ mod entries {
     pub fn weft_decap_tc(ctx: TcContext) -> i32 {
         match decap::try_decap_tc(&ctx) {
             Ok(action) => {
-                count(Reason::Decapsulated);
+                count(Program::DecapTc, Reason::Decapsulated, ctx.len());
                 action
             }
-            Err(reason) => tc_verdict(&ctx, reason),
+            Err(reason) => tc_verdict(&ctx, Program::DecapTc, reason),
         }
     }
 
@@ -104,10 +105,14 @@ mod entries {
     pub fn weft_slowpath_rx_tc(ctx: TcContext) -> i32 {
         match decap::try_slowpath_rx(&ctx) {
             Ok(action) => {
-                count(Reason::DecapsulatedSlowPath);
+                count(
+                    Program::SlowpathRxTc,
+                    Reason::DecapsulatedSlowPath,
+                    ctx.len(),
+                );
                 action
             }
-            Err(reason) => tc_verdict(&ctx, reason),
+            Err(reason) => tc_verdict(&ctx, Program::SlowpathRxTc, reason),
         }
     }
 
@@ -115,22 +120,26 @@ mod entries {
     pub fn weft_slowpath_ipip_tc(ctx: TcContext) -> i32 {
         match decap::try_slowpath_ipip_rx(&ctx) {
             Ok(action) => {
-                count(Reason::DecapsulatedSlowPath);
+                count(
+                    Program::SlowpathIpipTc,
+                    Reason::DecapsulatedSlowPath,
+                    ctx.len(),
+                );
                 action
             }
             Err(reason) => {
                 // Dropped whatever the reason: passed up from the tap, an
                 // IP-in-IP packet would go back to the agent's raw socket.
-                count(reason);
+                count(Program::SlowpathIpipTc, reason, ctx.len());
                 TC_ACT_SHOT
             }
         }
     }
 
     #[inline(always)]
-    fn tc_verdict(ctx: &TcContext, reason: Reason) -> i32 {
-        count(reason);
-        if helper_failed(reason) && admit(Limited::Log) {
+    fn tc_verdict(ctx: &TcContext, program: Program, reason: Reason) -> i32 {
+        count(program, reason, ctx.len());
+        if worth_a_log(reason) && admit(Limited::Log) {
             error!(ctx, "weft tc: helper failed, reason {}", reason as u32);
         }
         if reason.is_drop() {
@@ -145,8 +154,14 @@ mod entries {
     /// most `LOGS_PER_SECOND` per CPU: a flow that keeps failing must not
     /// flood the log; the counter has the full count.
     #[inline(always)]
-    fn helper_failed(reason: Reason) -> bool {
+    fn worth_a_log(reason: Reason) -> bool {
         matches!(reason, Reason::DropAdjustRoom | Reason::DropStoreBytes)
+    }
+
+    /// The XDP frame's length, for the byte counters.
+    #[inline(always)]
+    fn xdp_len(ctx: &XdpContext) -> u32 {
+        (ctx.data_end() - ctx.data()) as u32
     }
 }
 

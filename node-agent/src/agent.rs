@@ -16,6 +16,7 @@ use weft_common::{
 };
 
 use crate::{
+    agent_state::{self, AgentStatus, StateSnapshot},
     datapath::{self, Datapath, DecapMode, LoadOptions},
     etcd::EtcdSettings,
     flannel::{
@@ -25,11 +26,11 @@ use crate::{
     ipip_slow_path,
     lease_manager::LeaseManager,
     netconf::{self, ClusterRoute, HostNetworking, IfaceChoice},
-    netlink::{ExternalVxlan, Netlink as _, NetlinkEvents, RtNetlink},
+    netlink::{ExternalVxlan, ListedRoute, Netlink as _, NetlinkEvents, RtNetlink},
     nft::{Firewall, FirewallPlan, Nft, Repairs},
     observe::{self, AgentInfo, ObserveSettings},
     peers::PeerTable,
-    pinned::{PinnedError, PinnedState},
+    pinned::{PinnedError, PinnedState, packets_by_reason},
     watcher::PeerWatcher,
 };
 
@@ -63,6 +64,10 @@ pub struct RunSettings {
     /// bpffs directory for the maps and program links.
     #[arg(long, default_value = "/sys/fs/bpf/weft")]
     pub pin_path: PathBuf,
+    /// Where the agent keeps its lease and etcd sync state (JSON) for
+    /// `node-agent status`, which reads it even with the agent stopped.
+    #[arg(long, env = "WEFT_STATE_FILE", default_value = agent_state::DEFAULT_STATE_FILE)]
+    pub state_file: PathBuf,
     /// Where VXLAN is decapsulated.
     #[arg(long, value_enum, default_value_t = DecapMode::Auto)]
     pub decap_mode: DecapMode,
@@ -191,6 +196,8 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
         }
     };
     tracing::info!(subnet = %held.subnet, how = held.how, "subnet leased");
+    let status = AgentStatus::new(held.subnet, cfg.backend.type_name());
+    let leases = leases.with_status(status.clone());
 
     let mtu = flannel_mtu(iface.mtu, &cfg.backend);
     let cluster_route = ClusterRoute {
@@ -324,6 +331,8 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
             pin_path: s.pin_path.clone(),
             subnet: held.subnet,
             backend: cfg.backend.type_name(),
+            status: status.clone(),
+            etcd_grace: Duration::from_secs(s.observe.etcd_grace_secs),
         },
     )
     .await
@@ -341,7 +350,8 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
         held.clone(),
         attrs,
         peer_ips,
-    );
+    )
+    .with_status(status.clone());
     tokio::select! {
         () = host.run(&nl, Some(events), peer_ips_rx) => bail!("host networking task stopped"),
         () = keep_firewall(&firewall, nft, Duration::from_secs(s.firewall_resync_secs)) => bail!("firewall task stopped"),
@@ -359,6 +369,7 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
             slow_path.and(vxlan).map(|v| netconf::slow_path_device(v.port, iface.mtu)),
             recreated,
         ) => bail!("interface follower stopped"),
+        () = status.keep_written(s.state_file.clone()) => bail!("state file writer stopped"),
         e = run_ipip_slow_path(ipip_slow_path) => {
             Err(anyhow::Error::new(e)).context("the IP-in-IP slow path's raw socket failed")
         }
@@ -690,31 +701,162 @@ fn peer_mode(node: &weft_common::RemoteNode) -> String {
     }
 }
 
+/// Where `peer` is sent on the underlay: the gateway of the longest main
+/// table route covering it, or the address itself when that route is a
+/// connected one (or none covers it: the FIB lookup then drops).
+fn next_hop(routes: &[ListedRoute], peer: Ipv4Addr) -> Option<(Ipv4Addr, Option<u32>)> {
+    routes
+        .iter()
+        .filter(|r| r.table == MAIN_TABLE && r.dst.contains(&peer))
+        .max_by_key(|r| r.dst.prefix_len())
+        .map(|r| (r.gateway.unwrap_or(peer), r.ifindex))
+}
+
+/// The main routing table's id (RT_TABLE_MAIN).
+const MAIN_TABLE: u32 = 254;
+
+/// The host state weft owns besides the maps: the cluster route, the
+/// managed neighbour entries of the peers, the slow-path device, with the
+/// main table for the peers' next hops.
+struct HostState {
+    routes: Vec<ListedRoute>,
+    cluster_route: Option<ListedRoute>,
+    managed_neighbours: Vec<Ipv4Addr>,
+    slow_path_device: bool,
+}
+
+async fn host_state(cfg: Option<&NodeConfig>) -> anyhow::Result<HostState> {
+    let nl = RtNetlink::open().context("netlink")?;
+    let routes = nl.routes().await?;
+    let network = cfg
+        .and_then(|c| Ipv4Net::new(Ipv4Addr::from(c.cluster_network), c.cluster_prefix_len).ok());
+    let cluster_route = routes
+        .iter()
+        .find(|r| Some(r.dst) == network && r.gateway == network.map(|n| n.network()))
+        .copied();
+    let managed_neighbours = match cfg {
+        Some(c) if nl.link_by_index(c.iface_ifindex).await?.is_some() => nl
+            .neighbours(c.iface_ifindex)
+            .await?
+            .into_iter()
+            .filter(|n| n.managed)
+            .map(|n| n.dst)
+            .collect(),
+        _ => Vec::new(),
+    };
+    let slow_path_device = nl.vxlan_by_name(netconf::SLOW_PATH_DEVICE).await?.is_some();
+    Ok(HostState {
+        routes,
+        cluster_route,
+        managed_neighbours,
+        slow_path_device,
+    })
+}
+
+/// Lease and sync state from the agent's state file, for `status`.
+fn agent_json(state_file: &Path) -> serde_json::Value {
+    use serde_json::json;
+    let snap = match StateSnapshot::read(state_file) {
+        Ok(Some(s)) => s,
+        Ok(None) => {
+            return json!({
+                "running": false,
+                "state_file": state_file.display().to_string(),
+                "error": "no state file: the agent has not run with this --state-file",
+            });
+        }
+        Err(e) => {
+            return json!({
+                "running": false,
+                "state_file": state_file.display().to_string(),
+                "error": e.to_string(),
+            });
+        }
+    };
+    let now = agent_state::unix(std::time::SystemTime::now());
+    let running = snap.agent_running();
+    json!({
+        "running": running,
+        "pid": snap.pid,
+        "version": snap.version,
+        "started_at": snap.started_at,
+        "state_file": state_file.display().to_string(),
+        "lease": {
+            "subnet": snap.subnet,
+            "backend": snap.backend,
+            "reservation": snap.lease_reservation,
+            "expires_at": snap.lease_expires_at,
+            "expires_in_seconds": snap.lease_expires_at.map(|at| at.saturating_sub(now)),
+        },
+        "sync": {
+            // What a stopped agent last knew is history, not a state.
+            "state": if running { snap.sync.name() } else { "agent_not_running" },
+            "last_state": snap.sync.name(),
+            "since": snap.sync_since,
+            "out_of_sync_seconds": snap.out_of_sync_for(now).map(|d| d.as_secs()),
+            "last_event_at": snap.last_event_at,
+            "reconciles": snap.reconciles,
+            "skipped_leases": snap.skipped_leases,
+        },
+    })
+}
+
 /// `status --json`: the same facts as the text, for scripts. Field names
 /// are stable; new ones may be added.
-fn status_json(state: &PinnedState) -> anyhow::Result<serde_json::Value> {
+fn status_json(
+    state: &PinnedState,
+    host: &anyhow::Result<HostState>,
+    state_file: &Path,
+) -> anyhow::Result<serde_json::Value> {
     use serde_json::json;
+    let routes = host.as_ref().map(|h| h.routes.as_slice()).unwrap_or(&[]);
     let peers: Option<Vec<_>> = if_readable(state.peers())?.map(|peers| {
         peers
             .iter()
             .map(|(subnet, node)| {
+                let ip = Ipv4Addr::from(node.public_ip);
+                let hop = next_hop(routes, ip);
                 json!({
                     "subnet": subnet.to_string(),
-                    "public_ip": Ipv4Addr::from(node.public_ip).to_string(),
+                    "public_ip": ip.to_string(),
                     "mode": peer_mode(node),
                     "vtep_mac": crate::flannel::lease::format_mac(&node.vtep_mac),
                     "vni": node.vni,
+                    "next_hop": hop.map(|(gw, _)| gw.to_string()),
+                    "next_hop_ifindex": hop.and_then(|(_, index)| index),
                 })
             })
             .collect()
     });
+    let table = if_readable(state.counter_table())?;
+    let by_reason = table.as_deref().map(packets_by_reason);
     let counters: Option<serde_json::Map<String, serde_json::Value>> =
-        if_readable(state.counters())?.map(|counters| {
-            counters
-                .iter()
+        by_reason.as_ref().map(|c| {
+            c.iter()
                 .map(|(reason, n)| (reason.name().to_owned(), json!(n)))
                 .collect()
         });
+    let drops: Option<serde_json::Map<String, serde_json::Value>> = by_reason.as_ref().map(|c| {
+        c.iter()
+            .filter(|(reason, _)| reason.is_drop())
+            .map(|(reason, n)| (reason.name().to_owned(), json!(n)))
+            .collect()
+    });
+    let slots: Option<Vec<_>> = table.as_ref().map(|table| {
+        table
+            .iter()
+            .filter(|row| row.packets != 0 || row.ext_err != 0)
+            .map(|row| {
+                json!({
+                    "program": row.program.name(),
+                    "reason": row.reason.name(),
+                    "packets": row.packets,
+                    "bytes": row.bytes,
+                    "helper_return_code": row.ext_err,
+                })
+            })
+            .collect()
+    });
     let unreadable: Vec<_> = state
         .unreadable()
         .iter()
@@ -728,8 +870,22 @@ fn status_json(state: &PinnedState) -> anyhow::Result<serde_json::Value> {
             "network": format!("{}/{}", Ipv4Addr::from(c.cluster_network), c.cluster_prefix_len),
             "iface_ifindex": c.iface_ifindex,
             "iface_mtu": c.iface_mtu,
+            "slow_path_ifindex": c.slow_path_ifindex,
         })
     });
+    let host = match host {
+        Ok(h) => json!({
+            "cluster_route": h.cluster_route.map(|r| json!({
+                "dst": r.dst.to_string(),
+                "gateway": r.gateway.map(|g| g.to_string()),
+                "ifindex": r.ifindex,
+                "mtu": r.mtu,
+            })),
+            "managed_neighbours": h.managed_neighbours.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "slow_path_device": h.slow_path_device,
+        }),
+        Err(e) => json!({ "error": format!("{e:#}") }),
+    };
     let firewall = match Nft::open().and_then(|mut nft| Firewall::installed(&mut nft)) {
         Ok(installed) => json!({
             "masquerade": installed.masq,
@@ -738,9 +894,13 @@ fn status_json(state: &PinnedState) -> anyhow::Result<serde_json::Value> {
         Err(e) => json!({ "error": e.to_string() }),
     };
     Ok(json!({
+        "agent": agent_json(state_file),
         "node": node,
         "peers": peers,
         "counters": counters,
+        "drops": drops,
+        "counter_slots": slots,
+        "host": host,
         "firewall": firewall,
         "unreadable": unreadable,
     }))
@@ -756,43 +916,92 @@ fn if_readable<T>(r: Result<T, PinnedError>) -> Result<Option<T>, PinnedError> {
     }
 }
 
-/// Prints the peer table and the counters (what bpftool shows as raw bytes),
-/// as text or, with `json`, as one JSON object.
-pub fn status(pin_path: &Path, json: bool) -> anyhow::Result<()> {
+/// Prints the peer table, the counters (what bpftool shows as raw bytes),
+/// the host state and, from `state_file`, the lease and etcd sync state,
+/// as text or, with `json`, as one JSON object. Works with the agent
+/// stopped: everything but the state file is pinned or in the kernel, and
+/// over pins of another version it shows what this build can read.
+pub async fn status(pin_path: &Path, state_file: &Path, json: bool) -> anyhow::Result<()> {
     let reading = || format!("reading the maps pinned under {}", pin_path.display());
     let state = PinnedState::open(pin_path).with_context(reading)?;
+    let cfg = if_readable(state.node_config())
+        .with_context(reading)?
+        .flatten();
+    let host = host_state(cfg.as_ref()).await;
+    let value = status_json(&state, &host, state_file).with_context(reading)?;
     if json {
-        let value = status_json(&state).with_context(reading)?;
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
     }
+    let agent = &value["agent"];
+    match agent.get("error") {
+        Some(e) => println!("agent: {}", e.as_str().unwrap_or_default()),
+        None => println!(
+            "agent: {} (pid {}), lease {} expires in {}s, etcd {} ({} reconciles)",
+            if agent["running"] == true {
+                "running"
+            } else {
+                "not running"
+            },
+            agent["pid"],
+            agent["lease"]["subnet"].as_str().unwrap_or_default(),
+            agent["lease"]["expires_in_seconds"],
+            agent["sync"]["state"].as_str().unwrap_or_default(),
+            agent["sync"]["reconciles"],
+        ),
+    }
     const UNREADABLE: &str = "not readable by this build, see below";
-    let peers = if_readable(state.peers()).with_context(reading)?;
+    let peers = value["peers"].as_array().cloned();
     match &peers {
         Some(peers) => println!("peers ({}):", peers.len()),
         None => println!("peers: {UNREADABLE}"),
     }
-    for (subnet, node) in peers.iter().flatten() {
-        let mut how = peer_mode(node);
-        if node.mode == Mode::Vxlan as u8 {
-            how = format!(
-                "{how} vtep {} vni {}",
-                crate::flannel::lease::format_mac(&node.vtep_mac),
-                node.vni
-            );
+    for p in peers.iter().flatten() {
+        let text = |k: &str| p[k].as_str().unwrap_or("-").to_owned();
+        let mut how = text("mode");
+        if how == "vxlan" {
+            how = format!("{how} vtep {} vni {}", text("vtep_mac"), p["vni"]);
         }
         println!(
-            "  {subnet:<18} -> {:<15} {how}",
-            Ipv4Addr::from(node.public_ip)
+            "  {:<18} -> {:<15} {how}, next hop {}",
+            text("subnet"),
+            text("public_ip"),
+            text("next_hop")
         );
     }
     let counters = if_readable(state.counters()).with_context(reading)?;
     match &counters {
-        Some(_) => println!("counters (packets, all CPUs):"),
+        Some(_) => println!("counters (packets, all programs and CPUs):"),
         None => println!("counters: {UNREADABLE}"),
     }
     for (reason, n) in counters.iter().flatten() {
-        println!("  {:<22} {n}", reason.name());
+        println!("  {:<30} {n}", reason.name());
+    }
+    match &host {
+        Ok(h) => {
+            match &h.cluster_route {
+                Some(r) => println!(
+                    "cluster route: {} via {} mtu {}",
+                    r.dst,
+                    r.gateway.map(|g| g.to_string()).unwrap_or_default(),
+                    r.mtu
+                        .map(|m| m.to_string())
+                        .unwrap_or_else(|| "-".to_owned())
+                ),
+                None => println!("cluster route: missing"),
+            }
+            println!("managed neighbour entries: {}", h.managed_neighbours.len());
+            println!(
+                "slow-path device {}: {}",
+                netconf::SLOW_PATH_DEVICE,
+                if h.slow_path_device {
+                    "present"
+                } else {
+                    "absent"
+                }
+            );
+        }
+        Err(e) => println!("host state: cannot read ({e:#})"),
     }
     if !state.unreadable().is_empty() {
         println!(
@@ -833,9 +1042,9 @@ pub fn status(pin_path: &Path, json: bool) -> anyhow::Result<()> {
 
 /// Removes what `run` created: the cluster route and its neighbour entry,
 /// the peers' managed neighbour entries, weft's firewall rules, every pin
-/// (which detaches the programs), the slow-path device, and the subnet
-/// file.
-pub async fn cleanup(pin_path: &Path, subnet_file: &Path) -> anyhow::Result<()> {
+/// (which detaches the programs), the slow-path device, the subnet file
+/// and the state file.
+pub async fn cleanup(pin_path: &Path, subnet_file: &Path, state_file: &Path) -> anyhow::Result<()> {
     // Pins of another version are removed all the same; only the route
     // needs NODE_CONFIG, and is left if it cannot be read.
     let pinned_cfg = if PinnedState::exists(pin_path) {
@@ -885,12 +1094,15 @@ pub async fn cleanup(pin_path: &Path, subnet_file: &Path) -> anyhow::Result<()> 
             "slow-path device removed"
         );
     }
-    match std::fs::remove_file(subnet_file) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(e).with_context(|| format!("removing {}", subnet_file.display()))
+    for file in [subnet_file, state_file] {
+        match std::fs::remove_file(file) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("removing {}", file.display()));
+            }
+            _ => {}
         }
-        _ => Ok(()),
     }
+    Ok(())
 }
 
 #[cfg(test)]

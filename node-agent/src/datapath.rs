@@ -27,7 +27,7 @@ use aya::{
     },
 };
 use weft_common::{
-    DEFAULT_DECAP_MARK, GLOBAL_DECAP_MARK, MAP_COUNTERS, MAP_NODE_CONFIG, MAP_NODE_IPS,
+    Counter, DEFAULT_DECAP_MARK, GLOBAL_DECAP_MARK, MAP_COUNTERS, MAP_NODE_CONFIG, MAP_NODE_IPS,
     MAP_SUBNETS, NodeConfig, PROG_DECAP_TC, PROG_DECAP_XDP, PROG_ENCAP_TC, PROG_MARK_TC, Reason,
     RemoteNode,
 };
@@ -370,16 +370,21 @@ impl Datapath {
 
     /// Counter totals over all CPUs, in [`Reason`] order.
     pub fn counters(&self) -> Result<Vec<(Reason, u64)>, DatapathError> {
+        Ok(crate::pinned::packets_by_reason(&self.counter_table()?))
+    }
+
+    /// Every (program, reason) slot, totalled over the CPUs.
+    pub fn counter_table(&self) -> Result<Vec<crate::pinned::CounterRow>, DatapathError> {
         let map = self.ebpf.map(MAP_COUNTERS).ok_or(DatapathError::Map {
             name: MAP_COUNTERS,
             source: missing_map(MAP_COUNTERS),
         })?;
-        let counters: PerCpuArray<_, u64> =
+        let counters: PerCpuArray<_, Counter> =
             PerCpuArray::try_from(map).map_err(|source| DatapathError::Map {
                 name: MAP_COUNTERS,
                 source,
             })?;
-        Ok(crate::pinned::read_counters(&counters)?)
+        Ok(crate::pinned::read_counter_table(&counters)?)
     }
 }
 

@@ -2,11 +2,12 @@
 //! `<prefix>/subnets/<net>-<len>` attached to an etcd lease with a 24 h TTL,
 //! created only if absent and renewed long before it expires.
 
-use std::{net::Ipv4Addr, time::Duration};
+use std::{net::Ipv4Addr, sync::Arc, time::Duration};
 
 use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
 use ipnet::Ipv4Net;
 
+use crate::agent_state::{self, AgentStatus};
 use crate::flannel::{AllocError, KeyLayout, LeaseAttrs, NetworkConfig, Reuse, choose_subnet};
 
 /// flannel's subnet lease TTL.
@@ -231,6 +232,7 @@ pub struct LeaseManager {
     client: Client,
     keys: KeyLayout,
     attrs: LeaseAttrs,
+    status: Option<Arc<AgentStatus>>,
 }
 
 impl LeaseManager {
@@ -239,7 +241,14 @@ impl LeaseManager {
             client,
             keys,
             attrs,
+            status: None,
         }
+    }
+
+    /// Reports the lease's expiry to `status` as renewals learn it.
+    pub fn with_status(mut self, status: Arc<AgentStatus>) -> Self {
+        self.status = Some(status);
+        self
     }
 
     /// Leases a subnet, preferring (1) a lease already carrying this node's
@@ -397,6 +406,7 @@ impl LeaseManager {
     /// A reservation has nothing to renew.
     pub async fn keep_renewed(mut self, mut held: Acquired) -> Result<(), LeaseError> {
         if held.etcd_lease == 0 {
+            agent_state::report(&self.status, AgentStatus::lease_reservation);
             tracing::info!(subnet = %held.subnet, "subnet is a reservation (no TTL); nothing to renew");
             return std::future::pending().await;
         }
@@ -404,6 +414,7 @@ impl LeaseManager {
         let mut failing = false;
         let mut delay = match self.ttl_left(held.etcd_lease).await {
             Ok(Some(ttl)) => {
+                agent_state::report(&self.status, |s| s.lease_ttl(ttl));
                 let delay = renew_delay(ttl);
                 if delay.is_zero() {
                     tracing::info!(subnet = %held.subnet, ttl_secs = ttl.as_secs(), "kept subnet lease is due for renewal; renewing now");
@@ -416,6 +427,7 @@ impl LeaseManager {
             tokio::time::sleep(delay).await;
             match self.renew_once(&mut held).await {
                 Ok(ttl) => {
+                    agent_state::report(&self.status, |s| s.lease_ttl(ttl));
                     if failing {
                         tracing::info!(subnet = %held.subnet, "lease renewal works again");
                     }
@@ -481,6 +493,7 @@ impl LeaseManager {
                     }
                 }
                 if kv.lease() == 0 {
+                    agent_state::report(&self.status, AgentStatus::lease_reservation);
                     tracing::info!(subnet = %held.subnet, "subnet became a reservation; no more renewals");
                     held.etcd_lease = 0;
                     return std::future::pending().await;

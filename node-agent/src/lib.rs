@@ -13,9 +13,12 @@
 //!   entries (kept in place against removals), forwarding;
 //! - [`netlink`]: the typed rtnetlink layer everything above talks through;
 //! - [`nft`]: `--ip-masq` and the forward rules, over nf_tables netlink;
-//! - [`observe`]: `/healthz`, Prometheus `/metrics` and systemd readiness.
+//! - [`observe`]: `/healthz`, Prometheus `/metrics` and systemd readiness;
+//! - [`agent_state`]: lease expiry and etcd sync state, shared with
+//!   [`observe`] and kept in `--state-file` for `status`.
 
 pub mod agent;
+pub mod agent_state;
 pub mod datapath;
 pub mod docker_opts;
 pub mod ebpf;

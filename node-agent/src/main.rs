@@ -6,6 +6,7 @@ use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand};
 use node_agent::{
     agent::{self, RunSettings},
+    agent_state,
     flannel::subnet_env,
 };
 
@@ -20,11 +21,17 @@ struct Cli {
 enum Command {
     /// Lease a subnet, attach the data path and follow the other nodes.
     Run(Box<RunSettings>),
-    /// Show the pinned peer table and the data path's counters.
+    /// Show the pinned peer table, the data path's counters, the host state
+    /// weft owns, and the agent's lease and etcd sync state (from its state
+    /// file; the agent need not run).
     Status {
         #[arg(long, default_value = "/sys/fs/bpf/weft")]
         pin_path: PathBuf,
-        /// One JSON object (node, peers, counters, firewall) for scripts.
+        /// The agent's `--state-file`.
+        #[arg(long, env = "WEFT_STATE_FILE", default_value = agent_state::DEFAULT_STATE_FILE)]
+        state_file: PathBuf,
+        /// One JSON object (agent, node, peers, counters, drops, host,
+        /// firewall) for scripts.
         #[arg(long)]
         json: bool,
     },
@@ -42,12 +49,14 @@ enum Command {
         key: String,
     },
     /// Remove everything `run` created: programs, maps, route, firewall
-    /// rules, subnet file.
+    /// rules, subnet file, state file.
     Cleanup {
         #[arg(long, default_value = "/sys/fs/bpf/weft")]
         pin_path: PathBuf,
         #[arg(long, default_value = subnet_env::DEFAULT_PATH)]
         subnet_file: PathBuf,
+        #[arg(long, env = "WEFT_STATE_FILE", default_value = agent_state::DEFAULT_STATE_FILE)]
+        state_file: PathBuf,
     },
 }
 
@@ -80,7 +89,11 @@ fn main() -> ExitCode {
 async fn run_command(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run(settings) => agent::run(*settings).await,
-        Command::Status { pin_path, json } => agent::status(&pin_path, json),
+        Command::Status {
+            pin_path,
+            state_file,
+            json,
+        } => agent::status(&pin_path, &state_file, json).await,
         Command::DockerOpts {
             subnet_file,
             dest,
@@ -89,7 +102,8 @@ async fn run_command(command: Command) -> anyhow::Result<()> {
         Command::Cleanup {
             pin_path,
             subnet_file,
-        } => agent::cleanup(&pin_path, &subnet_file).await,
+            state_file,
+        } => agent::cleanup(&pin_path, &subnet_file, &state_file).await,
     }
 }
 

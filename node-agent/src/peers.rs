@@ -66,6 +66,25 @@ pub enum PeerError {
     Map { subnet: Ipv4Net, message: String },
 }
 
+impl PeerError {
+    /// A stable snake-case name of the kind of refusal, for metrics
+    /// (`weft_leases_skipped{cause}`) and `status`.
+    pub const fn cause(&self) -> &'static str {
+        match self {
+            Self::OutsideNetwork { .. } => "outside_network",
+            Self::OverlapsLocal { .. } => "overlaps_local",
+            Self::OverlapsPeer { .. } => "overlaps_peer",
+            Self::OwnAddress { .. } => "own_address",
+            Self::UnusablePublicIp { .. } => "unusable_public_ip",
+            Self::Backend { .. } => "backend_mismatch",
+            Self::MissingVtep { .. } => "missing_vtep_mac",
+            Self::Vni { .. } => "vni_mismatch",
+            Self::NotOnLink { .. } => "not_on_link",
+            Self::Map { .. } => "map_update_failed",
+        }
+    }
+}
+
 /// The map operations the table needs: the BPF maps in production, `BTreeMap`s in unit tests.
 pub trait SubnetMap {
     fn put(&mut self, subnet: Ipv4Net, node: &RemoteNode) -> Result<(), MapError>;

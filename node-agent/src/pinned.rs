@@ -14,7 +14,8 @@ use std::{
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key};
 use ipnet::Ipv4Net;
 use weft_common::{
-    MAP_COUNTERS, MAP_NODE_CONFIG, MAP_NODE_IPS, MAP_SUBNETS, NodeConfig, Reason, RemoteNode,
+    Counter, MAP_COUNTERS, MAP_NODE_CONFIG, MAP_NODE_IPS, MAP_SUBNETS, NodeConfig, Program, Reason,
+    RemoteNode, counter_index,
 };
 
 use crate::{
@@ -106,7 +107,7 @@ pub struct PinnedState {
     subnets: Option<LpmTrie<MapData, [u8; 4], RemoteNode>>,
     node_ips: Option<HashMap<MapData, [u8; 4], u32>>,
     node_config: Option<NodeConfigMap>,
-    counters: Option<PerCpuArray<MapData, u64>>,
+    counters: Option<PerCpuArray<MapData, Counter>>,
     unreadable: Vec<Unreadable>,
 }
 
@@ -255,38 +256,85 @@ impl PinnedState {
         Ok((cfg.configured != 0).then_some(cfg))
     }
 
-    /// Counter totals over all CPUs, in [`Reason`] order.
+    /// Packets per reason, over all programs and CPUs, in [`Reason`] order.
     pub fn counters(&self) -> Result<Vec<(Reason, u64)>, PinnedError> {
-        read_counters(readable(&self.counters, MAP_COUNTERS, &self.unreadable)?)
+        Ok(packets_by_reason(&self.counter_table()?))
     }
 
-    /// One counter's total over all CPUs.
+    /// One reason's packets over all programs and CPUs.
     pub fn counter(&self, reason: Reason) -> Result<u64, PinnedError> {
-        counter_total(
-            readable(&self.counters, MAP_COUNTERS, &self.unreadable)?,
-            reason,
-        )
+        let counters = readable(&self.counters, MAP_COUNTERS, &self.unreadable)?;
+        Ok(Program::ALL
+            .iter()
+            .map(|&p| read_slot(counters, p, reason).map(|row| row.packets))
+            .collect::<Result<Vec<_>, _>>()?
+            .iter()
+            .sum())
+    }
+
+    /// Every (program, reason) slot, totalled over the CPUs.
+    pub fn counter_table(&self) -> Result<Vec<CounterRow>, PinnedError> {
+        read_counter_table(readable(&self.counters, MAP_COUNTERS, &self.unreadable)?)
     }
 }
 
-fn counter_total<T: std::borrow::Borrow<MapData>>(
-    counters: &PerCpuArray<T, u64>,
-    reason: Reason,
-) -> Result<u64, PinnedError> {
-    Ok(counters
-        .get(&(reason as u32), 0)
-        .map_err(map_err(MAP_COUNTERS))?
-        .iter()
-        .sum())
+/// One (program, reason) slot of `COUNTERS`, totalled over the CPUs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CounterRow {
+    pub program: Program,
+    pub reason: Reason,
+    pub packets: u64,
+    pub bytes: u64,
+    /// The latest failed helper's return code over all CPUs (see
+    /// [`Counter::ext_err`]); 0 when no helper failed.
+    pub ext_err: i64,
 }
 
-/// Every counter's total, in [`Reason`] order.
-pub fn read_counters<T: std::borrow::Borrow<MapData>>(
-    counters: &PerCpuArray<T, u64>,
-) -> Result<Vec<(Reason, u64)>, PinnedError> {
+fn read_slot<T: std::borrow::Borrow<MapData>>(
+    counters: &PerCpuArray<T, Counter>,
+    program: Program,
+    reason: Reason,
+) -> Result<CounterRow, PinnedError> {
+    let per_cpu = counters
+        .get(&counter_index(program, reason), 0)
+        .map_err(map_err(MAP_COUNTERS))?;
+    let latest = per_cpu
+        .iter()
+        .filter(|c| c.ext_err != 0)
+        .max_by_key(|c| c.ext_err_ns);
+    Ok(CounterRow {
+        program,
+        reason,
+        packets: per_cpu.iter().map(|c| c.packets).sum(),
+        bytes: per_cpu.iter().map(|c| c.bytes).sum(),
+        ext_err: latest.map_or(0, |c| c.ext_err),
+    })
+}
+
+/// Every (program, reason) slot, programs in [`Program`] order and reasons
+/// in [`Reason`] order within each.
+pub fn read_counter_table<T: std::borrow::Borrow<MapData>>(
+    counters: &PerCpuArray<T, Counter>,
+) -> Result<Vec<CounterRow>, PinnedError> {
+    Program::ALL
+        .iter()
+        .flat_map(|&p| Reason::ALL.iter().map(move |&r| (p, r)))
+        .map(|(p, r)| read_slot(counters, p, r))
+        .collect()
+}
+
+/// Packets per reason over all programs, in [`Reason`] order.
+pub fn packets_by_reason(table: &[CounterRow]) -> Vec<(Reason, u64)> {
     Reason::ALL
         .iter()
-        .map(|&r| Ok((r, counter_total(counters, r)?)))
+        .map(|&r| {
+            let n = table
+                .iter()
+                .filter(|row| row.reason == r)
+                .map(|row| row.packets)
+                .sum();
+            (r, n)
+        })
         .collect()
 }
 

@@ -11,6 +11,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     hash::{BuildHasher as _, Hasher as _},
     net::Ipv4Addr,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -19,6 +20,7 @@ use ipnet::Ipv4Net;
 use tokio::sync::watch;
 
 use crate::{
+    agent_state::{self, AgentStatus},
     flannel::{KeyLayout, LeaseAttrs},
     lease_manager::{Acquired, MAX_RECEIVE, Rejected, bounded, list_leases, parse_kv},
     peers::{Candidate, Change, PeerTable, Refusal, SubnetMap},
@@ -124,18 +126,31 @@ fn random() -> u64 {
 
 /// What has been logged about unusable keys, so each is logged once per
 /// version of the key (its mod_revision) and reason, not once per relist.
+/// It holds exactly the keys skipped now, so it also counts them by cause.
 #[derive(Default)]
-struct Reported(BTreeMap<String, (i64, String)>);
+struct Reported(BTreeMap<String, (i64, String, &'static str)>);
+
+/// The cause of a lease value that cannot be read at all.
+const UNREADABLE: &str = "unreadable";
 
 impl Reported {
     /// Whether `key` at `mod_revision` failing for `reason` is news.
-    fn is_new(&mut self, key: &str, mod_revision: i64, reason: &str) -> bool {
-        let entry = (mod_revision, reason.to_owned());
+    fn is_new(&mut self, key: &str, mod_revision: i64, reason: &str, cause: &'static str) -> bool {
+        let entry = (mod_revision, reason.to_owned(), cause);
         if self.0.get(key) == Some(&entry) {
             return false;
         }
         self.0.insert(key.to_owned(), entry);
         true
+    }
+
+    /// The keys skipped now, by cause.
+    fn by_cause(&self) -> BTreeMap<String, u64> {
+        let mut counts = BTreeMap::new();
+        for (_, _, cause) in self.0.values() {
+            *counts.entry((*cause).to_owned()).or_insert(0) += 1;
+        }
+        counts
     }
 
     fn forget(&mut self, key: &str) {
@@ -158,6 +173,7 @@ pub struct PeerWatcher<M> {
     /// Every known node's PublicIP, for the host networking's neighbour entries.
     peer_ips: watch::Sender<BTreeSet<Ipv4Addr>>,
     reported: Reported,
+    status: Option<Arc<AgentStatus>>,
 }
 
 impl<M: SubnetMap> PeerWatcher<M> {
@@ -179,7 +195,18 @@ impl<M: SubnetMap> PeerWatcher<M> {
             own_attrs,
             peer_ips,
             reported: Reported::default(),
+            status: None,
         }
+    }
+
+    /// Reports sync state, reconciles and skipped leases to `status`.
+    pub fn with_status(mut self, status: Arc<AgentStatus>) -> Self {
+        self.status = Some(status);
+        self
+    }
+
+    fn report_skipped(&self) {
+        agent_state::report(&self.status, |s| s.skipped(self.reported.by_cause()));
     }
 
     /// Publishes the table's node addresses when they changed.
@@ -204,6 +231,7 @@ impl<M: SubnetMap> PeerWatcher<M> {
             if err.is_fatal() {
                 return err;
             }
+            agent_state::report(&self.status, AgentStatus::lost);
             if let Some(since) = watching_since {
                 backoff.healthy_for(since.elapsed());
             }
@@ -268,6 +296,8 @@ impl<M: SubnetMap> PeerWatcher<M> {
             self.log_refused(refusal);
         }
         self.reported.keep_only(&unusable);
+        self.report_skipped();
+        agent_state::report(&self.status, AgentStatus::reconciled);
         for e in &report.map_errors {
             tracing::error!(error = %e, "cannot update the peer map");
         }
@@ -301,6 +331,7 @@ impl<M: SubnetMap> PeerWatcher<M> {
             Err(e) => return e.into(),
         };
         *watching_since = Some(Instant::now());
+        agent_state::report(&self.status, AgentStatus::watching);
         loop {
             let resp = match stream.message().await {
                 Ok(Some(r)) => r,
@@ -312,6 +343,9 @@ impl<M: SubnetMap> PeerWatcher<M> {
             }
             if resp.canceled() {
                 return WatchError::Canceled(bounded(resp.cancel_reason()));
+            }
+            if !resp.events().is_empty() {
+                agent_state::report(&self.status, AgentStatus::event);
             }
             for event in resp.events() {
                 let Some(kv) = event.kv() else { continue };
@@ -329,6 +363,7 @@ impl<M: SubnetMap> PeerWatcher<M> {
                 }
                 self.publish_peer_ips();
             }
+            self.report_skipped();
         }
     }
 
@@ -343,7 +378,7 @@ impl<M: SubnetMap> PeerWatcher<M> {
     fn log_rejected(&mut self, bad: &Rejected) {
         if self
             .reported
-            .is_new(&bad.key, bad.mod_revision, &bad.reason)
+            .is_new(&bad.key, bad.mod_revision, &bad.reason, UNREADABLE)
         {
             tracing::error!(key = %bad.key, mod_revision = bad.mod_revision, error = %bad.reason, "skipping unusable lease");
         }
@@ -352,7 +387,10 @@ impl<M: SubnetMap> PeerWatcher<M> {
     fn log_refused(&mut self, refusal: &Refusal) {
         let key = self.keys.subnet_key(refusal.subnet);
         let reason = bounded(&refusal.error.to_string());
-        if self.reported.is_new(&key, refusal.mod_revision, &reason) {
+        if self
+            .reported
+            .is_new(&key, refusal.mod_revision, &reason, refusal.error.cause())
+        {
             tracing::error!(%key, mod_revision = refusal.mod_revision, error = %reason, "skipping lease");
         }
     }
@@ -481,11 +519,29 @@ mod tests {
     #[test]
     fn an_unusable_key_is_reported_once_per_version() {
         let mut r = Reported::default();
-        assert!(r.is_new("k", 5, "bad"));
-        assert!(!r.is_new("k", 5, "bad"), "same version, same reason");
-        assert!(r.is_new("k", 6, "bad"), "a new version");
-        assert!(r.is_new("k", 6, "overlaps x"), "a new reason");
+        assert!(r.is_new("k", 5, "bad", UNREADABLE));
+        assert!(
+            !r.is_new("k", 5, "bad", UNREADABLE),
+            "same version, same reason"
+        );
+        assert!(r.is_new("k", 6, "bad", UNREADABLE), "a new version");
+        assert!(
+            r.is_new("k", 6, "overlaps x", "overlaps_peer"),
+            "a new reason"
+        );
+        assert!(r.is_new("j", 1, "vni 2", "vni_mismatch"));
+        assert_eq!(
+            r.by_cause(),
+            BTreeMap::from([
+                ("overlaps_peer".to_owned(), 1),
+                ("vni_mismatch".to_owned(), 1)
+            ])
+        );
         r.keep_only(&BTreeSet::new());
-        assert!(r.is_new("k", 6, "overlaps x"), "fixed, then broken again");
+        assert!(r.by_cause().is_empty());
+        assert!(
+            r.is_new("k", 6, "overlaps x", "overlaps_peer"),
+            "fixed, then broken again"
+        );
     }
 }

@@ -429,6 +429,7 @@ impl Cluster {
             index,
             ip,
             subnet_file: dir.join("subnet.env"),
+            state_file: dir.join("state.json"),
             log_path: dir.join("agent.log"),
             pin_path: crate::pin_path(&self.tag, index),
             agent: Mutex::new(None),
@@ -545,6 +546,8 @@ pub struct Host<'c> {
     index: u8,
     ip: Ipv4Addr,
     subnet_file: PathBuf,
+    /// `--state-file`: the agent's lease and sync state, for `status`.
+    state_file: PathBuf,
     log_path: PathBuf,
     pin_path: PathBuf,
     agent: Mutex<Option<Agent>>,
@@ -640,6 +643,10 @@ impl<'c> Host<'c> {
         &self.subnet_file
     }
 
+    pub fn state_file(&self) -> &Path {
+        &self.state_file
+    }
+
     fn agent_slot(&self) -> MutexGuard<'_, Option<Agent>> {
         // A panic while holding the lock leaves a consistent Option behind.
         self.agent.lock().unwrap_or_else(PoisonError::into_inner)
@@ -687,6 +694,7 @@ impl<'c> Host<'c> {
         let binary = binary.to_string_lossy().into_owned();
         let endpoint = self.cluster.etcd.endpoints();
         let subnet_file = self.subnet_file.to_string_lossy().into_owned();
+        let state_file = self.state_file.to_string_lossy().into_owned();
         let pin_path = self.pin_path.to_string_lossy().into_owned();
         let mut args = vec![
             binary.as_str(),
@@ -699,6 +707,8 @@ impl<'c> Host<'c> {
             &subnet_file,
             "--pin-path",
             &pin_path,
+            "--state-file",
+            &state_file,
         ];
         args.extend_from_slice(etcd_flags);
         args.extend_from_slice(extra_args);
@@ -1028,8 +1038,8 @@ impl<'c> Host<'c> {
         Ok(out)
     }
 
-    /// Runs `node-agent cleanup` for this host's pin path and subnet file,
-    /// inside its namespace (cleanup detaches from its devices there).
+    /// Runs `node-agent cleanup` for this host's pin path, subnet and state
+    /// files, inside its namespace (cleanup detaches from its devices there).
     pub fn agent_cleanup(&self) -> Result<()> {
         let binary = crate::node_agent_binary()?;
         let cmd = self.ns.command_keep_mounts(&[
@@ -1039,6 +1049,8 @@ impl<'c> Host<'c> {
             &self.pin_path.to_string_lossy(),
             "--subnet-file",
             &self.subnet_file.to_string_lossy(),
+            "--state-file",
+            &self.state_file.to_string_lossy(),
         ]);
         process::run_timeout(cmd, AGENT_CLEANUP_TIMEOUT)
             .with_context(|| format!("host {}: node-agent cleanup", self.index))?;

@@ -17,9 +17,10 @@ use aya::{
 };
 use node_agent::datapath::{Datapath, LoadOptions};
 use node_agent::flannel::lease::format_mac;
+pub use node_agent::pinned::CounterRow;
 use weft_common::{
     DECAP_IPIP, DECAP_VXLAN, Mode, NodeConfig, PROG_DECAP_TC, PROG_DECAP_XDP, PROG_ENCAP_TC,
-    PROG_SLOWPATH_IPIP_TC, PROG_SLOWPATH_RX_TC, Reason, RemoteNode,
+    PROG_SLOWPATH_IPIP_TC, PROG_SLOWPATH_RX_TC, Program, Reason, RemoteNode,
 };
 
 use crate::{Netns, PinDir, ns_name, require_bpffs, require_root, unique_tag};
@@ -188,6 +189,16 @@ impl ProgramBench {
             .find(|(r, _)| *r == reason)
             .map(|(_, n)| n)
             .unwrap_or_default())
+    }
+
+    /// One (program, reason) slot of `COUNTERS`: packets, bytes and the
+    /// last failed helper's return code.
+    pub fn counter_row(&self, program: Program, reason: Reason) -> Result<CounterRow> {
+        self.dp
+            .counter_table()?
+            .into_iter()
+            .find(|row| row.program == program && row.reason == reason)
+            .context("no such counter slot")
     }
 
     pub fn run_tc(&mut self, name: &str, frame: &[u8], gso_size: u32) -> Result<(u32, Vec<u8>)> {

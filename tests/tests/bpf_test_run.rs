@@ -10,8 +10,8 @@ use std::collections::BTreeSet;
 
 use anyhow::{Context as _, Result, ensure};
 use weft_common::{
-    DEFAULT_DECAP_MARK, MAP_NODE_CONFIG, Mode, PROG_DECAP_TC, PROG_SLOWPATH_IPIP_TC,
-    PROG_SLOWPATH_RX_TC, Reason,
+    DEFAULT_DECAP_MARK, MAP_COUNTERS, MAP_NODE_CONFIG, Mode, PROG_DECAP_TC, PROG_SLOWPATH_IPIP_TC,
+    PROG_SLOWPATH_RX_TC, Program, Reason,
 };
 use weft_tests::test_run::*;
 use weft_tests::{PinDir, require_bpffs, require_root};
@@ -123,6 +123,49 @@ fn encap_redirects_via_the_kernel_when_the_next_hop_is_unresolved() -> Result<()
     );
     ensure!(out[30..34] == UNRESOLVED_IP && out[50..56] == UNRESOLVED_VTEP);
     ensure!(out[64..] == inner[14..]);
+    Ok(())
+}
+
+/// Counters are kept per program and reason, with bytes, and a helper's
+/// failure keeps its return code (the FIB lookup's verdict here).
+#[test]
+fn counters_are_per_program_with_bytes_and_the_helper_return_code() -> Result<()> {
+    let mut b = ProgramBench::new()?;
+    let inner = inner_frame([10, 244, 2, 7], 1, 100, true);
+    let before = b.counter_row(Program::EncapTc, Reason::Encapsulated)?;
+    let (rc, out) = b.encap(&inner)?;
+    ensure!(rc == TC_ACT_OK, "verdict {rc}");
+    let after = b.counter_row(Program::EncapTc, Reason::Encapsulated)?;
+    ensure!(
+        after.packets == before.packets + 1 && after.bytes == before.bytes + out.len() as u64,
+        "encapsulated: {before:?} -> {after:?}, frame of {} bytes out",
+        out.len()
+    );
+    // The decap programs counted nothing for it.
+    ensure!(
+        b.counter_row(Program::DecapTc, Reason::Encapsulated)?
+            .packets
+            == 0
+    );
+
+    // A peer whose PublicIP has no route in the bench's namespace: the FIB
+    // lookup fails with BPF_FIB_LKUP_RET_NOT_FWDED (4, no route).
+    b.add_peer([10, 244, 7, 0], 24, [198, 19, 7, 7], PEER_VTEP)?;
+    let lost = inner_frame([10, 244, 7, 9], 1, 8, true);
+    let (rc, _) = b.encap(&lost)?;
+    ensure!(rc == TC_ACT_SHOT, "unroutable peer: verdict {rc}");
+    let row = b.counter_row(Program::EncapTc, Reason::DropFibLookup)?;
+    ensure!(
+        row.packets == 1 && row.bytes == lost.len() as u64 && row.ext_err == 4,
+        "drop_fib_lookup: {row:?}"
+    );
+    // A success in between leaves the last failure's code in place.
+    b.encap(&inner)?;
+    ensure!(
+        b.counter_row(Program::EncapTc, Reason::DropFibLookup)?
+            .ext_err
+            == 4
+    );
     Ok(())
 }
 
@@ -837,6 +880,66 @@ fn slow_path_rx_drops_frames_without_tunnel_metadata() -> Result<()> {
     ensure!(rc == TC_ACT_SHOT, "verdict {rc}");
     ensure!(b.counter(Reason::DropMalformedTunnel)? == before + 1);
     ensure!(b.counter(Reason::DecapsulatedSlowPath)? == 0);
+    Ok(())
+}
+
+/// Runs bpftool, which makes maps of old layouts for the upgrade tests.
+fn bpftool(args: &[&str]) -> Result<()> {
+    let out = std::process::Command::new("bpftool")
+        .args(args)
+        .output()
+        .context("running bpftool (needed to make an old-layout map)")?;
+    ensure!(
+        out.status.success(),
+        "bpftool {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+#[test]
+fn counters_of_the_old_per_reason_layout_are_replaced_on_load() -> Result<()> {
+    require_root()?;
+    require_bpffs()?;
+    let pins = PinDir::new()?;
+    // What an agent from before the per-program counters pinned: a per-CPU
+    // array of one u64 per reason.
+    let old = pins.path().join(MAP_COUNTERS);
+    let count = Reason::COUNT.to_string();
+    bpftool(&[
+        "map",
+        "create",
+        &old.to_string_lossy(),
+        "type",
+        "percpu_array",
+        "key",
+        "4",
+        "value",
+        "8",
+        "entries",
+        &count,
+        "name",
+        "COUNTERS",
+    ])?;
+    drop(
+        node_agent::datapath::Datapath::load(pins.path(), Default::default())
+            .context("old counters must not stop the agent from loading")?,
+    );
+    let info = aya::maps::MapInfo::from_pin(&old)?;
+    ensure!(
+        info.value_size() as usize == size_of::<weft_common::Counter>()
+            && info.max_entries() == weft_common::COUNTER_SLOTS,
+        "COUNTERS pinned with value size {} and {} entries",
+        info.value_size(),
+        info.max_entries()
+    );
+    // And it reads through the one reader, every slot at zero.
+    let table = node_agent::pinned::PinnedState::open(pins.path())?.counter_table()?;
+    ensure!(
+        table.len() == weft_common::COUNTER_SLOTS as usize
+            && table.iter().all(|row| row.packets == 0 && row.bytes == 0),
+        "fresh counters: {table:?}"
+    );
     Ok(())
 }
 

@@ -138,6 +138,8 @@ mod narrated {
                 "status",
                 "--pin-path",
                 &host.pin_path().to_string_lossy(),
+                "--state-file",
+                &host.state_file().to_string_lossy(),
             ]))?;
         }
 

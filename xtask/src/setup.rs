@@ -41,7 +41,8 @@ const PACKAGES: &[&str] = &[
     "nftables",
     // The etcd TLS tests make their CA and certificates with it.
     "openssl",
-    // The metrics test scrapes the agents with a real Prometheus.
+    // The metrics test scrapes the agents with a real Prometheus and checks
+    // their exposition with its promtool (both in this package).
     "prometheus",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
