@@ -19,8 +19,8 @@ use crate::{
     datapath::{self, Datapath, DecapMode, LoadOptions},
     etcd::EtcdSettings,
     flannel::{
-        Backend, KeyLayout, LeaseAttrs, NetworkConfig, SubnetEnv, VxlanLeaseData, flannel_mtu,
-        subnet_env,
+        Backend, KeyLayout, LeaseAttrs, NetworkConfig, SubnetEnv, VxlanLeaseData, datapath_mtu,
+        flannel_mtu, subnet_env, underlay_mtu,
     },
     ipip_slow_path,
     lease_manager::LeaseManager,
@@ -60,12 +60,23 @@ pub struct RunSettings {
     pub etcd_prefix: String,
     #[arg(long, env = "FLANNELD_SUBNET_FILE", default_value = subnet_env::DEFAULT_PATH)]
     pub subnet_file: PathBuf,
-    /// bpffs directory for the maps and program links.
-    #[arg(long, default_value = "/sys/fs/bpf/weft")]
+    /// bpffs directory for the maps and program links. When its parent
+    /// (/sys/fs/bpf) is no BPF filesystem, the agent mounts one there.
+    #[arg(long, env = "WEFT_PIN_PATH", default_value = "/sys/fs/bpf/weft")]
     pub pin_path: PathBuf,
     /// Where VXLAN is decapsulated.
-    #[arg(long, value_enum, default_value_t = DecapMode::Auto)]
+    #[arg(long, env = "WEFT_DECAP_MODE", value_enum, default_value_t = DecapMode::Auto)]
     pub decap_mode: DecapMode,
+    /// flannel renews its lease this many minutes before it expires. weft
+    /// renews every hour, earlier than any margin up to 1380 asks; the value
+    /// is checked as flannel checks it (1 to 1439).
+    #[arg(
+        long,
+        env = "FLANNELD_SUBNET_LEASE_RENEW_MARGIN",
+        default_value_t = 60,
+        value_parser = clap::value_parser!(u32).range(1..1440)
+    )]
+    pub subnet_lease_renew_margin: u32,
     /// Masquerade traffic from this node's containers to destinations
     /// outside the cluster network (flannel's --ip-masq).
     #[arg(long, env = "FLANNELD_IP_MASQ")]
@@ -122,18 +133,87 @@ fn known_flannel_env() -> BTreeSet<String> {
         .collect()
 }
 
+/// flanneld's flags that weft does not implement, and why. Given on the
+/// command line or as `FLANNELD_*`, each stops the agent with its reason.
+pub const UNSUPPORTED_FLANNEL_FLAGS: &[(&str, &str)] = &[
+    ("public-ipv6", "weft's data path is IPv4 only"),
+    (
+        "ip-masq-fully-random-disable",
+        "weft's masquerade rules always use fully random ports",
+    ),
+    (
+        "ip-blackhole-route",
+        "weft installs no blackhole route for the local subnet",
+    ),
+    (
+        "kube-subnet-mgr",
+        "weft leases subnets in etcd only, not through the Kubernetes API",
+    ),
+    ("kube-api-url", "weft has no Kubernetes subnet manager"),
+    (
+        "kube-annotation-prefix",
+        "weft has no Kubernetes subnet manager",
+    ),
+    ("kubeconfig-file", "weft has no Kubernetes subnet manager"),
+    (
+        "net-config-path",
+        "weft reads the network config from etcd (<etcd-prefix>/config) only",
+    ),
+    (
+        "set-node-network-unavailable",
+        "weft has no Kubernetes subnet manager",
+    ),
+    ("v", "set the log level with RUST_LOG (e.g. RUST_LOG=debug)"),
+    ("vmodule", "set per-module log levels with RUST_LOG"),
+    ("log_backtrace_at", "weft logs through tracing, not klog"),
+];
+
+/// The environment form flanneld reads a flag from: `FLANNELD_` and the
+/// name upper-cased, dashes as underscores.
+fn flannel_env_name(flag: &str) -> String {
+    format!("FLANNELD_{}", flag.to_ascii_uppercase().replace('-', "_"))
+}
+
+/// Refuses a flanneld flag weft does not implement among `args` (the words
+/// after `run`), naming it with the reason. Checked before clap parses, so
+/// the answer is the reason rather than "unexpected argument".
+pub fn check_unsupported_flags<'a>(args: impl IntoIterator<Item = &'a str>) -> anyhow::Result<()> {
+    for arg in args {
+        if arg == "--" {
+            break;
+        }
+        let Some(name) = arg.strip_prefix("--").or_else(|| arg.strip_prefix('-')) else {
+            continue;
+        };
+        let name = name.split_once('=').map_or(name, |(n, _)| n);
+        if let Some((flag, why)) = UNSUPPORTED_FLANNEL_FLAGS.iter().find(|(f, _)| *f == name) {
+            bail!("flanneld's --{flag} is not supported: {why} (see the README's flag table)");
+        }
+    }
+    Ok(())
+}
+
 /// A `FLANNELD_*` variable no flag reads is a flannel setting weft does not
 /// implement: refusing it beats ignoring what the unit file asks for.
 fn check_flannel_env(vars: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
     let known = known_flannel_env();
-    let unknown: Vec<String> = vars
-        .into_iter()
-        .filter(|v| v.starts_with("FLANNELD_") && !known.contains(v))
-        .collect();
-    if !unknown.is_empty() {
+    let mut problems = Vec::new();
+    for var in vars {
+        if !var.starts_with("FLANNELD_") || known.contains(&var) {
+            continue;
+        }
+        match UNSUPPORTED_FLANNEL_FLAGS
+            .iter()
+            .find(|(flag, _)| flannel_env_name(flag) == var)
+        {
+            Some((_, why)) => problems.push(format!("{var} is not supported: {why}")),
+            None => problems.push(format!("{var} is no flanneld setting weft implements")),
+        }
+    }
+    if !problems.is_empty() {
         bail!(
-            "{} set, but weft implements no such flanneld setting; unset it (see the README's flag table)",
-            unknown.join(", ")
+            "{}; unset it (see the README's flag table)",
+            problems.join("; ")
         );
     }
     Ok(())
@@ -141,6 +221,9 @@ fn check_flannel_env(vars: impl IntoIterator<Item = String>) -> anyhow::Result<(
 
 pub async fn run(s: RunSettings) -> anyhow::Result<()> {
     check_flannel_env(std::env::vars_os().filter_map(|(k, _)| k.into_string().ok()))?;
+    // Flags no retry can fix (an endpoint that is no URL, an unreadable
+    // TLS file) stop the agent before it touches anything.
+    let etcd_opts = s.etcd.connect_options().context("etcd settings")?;
     let keys = KeyLayout::new(&s.etcd_prefix).context("--etcd-prefix")?;
     let nl = RtNetlink::open().context("netlink")?;
     let choice = IfaceChoice {
@@ -157,7 +240,7 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
     };
     tracing::info!(iface = %iface.name, %public_ip, mtu = iface.mtu, "starting");
 
-    let mut client = connect(&s.etcd).await?;
+    let mut client = connect(&s.etcd, etcd_opts).await?;
     let cfg = wait_for_config(&mut client, &keys).await;
 
     // The VtepMAC is the underlay interface's own MAC: decapsulated frames
@@ -193,6 +276,16 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
     tracing::info!(subnet = %held.subnet, how = held.how, "subnet leased");
 
     let mtu = flannel_mtu(iface.mtu, &cfg.backend);
+    let underlay = underlay_mtu(iface.mtu, &cfg.backend);
+    if underlay > iface.mtu {
+        tracing::warn!(
+            backend_mtu = underlay,
+            iface_mtu = iface.mtu,
+            "the backend's MTU is above the interface's: full-size packets will be fragmented \
+             on the underlay, as with flannel; lower Backend.MTU to {} at most",
+            iface.mtu
+        );
+    }
     let cluster_route = ClusterRoute {
         network: cfg.network,
         ifindex: iface.ifindex,
@@ -276,7 +369,7 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
         vxlan_port_be: vxlan.map_or(0, |v| v.port.to_be()),
         vni: vxlan.map_or(0, |v| v.vni),
         iface_ifindex: iface.ifindex,
-        iface_mtu: iface.mtu,
+        iface_mtu: datapath_mtu(iface.mtu, &cfg.backend),
         iface_mac: iface.mac,
         cluster_prefix_len: cfg.network.prefix_len(),
         local_prefix_len: held.subnet.prefix_len(),
@@ -456,13 +549,13 @@ fn endpoint_ips(endpoints: &[String]) -> Vec<Ipv4Addr> {
         .collect()
 }
 
-/// Connects to etcd, retrying until it answers. etcd-client connects lazily
-/// per request afterwards, so later outages are handled by the callers.
 /// Connects to etcd, retrying while it is unreachable. A configuration no
 /// retry can fix (a bad file, a wrong CA or password) ends the agent with
 /// the error, which names the flag, file or user.
-async fn connect(settings: &EtcdSettings) -> anyhow::Result<Client> {
-    let opts = settings.connect_options().context("etcd settings")?;
+async fn connect(
+    settings: &EtcdSettings,
+    opts: etcd_client::ConnectOptions,
+) -> anyhow::Result<Client> {
     let mut delay = RETRY_MIN;
     let mut last = String::new();
     loop {
@@ -472,7 +565,7 @@ async fn connect(settings: &EtcdSettings) -> anyhow::Result<Client> {
             Err(e) => {
                 let msg = e.to_string();
                 if msg != last {
-                    tracing::warn!(error = %msg, "etcd connection failed; retrying");
+                    tracing::warn!("{msg}; retrying");
                     last = msg;
                 }
             }
@@ -742,6 +835,71 @@ mod tests {
             err.to_string().contains("FLANNELD_KUBE_SUBNET_MGR"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn unsupported_flannel_flags_are_refused_with_the_reason() {
+        assert!(check_unsupported_flags(["--iface", "eth0", "--ip-masq"]).is_ok());
+        let e = check_unsupported_flags(["--iface=eth0", "--kube-subnet-mgr"]).expect_err("kube");
+        assert!(
+            e.to_string().contains("--kube-subnet-mgr") && e.to_string().contains("etcd"),
+            "{e}"
+        );
+        let e = check_unsupported_flags(["-public-ipv6=fd00::1"]).expect_err("go style");
+        assert!(e.to_string().contains("IPv4 only"), "{e}");
+        // After `--` nothing is a flag.
+        assert!(check_unsupported_flags(["--", "--kube-subnet-mgr"]).is_ok());
+        let e = check_flannel_env(["FLANNELD_PUBLIC_IPV6".to_owned()]).expect_err("env");
+        assert!(e.to_string().contains("IPv4 only"), "{e}");
+        // Every unsupported flag is really not one of ours.
+        let known = known_flannel_env();
+        for (flag, _) in UNSUPPORTED_FLANNEL_FLAGS {
+            assert!(!known.contains(&flannel_env_name(flag)), "{flag}");
+        }
+    }
+
+    #[test]
+    fn every_flanneld_flag_is_implemented_or_refused() {
+        // flanneld's flags (main.go), each either read by `run` under its
+        // FLANNELD_* name or listed as unsupported.
+        let flanneld = [
+            "etcd-endpoints",
+            "etcd-prefix",
+            "etcd-keyfile",
+            "etcd-certfile",
+            "etcd-cafile",
+            "etcd-username",
+            "etcd-password",
+            "iface",
+            "iface-regex",
+            "iface-can-reach",
+            "subnet-file",
+            "public-ip",
+            "public-ipv6",
+            "subnet-lease-renew-margin",
+            "ip-masq",
+            "ip-masq-fully-random-disable",
+            "kube-subnet-mgr",
+            "kube-api-url",
+            "kube-annotation-prefix",
+            "kubeconfig-file",
+            "healthz-ip",
+            "healthz-port",
+            "iptables-resync",
+            "iptables-forward-rules",
+            "ip-blackhole-route",
+            "net-config-path",
+            "set-node-network-unavailable",
+        ];
+        let known = known_flannel_env();
+        for flag in flanneld {
+            let implemented = known.contains(&flannel_env_name(flag));
+            let refused = UNSUPPORTED_FLANNEL_FLAGS.iter().any(|(f, _)| *f == flag);
+            assert!(
+                implemented != refused,
+                "{flag}: implemented {implemented}, refused {refused}"
+            );
+        }
     }
 
     #[test]

@@ -10,7 +10,11 @@ use node_agent::{
 };
 
 #[derive(Parser)]
-#[command(version, about = "weft node agent: flannel-compatible, eBPF data path")]
+#[command(
+    version,
+    propagate_version = true,
+    about = "weft node agent: flannel-compatible, eBPF data path"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -60,6 +64,13 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("run")
+        && let Err(e) = agent::check_unsupported_flags(args[2..].iter().map(String::as_str))
+    {
+        tracing::error!("{e}");
+        return ExitCode::FAILURE;
+    }
     let cli = Cli::parse();
     let result = tokio::runtime::Builder::new_current_thread()
         .enable_all()
