@@ -111,6 +111,17 @@ pub struct RunSettings {
     pub decap_mark: u32,
 }
 
+impl RunSettings {
+    /// How the underlay interface is chosen, from the `--iface*` flags.
+    pub fn iface_choice(&self) -> IfaceChoice {
+        IfaceChoice {
+            ifaces: self.iface.clone(),
+            regexes: self.iface_regex.clone(),
+            can_reach: self.iface_can_reach,
+        }
+    }
+}
+
 /// A firewall mark, in decimal or `0x` hex as iptables and nft print them.
 fn parse_mark(s: &str) -> Result<u32, String> {
     let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
@@ -226,12 +237,7 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
     let etcd_opts = s.etcd.connect_options().context("etcd settings")?;
     let keys = KeyLayout::new(&s.etcd_prefix).context("--etcd-prefix")?;
     let nl = RtNetlink::open().context("netlink")?;
-    let choice = IfaceChoice {
-        ifaces: s.iface.clone(),
-        regexes: s.iface_regex.clone(),
-        can_reach: s.iface_can_reach,
-    };
-    let (iface, chosen_by) = netconf::choose_interface(&nl, &choice)
+    let (iface, chosen_by) = netconf::choose_interface(&nl, &s.iface_choice())
         .await
         .context("choosing the underlay interface")?;
     let public_ip = match s.public_ip.or(chosen_by) {
@@ -537,7 +543,7 @@ async fn keep_firewall(firewall: &Firewall, nft: Nft, every: Duration) {
 
 /// The IPv4 addresses among the etcd endpoint URLs (names are left to the
 /// resolver and not checked).
-fn endpoint_ips(endpoints: &[String]) -> Vec<Ipv4Addr> {
+pub(crate) fn endpoint_ips(endpoints: &[String]) -> Vec<Ipv4Addr> {
     endpoints
         .iter()
         .filter_map(|url| {
@@ -582,7 +588,7 @@ async fn wait_for_config(client: &mut Client, keys: &KeyLayout) -> NetworkConfig
     let mut last_problem = String::new();
     loop {
         let problem = match client.get(key.as_str(), None).await {
-            Err(e) => format!("cannot read it: {e}"),
+            Err(e) => format!("cannot read it: {}", crate::etcd::describe(&e)),
             Ok(resp) => match resp.kvs().first() {
                 None => "missing".to_owned(),
                 Some(kv) => match std::str::from_utf8(kv.value())

@@ -290,8 +290,8 @@ fn check_url(endpoint: &str) -> Result<(), EtcdError> {
 }
 
 /// `error` with its causes: a gRPC status alone often says only
-/// "transport error".
-fn describe(error: &etcd_client::Error) -> String {
+/// "transport error"; its metadata map and (empty) details are left out.
+pub fn describe(error: &etcd_client::Error) -> String {
     // A status's own text lists its (empty) details and metadata map: say
     // only its code and message.
     let mut text = match error {

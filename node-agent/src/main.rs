@@ -45,6 +45,11 @@ enum Command {
         #[arg(long, default_value = "DOCKER_OPTS")]
         key: String,
     },
+    /// Check this host for what breaks or slows a flannel network (kernel
+    /// features, MTU, interface and PublicIP, overlapping routes, offloads),
+    /// with `run`'s flags; one line per check with the fix. Exits non-zero
+    /// when a check fails.
+    Doctor(Box<node_agent::doctor::DoctorSettings>),
     /// Remove everything `run` created: programs, maps, route, firewall
     /// rules, subnet file.
     Cleanup {
@@ -92,6 +97,7 @@ async fn run_command(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run(settings) => agent::run(*settings).await,
         Command::Status { pin_path, json } => agent::status(&pin_path, json),
+        Command::Doctor(settings) => node_agent::doctor::run(&settings).await,
         Command::DockerOpts {
             subnet_file,
             dest,
