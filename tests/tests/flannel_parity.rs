@@ -1,0 +1,281 @@
+//! Running weft where flanneld ran: configured by flanneld's environment
+//! variables alone, finding the interface as flanneld does, refusing what it
+//! does not implement, and `node-agent doctor` on real hosts.
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use serde_json::Value;
+use weft_tests::{
+    CONVERGE, Cluster, SWITCH_IP, node_agent_binary, require_bpffs, require_root, require_tools,
+};
+
+const CONFIG: &str =
+    r#"{"Network":"10.244.0.0/16","SubnetLen":24,"Backend":{"Type":"vxlan","VNI":1,"Port":8472}}"#;
+/// How long an agent refusing its settings may take to exit.
+const REFUSAL: Duration = Duration::from_secs(10);
+
+fn preflight() -> Result<()> {
+    require_root()?;
+    require_bpffs()?;
+    require_tools(&["ip", "nsenter", "etcd", "etcdctl", "ping", "ethtool"])?;
+    node_agent_binary()?;
+    Ok(())
+}
+
+/// A flanneld unit's environment, nothing on the command line: the agent
+/// leases, writes the subnet file with the settings the variables asked for
+/// and forwards between containers on two nodes.
+#[test]
+fn an_agent_configured_only_by_flanneld_variables_forwards() -> Result<()> {
+    preflight()?;
+    let cluster = Cluster::new(CONFIG)?;
+    let a = cluster.add_host(1)?;
+    let b = cluster.add_host(2)?;
+    let mut env = a.agent_env();
+    // The interface by address, as flanneld's --iface also takes it, and
+    // settings whose effect is visible: masquerading and the resync period.
+    env.push(("FLANNELD_IFACE", a.ip().to_string()));
+    env.push(("FLANNELD_IP_MASQ", "true".to_owned()));
+    env.push(("FLANNELD_IPTABLES_RESYNC", "2".to_owned()));
+    a.start_agent_env_only(&env)?;
+    b.start_agent(&[])?;
+    let env_a = a.wait_subnet_env(CONVERGE)?;
+    let env_b = b.wait_subnet_env(CONVERGE)?;
+    ensure!(
+        env_a.ipmasq && !env_b.ipmasq,
+        "FLANNELD_IP_MASQ=true did not reach the subnet file: {env_a:?} (the flag-started node: {env_b:?})"
+    );
+    ensure!(
+        env_a.mtu == 1450,
+        "FLANNEL_MTU {} for a 1500-byte eth0",
+        env_a.mtu
+    );
+    let config = a
+        .pinned()?
+        .node_config()?
+        .context("host 1's NODE_CONFIG is empty")?;
+    ensure!(
+        Ipv4Addr::from(config.public_ip) == a.ip(),
+        "PublicIP {} is not FLANNELD_IFACE's address {}",
+        Ipv4Addr::from(config.public_ip),
+        a.ip()
+    );
+
+    let ca = a.attach_container()?;
+    let cb = b.attach_container()?;
+    ca.ping_until(cb.ip(), CONVERGE)?;
+    cb.ping(ca.ip(), 3, 56, false)?;
+    Ok(())
+}
+
+/// With no --iface at all the agent takes the default route's interface,
+/// not another interface that also has an address.
+#[test]
+fn without_an_interface_setting_the_default_route_interface_is_used() -> Result<()> {
+    preflight()?;
+    let cluster = Cluster::new(CONFIG)?;
+    let a = cluster.add_host(1)?;
+    let b = cluster.add_host(2)?;
+    // A decoy with an address and a MAC, up, that the default route does
+    // not use.
+    let ns = a.ns();
+    ns.ip(&[
+        "link", "add", "decoy0", "type", "veth", "peer", "name", "decoy1",
+    ])?;
+    ns.ip(&["addr", "add", "198.18.99.1/24", "dev", "decoy0"])?;
+    ns.ip(&["link", "set", "decoy0", "up"])?;
+    ns.ip(&["link", "set", "decoy1", "up"])?;
+    ns.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        &SWITCH_IP.to_string(),
+        "dev",
+        "eth0",
+    ])?;
+    a.start_agent_env_only(&a.agent_env())?;
+    b.start_agent(&[])?;
+    a.wait_subnet_env(CONVERGE)?;
+    b.wait_subnet_env(CONVERGE)?;
+
+    let (eth0, _) = ns.link("eth0")?;
+    let (decoy, _) = ns.link("decoy0")?;
+    let config = a
+        .pinned()?
+        .node_config()?
+        .context("host 1's NODE_CONFIG is empty")?;
+    ensure!(
+        config.iface_ifindex == eth0,
+        "the agent chose ifindex {} (eth0 is {eth0}, the decoy {decoy})",
+        config.iface_ifindex
+    );
+    ensure!(
+        Ipv4Addr::from(config.public_ip) == a.ip(),
+        "PublicIP {} is not eth0's address",
+        Ipv4Addr::from(config.public_ip)
+    );
+    let ca = a.attach_container()?;
+    let cb = b.attach_container()?;
+    ca.ping_until(cb.ip(), CONVERGE)?;
+    Ok(())
+}
+
+/// A flanneld setting weft lacks stops the agent with the setting's name
+/// and the reason, and so does an etcd endpoint that is no URL: at
+/// start-up, not as an endless retry.
+#[test]
+fn unsupported_settings_and_bad_endpoints_stop_the_agent_with_the_reason() -> Result<()> {
+    preflight()?;
+    let cluster = Cluster::new(CONFIG)?;
+    let a = cluster.add_host(1)?;
+    let cases: [(&str, Vec<(&str, String)>, &[&str]); 3] = [
+        (
+            "FLANNELD_KUBE_SUBNET_MGR",
+            vec![("FLANNELD_KUBE_SUBNET_MGR", "true".to_owned())],
+            &["FLANNELD_KUBE_SUBNET_MGR", "etcd only"],
+        ),
+        ("--public-ipv6", vec![], &["--public-ipv6", "IPv4 only"]),
+        (
+            "an endpoint with a path",
+            vec![(
+                "FLANNELD_ETCD_ENDPOINTS",
+                "http://198.18.0.254:2379/v3".to_owned(),
+            )],
+            &["is not a URL", "http://198.18.0.254:2379/v3"],
+        ),
+    ];
+    for (what, extra_env, expect) in cases {
+        let mut env = a.agent_env();
+        env.retain(|(k, _)| !extra_env.iter().any(|(e, _)| e == k));
+        env.extend(extra_env);
+        if what.starts_with("--") {
+            // On the command line, before clap could call it unknown.
+            a.start_agent(&["--public-ipv6", "fd00::1"])?;
+        } else {
+            a.start_agent_env_only(&env)?;
+        }
+        let status = a
+            .wait_agent_exit(REFUSAL)
+            .with_context(|| what.to_owned())?;
+        ensure!(!status.success(), "{what}: the agent exited 0");
+        let log = a.agent_log();
+        let last = log
+            .rsplit("=== weft-tests: starting")
+            .next()
+            .unwrap_or_default();
+        for needle in expect {
+            ensure!(
+                last.contains(needle),
+                "{what}: {needle:?} not in the log:\n{last}"
+            );
+        }
+        ensure!(
+            !a.subnet_file().exists(),
+            "{what}: a subnet file was written"
+        );
+    }
+    Ok(())
+}
+
+/// The check named `name` in a doctor report.
+fn check<'r>(report: &'r Value, name: &str) -> Result<&'r Value> {
+    report["checks"]
+        .as_array()
+        .and_then(|checks| checks.iter().find(|c| c["name"] == name))
+        .with_context(|| format!("no {name} check in {report:#}"))
+}
+
+fn status<'r>(report: &'r Value, name: &str) -> Result<&'r str> {
+    check(report, name)?["status"]
+        .as_str()
+        .with_context(|| format!("{name} has no status"))
+}
+
+/// `doctor` passes on a host where the agent runs well, and finds each
+/// planted problem (GRO off on the veth underlay, a container bridge wider
+/// than FLANNEL_MTU, a route inside the Network) with its fix; a failed
+/// check makes it exit non-zero, and the fixed host passes again.
+#[test]
+fn doctor_passes_on_a_good_host_and_names_planted_problems() -> Result<()> {
+    preflight()?;
+    let cluster = Cluster::new(CONFIG)?;
+    let (hosts, _) = cluster.start_hosts(&[1, 2], &[], false)?;
+    let a = &hosts[0];
+    let ns = a.ns();
+    ns.run(&["ethtool", "-K", "eth0", "gro", "on"])?;
+
+    let (passed, report) = a.doctor(&[])?;
+    ensure!(
+        passed && report["ok"] == true,
+        "a good host failed: {report:#}"
+    );
+    for name in [
+        "btf",
+        "tcx",
+        "bpffs",
+        "interface",
+        "public-ip",
+        "etcd",
+        "config",
+        "mtu",
+        "routes",
+        "decap",
+        "gro",
+        "forwarding",
+    ] {
+        ensure!(
+            status(&report, name)? == "ok",
+            "{name} is not ok on a good host: {report:#}"
+        );
+    }
+
+    // veth's default: GRO off. A warning with the fix, not a failure.
+    ns.run(&["ethtool", "-K", "eth0", "gro", "off"])?;
+    let (passed, report) = a.doctor(&[])?;
+    ensure!(passed, "GRO off failed the run: {report:#}");
+    ensure!(
+        status(&report, "gro")? == "warn",
+        "GRO off not found: {report:#}"
+    );
+    let fix = check(&report, "gro")?["fix"].as_str().unwrap_or_default();
+    ensure!(fix.contains("ethtool -K eth0 gro on"), "gro fix: {fix}");
+    ns.run(&["ethtool", "-K", "eth0", "gro", "on"])?;
+
+    // A container bridge at 1500 bytes over a 1450-byte tunnel.
+    ns.ip(&["link", "add", "cni0", "mtu", "1500", "type", "bridge"])?;
+    let (passed, report) = a.doctor(&[])?;
+    ensure!(
+        !passed && report["ok"] == false,
+        "a too-wide cni0 passed: {report:#}"
+    );
+    ensure!(status(&report, "mtu")? == "fail", "{report:#}");
+    let fix = check(&report, "mtu")?["fix"].as_str().unwrap_or_default();
+    ensure!(fix.contains("ip link set cni0 mtu 1450"), "mtu fix: {fix}");
+    ns.ip(&["link", "set", "cni0", "mtu", "1450"])?;
+
+    // A host route inside the Network.
+    ns.ip(&[
+        "route",
+        "add",
+        "10.244.77.0/24",
+        "via",
+        &SWITCH_IP.to_string(),
+    ])?;
+    let (passed, report) = a.doctor(&[])?;
+    ensure!(!passed, "an overlapping route passed: {report:#}");
+    let detail = check(&report, "routes")?["detail"]
+        .as_str()
+        .unwrap_or_default();
+    ensure!(
+        status(&report, "routes")? == "fail" && detail.contains("10.244.77.0/24"),
+        "the overlapping route was not named: {report:#}"
+    );
+    ns.ip(&["route", "del", "10.244.77.0/24"])?;
+
+    let (passed, report) = a.doctor(&[])?;
+    ensure!(passed, "the repaired host still fails: {report:#}");
+    Ok(())
+}
