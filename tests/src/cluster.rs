@@ -689,6 +689,34 @@ impl<'c> Host<'c> {
         self.spawn_agent(self.ns.command_keep_mounts(&args))
     }
 
+    /// Starts the agent as [`Self::start_agent`] does, in a private mount
+    /// namespace of its own where /sys/fs/bpf is no BPF filesystem (unmounted
+    /// there only, after checking that the namespace really is another one):
+    /// the agent must mount bpffs itself, and that mount dies with it.
+    pub fn start_agent_without_bpffs(&self) -> Result<()> {
+        let binary = crate::node_agent_binary()?.to_string_lossy().into_owned();
+        let flags = self.agent_flags();
+        // $1..: the agent's command line.
+        let script = r#"set -e
+[ "$(readlink /proc/self/ns/mnt)" != "$(readlink /proc/1/ns/mnt)" ] || { echo "not in a private mount namespace" >&2; exit 97; }
+while mountpoint -q /sys/fs/bpf; do umount /sys/fs/bpf; done
+exec "$@""#;
+        let mut args = vec![
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            script,
+            "sh",
+            binary.as_str(),
+            "run",
+        ];
+        args.extend(flags.iter().map(String::as_str));
+        self.spawn_agent(self.ns.command_keep_mounts(&args))
+    }
+
     /// The flags that point an agent (or `doctor`) at this host's etcd,
     /// interface, subnet file and pin path; not the TLS or auth flags.
     fn agent_flags(&self) -> Vec<String> {

@@ -279,3 +279,86 @@ fn doctor_passes_on_a_good_host_and_names_planted_problems() -> Result<()> {
     ensure!(passed, "the repaired host still fails: {report:#}");
     Ok(())
 }
+
+/// The vxlan backend's `MTU`, as flannel honours it: the tunnel is sized
+/// for that underlay MTU instead of the interface's, so `FLANNEL_MTU` and
+/// the cluster route carry `MTU - 50`, and the data path builds no outer
+/// packet above `MTU`. Full-size DF packets cross; one byte more does not.
+#[test]
+fn the_vxlan_backend_mtu_sizes_the_tunnel_as_in_flannel() -> Result<()> {
+    preflight()?;
+    let cluster =
+        Cluster::new(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","MTU":1400}}"#)?;
+    let (hosts, envs) = cluster.start_hosts(&[1, 2], &[], false)?;
+    for (host, env) in hosts.iter().zip(&envs) {
+        ensure!(
+            env.mtu == 1350,
+            "host {}: FLANNEL_MTU {}",
+            host.index(),
+            env.mtu
+        );
+        let config = host
+            .pinned()?
+            .node_config()?
+            .context("NODE_CONFIG is empty")?;
+        ensure!(
+            config.iface_mtu == 1400,
+            "host {}: the data path sizes outer packets for {}",
+            host.index(),
+            config.iface_mtu
+        );
+        let route = host.ns().ip(&["route", "show", "10.244.0.0/16"])?;
+        ensure!(
+            route.contains("mtu 1350"),
+            "host {}: cluster route {route}",
+            host.index()
+        );
+    }
+    let a = hosts[0].attach_container()?;
+    let b = hosts[1].attach_container()?;
+    a.ping_until(b.ip(), CONVERGE)?;
+    // IPv4 and ICMP headers: 28 bytes.
+    a.ping(b.ip(), 3, 1350 - 28, true)?;
+    b.ping(a.ip(), 3, 1350 - 28, true)?;
+    // A container that ignores FLANNEL_MTU meets the 1350-byte path.
+    let wide = hosts[0].attach_container_with_mtu(Some(1500))?;
+    let refused = wide.ping(b.ip(), 1, 1350 - 28 + 1, true);
+    ensure!(
+        refused.is_err(),
+        "a 1351-byte DF packet crossed a 1350-byte tunnel"
+    );
+    wide.ping(b.ip(), 2, 1350 - 28, true)?;
+    Ok(())
+}
+
+/// Where /sys/fs/bpf is no BPF filesystem the agent mounts one and
+/// forwards; in a private mount namespace it warns that the mount (and the
+/// pins) will not outlive it. The machine's own bpffs is untouched.
+#[test]
+fn the_agent_mounts_bpffs_and_warns_when_the_mount_dies_with_it() -> Result<()> {
+    preflight()?;
+    require_tools(&["unshare", "mountpoint", "umount"])?;
+    let cluster = Cluster::new(CONFIG)?;
+    let a = cluster.add_host(1)?;
+    let b = cluster.add_host(2)?;
+    a.start_agent_without_bpffs()?;
+    b.start_agent(&[])?;
+    a.wait_subnet_env(CONVERGE)?;
+    b.wait_subnet_env(CONVERGE)?;
+    let ca = a.attach_container()?;
+    let cb = b.attach_container()?;
+    ca.ping_until(cb.ip(), CONVERGE)?;
+    let log = a.agent_log();
+    ensure!(
+        log.contains("mounted a BPF filesystem") && log.contains("private mount namespace"),
+        "no mount or no warning in the log:\n{log}"
+    );
+    // The pins live in the agent's own mount, not on the machine's bpffs.
+    ensure!(
+        !a.pin_path().exists(),
+        "{} appeared on the machine's bpffs",
+        a.pin_path().display()
+    );
+    require_bpffs().context("the machine's bpffs after the test")?;
+    Ok(())
+}
