@@ -146,7 +146,8 @@ fn mount_is_shared(mountinfo: &str, path: &Path) -> bool {
     let path = path.to_string_lossy();
     mountinfo
         .lines()
-        .filter_map(|line| {
+        .rev()
+        .find_map(|line| {
             let mut fields = line.split(' ');
             let mount_point = fields.nth(4)?;
             (mount_point == path).then(|| {
@@ -156,7 +157,6 @@ fn mount_is_shared(mountinfo: &str, path: &Path) -> bool {
                     .any(|f| f.starts_with("shared:"))
             })
         })
-        .last()
         .unwrap_or(false)
 }
 

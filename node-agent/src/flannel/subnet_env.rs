@@ -476,6 +476,8 @@ mod tests {
         assert_eq!(flannel_mtu(1500, &Backend::Ipip), 1480);
         assert_eq!(flannel_mtu(1500, &Backend::HostGw), 1500);
         assert_eq!(datapath_mtu(1500, &vxlan), 1500);
+        assert_eq!(flannel_mtu(40, &vxlan), 0);
+        assert_eq!(flannel_mtu(10, &Backend::Ipip), 0);
     }
 
     #[test]
@@ -496,7 +498,5 @@ mod tests {
         assert_eq!(underlay_mtu(1500, &with(9000)), 9000);
         // host-gw and ipip have no such setting in flannel.
         assert_eq!(underlay_mtu(1500, &Backend::Ipip), 1500);
-        assert_eq!(flannel_mtu(40, &vxlan), 0);
-        assert_eq!(flannel_mtu(10, &Backend::Ipip), 0);
     }
 }
