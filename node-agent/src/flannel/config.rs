@@ -501,7 +501,15 @@ mod tests {
         )
         .unwrap();
         assert_eq!(cfg.subnet_len, 24);
-        assert_eq!(cfg.backend, Backend::Vxlan(VxlanConfig::default()));
+        // MTU is read (flannel's vxlan backend honours it); GBP and Learning
+        // mean nothing without a kernel vxlan device.
+        assert_eq!(
+            cfg.backend,
+            Backend::Vxlan(VxlanConfig {
+                mtu: Some(1400),
+                ..VxlanConfig::default()
+            })
+        );
     }
 
     #[test]
