@@ -123,23 +123,29 @@ pub async fn run(settings: &DoctorSettings) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Keeps `result`'s value, or records the check that says why there is none.
+fn settle<T>(out: &mut Vec<Check>, result: Result<T, Check>) -> Option<T> {
+    result.map_err(|check| out.push(check)).ok()
+}
+
 /// Every check, in the order a reader fixes them.
 pub async fn checks(s: &RunSettings) -> Vec<Check> {
     let mut out = vec![kernel_btf(), kernel_tcx(), bpffs(&s.pin_path)];
-    let nl = match RtNetlink::open() {
-        Ok(nl) => nl,
-        Err(e) => {
-            out.push(Check::problem(
-                "netlink",
-                Status::Fail,
-                format!("cannot open a netlink socket: {e}"),
-                "run doctor as root",
-            ));
-            return out;
-        }
+    let opened = RtNetlink::open().map_err(|e| {
+        Check::problem(
+            "netlink",
+            Status::Fail,
+            format!("cannot open a netlink socket: {e}"),
+            "run doctor as root",
+        )
+    });
+    let Some(nl) = settle(&mut out, opened) else {
+        return out;
     };
-    let iface = interface(&nl, s, &mut out).await;
-    let cfg = network_config(s, &mut out).await;
+    let found = interface(&nl, s, &mut out).await;
+    let iface = settle(&mut out, found);
+    let read = network_config(s, &mut out).await;
+    let cfg = settle(&mut out, read);
     let subnet_env = read_subnet_env(&s.subnet_file);
     match (&iface, &cfg) {
         (Some(iface), Some(cfg)) => {
@@ -248,21 +254,21 @@ fn bpffs(pin_path: &Path) -> Check {
 }
 
 /// The interface and PublicIP `run` would choose.
-async fn interface(nl: &RtNetlink, s: &RunSettings, out: &mut Vec<Check>) -> Option<Interface> {
+async fn interface(
+    nl: &RtNetlink,
+    s: &RunSettings,
+    out: &mut Vec<Check>,
+) -> Result<Interface, Check> {
     let choice = s.iface_choice();
     let how = describe_choice(&choice);
-    let (iface, chosen_by) = match netconf::choose_interface(nl, &choice).await {
-        Ok(found) => found,
-        Err(e) => {
-            out.push(Check::problem(
-                "interface",
-                Status::Fail,
-                format!("no interface chosen by {how}: {e}"),
-                "name the underlay interface with --iface (a name or an address)",
-            ));
-            return None;
-        }
-    };
+    let (iface, chosen_by) = netconf::choose_interface(nl, &choice).await.map_err(|e| {
+        Check::problem(
+            "interface",
+            Status::Fail,
+            format!("no interface chosen by {how}: {e}"),
+            "name the underlay interface with --iface (a name or an address)",
+        )
+    })?;
     out.push(Check::ok(
         "interface",
         format!(
@@ -290,7 +296,7 @@ async fn interface(nl: &RtNetlink, s: &RunSettings, out: &mut Vec<Check>) -> Opt
             format!("give {} an IPv4 address, or pass --public-ip", iface.name),
         ),
     });
-    Some(iface)
+    Ok(iface)
 }
 
 fn describe_choice(choice: &IfaceChoice) -> String {
@@ -306,32 +312,26 @@ fn describe_choice(choice: &IfaceChoice) -> String {
 }
 
 /// The network config from etcd, when etcd answers within [`ETCD_TIMEOUT`].
-async fn network_config(s: &RunSettings, out: &mut Vec<Check>) -> Option<NetworkConfig> {
-    let keys = match KeyLayout::new(&s.etcd_prefix) {
-        Ok(keys) => keys,
-        Err(e) => {
-            out.push(Check::problem(
-                "config",
-                Status::Fail,
-                format!("--etcd-prefix: {e}"),
-                "use flannel's form, e.g. /coreos.com/network",
-            ));
-            return None;
-        }
-    };
+async fn network_config(s: &RunSettings, out: &mut Vec<Check>) -> Result<NetworkConfig, Check> {
+    const START_ETCD: &str = "start etcd or correct --etcd-endpoints; the checks that need the network config were skipped";
+    let keys = KeyLayout::new(&s.etcd_prefix).map_err(|e| {
+        Check::problem(
+            "config",
+            Status::Fail,
+            format!("--etcd-prefix: {e}"),
+            "use flannel's form, e.g. /coreos.com/network",
+        )
+    })?;
     let key = keys.config_key();
-    let opts = match s.etcd.connect_options() {
-        Ok(opts) => opts,
-        Err(e) => {
-            out.push(Check::problem(
-                "etcd",
-                Status::Fail,
-                e.to_string(),
-                "correct the --etcd-* flags",
-            ));
-            return None;
-        }
-    };
+    let opts = s.etcd.connect_options().map_err(|e| {
+        Check::problem(
+            "etcd",
+            Status::Fail,
+            e.to_string(),
+            "correct the --etcd-* flags",
+        )
+    })?;
+    let endpoints = s.etcd.etcd_endpoints.join(", ");
     let read = async {
         let mut client = s.etcd.connect(opts).await?;
         client
@@ -339,64 +339,37 @@ async fn network_config(s: &RunSettings, out: &mut Vec<Check>) -> Option<Network
             .await
             .map_err(|e| crate::etcd::EtcdError::Client(Box::new(e)))
     };
-    let resp = match tokio::time::timeout(ETCD_TIMEOUT, read).await {
-        Ok(Ok(resp)) => resp,
-        Ok(Err(e)) => {
-            out.push(Check::problem(
-                "etcd",
-                Status::Warn,
-                e.to_string(),
-                "start etcd or correct --etcd-endpoints; the checks that need the network config were skipped",
-            ));
-            return None;
-        }
-        Err(_) => {
-            out.push(Check::problem(
-                "etcd",
-                Status::Warn,
-                format!(
-                    "no answer from {} within {ETCD_TIMEOUT:?}",
-                    s.etcd.etcd_endpoints.join(", ")
-                ),
-                "start etcd or correct --etcd-endpoints; the checks that need the network config were skipped",
-            ));
-            return None;
-        }
-    };
-    out.push(Check::ok(
-        "etcd",
-        format!("reached {}", s.etcd.etcd_endpoints.join(", ")),
-    ));
-    let parsed = match resp.kvs().first() {
+    let resp = tokio::time::timeout(ETCD_TIMEOUT, read)
+        .await
+        .map_err(|_| format!("no answer from {endpoints} within {ETCD_TIMEOUT:?}"))
+        .and_then(|r| r.map_err(|e| e.to_string()))
+        .map_err(|problem| Check::problem("etcd", Status::Warn, problem, START_ETCD))?;
+    out.push(Check::ok("etcd", format!("reached {endpoints}")));
+    let cfg = match resp.kvs().first() {
         None => Err("missing".to_owned()),
         Some(kv) => std::str::from_utf8(kv.value())
             .map_err(|e| e.to_string())
             .and_then(|v| NetworkConfig::parse(v).map_err(|e| e.to_string())),
-    };
-    match parsed {
-        Ok(cfg) => {
-            out.push(Check::ok(
-                "config",
-                format!(
-                    "{key}: Network {}, backend {}",
-                    cfg.network,
-                    cfg.backend.type_name()
-                ),
-            ));
-            Some(cfg)
-        }
-        Err(problem) => {
-            out.push(Check::problem(
-                "config",
-                Status::Fail,
-                format!("{key}: {problem}"),
-                format!(
-                    "etcdctl put {key} '{{\"Network\":\"10.244.0.0/16\",\"Backend\":{{\"Type\":\"vxlan\"}}}}' (with your Network)"
-                ),
-            ));
-            None
-        }
     }
+    .map_err(|problem| {
+        Check::problem(
+            "config",
+            Status::Fail,
+            format!("{key}: {problem}"),
+            format!(
+                "etcdctl put {key} '{{\"Network\":\"10.244.0.0/16\",\"Backend\":{{\"Type\":\"vxlan\"}}}}' (with your Network)"
+            ),
+        )
+    })?;
+    out.push(Check::ok(
+        "config",
+        format!(
+            "{key}: Network {}, backend {}",
+            cfg.network,
+            cfg.backend.type_name()
+        ),
+    ));
+    Ok(cfg)
 }
 
 fn read_subnet_env(path: &Path) -> Option<SubnetEnv> {

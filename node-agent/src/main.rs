@@ -53,9 +53,9 @@ enum Command {
     /// Remove everything `run` created: programs, maps, route, firewall
     /// rules, subnet file.
     Cleanup {
-        #[arg(long, default_value = "/sys/fs/bpf/weft")]
+        #[arg(long, env = "WEFT_PIN_PATH", default_value = "/sys/fs/bpf/weft")]
         pin_path: PathBuf,
-        #[arg(long, default_value = subnet_env::DEFAULT_PATH)]
+        #[arg(long, env = "FLANNELD_SUBNET_FILE", default_value = subnet_env::DEFAULT_PATH)]
         subnet_file: PathBuf,
     },
 }

@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
+use weft_common::NodeConfig;
 use weft_tests::{
-    CONVERGE, Cluster, SWITCH_IP, node_agent_binary, require_bpffs, require_root, require_tools,
+    CONVERGE, Cluster, Host, SWITCH_IP, SubnetEnv, node_agent_binary, require_bpffs, require_root,
+    require_tools,
 };
 
 const CONFIG: &str =
@@ -24,6 +26,32 @@ fn preflight() -> Result<()> {
     Ok(())
 }
 
+/// Hosts 1 and 2: host 1 (after `prepare`) started by its environment
+/// alone plus `extra_env`, host 2 by flags; both have leased.
+fn env_host_and_flag_host<'c>(
+    cluster: &'c Cluster,
+    prepare: impl FnOnce(&Host<'c>) -> Result<()>,
+    extra_env: Vec<(&'static str, String)>,
+) -> Result<(Host<'c>, Host<'c>, SubnetEnv, SubnetEnv)> {
+    let a = cluster.add_host(1)?;
+    let b = cluster.add_host(2)?;
+    prepare(&a)?;
+    let mut env = a.agent_env();
+    env.extend(extra_env);
+    a.start_agent_env_only(&env)?;
+    b.start_agent(&[])?;
+    let env_a = a.wait_subnet_env(CONVERGE)?;
+    let env_b = b.wait_subnet_env(CONVERGE)?;
+    Ok((a, b, env_a, env_b))
+}
+
+/// The host's pinned NODE_CONFIG, which must be written.
+fn node_config(host: &Host<'_>) -> Result<NodeConfig> {
+    host.pinned()?
+        .node_config()?
+        .with_context(|| format!("host {}'s NODE_CONFIG is empty", host.index()))
+}
+
 /// A flanneld unit's environment, nothing on the command line: the agent
 /// leases, writes the subnet file with the settings the variables asked for
 /// and forwards between containers on two nodes.
@@ -31,18 +59,18 @@ fn preflight() -> Result<()> {
 fn an_agent_configured_only_by_flanneld_variables_forwards() -> Result<()> {
     preflight()?;
     let cluster = Cluster::new(CONFIG)?;
-    let a = cluster.add_host(1)?;
-    let b = cluster.add_host(2)?;
-    let mut env = a.agent_env();
     // The interface by address, as flanneld's --iface also takes it, and
-    // settings whose effect is visible: masquerading and the resync period.
-    env.push(("FLANNELD_IFACE", a.ip().to_string()));
-    env.push(("FLANNELD_IP_MASQ", "true".to_owned()));
-    env.push(("FLANNELD_IPTABLES_RESYNC", "2".to_owned()));
-    a.start_agent_env_only(&env)?;
-    b.start_agent(&[])?;
-    let env_a = a.wait_subnet_env(CONVERGE)?;
-    let env_b = b.wait_subnet_env(CONVERGE)?;
+    // a setting whose effect shows in the subnet file (masquerading), and
+    // one that must parse as flanneld's does (the resync period).
+    let (a, b, env_a, env_b) = env_host_and_flag_host(
+        &cluster,
+        |_| Ok(()),
+        vec![
+            ("FLANNELD_IFACE", "198.18.0.1".to_owned()),
+            ("FLANNELD_IP_MASQ", "true".to_owned()),
+            ("FLANNELD_IPTABLES_RESYNC", "2".to_owned()),
+        ],
+    )?;
     ensure!(
         env_a.ipmasq && !env_b.ipmasq,
         "FLANNELD_IP_MASQ=true did not reach the subnet file: {env_a:?} (the flag-started node: {env_b:?})"
@@ -52,10 +80,7 @@ fn an_agent_configured_only_by_flanneld_variables_forwards() -> Result<()> {
         "FLANNEL_MTU {} for a 1500-byte eth0",
         env_a.mtu
     );
-    let config = a
-        .pinned()?
-        .node_config()?
-        .context("host 1's NODE_CONFIG is empty")?;
+    let config = node_config(&a)?;
     ensure!(
         Ipv4Addr::from(config.public_ip) == a.ip(),
         "PublicIP {} is not FLANNELD_IFACE's address {}",
@@ -76,37 +101,32 @@ fn an_agent_configured_only_by_flanneld_variables_forwards() -> Result<()> {
 fn without_an_interface_setting_the_default_route_interface_is_used() -> Result<()> {
     preflight()?;
     let cluster = Cluster::new(CONFIG)?;
-    let a = cluster.add_host(1)?;
-    let b = cluster.add_host(2)?;
     // A decoy with an address and a MAC, up, that the default route does
     // not use.
+    let decoy = |host: &Host<'_>| {
+        let ns = host.ns();
+        ns.ip(&[
+            "link", "add", "decoy0", "type", "veth", "peer", "name", "decoy1",
+        ])?;
+        ns.ip(&["addr", "add", "198.18.99.1/24", "dev", "decoy0"])?;
+        ns.ip(&["link", "set", "decoy0", "up"])?;
+        ns.ip(&["link", "set", "decoy1", "up"])?;
+        ns.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &SWITCH_IP.to_string(),
+            "dev",
+            "eth0",
+        ])?;
+        Ok(())
+    };
+    let (a, b, _, _) = env_host_and_flag_host(&cluster, decoy, vec![])?;
     let ns = a.ns();
-    ns.ip(&[
-        "link", "add", "decoy0", "type", "veth", "peer", "name", "decoy1",
-    ])?;
-    ns.ip(&["addr", "add", "198.18.99.1/24", "dev", "decoy0"])?;
-    ns.ip(&["link", "set", "decoy0", "up"])?;
-    ns.ip(&["link", "set", "decoy1", "up"])?;
-    ns.ip(&[
-        "route",
-        "add",
-        "default",
-        "via",
-        &SWITCH_IP.to_string(),
-        "dev",
-        "eth0",
-    ])?;
-    a.start_agent_env_only(&a.agent_env())?;
-    b.start_agent(&[])?;
-    a.wait_subnet_env(CONVERGE)?;
-    b.wait_subnet_env(CONVERGE)?;
-
     let (eth0, _) = ns.link("eth0")?;
     let (decoy, _) = ns.link("decoy0")?;
-    let config = a
-        .pinned()?
-        .node_config()?
-        .context("host 1's NODE_CONFIG is empty")?;
+    let config = node_config(&a)?;
     ensure!(
         config.iface_ifindex == eth0,
         "the agent chose ifindex {} (eth0 is {eth0}, the decoy {decoy})",
@@ -293,10 +313,7 @@ fn the_vxlan_backend_mtu_sizes_the_tunnel_as_in_flannel() -> Result<()> {
             host.index(),
             env.mtu
         );
-        let config = host
-            .pinned()?
-            .node_config()?
-            .context("NODE_CONFIG is empty")?;
+        let config = node_config(host)?;
         ensure!(
             config.iface_mtu == 1400,
             "host {}: the data path sizes outer packets for {}",
