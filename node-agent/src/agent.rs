@@ -571,7 +571,7 @@ async fn connect(
             Err(e) => {
                 let msg = e.to_string();
                 if msg != last {
-                    tracing::warn!("{msg}; retrying");
+                    tracing::warn!(error = %msg, "etcd connection failed; retrying");
                     last = msg;
                 }
             }

@@ -111,7 +111,7 @@ pub enum EtcdError {
         endpoint: String,
         reason: &'static str,
     },
-    #[error("no etcd endpoint answered ({endpoints}): {reason}")]
+    #[error("cannot reach etcd at {endpoints}: {reason}")]
     Unreachable { endpoints: String, reason: String },
     #[error(
         "etcd rejected user {user:?}: wrong password or no such user \

@@ -10,7 +10,7 @@ use serde_json::Value;
 use weft_common::NodeConfig;
 use weft_tests::{
     CONVERGE, Cluster, Host, SWITCH_IP, SubnetEnv, node_agent_binary, require_bpffs, require_root,
-    require_tools,
+    require_tools, wait_until,
 };
 
 const CONFIG: &str =
@@ -373,5 +373,35 @@ fn the_agent_mounts_bpffs_and_warns_when_the_mount_dies_with_it() -> Result<()> 
         a.pin_path().display()
     );
     require_bpffs().context("the machine's bpffs after the test")?;
+    Ok(())
+}
+
+/// An endpoint nobody listens on is named in the agent's retry warning,
+/// with the cause and without gRPC's metadata dump; the agent keeps
+/// waiting for it rather than exiting.
+#[test]
+fn an_unreachable_endpoint_is_named_in_the_warning() -> Result<()> {
+    preflight()?;
+    let cluster = Cluster::new(CONFIG)?;
+    let a = cluster.add_host(1)?;
+    // The switch's address, where etcd listens, on a port it does not.
+    let dead = format!("http://{SWITCH_IP}:2399");
+    let mut env = a.agent_env();
+    env.retain(|(k, _)| *k != "FLANNELD_ETCD_ENDPOINTS");
+    env.push(("FLANNELD_ETCD_ENDPOINTS", dead.clone()));
+    env.push(("FLANNELD_IFACE", "eth0".to_owned()));
+    a.start_agent_env_only(&env)?;
+    let want = format!("cannot reach etcd at {dead}");
+    wait_until(CONVERGE, "the agent to warn about the endpoint", |last| {
+        *last = a.agent_log();
+        ensure!(a.agent_running(), "the agent exited");
+        Ok(last.contains(&want).then_some(()))
+    })?;
+    let log = a.agent_log();
+    ensure!(
+        log.contains("Connection refused") && !log.contains("MetadataMap"),
+        "the warning lacks the cause or carries gRPC noise:\n{log}"
+    );
+    ensure!(a.agent_running(), "the agent gave up on etcd:\n{log}");
     Ok(())
 }
