@@ -151,7 +151,7 @@ pub async fn checks(s: &RunSettings) -> Vec<Check> {
         (Some(iface), Some(cfg)) => {
             out.push(mtu(&nl, iface, cfg, subnet_env.as_ref()).await);
             out.push(routes(&nl, s, iface, cfg, subnet_env.as_ref()).await);
-            out.push(decap_hook(s, cfg));
+            out.push(decap_hook(s, iface, cfg));
             out.push(gro(s, iface, cfg));
         }
         _ => {
@@ -493,22 +493,30 @@ async fn routes(
     }
 }
 
-/// Which hook decapsulates now, from the pinned links.
-fn decap_hook(s: &RunSettings, cfg: &NetworkConfig) -> Check {
+/// Which hook decapsulates now, from the pinned links, and the driver of
+/// the interface, which decides whether XDP can attach in native mode.
+fn decap_hook(s: &RunSettings, iface: &Interface, cfg: &NetworkConfig) -> Check {
     const NAME: &str = "decap";
     if cfg.backend == Backend::HostGw {
         return Check::ok(NAME, "host-gw needs no decapsulation");
     }
+    let driver = ethtool::driver(&iface.name).unwrap_or_else(|e| format!("driver unknown: {e}"));
+    let on = format!("{} ({driver})", iface.name);
     let pinned = |name: &str| s.pin_path.join(name).exists();
     if pinned(PROG_DECAP_XDP) {
-        Check::ok(NAME, "XDP (native mode) decapsulates")
+        Check::ok(NAME, format!("XDP in native mode decapsulates on {on}"))
     } else if pinned(PROG_DECAP_TC) {
         match s.decap_mode {
-            DecapMode::Tc => Check::ok(NAME, "TC ingress decapsulates (--decap-mode tc)"),
+            DecapMode::Tc => Check::ok(
+                NAME,
+                format!("TC ingress decapsulates on {on} (--decap-mode tc)"),
+            ),
             _ => Check::problem(
                 NAME,
                 Status::Warn,
-                "XDP could not attach in native mode, so TC ingress decapsulates: slower per packet",
+                format!(
+                    "XDP could not attach in native mode on {on}, so TC ingress decapsulates: slower per packet"
+                ),
                 "use a NIC driver with native XDP, or pass --decap-mode tc to make the choice explicit",
             ),
         }
@@ -516,8 +524,13 @@ fn decap_hook(s: &RunSettings, cfg: &NetworkConfig) -> Check {
         Check::skip(
             NAME,
             format!(
-                "no agent data path is pinned under {}",
-                s.pin_path.display()
+                "no agent data path is pinned under {} yet; on {on} the agent {}",
+                s.pin_path.display(),
+                match s.decap_mode {
+                    DecapMode::Auto => "tries XDP in native mode, then TC ingress",
+                    DecapMode::Xdp => "needs XDP in native mode (--decap-mode xdp)",
+                    DecapMode::Tc => "uses TC ingress (--decap-mode tc)",
+                }
             ),
         )
     }
