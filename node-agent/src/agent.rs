@@ -235,6 +235,14 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
     // Flags no retry can fix (an endpoint that is no URL, an unreadable
     // TLS file) stop the agent before it touches anything.
     let etcd_opts = s.etcd.connect_options().context("etcd settings")?;
+    if u64::from(s.subnet_lease_renew_margin) * 60
+        > (crate::lease_manager::LEASE_TTL - crate::lease_manager::RENEW_EVERY).as_secs()
+    {
+        tracing::warn!(
+            margin_minutes = s.subnet_lease_renew_margin,
+            "--subnet-lease-renew-margin asks for renewals more often than hourly; weft renews every hour"
+        );
+    }
     let keys = KeyLayout::new(&s.etcd_prefix).context("--etcd-prefix")?;
     let nl = RtNetlink::open().context("netlink")?;
     let (iface, chosen_by) = netconf::choose_interface(&nl, &s.iface_choice())
