@@ -79,7 +79,15 @@ pub struct RunSettings {
     pub subnet_lease_renew_margin: u32,
     /// Masquerade traffic from this node's containers to destinations
     /// outside the cluster network (flannel's --ip-masq).
-    #[arg(long, env = "FLANNELD_IP_MASQ")]
+    #[arg(
+        long,
+        env = "FLANNELD_IP_MASQ",
+        default_value_t = false,
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        value_parser = go_bool
+    )]
     pub ip_masq: bool,
     /// Accept cluster-network traffic in iptables' FORWARD chain, so a DROP
     /// policy (Docker sets one) does not stop it.
@@ -89,7 +97,8 @@ pub struct RunSettings {
         default_value_t = true,
         action = clap::ArgAction::Set,
         num_args = 0..=1,
-        default_missing_value = "true"
+        default_missing_value = "true",
+        value_parser = go_bool
     )]
     pub forward_rules: bool,
     /// Seconds between checks that the firewall rules are still in place.
@@ -120,6 +129,14 @@ impl RunSettings {
             can_reach: self.iface_can_reach,
         }
     }
+}
+
+/// A boolean as flanneld reads its flags and `FLANNELD_*` variables (Go's
+/// `strconv.ParseBool`: `1`, `t`, `TRUE`, `0`, `f`, `False`, ...), so a
+/// flanneld unit file's values mean the same here.
+fn go_bool(s: &str) -> Result<bool, String> {
+    crate::flannel::subnet_env::parse_go_bool(s)
+        .ok_or_else(|| format!("{s:?} is not a boolean (true, false, 1, 0, t, f)"))
 }
 
 /// A firewall mark, in decimal or `0x` hex as iptables and nft print them.
@@ -914,6 +931,31 @@ mod tests {
                 "{flag}: implemented {implemented}, refused {refused}"
             );
         }
+    }
+
+    #[test]
+    fn boolean_flags_read_go_booleans_as_flanneld_does() {
+        use clap::Parser as _;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: RunSettings,
+        }
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("t").chain(args.iter().copied()))
+                .map(|c| (c.run.ip_masq, c.run.forward_rules))
+        };
+        assert_eq!(parse(&[]).ok(), Some((false, true)));
+        assert_eq!(parse(&["--ip-masq"]).ok(), Some((true, true)));
+        for (yes, no) in [("1", "0"), ("t", "f"), ("TRUE", "FALSE"), ("True", "false")] {
+            let args = [
+                format!("--ip-masq={yes}"),
+                format!("--iptables-forward-rules={no}"),
+            ];
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            assert_eq!(parse(&args).ok(), Some((true, false)), "{yes} {no}");
+        }
+        assert!(parse(&["--ip-masq=yes"]).is_err());
     }
 
     #[test]

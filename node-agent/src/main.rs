@@ -69,6 +69,16 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    // flanneld ignores a FLANNELD_* variable set to the empty string (an
+    // `EnvironmentFile=` line `FLANNELD_IFACE=`); clap would read it as a
+    // value, so such variables are dropped before it looks.
+    for (key, value) in std::env::vars_os() {
+        if value.is_empty() && key.to_string_lossy().starts_with("FLANNELD_") {
+            // SAFETY: still single-threaded: no runtime or other thread has
+            // started, so nothing reads the environment concurrently.
+            unsafe { std::env::remove_var(&key) };
+        }
+    }
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("run")
         && let Err(e) = agent::check_unsupported_flags(args[2..].iter().map(String::as_str))

@@ -59,21 +59,23 @@ fn node_config(host: &Host<'_>) -> Result<NodeConfig> {
 fn an_agent_configured_only_by_flanneld_variables_forwards() -> Result<()> {
     preflight()?;
     let cluster = Cluster::new(CONFIG)?;
-    // The interface by address, as flanneld's --iface also takes it, and
-    // a setting whose effect shows in the subnet file (masquerading), and
-    // one that must parse as flanneld's does (the resync period).
+    // The interface by address, as flanneld's --iface also takes it; a
+    // setting whose effect shows in the subnet file (masquerading), in Go's
+    // boolean form `1`; one that must parse as flanneld's does (the resync
+    // period); and an empty one, which flanneld ignores.
     let (a, b, env_a, env_b) = env_host_and_flag_host(
         &cluster,
         |_| Ok(()),
         vec![
             ("FLANNELD_IFACE", "198.18.0.1".to_owned()),
-            ("FLANNELD_IP_MASQ", "true".to_owned()),
+            ("FLANNELD_IP_MASQ", "1".to_owned()),
             ("FLANNELD_IPTABLES_RESYNC", "2".to_owned()),
+            ("FLANNELD_PUBLIC_IP", String::new()),
         ],
     )?;
     ensure!(
         env_a.ipmasq && !env_b.ipmasq,
-        "FLANNELD_IP_MASQ=true did not reach the subnet file: {env_a:?} (the flag-started node: {env_b:?})"
+        "FLANNELD_IP_MASQ=1 did not reach the subnet file: {env_a:?} (the flag-started node: {env_b:?})"
     );
     ensure!(
         env_a.mtu == 1450,

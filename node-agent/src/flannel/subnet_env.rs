@@ -128,7 +128,7 @@ impl SubnetEnv {
 
 /// Go's `strconv.ParseBool`, which flannel's plugin uses for FLANNEL_IPMASQ: a file written by
 /// flanneld itself must read the same here.
-fn parse_go_bool(value: &str) -> Option<bool> {
+pub fn parse_go_bool(value: &str) -> Option<bool> {
     match value {
         "1" | "t" | "T" | "TRUE" | "true" | "True" => Some(true),
         "0" | "f" | "F" | "FALSE" | "false" | "False" => Some(false),
