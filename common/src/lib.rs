@@ -100,7 +100,9 @@ pub struct NodeConfig {
     pub vni: u32,
     /// ifindex of `--iface`, host byte order.
     pub iface_ifindex: u32,
-    /// MTU of `--iface`, host byte order.
+    /// The largest outer packet the encap program builds, host byte order: `--iface`'s MTU,
+    /// or the vxlan backend's `MTU` setting when that is smaller (as flannel sizes its vxlan
+    /// device by it).
     pub iface_mtu: u32,
     /// MAC address of `--iface`, wire order. Decapsulated frames get it as
     /// their destination so the stack treats them as addressed to this host.

@@ -20,8 +20,8 @@ use crate::{
     datapath::{self, Datapath, DecapMode, LoadOptions},
     etcd::EtcdSettings,
     flannel::{
-        Backend, KeyLayout, LeaseAttrs, NetworkConfig, SubnetEnv, VxlanLeaseData, flannel_mtu,
-        subnet_env,
+        Backend, KeyLayout, LeaseAttrs, NetworkConfig, SubnetEnv, VxlanLeaseData, datapath_mtu,
+        flannel_mtu, subnet_env, underlay_mtu,
     },
     ipip_slow_path,
     lease_manager::LeaseManager,
@@ -61,19 +61,38 @@ pub struct RunSettings {
     pub etcd_prefix: String,
     #[arg(long, env = "FLANNELD_SUBNET_FILE", default_value = subnet_env::DEFAULT_PATH)]
     pub subnet_file: PathBuf,
-    /// bpffs directory for the maps and program links.
-    #[arg(long, default_value = "/sys/fs/bpf/weft")]
+    /// bpffs directory for the maps and program links. When its parent
+    /// (/sys/fs/bpf) is no BPF filesystem, the agent mounts one there.
+    #[arg(long, env = "WEFT_PIN_PATH", default_value = "/sys/fs/bpf/weft")]
     pub pin_path: PathBuf,
     /// Where the agent keeps its lease and etcd sync state (JSON) for
     /// `node-agent status`, which reads it even with the agent stopped.
     #[arg(long, env = "WEFT_STATE_FILE", default_value = agent_state::DEFAULT_STATE_FILE)]
     pub state_file: PathBuf,
     /// Where VXLAN is decapsulated.
-    #[arg(long, value_enum, default_value_t = DecapMode::Auto)]
+    #[arg(long, env = "WEFT_DECAP_MODE", value_enum, default_value_t = DecapMode::Auto)]
     pub decap_mode: DecapMode,
+    /// flannel renews its lease this many minutes before it expires. weft
+    /// renews every hour, earlier than any margin up to 1380 asks; the value
+    /// is checked as flannel checks it (1 to 1439).
+    #[arg(
+        long,
+        env = "FLANNELD_SUBNET_LEASE_RENEW_MARGIN",
+        default_value_t = 60,
+        value_parser = clap::value_parser!(u32).range(1..1440)
+    )]
+    pub subnet_lease_renew_margin: u32,
     /// Masquerade traffic from this node's containers to destinations
     /// outside the cluster network (flannel's --ip-masq).
-    #[arg(long, env = "FLANNELD_IP_MASQ")]
+    #[arg(
+        long,
+        env = "FLANNELD_IP_MASQ",
+        default_value_t = false,
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        value_parser = go_bool
+    )]
     pub ip_masq: bool,
     /// Accept cluster-network traffic in iptables' FORWARD chain, so a DROP
     /// policy (Docker sets one) does not stop it.
@@ -83,7 +102,8 @@ pub struct RunSettings {
         default_value_t = true,
         action = clap::ArgAction::Set,
         num_args = 0..=1,
-        default_missing_value = "true"
+        default_missing_value = "true",
+        value_parser = go_bool
     )]
     pub forward_rules: bool,
     /// Seconds between checks that the firewall rules are still in place.
@@ -103,6 +123,25 @@ pub struct RunSettings {
         value_parser = parse_mark
     )]
     pub decap_mark: u32,
+}
+
+impl RunSettings {
+    /// How the underlay interface is chosen, from the `--iface*` flags.
+    pub fn iface_choice(&self) -> IfaceChoice {
+        IfaceChoice {
+            ifaces: self.iface.clone(),
+            regexes: self.iface_regex.clone(),
+            can_reach: self.iface_can_reach,
+        }
+    }
+}
+
+/// A boolean as flanneld reads its flags and `FLANNELD_*` variables (Go's
+/// `strconv.ParseBool`: `1`, `t`, `TRUE`, `0`, `f`, `False`, ...), so a
+/// flanneld unit file's values mean the same here.
+fn go_bool(s: &str) -> Result<bool, String> {
+    crate::flannel::subnet_env::parse_go_bool(s)
+        .ok_or_else(|| format!("{s:?} is not a boolean (true, false, 1, 0, t, f)"))
 }
 
 /// A firewall mark, in decimal or `0x` hex as iptables and nft print them.
@@ -127,18 +166,87 @@ fn known_flannel_env() -> BTreeSet<String> {
         .collect()
 }
 
+/// flanneld's flags that weft does not implement, and why. Given on the
+/// command line or as `FLANNELD_*`, each stops the agent with its reason.
+pub const UNSUPPORTED_FLANNEL_FLAGS: &[(&str, &str)] = &[
+    ("public-ipv6", "weft's data path is IPv4 only"),
+    (
+        "ip-masq-fully-random-disable",
+        "weft's masquerade rules always use fully random ports",
+    ),
+    (
+        "ip-blackhole-route",
+        "weft installs no blackhole route for the local subnet",
+    ),
+    (
+        "kube-subnet-mgr",
+        "weft leases subnets in etcd only, not through the Kubernetes API",
+    ),
+    ("kube-api-url", "weft has no Kubernetes subnet manager"),
+    (
+        "kube-annotation-prefix",
+        "weft has no Kubernetes subnet manager",
+    ),
+    ("kubeconfig-file", "weft has no Kubernetes subnet manager"),
+    (
+        "net-config-path",
+        "weft reads the network config from etcd (<etcd-prefix>/config) only",
+    ),
+    (
+        "set-node-network-unavailable",
+        "weft has no Kubernetes subnet manager",
+    ),
+    ("v", "set the log level with RUST_LOG (e.g. RUST_LOG=debug)"),
+    ("vmodule", "set per-module log levels with RUST_LOG"),
+    ("log_backtrace_at", "weft logs through tracing, not klog"),
+];
+
+/// The environment form flanneld reads a flag from: `FLANNELD_` and the
+/// name upper-cased, dashes as underscores.
+fn flannel_env_name(flag: &str) -> String {
+    format!("FLANNELD_{}", flag.to_ascii_uppercase().replace('-', "_"))
+}
+
+/// Refuses a flanneld flag weft does not implement among `args` (the words
+/// after `run`), naming it with the reason. Checked before clap parses, so
+/// the answer is the reason rather than "unexpected argument".
+pub fn check_unsupported_flags<'a>(args: impl IntoIterator<Item = &'a str>) -> anyhow::Result<()> {
+    for arg in args {
+        if arg == "--" {
+            break;
+        }
+        let Some(name) = arg.strip_prefix("--").or_else(|| arg.strip_prefix('-')) else {
+            continue;
+        };
+        let name = name.split_once('=').map_or(name, |(n, _)| n);
+        if let Some((flag, why)) = UNSUPPORTED_FLANNEL_FLAGS.iter().find(|(f, _)| *f == name) {
+            bail!("flanneld's --{flag} is not supported: {why} (see the README's flag table)");
+        }
+    }
+    Ok(())
+}
+
 /// A `FLANNELD_*` variable no flag reads is a flannel setting weft does not
 /// implement: refusing it beats ignoring what the unit file asks for.
 fn check_flannel_env(vars: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
     let known = known_flannel_env();
-    let unknown: Vec<String> = vars
-        .into_iter()
-        .filter(|v| v.starts_with("FLANNELD_") && !known.contains(v))
-        .collect();
-    if !unknown.is_empty() {
+    let mut problems = Vec::new();
+    for var in vars {
+        if !var.starts_with("FLANNELD_") || known.contains(&var) {
+            continue;
+        }
+        match UNSUPPORTED_FLANNEL_FLAGS
+            .iter()
+            .find(|(flag, _)| flannel_env_name(flag) == var)
+        {
+            Some((_, why)) => problems.push(format!("{var} is not supported: {why}")),
+            None => problems.push(format!("{var} is no flanneld setting weft implements")),
+        }
+    }
+    if !problems.is_empty() {
         bail!(
-            "{} set, but weft implements no such flanneld setting; unset it (see the README's flag table)",
-            unknown.join(", ")
+            "{}; unset it (see the README's flag table)",
+            problems.join("; ")
         );
     }
     Ok(())
@@ -146,14 +254,20 @@ fn check_flannel_env(vars: impl IntoIterator<Item = String>) -> anyhow::Result<(
 
 pub async fn run(s: RunSettings) -> anyhow::Result<()> {
     check_flannel_env(std::env::vars_os().filter_map(|(k, _)| k.into_string().ok()))?;
+    // Flags no retry can fix (an endpoint that is no URL, an unreadable
+    // TLS file) stop the agent before it touches anything.
+    let etcd_opts = s.etcd.connect_options().context("etcd settings")?;
+    if u64::from(s.subnet_lease_renew_margin) * 60
+        > (crate::lease_manager::LEASE_TTL - crate::lease_manager::RENEW_EVERY).as_secs()
+    {
+        tracing::warn!(
+            margin_minutes = s.subnet_lease_renew_margin,
+            "--subnet-lease-renew-margin asks for renewals more often than hourly; weft renews every hour"
+        );
+    }
     let keys = KeyLayout::new(&s.etcd_prefix).context("--etcd-prefix")?;
     let nl = RtNetlink::open().context("netlink")?;
-    let choice = IfaceChoice {
-        ifaces: s.iface.clone(),
-        regexes: s.iface_regex.clone(),
-        can_reach: s.iface_can_reach,
-    };
-    let (iface, chosen_by) = netconf::choose_interface(&nl, &choice)
+    let (iface, chosen_by) = netconf::choose_interface(&nl, &s.iface_choice())
         .await
         .context("choosing the underlay interface")?;
     let public_ip = match s.public_ip.or(chosen_by) {
@@ -162,7 +276,7 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
     };
     tracing::info!(iface = %iface.name, %public_ip, mtu = iface.mtu, "starting");
 
-    let mut client = connect(&s.etcd).await?;
+    let mut client = connect(&s.etcd, etcd_opts).await?;
     let cfg = wait_for_config(&mut client, &keys).await;
 
     // The VtepMAC is the underlay interface's own MAC: decapsulated frames
@@ -200,6 +314,16 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
     let leases = leases.with_status(status.clone());
 
     let mtu = flannel_mtu(iface.mtu, &cfg.backend);
+    let underlay = underlay_mtu(iface.mtu, &cfg.backend);
+    if underlay > iface.mtu {
+        tracing::warn!(
+            backend_mtu = underlay,
+            iface_mtu = iface.mtu,
+            "the backend's MTU is above the interface's: full-size packets will be fragmented \
+             on the underlay, as with flannel; lower Backend.MTU to {} at most",
+            iface.mtu
+        );
+    }
     let cluster_route = ClusterRoute {
         network: cfg.network,
         ifindex: iface.ifindex,
@@ -283,7 +407,7 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
         vxlan_port_be: vxlan.map_or(0, |v| v.port.to_be()),
         vni: vxlan.map_or(0, |v| v.vni),
         iface_ifindex: iface.ifindex,
-        iface_mtu: iface.mtu,
+        iface_mtu: datapath_mtu(iface.mtu, &cfg.backend),
         iface_mac: iface.mac,
         cluster_prefix_len: cfg.network.prefix_len(),
         local_prefix_len: held.subnet.prefix_len(),
@@ -575,7 +699,7 @@ async fn keep_firewall(firewall: &Firewall, nft: Nft, every: Duration) {
 
 /// The IPv4 addresses among the etcd endpoint URLs (names are left to the
 /// resolver and not checked).
-fn endpoint_ips(endpoints: &[String]) -> Vec<Ipv4Addr> {
+pub(crate) fn endpoint_ips(endpoints: &[String]) -> Vec<Ipv4Addr> {
     endpoints
         .iter()
         .filter_map(|url| {
@@ -587,13 +711,13 @@ fn endpoint_ips(endpoints: &[String]) -> Vec<Ipv4Addr> {
         .collect()
 }
 
-/// Connects to etcd, retrying until it answers. etcd-client connects lazily
-/// per request afterwards, so later outages are handled by the callers.
 /// Connects to etcd, retrying while it is unreachable. A configuration no
 /// retry can fix (a bad file, a wrong CA or password) ends the agent with
 /// the error, which names the flag, file or user.
-async fn connect(settings: &EtcdSettings) -> anyhow::Result<Client> {
-    let opts = settings.connect_options().context("etcd settings")?;
+async fn connect(
+    settings: &EtcdSettings,
+    opts: etcd_client::ConnectOptions,
+) -> anyhow::Result<Client> {
     let mut delay = RETRY_MIN;
     let mut last = String::new();
     loop {
@@ -620,7 +744,7 @@ async fn wait_for_config(client: &mut Client, keys: &KeyLayout) -> NetworkConfig
     let mut last_problem = String::new();
     loop {
         let problem = match client.get(key.as_str(), None).await {
-            Err(e) => format!("cannot read it: {e}"),
+            Err(e) => format!("cannot read it: {}", crate::etcd::describe(&e)),
             Ok(resp) => match resp.kvs().first() {
                 None => "missing".to_owned(),
                 Some(kv) => match std::str::from_utf8(kv.value())
@@ -1119,6 +1243,96 @@ mod tests {
             err.to_string().contains("FLANNELD_KUBE_SUBNET_MGR"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn unsupported_flannel_flags_are_refused_with_the_reason() {
+        assert!(check_unsupported_flags(["--iface", "eth0", "--ip-masq"]).is_ok());
+        let e = check_unsupported_flags(["--iface=eth0", "--kube-subnet-mgr"]).expect_err("kube");
+        assert!(
+            e.to_string().contains("--kube-subnet-mgr") && e.to_string().contains("etcd"),
+            "{e}"
+        );
+        let e = check_unsupported_flags(["-public-ipv6=fd00::1"]).expect_err("go style");
+        assert!(e.to_string().contains("IPv4 only"), "{e}");
+        // After `--` nothing is a flag.
+        assert!(check_unsupported_flags(["--", "--kube-subnet-mgr"]).is_ok());
+        let e = check_flannel_env(["FLANNELD_PUBLIC_IPV6".to_owned()]).expect_err("env");
+        assert!(e.to_string().contains("IPv4 only"), "{e}");
+        // Every unsupported flag is really not one of ours.
+        let known = known_flannel_env();
+        for (flag, _) in UNSUPPORTED_FLANNEL_FLAGS {
+            assert!(!known.contains(&flannel_env_name(flag)), "{flag}");
+        }
+    }
+
+    #[test]
+    fn every_flanneld_flag_is_implemented_or_refused() {
+        // flanneld's flags (main.go), each either read by `run` under its
+        // FLANNELD_* name or listed as unsupported.
+        let flanneld = [
+            "etcd-endpoints",
+            "etcd-prefix",
+            "etcd-keyfile",
+            "etcd-certfile",
+            "etcd-cafile",
+            "etcd-username",
+            "etcd-password",
+            "iface",
+            "iface-regex",
+            "iface-can-reach",
+            "subnet-file",
+            "public-ip",
+            "public-ipv6",
+            "subnet-lease-renew-margin",
+            "ip-masq",
+            "ip-masq-fully-random-disable",
+            "kube-subnet-mgr",
+            "kube-api-url",
+            "kube-annotation-prefix",
+            "kubeconfig-file",
+            "healthz-ip",
+            "healthz-port",
+            "iptables-resync",
+            "iptables-forward-rules",
+            "ip-blackhole-route",
+            "net-config-path",
+            "set-node-network-unavailable",
+        ];
+        let known = known_flannel_env();
+        for flag in flanneld {
+            let implemented = known.contains(&flannel_env_name(flag));
+            let refused = UNSUPPORTED_FLANNEL_FLAGS.iter().any(|(f, _)| *f == flag);
+            assert!(
+                implemented != refused,
+                "{flag}: implemented {implemented}, refused {refused}"
+            );
+        }
+    }
+
+    #[test]
+    fn boolean_flags_read_go_booleans_as_flanneld_does() {
+        use clap::Parser as _;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: RunSettings,
+        }
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("t").chain(args.iter().copied()))
+                .map(|c| (c.run.ip_masq, c.run.forward_rules))
+        };
+        assert_eq!(parse(&[]).ok(), Some((false, true)));
+        assert_eq!(parse(&["--ip-masq"]).ok(), Some((true, true)));
+        for (yes, no) in [("1", "0"), ("t", "f"), ("TRUE", "FALSE"), ("True", "false")] {
+            let args = [
+                format!("--ip-masq={yes}"),
+                format!("--iptables-forward-rules={no}"),
+            ];
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            assert_eq!(parse(&args).ok(), Some((true, false)), "{yes} {no}");
+        }
+        assert!(parse(&["--ip-masq=yes"]).is_err());
     }
 
     #[test]

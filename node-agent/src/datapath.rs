@@ -70,6 +70,8 @@ pub enum DatapathError {
          mount one (`mount -t bpf bpf /sys/fs/bpf`) or choose another --pin-path"
     )]
     NotBpffs { path: PathBuf },
+    #[error(transparent)]
+    Bpffs(#[from] crate::bpffs::BpffsError),
     #[error("cannot remove {path}: {source}")]
     Remove { path: PathBuf, source: io::Error },
     #[error(
@@ -133,11 +135,12 @@ impl Datapath {
     /// Loads the object, creating the maps under `pin_path` or reusing the
     /// ones already pinned there.
     pub fn load(pin_path: &Path, options: LoadOptions) -> Result<Self, DatapathError> {
+        crate::bpffs::ensure_mounted(pin_path)?;
         fs::create_dir_all(pin_path).map_err(|source| DatapathError::PinDir {
             path: pin_path.to_owned(),
             source,
         })?;
-        if !is_bpffs(pin_path) {
+        if !crate::bpffs::is_bpffs(pin_path) {
             return Err(DatapathError::NotBpffs {
                 path: pin_path.to_owned(),
             });
@@ -431,21 +434,6 @@ fn check_pinned_layouts(pin_path: &Path) -> Result<(), DatapathError> {
         remove_pin(&pin_path.join(&m.name))?;
     }
     Ok(())
-}
-
-/// Whether `path` lives on bpffs. `ip netns exec` remounts /sys, hiding the
-/// host's bpffs; pins made elsewhere would vanish with the agent.
-fn is_bpffs(path: &Path) -> bool {
-    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
-    // SAFETY: `c_path` is a valid NUL-terminated string and `buf` a properly
-    // sized, writable statfs buffer that outlives the call.
-    unsafe {
-        let mut buf: libc::statfs = std::mem::zeroed();
-        libc::statfs(c_path.as_ptr(), &mut buf) == 0 && buf.f_type as i64 == BPF_FS_MAGIC
-    }
 }
 
 /// Loads program `name` into the kernel (idempotent) and returns it typed.

@@ -104,6 +104,16 @@ pub enum EtcdError {
     #[error("endpoint {endpoint}: only http:// and https:// URLs are supported")]
     Scheme { endpoint: String },
     #[error(
+        "--etcd-endpoints {endpoint:?} is not a URL: {reason} (expected e.g. \
+         http://198.18.0.1:2379)"
+    )]
+    NotUrl {
+        endpoint: String,
+        reason: &'static str,
+    },
+    #[error("cannot reach etcd at {endpoints}: {reason}")]
+    Unreachable { endpoints: String, reason: String },
+    #[error(
         "etcd rejected user {user:?}: wrong password or no such user \
          (--etcd-username / --etcd-password)"
     )]
@@ -127,7 +137,7 @@ pub enum EtcdError {
 impl EtcdError {
     /// Errors that retrying cannot fix: the configuration is wrong.
     pub fn is_fatal(&self) -> bool {
-        !matches!(self, EtcdError::Client(_))
+        !matches!(self, EtcdError::Client(_) | EtcdError::Unreachable { .. })
     }
 }
 
@@ -136,6 +146,7 @@ impl EtcdSettings {
     pub fn connect_options(&self) -> Result<ConnectOptions, EtcdError> {
         let tls_given = self.etcd_cafile.is_some() || self.etcd_certfile.is_some();
         for endpoint in &self.etcd_endpoints {
+            check_url(endpoint)?;
             let scheme = endpoint.split_once("://").map(|(s, _)| s);
             match scheme {
                 Some("https") if self.etcd_cafile.is_none() => {
@@ -208,14 +219,90 @@ impl EtcdSettings {
                 certfile: self.etcd_certfile.clone(),
             };
         }
+        if is_unreachable(&error) {
+            return EtcdError::Unreachable {
+                endpoints: self.etcd_endpoints.join(", "),
+                reason: describe(&error),
+            };
+        }
         EtcdError::Client(Box::new(error))
     }
 }
 
+/// Whether `error` says no endpoint could be reached at all (refused, no
+/// route, timed out) rather than that one answered with an error.
+fn is_unreachable(error: &etcd_client::Error) -> bool {
+    match error {
+        etcd_client::Error::TransportError(_) => true,
+        etcd_client::Error::GRpcStatus(status) => {
+            matches!(
+                status.code(),
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+            ) && status.source().is_some()
+        }
+        _ => false,
+    }
+}
+
+/// Refuses an endpoint that is no `[scheme://]host:port` URL, which
+/// etcd-client would otherwise retry forever ("invalid uri character").
+/// The scheme itself is checked by the caller.
+fn check_url(endpoint: &str) -> Result<(), EtcdError> {
+    let bad = |reason| EtcdError::NotUrl {
+        endpoint: endpoint.to_owned(),
+        reason,
+    };
+    let authority = endpoint
+        .split_once("://")
+        .map_or(endpoint, |(_, rest)| rest);
+    let authority = authority.strip_suffix('/').unwrap_or(authority);
+    if authority.is_empty() {
+        return Err(bad("no host"));
+    }
+    if authority.contains(['/', '?', '#', '@']) {
+        return Err(bad(
+            "etcd endpoints are scheme://host:port, without a path or user",
+        ));
+    }
+    let (host, port) = match authority.rsplit_once(':') {
+        // An IPv6 literal without a port: the last colon is inside brackets.
+        Some((host, port)) if !port.ends_with(']') => (host, Some(port)),
+        _ => (authority, None),
+    };
+    if let Some(port) = port
+        && port.parse::<u16>().is_err()
+    {
+        return Err(bad("the port is not a number from 0 to 65535"));
+    }
+    let valid_host = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => {
+            !host.is_empty()
+                && host
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_')
+        }
+    };
+    if !valid_host {
+        return Err(bad("the host is not a name or an IP address"));
+    }
+    Ok(())
+}
+
 /// `error` with its causes: a gRPC status alone often says only
-/// "transport error".
-fn describe(error: &etcd_client::Error) -> String {
-    let mut text = error.to_string();
+/// "transport error"; its metadata map and (empty) details are left out.
+pub fn describe(error: &etcd_client::Error) -> String {
+    // A status's own text lists its (empty) details and metadata map: say
+    // only its code and message.
+    let mut text = match error {
+        etcd_client::Error::GRpcStatus(status) if status.message().is_empty() => {
+            format!("{:?}", status.code())
+        }
+        etcd_client::Error::GRpcStatus(status) => {
+            format!("{:?}: {}", status.code(), status.message())
+        }
+        other => other.to_string(),
+    };
     let mut next = causes(error);
     while let Some(e) = next {
         let cause = e.to_string();
@@ -353,6 +440,37 @@ mod tests {
             err(&["--etcd-endpoints", "https://a:2379", "--etcd-cafile", &ca]),
             None
         );
+    }
+
+    #[test]
+    fn endpoints_that_are_not_urls_are_refused_up_front() {
+        for good in [
+            "http://198.18.0.1:2379",
+            "https://etcd-1.example:2379/",
+            "198.18.0.1:2379",
+            "http://[fd00::1]:2379",
+            "http://localhost",
+        ] {
+            assert!(check_url(good).is_ok(), "{good} refused");
+        }
+        for bad in [
+            "http://",
+            "http://198.18.0.1:23x9",
+            "http://198.18.0.1:2379/v3",
+            "http://a b:2379",
+            "http://user@host:2379",
+            "198.18.0.1:99999",
+            "http://[fd00::zz]:2379",
+        ] {
+            let e = check_url(bad).expect_err(bad);
+            assert!(e.is_fatal());
+            assert!(e.to_string().contains(bad), "{e}");
+        }
+        let e = settings(&["--etcd-endpoints", "http://198.18.0.1:2379,not a url"])
+            .expect("flags parse")
+            .connect_options()
+            .expect_err("not a URL");
+        assert!(e.to_string().contains("\"not a url\""), "{e}");
     }
 
     #[test]

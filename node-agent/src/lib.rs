@@ -6,6 +6,8 @@
 //! - [`lease_manager`]: this node's lease in etcd;
 //! - [`watcher`] and [`peers`]: other nodes' leases, mirrored into the BPF map;
 //! - [`datapath`]: loading, attaching and pinning the BPF programs;
+//! - [`bpffs`]: the BPF filesystem under the pins, mounted when missing;
+//! - [`doctor`]: `node-agent doctor`, the host checks flannel users trip on;
 //! - [`docker_opts`]: `node-agent docker-opts`, the dockerd flags;
 //! - [`layout`]: pinned map layouts checked against the object's;
 //! - [`pinned`]: the one reader of pinned state, and the peer-map writer;
@@ -19,8 +21,10 @@
 
 pub mod agent;
 pub mod agent_state;
+pub mod bpffs;
 pub mod datapath;
 pub mod docker_opts;
+pub mod doctor;
 pub mod ebpf;
 pub mod etcd;
 pub mod flannel;

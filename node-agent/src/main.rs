@@ -11,7 +11,11 @@ use node_agent::{
 };
 
 #[derive(Parser)]
-#[command(version, about = "weft node agent: flannel-compatible, eBPF data path")]
+#[command(
+    version,
+    propagate_version = true,
+    about = "weft node agent: flannel-compatible, eBPF data path"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -25,7 +29,7 @@ enum Command {
     /// weft owns, and the agent's lease and etcd sync state (from its state
     /// file; the agent need not run).
     Status {
-        #[arg(long, default_value = "/sys/fs/bpf/weft")]
+        #[arg(long, env = "WEFT_PIN_PATH", default_value = "/sys/fs/bpf/weft")]
         pin_path: PathBuf,
         /// The agent's `--state-file`.
         #[arg(long, env = "WEFT_STATE_FILE", default_value = agent_state::DEFAULT_STATE_FILE)]
@@ -48,12 +52,17 @@ enum Command {
         #[arg(long, default_value = "DOCKER_OPTS")]
         key: String,
     },
+    /// Check this host for what breaks or slows a flannel network (kernel
+    /// features, MTU, interface and PublicIP, overlapping routes, offloads),
+    /// with `run`'s flags; one line per check with the fix. Exits non-zero
+    /// when a check fails.
+    Doctor(Box<node_agent::doctor::DoctorSettings>),
     /// Remove everything `run` created: programs, maps, route, firewall
     /// rules, subnet file, state file.
     Cleanup {
-        #[arg(long, default_value = "/sys/fs/bpf/weft")]
+        #[arg(long, env = "WEFT_PIN_PATH", default_value = "/sys/fs/bpf/weft")]
         pin_path: PathBuf,
-        #[arg(long, default_value = subnet_env::DEFAULT_PATH)]
+        #[arg(long, env = "FLANNELD_SUBNET_FILE", default_value = subnet_env::DEFAULT_PATH)]
         subnet_file: PathBuf,
         #[arg(long, env = "WEFT_STATE_FILE", default_value = agent_state::DEFAULT_STATE_FILE)]
         state_file: PathBuf,
@@ -69,6 +78,23 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    // flanneld ignores a FLANNELD_* variable set to the empty string (an
+    // `EnvironmentFile=` line `FLANNELD_IFACE=`); clap would read it as a
+    // value, so such variables are dropped before it looks.
+    for (key, value) in std::env::vars_os() {
+        if value.is_empty() && key.to_string_lossy().starts_with("FLANNELD_") {
+            // SAFETY: still single-threaded: no runtime or other thread has
+            // started, so nothing reads the environment concurrently.
+            unsafe { std::env::remove_var(&key) };
+        }
+    }
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("run")
+        && let Err(e) = agent::check_unsupported_flags(args[2..].iter().map(String::as_str))
+    {
+        tracing::error!("{e}");
+        return ExitCode::FAILURE;
+    }
     let cli = Cli::parse();
     let result = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -94,6 +120,7 @@ async fn run_command(command: Command) -> anyhow::Result<()> {
             state_file,
             json,
         } => agent::status(&pin_path, &state_file, json).await,
+        Command::Doctor(settings) => node_agent::doctor::run(&settings).await,
         Command::DockerOpts {
             subnet_file,
             dest,

@@ -42,6 +42,8 @@ const CNI_BRIDGE: &str = "cni0";
 const TCP_PORT: &str = "7777";
 const AGENT_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 const AGENT_CLEANUP_TIMEOUT: Duration = Duration::from_secs(20);
+/// `doctor` waits 5 s for etcd at most; the rest is local reads.
+const DOCTOR_TIMEOUT: Duration = Duration::from_secs(30);
 const CONTAINER_ENV_TIMEOUT: Duration = Duration::from_secs(30);
 /// etcd's default --max-txn-ops.
 const TXN_OPS: usize = 128;
@@ -685,34 +687,130 @@ impl<'c> Host<'c> {
         extra_args: &[&str],
         etcd_flags: &[&str],
     ) -> Result<()> {
+        let binary = binary.to_string_lossy().into_owned();
+        let flags = self.agent_flags();
+        let mut args = vec![binary.as_str(), "run"];
+        args.extend(flags.iter().map(String::as_str));
+        args.extend_from_slice(etcd_flags);
+        args.extend_from_slice(extra_args);
+        self.spawn_agent(self.ns.command_keep_mounts(&args))
+    }
+
+    /// Starts the agent as [`Self::start_agent`] does, in a private mount
+    /// namespace of its own where /sys/fs/bpf is no BPF filesystem (unmounted
+    /// there only, after checking that the namespace really is another one):
+    /// the agent must mount bpffs itself, and that mount dies with it.
+    pub fn start_agent_without_bpffs(&self) -> Result<()> {
+        let binary = crate::node_agent_binary()?.to_string_lossy().into_owned();
+        let flags = self.agent_flags();
+        // $1..: the agent's command line.
+        let script = r#"set -e
+[ "$(readlink /proc/self/ns/mnt)" != "$(readlink /proc/1/ns/mnt)" ] || { echo "not in a private mount namespace" >&2; exit 97; }
+while mountpoint -q /sys/fs/bpf; do umount /sys/fs/bpf; done
+exec "$@""#;
+        let mut args = vec![
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            script,
+            "sh",
+            binary.as_str(),
+            "run",
+        ];
+        args.extend(flags.iter().map(String::as_str));
+        self.spawn_agent(self.ns.command_keep_mounts(&args))
+    }
+
+    /// The flags that point an agent (or `doctor`) at this host's etcd,
+    /// interface, subnet file, pin path and state file; not the TLS or auth flags.
+    fn agent_flags(&self) -> Vec<String> {
+        [
+            "--etcd-endpoints",
+            &self.cluster.etcd.endpoints(),
+            "--iface",
+            "eth0",
+            "--subnet-file",
+            &self.subnet_file.to_string_lossy(),
+            "--pin-path",
+            &self.pin_path.to_string_lossy(),
+            "--state-file",
+            &self.state_file.to_string_lossy(),
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    }
+
+    /// The environment that configures an agent like [`Self::start_agent`]'s
+    /// flags, flanneld's way (`FLANNELD_*`; the pin path, which flanneld
+    /// lacks, as `WEFT_PIN_PATH`), less the interface: add `FLANNELD_IFACE`
+    /// or leave it to the default route. The cluster's etcd must need no
+    /// TLS or authentication.
+    pub fn agent_env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("FLANNELD_ETCD_ENDPOINTS", self.cluster.etcd.endpoints()),
+            (
+                "FLANNELD_SUBNET_FILE",
+                self.subnet_file.to_string_lossy().into_owned(),
+            ),
+            (
+                "WEFT_PIN_PATH",
+                self.pin_path.to_string_lossy().into_owned(),
+            ),
+            (
+                "WEFT_STATE_FILE",
+                self.state_file.to_string_lossy().into_owned(),
+            ),
+        ]
+    }
+
+    /// Starts `node-agent run` with no flags at all, configured only by
+    /// `env`, as a unit file with an `EnvironmentFile=` does. Nothing of the
+    /// test's own environment named `FLANNELD_*` or `WEFT_*` leaks in.
+    pub fn start_agent_env_only(&self, env: &[(&str, String)]) -> Result<()> {
+        let binary = crate::node_agent_binary()?.to_string_lossy().into_owned();
+        let mut cmd = self.ns.command_keep_mounts(&[&binary, "run"]);
+        for (key, _) in std::env::vars_os() {
+            let name = key.to_string_lossy();
+            if name.starts_with("FLANNELD_") || name.starts_with("WEFT_") {
+                cmd.env_remove(&key);
+            }
+        }
+        cmd.envs(env.iter().map(|(k, v)| (k, v)));
+        self.spawn_agent(cmd)
+    }
+
+    /// Runs `node-agent doctor --json` in this host's namespace with the
+    /// agent's flags plus `extra_args`. Returns whether it exited 0 and the
+    /// report.
+    pub fn doctor(&self, extra_args: &[&str]) -> Result<(bool, serde_json::Value)> {
+        let binary = crate::node_agent_binary()?.to_string_lossy().into_owned();
+        let flags = self.agent_flags();
+        let mut args = vec![binary.as_str(), "doctor", "--json"];
+        args.extend(flags.iter().map(String::as_str));
+        args.extend_from_slice(extra_args);
+        let output = process::run_output(self.ns.command_keep_mounts(&args), DOCTOR_TIMEOUT)?;
+        let report = serde_json::from_slice(&output.stdout).with_context(|| {
+            format!(
+                "host {}: doctor printed no JSON report; stderr:\n{}",
+                self.index,
+                String::from_utf8_lossy(&output.stderr)
+            )
+        })?;
+        Ok((output.status.success(), report))
+    }
+
+    /// Starts the agent command `cmd` (RUST_LOG=info unless the caller's
+    /// RUST_LOG is set), appending to the host's agent log.
+    fn spawn_agent(&self, mut cmd: std::process::Command) -> Result<()> {
         let mut slot = self.agent_slot();
         if let Some(agent) = slot.as_mut()
             && agent.process.try_wait()?.is_none()
         {
             bail!("host {}: agent already running", self.index);
         }
-        let binary = binary.to_string_lossy().into_owned();
-        let endpoint = self.cluster.etcd.endpoints();
-        let subnet_file = self.subnet_file.to_string_lossy().into_owned();
-        let state_file = self.state_file.to_string_lossy().into_owned();
-        let pin_path = self.pin_path.to_string_lossy().into_owned();
-        let mut args = vec![
-            binary.as_str(),
-            "run",
-            "--etcd-endpoints",
-            &endpoint,
-            "--iface",
-            "eth0",
-            "--subnet-file",
-            &subnet_file,
-            "--pin-path",
-            &pin_path,
-            "--state-file",
-            &state_file,
-        ];
-        args.extend_from_slice(etcd_flags);
-        args.extend_from_slice(extra_args);
-        let mut cmd = self.ns.command_keep_mounts(&args);
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }

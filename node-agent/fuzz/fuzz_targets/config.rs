@@ -2,7 +2,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use node_agent_fuzz::flannel::config::{Backend, MAX_SUBNET_LEN, MAX_VNI, NetworkConfig};
+use node_agent_fuzz::flannel::config::{
+    Backend, MAX_MTU, MAX_SUBNET_LEN, MAX_VNI, MIN_VXLAN_MTU, NetworkConfig,
+};
 use node_agent_fuzz::{check_error, text};
 
 fuzz_target!(|data: &[u8]| {
@@ -25,8 +27,17 @@ fuzz_target!(|data: &[u8]| {
     let backend = match cfg.backend {
         Backend::Vxlan(v) => {
             assert!(v.vni <= MAX_VNI && v.port != 0, "{cfg:?}");
+            assert!(
+                v.mtu
+                    .is_none_or(|mtu| (MIN_VXLAN_MTU..=MAX_MTU).contains(&mtu)),
+                "{cfg:?}"
+            );
+            let mtu = v
+                .mtu
+                .map(|mtu| format!(r#","MTU":{mtu}"#))
+                .unwrap_or_default();
             format!(
-                r#"{{"Type":"vxlan","VNI":{},"Port":{},"DirectRouting":{}}}"#,
+                r#"{{"Type":"vxlan","VNI":{},"Port":{},"DirectRouting":{}{mtu}}}"#,
                 v.vni, v.port, v.direct_routing
             )
         }

@@ -18,6 +18,11 @@ use super::json::{FieldError, field, field_bool, field_int, field_str, field_u64
 pub const DEFAULT_VXLAN_VNI: u32 = 1;
 /// The Linux kernel's VXLAN port, which flannel ends up with when `Port` is unset or 0.
 pub const DEFAULT_VXLAN_PORT: u16 = 8472;
+/// The smallest vxlan `MTU`: flannel's device gets `MTU - 50`, and Linux refuses a device
+/// MTU below IPv4's 68 (flannel would write a negative `FLANNEL_MTU` for 0).
+pub const MIN_VXLAN_MTU: u32 = 68 + 50;
+/// The largest MTU Linux accepts on a VXLAN device, a bridge or a veth.
+pub const MAX_MTU: u32 = 65535;
 /// VNIs are 24 bits on the wire.
 pub const MAX_VNI: u32 = 0x00FF_FFFF;
 /// flannel requires room for a tunnel and a bridge address per host, so nothing longer than /30.
@@ -82,6 +87,11 @@ pub enum ConfigError {
     VniOutOfRange { vni: i128 },
     #[error("Backend.Port {port}: must be between 0 and 65535")]
     PortOutOfRange { port: i128 },
+    #[error(
+        "Backend.MTU {mtu}: must be between {MIN_VXLAN_MTU} (IPv4's minimum of 68 plus the \
+         50-byte VXLAN header) and {MAX_MTU}"
+    )]
+    MtuOutOfRange { mtu: i128 },
 }
 
 /// VXLAN backend settings (flannel's `Backend` object when `Type` is `vxlan`).
@@ -92,6 +102,9 @@ pub struct VxlanConfig {
     pub port: u16,
     /// flannel's `DirectRouting`: route directly (no encapsulation) to hosts on the same L2.
     pub direct_routing: bool,
+    /// flannel's `MTU`: the underlay MTU the tunnel is sized for, in place of `--iface`'s.
+    /// flannel gives its vxlan device `MTU - 50` and writes the same into `FLANNEL_MTU`.
+    pub mtu: Option<u32>,
 }
 
 impl Default for VxlanConfig {
@@ -100,6 +113,7 @@ impl Default for VxlanConfig {
             vni: DEFAULT_VXLAN_VNI,
             port: DEFAULT_VXLAN_PORT,
             direct_routing: false,
+            mtu: None,
         }
     }
 }
@@ -314,6 +328,14 @@ fn parse_vxlan(backend: &Map<String, Value>) -> Result<VxlanConfig, ConfigError>
     if let Some(direct) = field_bool(backend, "DirectRouting", "Backend.DirectRouting")? {
         cfg.direct_routing = direct;
     }
+    if let Some(mtu) = field_int(backend, "MTU", "Backend.MTU")? {
+        cfg.mtu = Some(
+            u32::try_from(mtu)
+                .ok()
+                .filter(|m| (MIN_VXLAN_MTU..=MAX_MTU).contains(m))
+                .ok_or(ConfigError::MtuOutOfRange { mtu })?,
+        );
+    }
     Ok(cfg)
 }
 
@@ -377,7 +399,8 @@ mod tests {
                 backend: Backend::Vxlan(VxlanConfig {
                     vni: 1,
                     port: 8472,
-                    direct_routing: false
+                    direct_routing: false,
+                    mtu: None
                 }),
             }
         );
@@ -397,7 +420,8 @@ mod tests {
             Backend::Vxlan(VxlanConfig {
                 vni: 7,
                 port: 4789,
-                direct_routing: true
+                direct_routing: true,
+                mtu: None
             })
         );
     }
@@ -422,7 +446,8 @@ mod tests {
             Backend::Vxlan(VxlanConfig {
                 vni: 1,
                 port: 7890,
-                direct_routing: false
+                direct_routing: false,
+                mtu: None
             })
         );
         assert_eq!(cfg.subnet_size(), 4096);
@@ -446,7 +471,8 @@ mod tests {
             Backend::Vxlan(VxlanConfig {
                 vni: 42,
                 port: 9000,
-                direct_routing: true
+                direct_routing: true,
+                mtu: None
             })
         );
     }
@@ -475,7 +501,15 @@ mod tests {
         )
         .unwrap();
         assert_eq!(cfg.subnet_len, 24);
-        assert_eq!(cfg.backend, Backend::Vxlan(VxlanConfig::default()));
+        // MTU is read (flannel's vxlan backend honours it); GBP and Learning
+        // mean nothing without a kernel vxlan device.
+        assert_eq!(
+            cfg.backend,
+            Backend::Vxlan(VxlanConfig {
+                mtu: Some(1400),
+                ..VxlanConfig::default()
+            })
+        );
     }
 
     #[test]
@@ -489,7 +523,8 @@ mod tests {
             Backend::Vxlan(VxlanConfig {
                 vni: 1,
                 port: 8472,
-                direct_routing: false
+                direct_routing: false,
+                mtu: None
             })
         );
     }
@@ -782,6 +817,51 @@ mod tests {
             ),
             "{e:?}"
         );
+    }
+
+    #[test]
+    fn vxlan_mtu_is_read_in_any_case_and_bounded() {
+        let parse = |backend: &str| {
+            NetworkConfig::parse(&format!(
+                r#"{{"Network":"10.244.0.0/16","Backend":{backend}}}"#
+            ))
+        };
+        for key in ["MTU", "mtu", "Mtu"] {
+            let cfg = parse(&format!(r#"{{"Type":"vxlan","{key}":1400}}"#)).unwrap();
+            assert!(
+                matches!(
+                    cfg.backend,
+                    Backend::Vxlan(VxlanConfig {
+                        mtu: Some(1400),
+                        ..
+                    })
+                ),
+                "{key}: {cfg:?}"
+            );
+        }
+        assert!(matches!(
+            parse(r#"{"Type":"vxlan"}"#).unwrap().backend,
+            Backend::Vxlan(VxlanConfig { mtu: None, .. })
+        ));
+        assert!(matches!(
+            parse(r#"{"Type":"vxlan","MTU":118}"#).unwrap().backend,
+            Backend::Vxlan(VxlanConfig { mtu: Some(118), .. })
+        ));
+        for bad in [0, 117, -1, 65536] {
+            let e = parse(&format!(r#"{{"Type":"vxlan","MTU":{bad}}}"#)).unwrap_err();
+            assert!(
+                matches!(e, ConfigError::MtuOutOfRange { mtu } if mtu == bad),
+                "{bad}: {e:?}"
+            );
+            assert!(e.to_string().contains("Backend.MTU"), "{e}");
+        }
+        assert!(matches!(
+            parse(r#"{"Type":"vxlan","MTU":"1400"}"#).unwrap_err(),
+            ConfigError::Field(FieldError::WrongType {
+                field: "Backend.MTU",
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -19,4 +19,4 @@ pub use json::FieldError;
 pub use keys::{DEFAULT_PREFIX, KeyError, KeyLayout, SubnetKey, subnet_key_name};
 pub use lease::{LeaseAttrs, LeaseError, VxlanLeaseData};
 pub use subnet::{AllocError, Reuse, choose_subnet};
-pub use subnet_env::{SubnetEnv, SubnetEnvError, flannel_mtu};
+pub use subnet_env::{SubnetEnv, SubnetEnvError, datapath_mtu, flannel_mtu, underlay_mtu};

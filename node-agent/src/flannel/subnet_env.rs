@@ -10,7 +10,7 @@ use std::path::Path;
 use ipnet::Ipv4Net;
 use thiserror::Error;
 
-use super::config::{Backend, MAX_SUBNET_LEN};
+use super::config::{Backend, MAX_SUBNET_LEN, VxlanConfig};
 use super::echo::Echo;
 
 /// flannel's default `--subnet-file`, also where the CNI plugin looks.
@@ -128,7 +128,7 @@ impl SubnetEnv {
 
 /// Go's `strconv.ParseBool`, which flannel's plugin uses for FLANNEL_IPMASQ: a file written by
 /// flanneld itself must read the same here.
-fn parse_go_bool(value: &str) -> Option<bool> {
+pub fn parse_go_bool(value: &str) -> Option<bool> {
     match value {
         "1" | "t" | "T" | "TRUE" | "true" | "True" => Some(true),
         "0" | "f" | "F" | "FALSE" | "false" | "False" => Some(false),
@@ -226,13 +226,35 @@ pub fn write_atomic(path: &Path, contents: &str) -> io::Result<()> {
     result
 }
 
-/// The MTU to advertise to pods: the uplink's MTU minus the backend's encapsulation overhead.
-pub fn flannel_mtu(iface_mtu: u32, backend: &Backend) -> u32 {
+/// The underlay MTU the tunnel is sized for. flannel's vxlan backend takes its `MTU` setting
+/// in place of the interface's (its device gets `MTU - 50`); the other backends always use
+/// the interface's.
+pub fn underlay_mtu(iface_mtu: u32, backend: &Backend) -> u32 {
     match backend {
-        Backend::Vxlan(_) => iface_mtu.saturating_sub(VXLAN_OVERHEAD),
-        Backend::Ipip => iface_mtu.saturating_sub(IPIP_OVERHEAD),
-        Backend::HostGw => iface_mtu,
+        Backend::Vxlan(VxlanConfig { mtu: Some(mtu), .. }) => *mtu,
+        _ => iface_mtu,
     }
+}
+
+/// The MTU to advertise to pods (`FLANNEL_MTU`), as flannel computes it: the underlay MTU
+/// ([`underlay_mtu`]) minus the backend's encapsulation overhead. The cluster route carries
+/// it too, as flannel's routes through its vxlan device do.
+pub fn flannel_mtu(iface_mtu: u32, backend: &Backend) -> u32 {
+    let underlay = underlay_mtu(iface_mtu, backend);
+    match backend {
+        Backend::Vxlan(_) => underlay.saturating_sub(VXLAN_OVERHEAD),
+        Backend::Ipip => underlay.saturating_sub(IPIP_OVERHEAD),
+        Backend::HostGw => underlay,
+    }
+}
+
+/// The outer packet size the data path encapsulates up to (`NodeConfig::iface_mtu`): the
+/// underlay MTU, but never more than `--iface`'s own, which no bigger packet can leave by.
+/// With a vxlan `MTU` above the interface's, flannel's device sends such packets with DF
+/// clear and the kernel fragments them; here they take the slow path, which does the same
+/// (and DF packets between the two sizes are answered "fragmentation needed").
+pub fn datapath_mtu(iface_mtu: u32, backend: &Backend) -> u32 {
+    underlay_mtu(iface_mtu, backend).min(iface_mtu)
 }
 
 #[cfg(test)]
@@ -242,7 +264,6 @@ pub fn flannel_mtu(iface_mtu: u32, backend: &Backend) -> u32 {
 )]
 mod tests {
     use super::*;
-    use crate::flannel::config::VxlanConfig;
     use crate::flannel::echo::assert_bounded;
 
     fn net(s: &str) -> Ipv4Net {
@@ -454,7 +475,28 @@ mod tests {
         assert_eq!(flannel_mtu(9001, &vxlan), 8951);
         assert_eq!(flannel_mtu(1500, &Backend::Ipip), 1480);
         assert_eq!(flannel_mtu(1500, &Backend::HostGw), 1500);
+        assert_eq!(datapath_mtu(1500, &vxlan), 1500);
         assert_eq!(flannel_mtu(40, &vxlan), 0);
         assert_eq!(flannel_mtu(10, &Backend::Ipip), 0);
+    }
+
+    #[test]
+    fn vxlan_mtu_setting_replaces_the_interface_mtu_as_in_flannel() {
+        let with = |mtu| {
+            Backend::Vxlan(VxlanConfig {
+                mtu: Some(mtu),
+                ..VxlanConfig::default()
+            })
+        };
+        // flannel: device MTU = MTU - 50, FLANNEL_MTU = the same.
+        assert_eq!(flannel_mtu(1500, &with(1400)), 1350);
+        assert_eq!(datapath_mtu(1500, &with(1400)), 1400);
+        // Larger than the interface: advertised as configured, but the data path
+        // never builds an outer packet the interface cannot send.
+        assert_eq!(flannel_mtu(1500, &with(9000)), 8950);
+        assert_eq!(datapath_mtu(1500, &with(9000)), 1500);
+        assert_eq!(underlay_mtu(1500, &with(9000)), 9000);
+        // host-gw and ipip have no such setting in flannel.
+        assert_eq!(underlay_mtu(1500, &Backend::Ipip), 1500);
     }
 }
