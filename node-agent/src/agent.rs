@@ -459,7 +459,8 @@ fn endpoint_ips(endpoints: &[String]) -> Vec<Ipv4Addr> {
 /// Connects to etcd, retrying until it answers. etcd-client connects lazily
 /// per request afterwards, so later outages are handled by the callers.
 /// Connects to etcd, retrying while it is unreachable. A configuration no
-/// retry can fix (a bad file, a wrong CA or password) ends the agent with
+/// retry can fix (a bad file, a wrong CA or password, a client certificate
+/// etcd refuses or does not get) ends the agent with
 /// the error, which names the flag, file or user.
 async fn connect(settings: &EtcdSettings) -> anyhow::Result<Client> {
     let opts = settings.connect_options().context("etcd settings")?;
