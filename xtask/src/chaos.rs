@@ -80,6 +80,10 @@ mod measure {
     struct Fault {
         /// Seconds from the fault to the moment the timed effect was seen.
         secs: Vec<f64>,
+        /// For the etcd faults: seconds from the fault until etcd accepted
+        /// the probe write (its own recovery: an election, when the member
+        /// hit was the leader). The agents' part is `secs` minus this.
+        accepted: Vec<f64>,
         /// Per round: packets sent and lost by the 1 kpps stream.
         packets: Vec<u64>,
         lost: Vec<u64>,
@@ -103,7 +107,8 @@ mod measure {
         }
 
         fn to_json(&self) -> Value {
-            json!({"secs": self.secs, "packets": self.packets, "lost": self.lost,
+            json!({"secs": self.secs, "accepted_secs": self.accepted,
+                   "packets": self.packets, "lost": self.lost,
                    "list_ms": self.list_ms, "total_ms": self.total_ms,
                    "targets": self.targets, "errors": self.errors})
         }
@@ -155,12 +160,17 @@ mod measure {
         let started = utc_now();
         let system = system_info();
         let begin = Instant::now();
-        let mut faults: Vec<Fault> = FAULTS.iter().map(|_| Fault::default()).collect();
-        let [killed, cut, relist, sigkill, upgrade] = faults.as_mut_slice() else {
-            unreachable!("one Fault per FAULTS entry");
-        };
+        // One per FAULTS entry, in its order.
+        let mut faults: [Fault; 5] = Default::default();
+        let [killed, cut, relist, sigkill, upgrade] = &mut faults;
         println!("==> etcd members and agents ({rounds} rounds)");
-        etcd_and_agent_faults(rounds, [killed, cut, sigkill, upgrade])?;
+        if let Err(e) = etcd_and_agent_faults(rounds, [killed, cut, sigkill, upgrade]) {
+            // What was measured so far is kept; the report lists this.
+            println!("    stopped: {e:#}");
+            killed
+                .errors
+                .push(format!("the etcd and agent rounds stopped: {e:#}"));
+        }
         println!("==> relist of {RELIST_LEASES} leases ({rounds} rounds)");
         if let Err(e) = relists(rounds, relist) {
             relist.errors.push(format!("{e:#}"));
@@ -205,12 +215,14 @@ mod measure {
     }
 
     /// Writes `key` through the member at `endpoint` alone, retrying while
-    /// etcd cannot commit it (a partition may have taken the leader: the
-    /// others elect a new one first).
+    /// etcd cannot commit it (the fault may have taken the leader: the
+    /// others elect a new one first). Each try gives up after 1 s, so the
+    /// time it returns is when etcd could take writes again, to about 1 s.
     fn put_through(cluster: &Cluster, endpoint: &str, key: &str, value: &str) -> Result<()> {
         let etcd = cluster.etcd();
         process::wait_until(FAULT_TIMEOUT, "etcd to accept the probe lease", |last| {
-            match process::run(etcd.etcdctl_at(endpoint, &["put", "--", key, value])) {
+            let put = ["--command-timeout=1s", "put", "--", key, value];
+            match process::run(etcd.etcdctl_at(endpoint, &put)) {
                 Ok(_) => Ok(Some(())),
                 Err(e) => {
                     *last = format!("{e:#}");
@@ -256,6 +268,23 @@ mod measure {
         })
     }
 
+    /// The member to hit: the one holding a watch, else the next in turn
+    /// (said so in the report).
+    fn pick_member(cluster: &Cluster, members: usize, round: usize, out: &mut Fault) -> usize {
+        match watched_member(cluster, members) {
+            Some(m) => {
+                out.targets.push(format!("{m}"));
+                m
+            }
+            None => {
+                let m = round % members;
+                out.targets
+                    .push(format!("{m} (in turn: no member reported a watch)"));
+                m
+            }
+        }
+    }
+
     /// Runs `fault` with a stream between the containers around it (the
     /// fault one second in), records the time it returns and the loss.
     fn with_stream(
@@ -299,34 +328,38 @@ mod measure {
         for round in 0..rounds {
             let third = u8::try_from(100 + round).unwrap_or(u8::MAX);
             // A member dies; a lease goes in through another one.
-            let target = watched_member(&cluster, members).unwrap_or(round % members);
-            killed.targets.push(format!("member {target}"));
+            let target = pick_member(&cluster, members, round, killed);
             let (subnet, lease) = probe_lease(third)?;
             let key = cluster.lease_key(subnet);
             let other = etcd.member_endpoint((target + 1) % members)?;
+            let mut accepted = None;
             let r = with_stream(&a, &b, killed, || {
                 let start = Instant::now();
                 etcd.stop_member(target)?;
                 put_through(&cluster, &other, &key, &lease.to_json())?;
+                accepted = Some(start.elapsed().as_secs_f64());
                 wait_in_maps(&both, subnet, start)
             });
+            killed.accepted.extend(accepted.filter(|_| r.is_ok()));
             etcd.restart_member(target)?;
             etcd.del(&key)?;
             report("member killed", round, &r, killed);
 
             // A member loses its peers (no leader), clients still reach it.
-            let target = watched_member(&cluster, members).unwrap_or(round % members);
-            cut.targets.push(format!("member {target}"));
+            let target = pick_member(&cluster, members, round, cut);
             let (subnet, lease) = probe_lease(third + 50)?;
             let key = cluster.lease_key(subnet);
             let other = etcd.member_endpoint((target + 1) % members)?;
             let index = u8::try_from(target)?;
+            let mut accepted = None;
             let r = with_stream(&a, &b, cut, || {
                 let start = Instant::now();
                 cluster.partition_etcd_member(index, true)?;
                 put_through(&cluster, &other, &key, &lease.to_json())?;
+                accepted = Some(start.elapsed().as_secs_f64());
                 wait_in_maps(&both, subnet, start)
             });
+            cut.accepted.extend(accepted.filter(|_| r.is_ok()));
             cluster.partition_etcd_member(index, false)?;
             etcd.restart_member(target)?;
             etcd.del(&key)?;
@@ -366,9 +399,14 @@ mod measure {
     fn report(what: &str, round: usize, r: &Result<()>, f: &Fault) {
         match r {
             Ok(()) => println!(
-                "    round {}: {what}: {:.3} s, stream lost {} of {}",
+                "    round {}: {what}: {:.3} s{}, stream lost {} of {}",
                 round + 1,
                 f.secs.last().copied().unwrap_or(f64::NAN),
+                f.accepted
+                    .get(f.secs.len().wrapping_sub(1))
+                    .map_or_else(String::new, |a| format!(
+                        " (etcd took writes again after {a:.3} s)"
+                    )),
                 f.lost.last().copied().unwrap_or(0),
                 f.packets.last().copied().unwrap_or(0)
             ),
@@ -509,7 +547,7 @@ mod measure {
             sys("commit"),
             STREAM.as_secs()
         );
-        o.push_str("| fault | time from the fault to | median s | min s | max s | packets lost per round (of sent) |\n|---|---|---|---|---|---|\n");
+        o.push_str("| fault | time from the fault to | median s | min s | max s | of which etcd: fault → probe write accepted, median (min–max) s | packets lost per round (of sent) |\n|---|---|---|---|---|---|---|\n");
         let mut problems = Vec::new();
         for (key, fault, timed) in FAULTS {
             let f = &v["faults"][*key];
@@ -519,6 +557,17 @@ mod measure {
                 .map(|a| a.iter().filter_map(Value::as_f64).collect())
                 .unwrap_or_default();
             let lost = u64s(f, "lost");
+            let accepted: Vec<f64> = f
+                .get("accepted_secs")
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(Value::as_f64).collect())
+                .unwrap_or_default();
+            let lo = accepted.iter().copied().reduce(f64::min);
+            let hi = accepted.iter().copied().reduce(f64::max);
+            let etcd_part = match (median(&accepted), lo, hi) {
+                (Some(m), Some(lo), Some(hi)) => format!("{m:.3} ({lo:.3}–{hi:.3})"),
+                _ => "–".to_owned(),
+            };
             let sent = u64s(f, "packets");
             let mut timed = (*timed).to_owned();
             let (list, total) = (u64s(f, "list_ms"), u64s(f, "total_ms"));
@@ -532,7 +581,7 @@ mod measure {
             }
             let targets = strs(f, "targets");
             if !targets.is_empty() {
-                let _ = write!(timed, " [hit: {}]", targets.join(", "));
+                let _ = write!(timed, " [member hit per round: {}]", targets.join(", "));
             }
             let sent_text = sent.first().map_or_else(String::new, |s| {
                 if sent.iter().all(|x| x == s) {
@@ -543,7 +592,7 @@ mod measure {
             });
             let _ = writeln!(
                 o,
-                "| {fault} | {timed} | {} | {}{sent_text} |",
+                "| {fault} | {timed} | {} | {etcd_part} | {}{sent_text} |",
                 stats(&secs),
                 if lost.is_empty() {
                     "–".to_owned()
@@ -555,7 +604,7 @@ mod measure {
                 problems.push(format!("{fault}: {}", e.lines().next().unwrap_or("")));
             }
         }
-        o.push_str("\nThe etcd faults run on a three-member etcd, each member in its own namespace, clients on the underlay and peers on a separate bridge (a partition takes a member's peer link down); the agents are given every member. The member hit is the one etcd's own `etcd_debugging_mvcc_watcher_total` gauge shows holding a watch (the agents keep connections to every member; their watch streams sit on one). The probe lease is written with `etcdctl` through another member, so the time includes that process's start. After each etcd fault the member is restarted and the cluster waits to be healthy. The relist runs on a single etcd holding 100,000 leases (10.0.0.0/8 in /25s, as in Scale above) with the agent frozen (SIGSTOP) while etcd restarts (which breaks its watch: a frozen client's watch otherwise stays synced, etcd buffering its events), a lease is written and etcd is compacted past the agent's revision; thawed, the agent finds its watch gone and lists everything again.\n");
+        o.push_str("\nThe etcd faults run on a three-member etcd, each member in its own namespace, clients on the underlay and peers on a separate bridge (a partition takes a member's peer link down); the agents are given every member. The member hit is the one etcd's own `etcd_debugging_mvcc_watcher_total` gauge shows holding a watch (the agents keep connections to every member; their watch streams sit on one). The probe lease is written with `etcdctl` through another member, each try giving up after 1 s and retried, so the time includes that process's start and etcd's own recovery (a new leader must be elected when the member hit was the leader; until then no write commits), shown in its own column: the agents' part is the difference. After each etcd fault the member is restarted and the cluster waits to be healthy. The relist runs on a single etcd holding 100,000 leases (10.0.0.0/8 in /25s, as in Scale above) with the agent frozen (SIGSTOP) while etcd restarts (which breaks its watch: a frozen client's watch otherwise stays synced, etcd buffering its events), a lease is written and etcd is compacted past the agent's revision; thawed, the agent finds its watch gone and lists everything again.\n");
         if !problems.is_empty() {
             o.push_str("\nFailures in this run:\n\n");
             for p in problems {
@@ -585,12 +634,32 @@ mod measure {
             return format!("{}{section}{after}", &text[..b]);
         }
         match text.find("\n## Commands") {
-            Some(i) => format!("{}\n{section}{}", &text[..=i], &text[i + 1..]),
+            Some(i) => format!("{}{section}{}", &text[..=i], &text[i + 1..]),
             None if text.is_empty() => section.to_owned(),
             None => format!(
                 "{}\n{section}",
                 text.trim_end_matches('\n').to_owned() + "\n"
             ),
         }
+    }
+}
+
+#[cfg(all(test, feature = "fixtures"))]
+mod tests {
+    use super::measure::insert_section;
+
+    #[test]
+    fn the_section_goes_before_commands_and_replaces_only_itself() {
+        let section = "<!-- chaos:begin (written by `cargo xtask chaos`) -->\n## Control-plane faults\nA\n<!-- chaos:end -->\n";
+        let bench = "# weft benchmarks\n\n## Scale\n\nx\n\n## Commands\n\ny\n";
+        let once = insert_section(bench, section);
+        assert_eq!(
+            once,
+            format!("# weft benchmarks\n\n## Scale\n\nx\n\n{section}## Commands\n\ny\n")
+        );
+        let newer = section.replace("\nA\n", "\nB\n");
+        let twice = insert_section(&once, &newer);
+        assert_eq!(twice, once.replace("\nA\n", "\nB\n"));
+        assert_eq!(insert_section("", section), section);
     }
 }
