@@ -23,10 +23,17 @@ pub struct Args {
     /// running `build` first.
     #[arg(long)]
     skip_build: bool,
+    /// Measure nothing: only write the section of BENCHMARKS.md again from
+    /// the newest bench-results/*-chaos.json.
+    #[arg(long)]
+    report_only: bool,
 }
 
 #[cfg(feature = "fixtures")]
 pub fn run(args: &Args) -> Result<()> {
+    if args.report_only {
+        return measure::rerender();
+    }
     if !args.skip_build {
         crate::build::run(&crate::build::Args {})?;
     }
@@ -36,7 +43,8 @@ pub fn run(args: &Args) -> Result<()> {
 /// Without the fixtures in this build: set up and build, then hand over.
 #[cfg(not(feature = "fixtures"))]
 pub fn run(args: &Args) -> Result<()> {
-    crate::handover::run(!args.skip_build, args.skip_build)
+    let prepare = !args.skip_build && !args.report_only;
+    crate::handover::run(prepare, args.skip_build)
 }
 
 #[cfg(feature = "fixtures")]
@@ -191,11 +199,14 @@ mod measure {
         std::fs::write(&json_path, text + "\n")
             .with_context(|| format!("writing {}", json_path.display()))?;
         println!("==> wrote {}", json_path.display());
-        let md = root.join("BENCHMARKS.md");
-        splice(
-            &md,
-            &latest_section().context("the chaos JSON just written")?,
-        )?;
+        rerender()
+    }
+
+    /// Writes the section of BENCHMARKS.md from the newest chaos JSON.
+    pub fn rerender() -> Result<()> {
+        let md = workspace_root().join("BENCHMARKS.md");
+        let section = latest_section().context("no readable bench-results/*-chaos.json")?;
+        splice(&md, &section)?;
         println!("==> updated the control-plane section of {}", md.display());
         Ok(())
     }
@@ -611,7 +622,7 @@ mod measure {
                 let _ = writeln!(o, "- {p}");
             }
         }
-        o.push_str("\n```sh\ncargo xtask chaos                 # --rounds 5; about 5 minutes; writes this section and bench-results/<date>-chaos.json\n```\n");
+        o.push_str("\n```sh\ncargo xtask chaos                 # --rounds 5; about 5 minutes; writes this section and bench-results/<date>-chaos.json\ncargo xtask chaos --report-only   # writes this section again from the newest of those JSON files\n```\n");
         let _ = writeln!(o, "{END}");
         o
     }
@@ -634,7 +645,7 @@ mod measure {
             return format!("{}{section}{after}", &text[..b]);
         }
         match text.find("\n## Commands") {
-            Some(i) => format!("{}{section}{}", &text[..=i], &text[i + 1..]),
+            Some(i) => format!("{}{section}\n{}", &text[..=i], &text[i + 1..]),
             None if text.is_empty() => section.to_owned(),
             None => format!(
                 "{}\n{section}",
@@ -655,7 +666,7 @@ mod tests {
         let once = insert_section(bench, section);
         assert_eq!(
             once,
-            format!("# weft benchmarks\n\n## Scale\n\nx\n\n{section}## Commands\n\ny\n")
+            format!("# weft benchmarks\n\n## Scale\n\nx\n\n{section}\n## Commands\n\ny\n")
         );
         let newer = section.replace("\nA\n", "\nB\n");
         let twice = insert_section(&once, &newer);
