@@ -712,7 +712,8 @@ pub(crate) fn endpoint_ips(endpoints: &[String]) -> Vec<Ipv4Addr> {
 }
 
 /// Connects to etcd, retrying while it is unreachable. A configuration no
-/// retry can fix (a bad file, a wrong CA or password) ends the agent with
+/// retry can fix (a bad file, a wrong CA or password, a client certificate
+/// etcd refuses or does not get) ends the agent with
 /// the error, which names the flag, file or user.
 async fn connect(
     settings: &EtcdSettings,

@@ -129,6 +129,18 @@ pub enum EtcdError {
         cafile: PathBuf,
         certfile: Option<PathBuf>,
     },
+    #[error(
+        "etcd requires a client certificate and none is given (it answered with TLS alert \
+         {alert}): give --etcd-certfile and --etcd-keyfile"
+    )]
+    ClientCertMissing { alert: String },
+    #[error(
+        "etcd refused the client certificate --etcd-certfile {} (TLS alert {alert}): check \
+         that etcd's --trusted-ca-file holds the CA that signed it and that it is valid for \
+         client authentication",
+        certfile.display()
+    )]
+    ClientCertRefused { alert: String, certfile: PathBuf },
     /// Boxed: etcd's error is large, and this enum travels by value.
     #[error("etcd: {}", describe(.0))]
     Client(Box<etcd_client::Error>),
@@ -209,6 +221,17 @@ impl EtcdSettings {
             if status.code() == tonic::Code::InvalidArgument {
                 return EtcdError::AuthFailed { user: user.clone() };
             }
+        }
+        if self.etcd_cafile.is_some()
+            && let Some(alert) = client_refused(&error)
+        {
+            return match &self.etcd_certfile {
+                None => EtcdError::ClientCertMissing { alert },
+                Some(certfile) => EtcdError::ClientCertRefused {
+                    alert,
+                    certfile: certfile.clone(),
+                },
+            };
         }
         if let Some(cafile) = &self.etcd_cafile
             && let Some(reason) = tls_failure(&error)
@@ -347,6 +370,49 @@ fn tls_failure(error: &etcd_client::Error) -> Option<String> {
     None
 }
 
+/// TLS alerts a server sends when it refuses the client's certificate (or
+/// its absence), as rustls names them: no retry changes that answer.
+const CLIENT_CERT_ALERTS: &[&str] = &[
+    "BadCertificate",
+    "UnsupportedCertificate",
+    "CertificateRevoked",
+    "CertificateExpired",
+    "CertificateUnknown",
+    "UnknownCA",
+    "AccessDenied",
+    "CertificateRequired",
+];
+
+/// The alert, if `error` is etcd refusing this client's certificate. In
+/// TLS 1.3 the server checks the client's certificate after the client has
+/// finished its handshake, so the refusal arrives as an alert on the first
+/// read of the HTTP/2 connection. h2 keeps only the kind and text of the
+/// io::Error it read (it must be Clone), so what reaches us is an
+/// `InvalidData` error reading "received fatal alert: <name>" (rustls's
+/// wording) rather than the `rustls::Error` itself. Either form counts.
+fn client_refused(error: &etcd_client::Error) -> Option<String> {
+    let mut next = causes(error);
+    while let Some(e) = next {
+        let alert = match e.downcast_ref::<rustls::Error>() {
+            Some(rustls::Error::AlertReceived(alert)) => Some(format!("{alert:?}")),
+            Some(_) => None,
+            None => e
+                .downcast_ref::<io::Error>()
+                .filter(|io| io.kind() == io::ErrorKind::InvalidData)
+                .and_then(|io| {
+                    io.to_string()
+                        .strip_prefix("received fatal alert: ")
+                        .map(str::to_owned)
+                }),
+        };
+        if let Some(alert) = alert.filter(|a| CLIENT_CERT_ALERTS.contains(&a.as_str())) {
+            return Some(alert);
+        }
+        next = e.source();
+    }
+    None
+}
+
 /// The file's bytes, if it holds a PEM block of kind `want` (any kind ending
 /// so, for keys: "PRIVATE KEY", "RSA PRIVATE KEY", "EC PRIVATE KEY").
 fn read_pem(path: &Path, flag: &'static str, want: &'static str) -> Result<Vec<u8>, EtcdError> {
@@ -439,6 +505,60 @@ mod tests {
         assert_eq!(
             err(&["--etcd-endpoints", "https://a:2379", "--etcd-cafile", &ca]),
             None
+        );
+    }
+
+    /// An error as etcd-client hands it over when the server's alert came
+    /// through h2: a status around an io::Error holding only the text.
+    fn alert_status(text: &str) -> etcd_client::Error {
+        let io = io::Error::new(io::ErrorKind::InvalidData, text.to_owned());
+        etcd_client::Error::GRpcStatus(tonic::Status::from_error(Box::new(io)))
+    }
+
+    #[test]
+    fn a_refused_client_certificate_is_fatal_and_named() {
+        let tls = settings(&[
+            "--etcd-endpoints",
+            "https://a:2379",
+            "--etcd-cafile",
+            "/etc/weft/ca.pem",
+        ])
+        .expect("flags parse");
+        let e = tls.classify(alert_status("received fatal alert: BadCertificate"));
+        assert!(e.is_fatal(), "{e}");
+        assert!(
+            e.to_string().contains("--etcd-certfile") && e.to_string().contains("BadCertificate"),
+            "{e}"
+        );
+        let with_cert = settings(&[
+            "--etcd-endpoints",
+            "https://a:2379",
+            "--etcd-cafile",
+            "/etc/weft/ca.pem",
+            "--etcd-certfile",
+            "/etc/weft/client.pem",
+            "--etcd-keyfile",
+            "/etc/weft/client-key.pem",
+        ])
+        .expect("flags parse");
+        let e = with_cert.classify(alert_status("received fatal alert: UnknownCA"));
+        assert!(e.is_fatal(), "{e}");
+        let text = e.to_string();
+        assert!(text.contains("/etc/weft/client.pem"), "{text}");
+        assert!(!text.contains("client-key.pem"), "{text}");
+        // Anything else on the wire stays retryable: a closed connection,
+        // an alert that is not about certificates, or no TLS configured.
+        for retryable in [
+            alert_status("connection closed"),
+            alert_status("received fatal alert: InternalError"),
+        ] {
+            assert!(!with_cert.classify(retryable).is_fatal());
+        }
+        let plain = settings(&["--etcd-endpoints", "http://a:2379"]).expect("flags parse");
+        assert!(
+            !plain
+                .classify(alert_status("received fatal alert: BadCertificate"))
+                .is_fatal()
         );
     }
 

@@ -53,6 +53,10 @@ pub enum LeaseError {
 /// needed for compare-and-swap.
 #[derive(Clone, Debug)]
 pub struct ListedLease {
+    /// The key as etcd holds it: `10.244.5.0-24`, or on a dual-stack
+    /// flannel node `10.244.5.0-24&fd00::-64`. Writes to this lease go to
+    /// this key, never one rebuilt from `subnet`.
+    pub key: String,
     pub subnet: Ipv4Net,
     pub attrs: LeaseAttrs,
     pub mod_revision: i64,
@@ -128,6 +132,7 @@ pub async fn list_leases(
         for kv in resp.kvs() {
             match parse_kv(keys, kv.key(), kv.value()) {
                 Ok((subnet, attrs)) => leases.push(ListedLease {
+                    key: String::from_utf8_lossy(kv.key()).into_owned(),
                     subnet,
                     attrs,
                     mod_revision: kv.mod_revision(),
@@ -188,16 +193,22 @@ pub fn bounded(text: &str) -> String {
 }
 
 /// Parses one subnet key and its value. The error carries the subnet when
-/// the key names one, and says why in at most [`MAX_LOGGED`] bytes.
+/// the key names one, and says why in at most [`MAX_LOGGED`] bytes. A
+/// dual-stack key whose IPv6 half is malformed still names its IPv4
+/// subnet (flannel's own key parser reads that half alone), so that subnet
+/// stays taken like the subnet of any other unusable lease.
 pub fn parse_kv(
     keys: &KeyLayout,
     key: &[u8],
     value: &[u8],
 ) -> Result<(Ipv4Net, LeaseAttrs), (Option<Ipv4Net>, String)> {
     let key = String::from_utf8_lossy(key);
-    let subnet = keys
-        .parse_subnet_key(&key)
-        .map_err(|e| (None, bounded(&e.to_string())))?;
+    let subnet = keys.parse_subnet_key(&key).map_err(|e| {
+        let ipv4_half = key
+            .split_once('&')
+            .and_then(|(ipv4, _)| keys.parse_subnet_key(ipv4).ok());
+        (ipv4_half, bounded(&e.to_string()))
+    })?;
     let fail = |why: String| (Some(subnet), bounded(&why));
     if value.len() > MAX_LEASE_VALUE {
         return Err(fail(format!(
@@ -222,6 +233,8 @@ pub fn renew_delay(ttl_left: Duration) -> Duration {
 /// The lease this node holds.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Acquired {
+    /// The etcd key holding the lease (see [`ListedLease::key`]).
+    pub key: String,
     pub subnet: Ipv4Net,
     /// 0 for a reservation, which is never renewed.
     pub etcd_lease: i64,
@@ -273,12 +286,23 @@ impl LeaseManager {
                 .iter()
                 .map(|l| (l.subnet, l.attrs.clone()))
                 .collect();
+            // A key whose value cannot be read still holds its subnet: a
+            // node wrote it, and handing the subnet out again would lease
+            // it twice.
+            let unusable: Vec<Ipv4Net> = listing.rejected.iter().filter_map(|r| r.subnet).collect();
             let seed = u64::from(u32::from(me))
                 ^ u64::from(std::process::id())
                 ^ (attempt as u64 * 0x9e37_79b9);
-            let choice = choose_subnet(cfg, &pairs, me, subnet_file, seed)?;
+            let choice = choose_subnet(cfg, &pairs, &unusable, me, subnet_file, seed)?;
             let subnet = choice.subnet();
-            let key = self.keys.subnet_key(subnet);
+            // Our own lease keeps the key it has (a dual-stack flannel key
+            // names the IPv6 subnet too); a new one gets flannel's IPv4 key.
+            let own = listing
+                .leases
+                .iter()
+                .find(|l| l.subnet == subnet && l.attrs.public_ip == me)
+                .filter(|_| matches!(choice, Reuse::OwnLease(_)));
+            let key = own.map_or_else(|| self.keys.subnet_key(subnet), |l| l.key.clone());
 
             // Stale leases of ours for other subnets (e.g. after a config
             // change) would blackhole traffic sent to them: drop them, as
@@ -290,14 +314,14 @@ impl LeaseManager {
                 .iter()
                 .filter(|l| l.attrs.public_ip == me && l.subnet != subnet && l.etcd_lease != 0)
             {
-                let old_key = self.keys.subnet_key(old.subnet);
+                let old_key = old.key.as_str();
                 let txn = Txn::new()
                     .when([Compare::mod_revision(
-                        old_key.as_str(),
+                        old_key,
                         CompareOp::Equal,
                         old.mod_revision,
                     )])
-                    .and_then([TxnOp::delete(old_key.as_str(), None)]);
+                    .and_then([TxnOp::delete(old_key, None)]);
                 if self.client.txn(txn).await?.succeeded() {
                     tracing::info!(subnet = %old.subnet, "deleted this node's stale lease");
                 } else {
@@ -307,7 +331,7 @@ impl LeaseManager {
 
             let (condition, etcd_lease, how) = match choice {
                 Reuse::OwnLease(_) => {
-                    let existing = listing.leases.iter().find(|l| l.subnet == subnet);
+                    let existing = own;
                     let mod_rev = existing.map(|l| l.mod_revision).unwrap_or_default();
                     match existing {
                         // A reservation: used as it is, never given a TTL.
@@ -316,6 +340,7 @@ impl LeaseManager {
                         Some(l) if l.etcd_lease == 0 => {
                             if l.attrs == self.attrs {
                                 return Ok(Acquired {
+                                    key,
                                     subnet,
                                     etcd_lease: 0,
                                     how: "uses its reservation",
@@ -367,6 +392,7 @@ impl LeaseManager {
             )]);
             if self.client.txn(txn).await?.succeeded() {
                 return Ok(Acquired {
+                    key,
                     subnet,
                     etcd_lease,
                     how,
@@ -467,7 +493,7 @@ impl LeaseManager {
     /// Puts this node's key under a new 24 h lease: its lease expired, or
     /// was granted too short. Every write is conditional on what was read.
     async fn reattach(&mut self, held: &mut Acquired) -> Result<(), LeaseError> {
-        let key = self.keys.subnet_key(held.subnet);
+        let key = held.key.clone();
         let resp = self.client.get(key.as_str(), None).await?;
         let current = resp.kvs().first();
         let condition = match current {
@@ -578,6 +604,27 @@ mod tests {
             )
             .is_ok()
         );
+    }
+
+    #[test]
+    fn a_bad_dual_stack_key_or_value_still_names_its_ipv4_subnet() {
+        let keys = KeyLayout::default();
+        let subnet: Ipv4Net = "10.244.5.0/24".parse().expect("subnet");
+        let dual = format!("{}10.244.5.0-24&fd00::-64", keys.subnets_prefix());
+        let good = r#"{"PublicIP":"198.18.0.2","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:00:00:00:00:02"}}"#;
+        assert_eq!(
+            parse_kv(&keys, dual.as_bytes(), good.as_bytes()).map(|(s, _)| s),
+            Ok(subnet)
+        );
+        let (named, _) = parse_kv(&keys, dual.as_bytes(), b"{not json").expect_err("bad value");
+        assert_eq!(named, Some(subnet));
+        let bad_v6 = format!("{}10.244.5.0-24&fd00::zz-64", keys.subnets_prefix());
+        let (named, why) =
+            parse_kv(&keys, bad_v6.as_bytes(), good.as_bytes()).expect_err("bad key");
+        assert_eq!(named, Some(subnet), "{why}");
+        let garbage = format!("{}not-a-subnet&fd00::-64", keys.subnets_prefix());
+        let (named, _) = parse_kv(&keys, garbage.as_bytes(), good.as_bytes()).expect_err("garbage");
+        assert_eq!(named, None);
     }
 
     #[test]

@@ -52,6 +52,18 @@ const TXN_CONCURRENCY: usize = 8;
 /// How long agents get to lease, write their subnet file and learn peers.
 pub const CONVERGE: Duration = Duration::from_secs(30);
 
+/// What the agent logs after each full listing of the leases in etcd.
+pub const RECONCILED: &str = "peer table reconciled with etcd";
+
+/// One full listing, as the agent timed it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reconciliation {
+    /// Reading every lease from etcd.
+    pub list_ms: u64,
+    /// Listing and bringing the SUBNETS map in line with it.
+    pub total_ms: u64,
+}
+
 /// The underlay switch, etcd, and the scratch directory every host's files
 /// live in. Hosts borrow it, so the compiler makes them go first on drop.
 pub struct Cluster {
@@ -894,6 +906,29 @@ exec "$@""#;
                 .with_context(|| format!("signalling agent {pid}"));
         }
         Ok(())
+    }
+
+    /// The agent's full listings of etcd so far (its "peer table reconciled
+    /// with etcd" lines), oldest first: one at start and one per relist.
+    pub fn reconciliations(&self) -> Vec<Reconciliation> {
+        let field = |line: &str, name: &str| -> Option<u64> {
+            line.split(name)
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        };
+        self.agent_log()
+            .lines()
+            .filter(|l| l.contains(RECONCILED))
+            .filter_map(|l| {
+                Some(Reconciliation {
+                    list_ms: field(l, "list_ms=")?,
+                    total_ms: field(l, "total_ms=")?,
+                })
+            })
+            .collect()
     }
 
     /// Everything the agent(s) on this host logged.

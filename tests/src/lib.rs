@@ -28,8 +28,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use anyhow::{Context, Result, bail};
 
 pub use cluster::{
-    CONVERGE, Cluster, Container, Host, SWITCH_IP, Signal, SubnetEnvExt, TransferStats,
-    switch_port, tcp_transfer, wait_full_mesh, wait_routes,
+    CONVERGE, Cluster, Container, Host, RECONCILED, Reconciliation, SWITCH_IP, Signal,
+    SubnetEnvExt, TransferStats, switch_port, tcp_transfer, wait_full_mesh, wait_routes,
 };
 pub use etcd::{AGENT_PASSWORD, AGENT_USER, Etcd, EtcdSecurity};
 pub use netns::{Capture, Netns, capture};

@@ -1,7 +1,7 @@
 //! Certificates for a TLS etcd, made by the test with `openssl`: a CA, a
 //! server certificate for etcd's address, a client certificate for the
-//! agents, and a second, unrelated CA for "wrong CA" cases. ECDSA P-256,
-//! valid for one day.
+//! agents, and a second, unrelated CA (with a client certificate of its
+//! own) for "wrong CA" cases. ECDSA P-256, valid for one day.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -19,8 +19,12 @@ pub struct Pki {
     pub server_key: PathBuf,
     pub client_cert: PathBuf,
     pub client_key: PathBuf,
-    /// A CA that signed nothing here.
+    /// A CA that signed neither etcd's certificate nor one etcd trusts.
     pub other_ca: PathBuf,
+    /// A client certificate and key signed by `other_ca`: one etcd's
+    /// `--client-cert-auth` refuses (unknown CA).
+    pub other_client_cert: PathBuf,
+    pub other_client_key: PathBuf,
 }
 
 impl Pki {
@@ -36,14 +40,13 @@ impl Pki {
             client_cert: path("client.pem"),
             client_key: path("client-key.pem"),
             other_ca: path("other-ca.pem"),
+            other_client_cert: path("other-client.pem"),
+            other_client_key: path("other-client-key.pem"),
         };
         let ca_key = path("ca-key.pem");
         self_signed_ca(&pki.ca, &ca_key, "weft-test-ca")?;
-        self_signed_ca(
-            &pki.other_ca,
-            &path("other-ca-key.pem"),
-            "weft-test-other-ca",
-        )?;
+        let other_ca_key = path("other-ca-key.pem");
+        self_signed_ca(&pki.other_ca, &other_ca_key, "weft-test-other-ca")?;
         issue(
             dir,
             (&pki.ca, &ca_key),
@@ -63,6 +66,13 @@ impl Pki {
             (&pki.ca, &ca_key),
             (&pki.client_cert, &pki.client_key),
             "weft-agent",
+            "extendedKeyUsage=clientAuth\n",
+        )?;
+        issue(
+            dir,
+            (&pki.other_ca, &other_ca_key),
+            (&pki.other_client_cert, &pki.other_client_key),
+            "weft-agent-other-ca",
             "extendedKeyUsage=clientAuth\n",
         )?;
         Ok(pki)

@@ -18,8 +18,8 @@ use node_agent::flannel::{LeaseAttrs, VxlanLeaseData};
 use serde_json::Value;
 use weft_tests::process;
 use weft_tests::{
-    CONVERGE, Cluster, Etcd, Host, Signal, node_agent_binary, require_bpffs, require_root,
-    require_tools, wait_until,
+    CONVERGE, Cluster, Etcd, Host, RECONCILED, Signal, node_agent_binary, require_bpffs,
+    require_root, require_tools, wait_until,
 };
 
 const CONFIG: &str =
@@ -124,8 +124,6 @@ fn mentions(host: &Host<'_>, needle: &str) -> usize {
         .filter(|l| l.contains(needle))
         .count()
 }
-
-const RECONCILED: &str = "peer table reconciled with etcd";
 
 /// Restarts etcd, which breaks every agent's watch, and waits until each
 /// agent in `hosts` has relisted.
@@ -395,6 +393,97 @@ fn bad_leases_are_logged_once_and_blocked_leases_are_checked_again() -> Result<(
     Ok(())
 }
 
+/// A dual-stack flannel node's key for `subnet`: its IPv4 subnet and an
+/// IPv6 one, as flannel's `MakeSubnetKey` writes them.
+fn dual_stack_key(cluster: &Cluster, subnet: Ipv4Net, ipv6: &str) -> String {
+    format!(
+        "{}{}-{}&{ipv6}",
+        cluster.keys().subnets_prefix(),
+        subnet.network(),
+        subnet.prefix_len()
+    )
+}
+
+#[test]
+fn an_own_dual_stack_lease_is_kept_under_its_own_key() -> Result<()> {
+    preflight()?;
+    let cluster = Cluster::new(CONFIG)?;
+    let etcd = cluster.etcd();
+    let host = cluster.add_host(1)?;
+    // Host 1 was a dual-stack flannel node: its lease names both subnets,
+    // under a live etcd lease.
+    let subnet: Ipv4Net = "10.244.77.0/24".parse()?;
+    let key = dual_stack_key(&cluster, subnet, "fd00:0:0:4d::-64");
+    let id = grant(etcd, 3600)?;
+    put_with_lease(etcd, &key, &vxlan_lease(host.ip()).to_json(), id)?;
+
+    host.start_agent(&[])?;
+    let env = host.wait_subnet_env(CONVERGE)?;
+    ensure!(
+        env.subnet == subnet,
+        "the agent moved off its lease: {env:?}"
+    );
+    ensure!(
+        key_lease(etcd, &key)? == Some(id),
+        "the dual-stack key lost its etcd lease"
+    );
+    let stored = etcd.get(&key)?.context("the dual-stack key is gone")?;
+    ensure!(
+        LeaseAttrs::parse(&stored)?.public_ip == host.ip(),
+        "the dual-stack key holds {stored}"
+    );
+    // One key for the subnet: no IPv4-only twin written beside it.
+    let ipv4_key = cluster.lease_key(subnet);
+    ensure!(
+        etcd.get(&ipv4_key)?.is_none(),
+        "a second key {ipv4_key} was written for the same subnet"
+    );
+    ensure!(host.agent_running(), "agent stopped:\n{}", host.agent_log());
+    Ok(())
+}
+
+#[test]
+fn a_malformed_dual_stack_value_keeps_its_subnet_taken() -> Result<()> {
+    preflight()?;
+    // Two subnets to hand out, one of them held by a dual-stack key whose
+    // value cannot be read.
+    let cluster = Cluster::new(
+        r#"{"Network":"10.244.0.0/16","SubnetLen":24,"SubnetMin":"10.244.5.0","SubnetMax":"10.244.6.0","Backend":{"Type":"vxlan","VNI":1,"Port":8472}}"#,
+    )?;
+    let etcd = cluster.etcd();
+    let held: Ipv4Net = "10.244.5.0/24".parse()?;
+    let key = dual_stack_key(&cluster, held, "fd00::-64");
+    etcd.put(&key, "{not json")?;
+    let (hosts, envs) = cluster.start_hosts(&[1], &[], false)?;
+    ensure!(
+        envs[0].subnet == "10.244.6.0/24".parse::<Ipv4Net>()?,
+        "host 1 leased {}, not the one free subnet",
+        envs[0].subnet
+    );
+    // The second node finds nothing free, says so, and leases nothing.
+    let second = cluster.add_host(2)?;
+    second.start_agent(&[])?;
+    wait_until(CONVERGE, "host 2 to report that nothing is free", |last| {
+        *last = second.agent_log();
+        Ok(last.contains("no free /24 subnet left").then_some(()))
+    })?;
+    ensure!(
+        !second.subnet_file().exists(),
+        "host 2 leased a subnet:\n{}",
+        second.agent_log()
+    );
+    ensure!(
+        etcd.get(&cluster.lease_key(held))?.is_none(),
+        "{held} was leased a second time"
+    );
+    ensure!(
+        etcd.get(&key)?.as_deref() == Some("{not json"),
+        "the unreadable key was changed"
+    );
+    ensure!(hosts[0].agent_running(), "host 1 stopped");
+    Ok(())
+}
+
 /// Writes `n` /25 leases in 10.0.0.0/8 under one etcd lease, 128 puts a
 /// transaction, as a client in the switch namespace (where etcd listens).
 fn write_many_leases(cluster: &Cluster, n: usize) -> Result<()> {
@@ -411,14 +500,7 @@ fn write_many_leases(cluster: &Cluster, n: usize) -> Result<()> {
 
 /// `list_ms` of the agent's reconciliations so far.
 fn list_times(host: &Host<'_>) -> Vec<u64> {
-    host.agent_log()
-        .lines()
-        .filter(|l| l.contains(RECONCILED))
-        .filter_map(|l| {
-            let rest = l.split("list_ms=").nth(1)?;
-            rest.split_whitespace().next()?.parse().ok()
-        })
-        .collect()
+    host.reconciliations().iter().map(|r| r.list_ms).collect()
 }
 
 /// 100,000 leases: the first listing and a relist each take under 3 s.

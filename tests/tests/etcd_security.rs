@@ -1,7 +1,8 @@
 //! The agent against a secured etcd, started for real: TLS with client
 //! certificates the test generates, and etcd's authentication with a user
 //! whose role covers the flannel prefix only. Agents lease and forward; a
-//! wrong CA, a missing key or a wrong password stops the agent with an
+//! wrong CA, a missing key, a client certificate etcd refuses (none, or one
+//! from a CA it does not trust) or a wrong password stops the agent with an
 //! error that names the file or user and never prints the secret.
 
 use anyhow::{Result, ensure};
@@ -32,8 +33,17 @@ fn agents_lease_and_forward(cluster: &Cluster) -> Result<()> {
     Ok(())
 }
 
+/// What the agent itself printed since it was last started: the fixture's
+/// "starting <command line>" marker names every file, so a check that an
+/// error names one must not read it.
+fn own_output(host: &Host<'_>) -> String {
+    let log = host.agent_log();
+    let start = log.rfind("=== weft-tests: starting").unwrap_or(0);
+    log[start..].lines().skip(1).collect::<Vec<_>>().join("\n")
+}
+
 /// Starts an agent on `host` with `etcd_flags` and waits for it to exit;
-/// returns its log.
+/// returns what it printed.
 fn refused(host: &Host<'_>, etcd_flags: &[&str]) -> Result<String> {
     host.start_agent_with_etcd_flags(&[], etcd_flags)?;
     wait_until(CONVERGE, "the agent to refuse and exit", |last| {
@@ -44,7 +54,7 @@ fn refused(host: &Host<'_>, etcd_flags: &[&str]) -> Result<String> {
         !host.subnet_file().exists(),
         "a refused agent wrote its subnet file"
     );
-    Ok(host.agent_log())
+    Ok(own_output(host))
 }
 
 #[test]
@@ -109,22 +119,45 @@ fn agents_use_tls_with_client_certificates_and_bad_files_are_named() -> Result<(
     );
 
     // No client certificate at all: etcd requires one and says so with a
-    // TLS alert after the handshake (or just closes the connection, when
-    // the client reads first). The agent cannot tell that from a
-    // server-side hiccup, so it keeps retrying, saying why, and never
-    // leases.
-    host.start_agent_with_etcd_flags(&[], &["--etcd-cafile", &ca])?;
-    wait_until(CONVERGE, "the agent to report etcd's refusal", |last| {
-        *last = host.agent_log();
-        Ok(last
-            .contains("etcd connection failed; retrying")
-            .then_some(()))
-    })?;
+    // TLS alert after the handshake. No retry can fix that: the agent
+    // stops, saying the client certificate is missing, and never leases.
+    let log = refused(&host, &["--etcd-cafile", &ca])?;
     ensure!(
-        host.agent_running() && !host.subnet_file().exists(),
-        "without a client certificate the agent must wait, not lease"
+        log.contains("etcd requires a client certificate") && log.contains("--etcd-certfile"),
+        "a missing client certificate is not reported:\n{log}"
     );
-    host.kill_agent(weft_tests::Signal::Term)?;
+
+    // A client certificate from a CA etcd does not trust: refused the same
+    // way, naming the certificate file.
+    let (other_cert, other_key) = (
+        pki.other_client_cert.to_string_lossy().into_owned(),
+        pki.other_client_key.to_string_lossy().into_owned(),
+    );
+    let log = refused(
+        &host,
+        &[
+            "--etcd-cafile",
+            &ca,
+            "--etcd-certfile",
+            &other_cert,
+            "--etcd-keyfile",
+            &other_key,
+        ],
+    )?;
+    ensure!(
+        log.contains("etcd refused the client certificate") && log.contains(&other_cert),
+        "an untrusted client certificate is not named:\n{log}"
+    );
+    // The key is a secret: its path may be named, its contents never.
+    let key_pem = std::fs::read_to_string(&pki.other_client_key)?;
+    let secret_line = key_pem
+        .lines()
+        .find(|l| !l.starts_with("-----") && !l.is_empty())
+        .unwrap_or_default();
+    ensure!(
+        !secret_line.is_empty() && !log.contains(secret_line),
+        "the client key appears in the log:\n{log}"
+    );
     Ok(())
 }
 
@@ -150,15 +183,9 @@ fn agents_authenticate_and_a_wrong_password_is_refused_without_printing_it() -> 
         log.contains(&format!("etcd rejected user \"{AGENT_USER}\"")),
         "a wrong password is not reported naming the user:\n{log}"
     );
-    // The fixture's own "starting <command line>" lines hold it, of course.
-    let agent_output = log
-        .lines()
-        .filter(|l| !l.starts_with("=== weft-tests:"))
-        .collect::<Vec<_>>()
-        .join("\n");
     ensure!(
-        !agent_output.contains(&wrong),
-        "the password appears in the agent's own output:\n{agent_output}"
+        !log.contains(&wrong),
+        "the password appears in the agent's own output:\n{log}"
     );
     Ok(())
 }

@@ -1,13 +1,14 @@
-//! `cargo xtask <setup|build|test|fuzz|demo|bench>`: the project's task runner.
+//! `cargo xtask <setup|build|test|fuzz|demo|bench|chaos>`: the project's task runner.
 //!
 //! One module per task, each owning its options (`Args`) and its `run`.
 //! The default build compiles with stable Rust and nothing installed, so
-//! that `setup` can run on a fresh machine; `demo` and `bench` need the
+//! that `setup` can run on a fresh machine; `demo`, `bench` and `chaos` need the
 //! shared fixtures (weft-tests) and so the `fixtures` feature, which they
 //! rebuild xtask with and hand over to (see `handover`).
 
 mod bench;
 mod build;
+mod chaos;
 mod cmd;
 mod demo;
 mod fuzz;
@@ -54,6 +55,10 @@ enum Task {
     /// one topology (needs root and `cargo xtask build` first); writes
     /// BENCHMARKS.md, docs/bench-modes.svg and bench-results/*.json.
     Bench(bench::Args),
+    /// The control plane's faults, timed, with the packets a 1 kpps stream
+    /// loses through each (needs root); writes bench-results/*-chaos.json
+    /// and the "Control-plane faults" section of BENCHMARKS.md.
+    Chaos(chaos::Args),
     /// The bench's traffic tools, run inside namespaces by `bench`.
     #[cfg(feature = "fixtures")]
     #[command(flatten)]
@@ -68,6 +73,7 @@ fn main() -> Result<()> {
         Task::Fuzz(args) => fuzz::run(&args),
         Task::Demo(args) => demo::run(&args),
         Task::Bench(args) => bench::run(&args),
+        Task::Chaos(args) => chaos::run(&args),
         #[cfg(feature = "fixtures")]
         Task::Tool(tool) => tool.run(),
     }

@@ -85,10 +85,13 @@ pub fn candidates(cfg: &NetworkConfig) -> impl Iterator<Item = Ipv4Net> + use<> 
 ///
 /// Any lease counts as taken, including an own lease that no longer fits the config: flannel
 /// deletes such a lease but still avoids its range during that attempt, and the caller is
-/// expected to delete it too (every own lease other than the returned `OwnLease`).
+/// expected to delete it too (every own lease other than the returned `OwnLease`). So do the
+/// subnets of `unusable` keys (a value that cannot be read, a dual-stack key with a bad IPv6
+/// half): whoever wrote them may be using the subnet.
 pub fn choose_subnet(
     cfg: &NetworkConfig,
     leases: &[(Ipv4Net, LeaseAttrs)],
+    unusable: &[Ipv4Net],
     my_public_ip: Ipv4Addr,
     subnet_file: Option<Ipv4Net>,
     seed: u64,
@@ -104,7 +107,12 @@ pub fn choose_subnet(
         info!(%stale, public_ip = %my_public_ip, "own lease does not fit the network config; not reusing it");
     }
 
-    let taken = merged_ranges(leases.iter().map(|(subnet, _)| *subnet));
+    let taken = merged_ranges(
+        leases
+            .iter()
+            .map(|(subnet, _)| *subnet)
+            .chain(unusable.iter().copied()),
+    );
 
     if let Some(subnet) = subnet_file {
         if !is_valid_candidate(cfg, subnet) {
@@ -264,13 +272,13 @@ mod tests {
         .collect();
         for seed in 0..16 {
             assert_eq!(
-                choose_subnet(&small(), &leases, ME, None, seed).unwrap(),
+                choose_subnet(&small(), &leases, &[], ME, None, seed).unwrap(),
                 Reuse::Fresh(net("10.244.3.0/24"))
             );
         }
         // Nor is a subnet file naming one of them reused.
         assert_eq!(
-            choose_subnet(&small(), &leases, ME, Some(net("10.244.2.0/24")), 0).unwrap(),
+            choose_subnet(&small(), &leases, &[], ME, Some(net("10.244.2.0/24")), 0).unwrap(),
             Reuse::Fresh(net("10.244.3.0/24"))
         );
     }
@@ -328,7 +336,7 @@ mod tests {
     #[test]
     fn own_lease_beats_subnet_file_and_fresh() {
         let leases = [lease("10.244.2.0/24", OTHER), lease("10.244.3.0/24", ME)];
-        let got = choose_subnet(&small(), &leases, ME, Some(net("10.244.4.0/24")), 0).unwrap();
+        let got = choose_subnet(&small(), &leases, &[], ME, Some(net("10.244.4.0/24")), 0).unwrap();
         assert_eq!(got, Reuse::OwnLease(net("10.244.3.0/24")));
         assert_eq!(got.subnet(), net("10.244.3.0/24"));
     }
@@ -338,23 +346,23 @@ mod tests {
         // Our old lease is outside SubnetMin..SubnetMax: not reused, and a wrong-length one is
         // skipped in favour of a later compatible one.
         let leases = [lease("10.244.9.0/24", ME), lease("10.244.1.0/24", OTHER)];
-        let got = choose_subnet(&small(), &leases, ME, Some(net("10.244.4.0/24")), 0).unwrap();
+        let got = choose_subnet(&small(), &leases, &[], ME, Some(net("10.244.4.0/24")), 0).unwrap();
         assert_eq!(got, Reuse::FromSubnetFile(net("10.244.4.0/24")));
 
         let leases = [lease("10.244.2.0/25", ME), lease("10.244.3.0/24", ME)];
-        let got = choose_subnet(&small(), &leases, ME, None, 0).unwrap();
+        let got = choose_subnet(&small(), &leases, &[], ME, None, 0).unwrap();
         assert_eq!(got, Reuse::OwnLease(net("10.244.3.0/24")));
 
         // An own /25 that no longer fits still blocks the /24 around it.
         let leases = [lease("10.244.1.0/25", ME)];
-        let got = choose_subnet(&small(), &leases, ME, None, 0).unwrap();
+        let got = choose_subnet(&small(), &leases, &[], ME, None, 0).unwrap();
         assert_eq!(got, Reuse::Fresh(net("10.244.2.0/24")));
     }
 
     #[test]
     fn subnet_file_beats_fresh() {
         let leases = [lease("10.244.1.0/24", OTHER)];
-        let got = choose_subnet(&small(), &leases, ME, Some(net("10.244.3.0/24")), 0).unwrap();
+        let got = choose_subnet(&small(), &leases, &[], ME, Some(net("10.244.3.0/24")), 0).unwrap();
         assert_eq!(got, Reuse::FromSubnetFile(net("10.244.3.0/24")));
     }
 
@@ -362,18 +370,18 @@ mod tests {
     fn subnet_file_taken_or_invalid_falls_back_to_fresh() {
         // Leased by someone else.
         let leases = [lease("10.244.3.0/24", OTHER)];
-        let got = choose_subnet(&small(), &leases, ME, Some(net("10.244.3.0/24")), 0).unwrap();
+        let got = choose_subnet(&small(), &leases, &[], ME, Some(net("10.244.3.0/24")), 0).unwrap();
         assert_eq!(got, Reuse::Fresh(net("10.244.1.0/24")));
         // Overlapped by someone else's lease of a different length.
         let leases = [lease("10.244.3.128/25", OTHER)];
-        let got = choose_subnet(&small(), &leases, ME, Some(net("10.244.3.0/24")), 0).unwrap();
+        let got = choose_subnet(&small(), &leases, &[], ME, Some(net("10.244.3.0/24")), 0).unwrap();
         assert_eq!(got, Reuse::Fresh(net("10.244.1.0/24")));
         let leases = [lease("10.244.0.0/22", OTHER)];
-        let got = choose_subnet(&small(), &leases, ME, Some(net("10.244.3.0/24")), 0).unwrap();
+        let got = choose_subnet(&small(), &leases, &[], ME, Some(net("10.244.3.0/24")), 0).unwrap();
         assert_eq!(got, Reuse::Fresh(net("10.244.4.0/24")));
         // Outside SubnetMin..SubnetMax, or the wrong length.
         for file in ["10.244.9.0/24", "10.244.0.0/24", "10.244.3.0/25"] {
-            let got = choose_subnet(&small(), &[], ME, Some(net(file)), 0).unwrap();
+            let got = choose_subnet(&small(), &[], &[], ME, Some(net(file)), 0).unwrap();
             assert_eq!(got, Reuse::Fresh(net("10.244.1.0/24")), "{file}");
         }
     }
@@ -387,12 +395,12 @@ mod tests {
             net("10.244.4.0/24"),
         ];
         for seed in 0..9u64 {
-            let got = choose_subnet(&small(), &leases, ME, None, seed).unwrap();
+            let got = choose_subnet(&small(), &leases, &[], ME, None, seed).unwrap();
             let expected = free[usize::try_from(seed % 3).unwrap()];
             assert_eq!(got, Reuse::Fresh(expected), "seed {seed}");
         }
         assert_eq!(
-            choose_subnet(&small(), &leases, ME, None, u64::MAX).unwrap(),
+            choose_subnet(&small(), &leases, &[], ME, None, u64::MAX).unwrap(),
             Reuse::Fresh(free[usize::try_from(u64::MAX % 3).unwrap()])
         );
     }
@@ -404,11 +412,11 @@ mod tests {
             lease("10.244.2.0/23", OTHER),
             lease("10.244.0.0/28", OTHER),
         ];
-        let got = choose_subnet(&small(), &leases, ME, None, 0).unwrap();
+        let got = choose_subnet(&small(), &leases, &[], ME, None, 0).unwrap();
         assert_eq!(got, Reuse::Fresh(net("10.244.4.0/24")));
         // A lease outside the range does not matter.
         let leases = [lease("10.245.0.0/16", OTHER)];
-        let got = choose_subnet(&small(), &leases, ME, None, 3).unwrap();
+        let got = choose_subnet(&small(), &leases, &[], ME, None, 3).unwrap();
         assert_eq!(got, Reuse::Fresh(net("10.244.4.0/24")));
     }
 
@@ -420,7 +428,8 @@ mod tests {
             lease("10.244.3.0/24", Ipv4Addr::new(198, 18, 0, 4)),
             lease("10.244.4.0/24", Ipv4Addr::new(198, 18, 0, 5)),
         ];
-        let e = choose_subnet(&small(), &leases, ME, Some(net("10.244.2.0/24")), 7).unwrap_err();
+        let e =
+            choose_subnet(&small(), &leases, &[], ME, Some(net("10.244.2.0/24")), 7).unwrap_err();
         assert_eq!(
             e,
             AllocError::Exhausted {
@@ -437,7 +446,31 @@ mod tests {
         );
         // One big lease covering the whole range exhausts it too.
         let leases = [lease("10.244.0.0/16", OTHER)];
-        assert!(choose_subnet(&small(), &leases, ME, None, 0).is_err());
+        assert!(choose_subnet(&small(), &leases, &[], ME, None, 0).is_err());
+    }
+
+    #[test]
+    fn unusable_keys_keep_their_subnets_taken() {
+        // 10.244.2.0/24 and 10.244.3.0/24 are held by keys whose values cannot be read: neither
+        // the subnet file nor any seed may hand them out.
+        let leases = [lease("10.244.1.0/24", OTHER)];
+        let unusable = [net("10.244.2.0/24"), net("10.244.3.0/24")];
+        let got = choose_subnet(
+            &small(),
+            &leases,
+            &unusable,
+            ME,
+            Some(net("10.244.2.0/24")),
+            0,
+        )
+        .unwrap();
+        assert_eq!(got, Reuse::Fresh(net("10.244.4.0/24")));
+        for seed in 0..16 {
+            let got = choose_subnet(&small(), &leases, &unusable, ME, None, seed).unwrap();
+            assert_eq!(got, Reuse::Fresh(net("10.244.4.0/24")), "seed {seed}");
+        }
+        let all = [unusable[0], unusable[1], net("10.244.4.0/24")];
+        assert!(choose_subnet(&small(), &leases, &all, ME, None, 0).is_err());
     }
 
     #[test]
@@ -446,17 +479,17 @@ mod tests {
         assert_eq!(c.backend, Backend::HostGw);
         // 10.0.1.0 .. 10.0.100.0 are the first 100 free; seed 100 wraps to index 0.
         assert_eq!(
-            choose_subnet(&c, &[], ME, None, 99).unwrap(),
+            choose_subnet(&c, &[], &[], ME, None, 99).unwrap(),
             Reuse::Fresh(net("10.0.100.0/24"))
         );
         assert_eq!(
-            choose_subnet(&c, &[], ME, None, 100).unwrap(),
+            choose_subnet(&c, &[], &[], ME, None, 100).unwrap(),
             Reuse::Fresh(net("10.0.1.0/24"))
         );
         // Taken ranges are skipped over, including a huge one.
         let leases = [lease("10.0.0.0/9", OTHER), lease("10.128.0.0/24", OTHER)];
         assert_eq!(
-            choose_subnet(&c, &leases, ME, None, 0).unwrap(),
+            choose_subnet(&c, &leases, &[], ME, None, 0).unwrap(),
             Reuse::Fresh(net("10.128.1.0/24"))
         );
     }
@@ -472,7 +505,7 @@ mod tests {
             .collect();
         assert_eq!(leases.len(), 65_534);
         assert_eq!(
-            choose_subnet(&c, &leases, ME, None, 12345).unwrap(),
+            choose_subnet(&c, &leases, &[], ME, None, 12345).unwrap(),
             Reuse::Fresh(hole)
         );
     }

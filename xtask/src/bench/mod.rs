@@ -11,11 +11,11 @@
 #[cfg(feature = "fixtures")]
 mod converge;
 #[cfg(feature = "fixtures")]
-mod report;
+pub mod report;
 #[cfg(feature = "fixtures")]
-mod scale;
+pub mod scale;
 #[cfg(feature = "fixtures")]
-mod suite;
+pub mod suite;
 #[cfg(feature = "fixtures")]
 pub mod tools;
 #[cfg(feature = "fixtures")]

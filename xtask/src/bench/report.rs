@@ -423,6 +423,12 @@ fn markdown(r: &Results, kind: &str, svg_rel: &str, json_rel: &str) -> String {
             let _ = writeln!(o, "- {}", n.lines().next().unwrap_or(""));
         }
     }
+    // The control-plane section comes from `cargo xtask chaos`, a run of
+    // its own: kept from its latest JSON, so this run does not erase it.
+    if let Some(chaos) = crate::chaos::latest_section() {
+        o.push('\n');
+        o.push_str(&chaos);
+    }
     o.push_str("\n## Commands\n\n```sh\ncargo xtask setup                        # once\ncargo xtask bench                        # builds node-agent, then the full run (< 30 min); writes this file\ncargo xtask bench --quick                # < 3 min, for development; writes target/bench-quick/\n```\n\nWhat the bench runs inside the namespaces (`ip netns exec <ns> ...`):\n\n```sh\niperf3 -s -B <container B> -p 5201                        # in container B, one per mode\niperf3 -c <container B> -p 5201 -t <T> -P 1 -J -A 0,1    # and -P 4; Gbit/s = end.sum_received\nxtask udpsink --bind <B>:9000 --max-secs <T+10> --idle-ms 500\nxtask udpgen --dst <B>:9000 --secs <T> --threads 2 --size 64   # sendmmsg, one socket per core\nxtask rr-server --bind <B>:9001 --max-secs <T+15>\nxtask rr-client --dst <B>:9001 --secs <T>                # 1-byte TCP request/response, TCP_NODELAY\n```\n");
     o
 }

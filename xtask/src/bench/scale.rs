@@ -23,7 +23,8 @@ const COST_SIZES: &[usize] = &[10, 1_000, 10_000, 100_000];
 /// A /8 split into /25s holds 131072 subnets: room for 100k leases (a /24
 /// split of a /8 has only 65536).
 const SCALE_PREFIX_LEN: u8 = 25;
-const SCALE_CONFIG: &str = r#"{"Network":"10.0.0.0/8","SubnetLen":25,"Backend":{"Type":"vxlan"}}"#;
+pub const SCALE_CONFIG: &str =
+    r#"{"Network":"10.0.0.0/8","SubnetLen":25,"Backend":{"Type":"vxlan"}}"#;
 const LOAD_TIMEOUT: Duration = Duration::from_secs(60);
 /// A full-MTU inner packet: the container MTU (1450) is what fits the
 /// underlay's 1500 with the 50-byte VXLAN overhead.
@@ -48,7 +49,7 @@ impl Cost {
 }
 
 /// A fake remote node: its subnet, PublicIP and VtepMAC.
-type Fake = (Ipv4Net, Ipv4Addr, [u8; 6]);
+pub type Fake = (Ipv4Net, Ipv4Addr, [u8; 6]);
 
 /// The `i`-th fake remote node: a /25 in 10.0.0.0/8 (from 10.0.1.0 up,
 /// well below 10.244.0.0/16), a PublicIP in 198.18.1.0 .. 198.19.255.255
@@ -67,7 +68,7 @@ fn fake(i: usize) -> Fake {
 }
 
 /// The etcd key and value of `f`'s lease, as its agent would write them.
-fn lease_of(cluster: &Cluster, f: &Fake) -> (String, String) {
+pub fn lease_of(cluster: &Cluster, f: &Fake) -> (String, String) {
     let lease = LeaseAttrs {
         public_ip: f.1,
         backend_type: "vxlan".to_owned(),
@@ -229,17 +230,8 @@ pub fn run(plan: &Plan, plain: Option<&ModeEnv<'_>>, out: &mut ScaleResults) -> 
     let _iperf = traffic::iperf_server(cb.ns(), cb.ip())?;
     let taken: BTreeSet<Ipv4Net> = [env_a.subnet, env_b.subnet].into();
 
-    // The fake nodes, skipping any subnet a real host happened to lease.
     let max = plan.scale_sizes.iter().copied().max().unwrap_or(0);
-    let mut fakes = Vec::with_capacity(max);
-    let mut i = 0;
-    while fakes.len() < max {
-        let f = fake(i);
-        i += 1;
-        if !taken.contains(&f.0) {
-            fakes.push(f);
-        }
-    }
+    let fakes = fakes_avoiding(max, &taken);
 
     let first = plan.scale_sizes.first().copied().unwrap_or(0);
     let last = max;
@@ -339,6 +331,16 @@ pub fn run(plan: &Plan, plain: Option<&ModeEnv<'_>>, out: &mut ScaleResults) -> 
         let _ = ns.ip(&["route", "flush", "proto", "static"]);
     }
     Ok(())
+}
+
+/// `n` fake remote nodes, skipping any subnet in `taken` (the ones real
+/// hosts happened to lease).
+pub fn fakes_avoiding(n: usize, taken: &BTreeSet<Ipv4Net>) -> Vec<Fake> {
+    (0..)
+        .map(fake)
+        .filter(|f| !taken.contains(&f.0))
+        .take(n)
+        .collect()
 }
 
 /// Installs one kernel route per fake subnet via the plain-routing peer,
