@@ -22,6 +22,7 @@ use crate::{
         Backend, KeyLayout, LeaseAttrs, NetworkConfig, SubnetEnv, VxlanLeaseData, flannel_mtu,
         subnet_env,
     },
+    flannel_takeover::{self, Adoption},
     ipip_slow_path,
     lease_manager::LeaseManager,
     netconf::{self, ClusterRoute, HostNetworking, IfaceChoice},
@@ -98,6 +99,17 @@ pub struct RunSettings {
         value_parser = parse_mark
     )]
     pub decap_mark: u32,
+    /// On a node flanneld ran on, remove its devices, routes and iptables
+    /// chains once weft's data path forwards (false: leave them to remove
+    /// by hand; see the README's "Migrating from flannel").
+    #[arg(
+        long,
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub flannel_takeover: bool,
 }
 
 /// A firewall mark, in decimal or `0x` hex as iptables and nft print them.
@@ -177,8 +189,10 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
             vtep_mac: iface.mac,
         }),
     };
+    let flannel = flannel_takeover::detect_logged(&nl, cfg.network, iface.ifindex).await;
+    let lease_attrs = flannel_takeover::adopted_attrs(&attrs, &flannel);
     let file_subnet = read_subnet_file(&s.subnet_file);
-    let mut leases = LeaseManager::new(client.clone(), keys.clone(), attrs.clone());
+    let mut leases = LeaseManager::new(client.clone(), keys.clone(), lease_attrs.clone());
     let held = {
         let mut delay = RETRY_MIN;
         loop {
@@ -207,6 +221,7 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
         held.subnet,
         &iface.addrs,
         &endpoint_ips(&s.etcd.etcd_endpoints),
+        &flannel.routes,
     )
     .await
     .context("refusing to install the cluster route")?;
@@ -288,7 +303,10 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
     // host-gw receives plain packets: no decap hook at all. On a veth an XDP
     // program would even turn TSO off on the peer, for nothing.
     let decap_mode = (decap != 0).then_some(s.decap_mode);
-    let hook = dp.attach(&iface.name, decap_mode)?;
+    let hook = dp.attach(
+        &iface.name,
+        flannel_takeover::early_decap(&flannel, decap_mode),
+    )?;
     dp.attach_slow_path(
         PROG_SLOWPATH_RX_TC,
         slow_path.map(|(_, fresh)| (netconf::SLOW_PATH_DEVICE, fresh)),
@@ -329,6 +347,17 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
     let table = PeerTable::new(&cfg, held.subnet, public_ip, iface.addrs.clone());
     let peer_maps = dp.take_peer_maps()?;
     let (peer_ips, peer_ips_rx) = tokio::sync::watch::channel(BTreeSet::new());
+    let adoption = Adoption {
+        nl: nl.clone(),
+        state: flannel,
+        remove: s.flannel_takeover,
+        pin_path: s.pin_path.clone(),
+        attrs: attrs.clone(),
+        acquired_with: lease_attrs,
+        datapath: dp,
+        iface: iface.name.clone(),
+        decap: decap_mode,
+    };
     let watcher = PeerWatcher::new(
         client,
         keys,
@@ -344,7 +373,7 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
         err = watcher.run() => {
             Err(anyhow::Error::new(err)).context("stopping: this node no longer holds its subnet lease; restart the agent to lease again")
         }
-        r = leases.keep_renewed(held) => r.context("subnet lease"),
+        r = flannel_takeover::adopt_then_renew(leases, held, adoption) => r.context("subnet lease"),
         () = drain_bpf_logs(logger) => bail!("BPF log reader stopped"),
         e = run_ipip_slow_path(ipip_slow_path) => {
             Err(anyhow::Error::new(e)).context("the IP-in-IP slow path's raw socket failed")
@@ -678,8 +707,8 @@ pub fn status(pin_path: &Path, json: bool) -> anyhow::Result<()> {
 /// Removes what `run` created: the cluster route and its neighbour entry,
 /// the peers' managed neighbour entries, weft's firewall rules, every pin
 /// (which detaches the programs), the slow-path device, and the subnet
-/// file.
-pub async fn cleanup(pin_path: &Path, subnet_file: &Path) -> anyhow::Result<()> {
+/// file (unless `None`).
+pub async fn cleanup(pin_path: &Path, subnet_file: Option<&Path>) -> anyhow::Result<()> {
     let pinned_cfg = if PinnedState::exists(pin_path) {
         PinnedState::open(pin_path)?.node_config()?
     } else {
@@ -720,6 +749,9 @@ pub async fn cleanup(pin_path: &Path, subnet_file: &Path) -> anyhow::Result<()> 
             "slow-path device removed"
         );
     }
+    let Some(subnet_file) = subnet_file else {
+        return Ok(());
+    };
     match std::fs::remove_file(subnet_file) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
             Err(e).with_context(|| format!("removing {}", subnet_file.display()))

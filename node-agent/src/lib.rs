@@ -20,6 +20,7 @@ pub mod docker_opts;
 pub mod ebpf;
 pub mod etcd;
 pub mod flannel;
+pub mod flannel_takeover;
 pub mod ipip_slow_path;
 pub mod lease_manager;
 pub mod netconf;

@@ -48,6 +48,10 @@ enum Command {
         pin_path: PathBuf,
         #[arg(long, default_value = subnet_env::DEFAULT_PATH)]
         subnet_file: PathBuf,
+        /// Leave the subnet file: flanneld, started before the cleanup
+        /// when rolling a node back to it, has written its own there.
+        #[arg(long)]
+        keep_subnet_file: bool,
     },
 }
 
@@ -89,7 +93,8 @@ async fn run_command(command: Command) -> anyhow::Result<()> {
         Command::Cleanup {
             pin_path,
             subnet_file,
-        } => agent::cleanup(&pin_path, &subnet_file).await,
+            keep_subnet_file,
+        } => agent::cleanup(&pin_path, (!keep_subnet_file).then_some(&*subnet_file)).await,
     }
 }
 
