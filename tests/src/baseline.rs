@@ -176,6 +176,25 @@ fn bridge_in(ns: &str, args: &[&str]) -> Result<String> {
     process::run(cmd)
 }
 
+/// `ip route <verb>` of flanneld's vxlan route to `subnet`: via its first
+/// address on flannel.1, onlink.
+fn vxlan_route(ns: &str, verb: &str, subnet: Ipv4Net) -> Result<String> {
+    let (dst, gw) = (subnet.to_string(), subnet.network().to_string());
+    ip_in(
+        ns,
+        &[
+            "route",
+            verb,
+            &dst,
+            "via",
+            &gw,
+            "dev",
+            FLANNEL_DEVICE,
+            "onlink",
+        ],
+    )
+}
+
 /// flanneld's `handleSubnetEvents` for an added (or changed) lease of
 /// another node, in namespace `ns`: vxlan replaces the fdb entry for the
 /// VtepMAC, the neighbour entry for `<subnet>.0` and the onlink route (the
@@ -236,19 +255,7 @@ fn lease_added(
                     "permanent",
                 ],
             )?;
-            ip_in(
-                ns,
-                &[
-                    "route",
-                    "replace",
-                    &dst,
-                    "via",
-                    &gw,
-                    "dev",
-                    FLANNEL_DEVICE,
-                    "onlink",
-                ],
-            )?;
+            vxlan_route(ns, "replace", subnet)?;
         }
     }
     Ok(())
@@ -292,19 +299,7 @@ fn lease_removed(
                     ],
                 ));
             }
-            r.push(ip_in(
-                ns,
-                &[
-                    "route",
-                    "del",
-                    &dst,
-                    "via",
-                    &gw,
-                    "dev",
-                    FLANNEL_DEVICE,
-                    "onlink",
-                ],
-            ));
+            r.push(vxlan_route(ns, "del", subnet));
             r
         }
     };
