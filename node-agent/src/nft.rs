@@ -1028,6 +1028,27 @@ mod tests {
     }
 
     #[test]
+    fn a_jump_is_read_from_the_rule_expressions_and_an_accept_is_none() {
+        // `-j FLANNEL-FWD` as iptables-nft encodes it: an immediate verdict
+        // NFT_JUMP (-3) naming the chain.
+        let mut jump = Vec::new();
+        Attrs { buf: &mut jump }.expr("immediate", |d| {
+            d.be32(NFTA_IMMEDIATE_DREG, NFT_REG_VERDICT);
+            d.nested(NFTA_IMMEDIATE_DATA, |data| {
+                data.nested(NFTA_DATA_VERDICT, |v| {
+                    v.be32(NFTA_VERDICT_CODE, -3_i32 as u32);
+                    v.string(NFTA_VERDICT_CHAIN, "FLANNEL-FWD");
+                });
+            });
+        });
+        assert_eq!(decode_jump(&jump).as_deref(), Some("FLANNEL-FWD"));
+        let mut accept = Vec::new();
+        encode_expressions(&mut Attrs { buf: &mut accept }, &plan().forward_rules()[0]);
+        assert_eq!(decode_jump(&accept), None);
+        assert_eq!(decode_jump(&[1, 2, 3]), None);
+    }
+
+    #[test]
     fn attributes_are_aligned_and_nested_lengths_cover_their_children() {
         let msg = message(
             nft_type(NFT_MSG_NEWRULE),
