@@ -189,7 +189,8 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
             vtep_mac: iface.mac,
         }),
     };
-    let flannel = flannel_takeover::detect_logged(&nl, cfg.network, iface.ifindex).await;
+    let flannel =
+        flannel_takeover::detect_logged(&nl, &mut client, &keys, cfg.network, iface.ifindex).await;
     let lease_attrs = flannel_takeover::adopted_attrs(&attrs, &flannel);
     let file_subnet = read_subnet_file(&s.subnet_file);
     let mut leases = LeaseManager::new(client.clone(), keys.clone(), lease_attrs.clone());

@@ -16,16 +16,18 @@
 
 use std::{
     collections::BTreeSet,
+    net::Ipv4Addr,
     path::PathBuf,
     time::{Duration, Instant},
 };
 
+use etcd_client::Client;
 use ipnet::Ipv4Net;
 
 use crate::{
     datapath::{Datapath, DatapathError, DecapMode},
-    flannel::LeaseAttrs,
-    lease_manager::{Acquired, LeaseError, LeaseManager},
+    flannel::{KeyLayout, LeaseAttrs},
+    lease_manager::{Acquired, LeaseError, LeaseManager, list_leases},
     netlink::{Link, ListedRoute, Netlink, NetlinkError, Route, RtNetlink},
     nft::{Nft, NftError},
     pinned::{PinnedError, PinnedState},
@@ -143,10 +145,63 @@ pub async fn detect(
     })
 }
 
-/// [`detect`], with what it finds logged once; a failure is logged and
-/// counts as nothing found (the agent then starts as on a fresh node).
-pub async fn detect_logged(nl: &impl Netlink, network: Ipv4Net, underlay: u32) -> FlannelState {
-    match detect(nl, network, underlay).await {
+/// Keeps of `routes` those through a flannel device (`devices`) and those
+/// via the PublicIP that the lease for their subnet names (`leases`): a
+/// route someone else added inside the network is not flannel's to remove
+/// (the capture check then refuses it, as on any node).
+pub fn confirmed_by_leases(
+    routes: Vec<ListedRoute>,
+    devices: &[u32],
+    leases: &[(Ipv4Net, Ipv4Addr)],
+) -> Vec<ListedRoute> {
+    routes
+        .into_iter()
+        .filter(|r| {
+            r.ifindex.is_some_and(|i| devices.contains(&i))
+                || leases.contains(&(r.dst, r.gateway.unwrap_or(Ipv4Addr::UNSPECIFIED)))
+        })
+        .collect()
+}
+
+/// [`detect`], with routes via the underlay checked against the leases in
+/// etcd ([`confirmed_by_leases`]) and what it finds logged once; a failure
+/// is logged and counts as nothing found (the agent then starts as on a
+/// fresh node).
+pub async fn detect_logged(
+    nl: &impl Netlink,
+    client: &mut Client,
+    keys: &KeyLayout,
+    network: Ipv4Net,
+    underlay: u32,
+) -> FlannelState {
+    let detected = detect(nl, network, underlay).await;
+    let confirmed = match detected {
+        Ok(mut state) => {
+            let devices: Vec<u32> = state.devices.iter().map(|d| d.index).collect();
+            // Only a node with routes via the underlay pays for a listing.
+            if state
+                .routes
+                .iter()
+                .any(|r| r.ifindex.is_none_or(|i| !devices.contains(&i)))
+            {
+                let leases = match list_leases(client, keys).await {
+                    Ok(listing) => listing
+                        .leases
+                        .iter()
+                        .map(|l| (l.subnet, l.attrs.public_ip))
+                        .collect(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot list leases to tell flannel's host-gw routes; leaving them alone");
+                        Vec::new()
+                    }
+                };
+                state.routes = confirmed_by_leases(state.routes, &devices, &leases);
+            }
+            Ok(state)
+        }
+        Err(e) => Err(e),
+    };
+    match confirmed {
         Ok(state) => {
             if !state.is_empty() {
                 tracing::info!(
@@ -402,6 +457,32 @@ mod tests {
         assert_eq!(
             flannel_routes(&routes, network, eth0, &[]),
             routes[1..2].to_vec()
+        );
+    }
+
+    #[test]
+    fn underlay_routes_are_flannels_only_via_their_leases_public_ip() {
+        let (eth0, flannel1) = (2, 5);
+        let routes = vec![
+            route("10.244.2.0/24", Some("10.244.2.0"), flannel1, true),
+            route("10.244.3.0/24", Some("198.18.0.3"), eth0, false),
+            // An admin's route, or one to a subnet leased by another node.
+            route("10.244.4.0/24", Some("198.18.0.9"), eth0, false),
+            route("10.244.5.0/24", Some("198.18.0.5"), eth0, false),
+        ];
+        let leases = [
+            (
+                "10.244.3.0/24".parse().unwrap(),
+                "198.18.0.3".parse().unwrap(),
+            ),
+            (
+                "10.244.5.0/24".parse().unwrap(),
+                "198.18.0.6".parse().unwrap(),
+            ),
+        ];
+        assert_eq!(
+            confirmed_by_leases(routes.clone(), &[flannel1], &leases),
+            routes[..2].to_vec()
         );
     }
 
