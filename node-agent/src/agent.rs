@@ -23,6 +23,7 @@ use crate::{
         Backend, KeyLayout, LeaseAttrs, NetworkConfig, SubnetEnv, VxlanLeaseData, datapath_mtu,
         flannel_mtu, subnet_env, underlay_mtu,
     },
+    flannel_takeover::{self, Adoption},
     ipip_slow_path,
     lease_manager::LeaseManager,
     netconf::{self, ClusterRoute, HostNetworking, IfaceChoice},
@@ -123,6 +124,19 @@ pub struct RunSettings {
         value_parser = parse_mark
     )]
     pub decap_mark: u32,
+    /// On a node flanneld ran on, remove its devices, routes and iptables
+    /// chains once weft's data path forwards (false: leave them to remove
+    /// by hand; see the README's "Migrating from flannel").
+    #[arg(
+        long,
+        env = "WEFT_FLANNEL_TAKEOVER",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        value_parser = go_bool
+    )]
+    pub flannel_takeover: bool,
 }
 
 impl RunSettings {
@@ -296,8 +310,11 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
             vtep_mac: iface.mac,
         }),
     };
+    let flannel =
+        flannel_takeover::detect_logged(&nl, &mut client, &keys, cfg.network, iface.ifindex).await;
+    let lease_attrs = flannel_takeover::adopted_attrs(&attrs, &flannel);
     let file_subnet = read_subnet_file(&s.subnet_file);
-    let mut leases = LeaseManager::new(client.clone(), keys.clone(), attrs.clone());
+    let mut leases = LeaseManager::new(client.clone(), keys.clone(), lease_attrs.clone());
     let held = {
         let mut delay = RETRY_MIN;
         loop {
@@ -338,6 +355,7 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
         held.subnet,
         &iface.addrs,
         &endpoint_ips(&s.etcd.etcd_endpoints),
+        &flannel.routes,
     )
     .await
     .context("refusing to install the cluster route")?;
@@ -420,7 +438,10 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
     // host-gw receives plain packets: no decap hook at all. On a veth an XDP
     // program would even turn TSO off on the peer, for nothing.
     let decap_mode = (decap != 0).then_some(s.decap_mode);
-    let hook = dp.attach(&iface.name, decap_mode)?;
+    let hook = dp.attach(
+        &iface.name,
+        flannel_takeover::early_decap(&flannel, decap_mode),
+    )?;
     dp.attach_slow_path(
         PROG_SLOWPATH_RX_TC,
         slow_path.map(|(_, fresh)| (netconf::SLOW_PATH_DEVICE, fresh)),
@@ -466,6 +487,20 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
     let table = PeerTable::new(&cfg, held.subnet, public_ip, iface.addrs.clone());
     let peer_maps = dp.take_peer_maps()?;
     let (peer_ips, peer_ips_rx) = tokio::sync::watch::channel(BTreeSet::new());
+    // Shared by the interface follower and the flannel take-over (which
+    // attaches a decap hook it held back); neither holds it across a wait.
+    let dp = std::sync::Arc::new(tokio::sync::Mutex::new(dp));
+    let adoption = Adoption {
+        nl: nl.clone(),
+        state: flannel,
+        remove: s.flannel_takeover,
+        pin_path: s.pin_path.clone(),
+        attrs: attrs.clone(),
+        acquired_with: lease_attrs,
+        datapath: dp.clone(),
+        iface: iface.name.clone(),
+        decap: decap_mode,
+    };
     let watcher = PeerWatcher::new(
         client,
         keys,
@@ -482,12 +517,13 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
         err = watcher.run() => {
             Err(anyhow::Error::new(err)).context("stopping: this node no longer holds its subnet lease; restart the agent to lease again")
         }
-        r = leases.keep_renewed(held) => r.context("subnet lease"),
+        r = flannel_takeover::adopt_then_renew(leases, held, adoption) => r.context("subnet lease"),
         () = drain_bpf_logs(logger) => bail!("BPF log reader stopped"),
         () = follow_iface(
-            &mut dp,
+            &dp,
             &nl,
             node_config,
+            &cfg.backend,
             &iface.name,
             decap_mode,
             slow_path.and(vxlan).map(|v| netconf::slow_path_device(v.port, iface.mtu)),
@@ -552,10 +588,15 @@ const SLOW_PATH_CHECK: Duration = Duration::from_secs(5);
 /// device this run set up) is created again and its program attached. A
 /// failure (the interface gone again, not ready) is logged once and
 /// retried.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the run's fixed facts, each used once; a struct would only rename them"
+)]
 async fn follow_iface(
-    dp: &mut Datapath,
+    dp: &tokio::sync::Mutex<Datapath>,
     nl: &RtNetlink,
     mut cfg: NodeConfig,
+    backend: &Backend,
     iface: &str,
     decap: Option<DecapMode>,
     slow_path: Option<ExternalVxlan>,
@@ -580,14 +621,14 @@ async fn follow_iface(
                     return std::future::pending().await;
                 };
                 cfg.iface_ifindex = link.index;
-                cfg.iface_mtu = link.mtu;
+                cfg.iface_mtu = datapath_mtu(link.mtu, backend);
                 cfg.iface_mac = link.mac;
                 pending = Some(link);
-                reattach(dp, &cfg, iface, decap)
+                reattach(&mut *dp.lock().await, &cfg, iface, decap)
             }
-            () = retry => reattach(dp, &cfg, iface, decap),
+            () = retry => reattach(&mut *dp.lock().await, &cfg, iface, decap),
             _ = check.tick(), if slow_path.is_some() => {
-                match recreate_slow_path(dp, nl, &mut cfg, slow_path.as_ref()).await {
+                match recreate_slow_path(&mut *dp.lock().await, nl, &mut cfg, slow_path.as_ref()).await {
                     // Not an --iface failure: that one stays pending.
                     Ok(()) if pending.is_some() => continue,
                     other => other,
@@ -1168,8 +1209,12 @@ pub async fn status(pin_path: &Path, state_file: &Path, json: bool) -> anyhow::R
 /// Removes what `run` created: the cluster route and its neighbour entry,
 /// the peers' managed neighbour entries, weft's firewall rules, every pin
 /// (which detaches the programs), the slow-path device, the subnet file
-/// and the state file.
-pub async fn cleanup(pin_path: &Path, subnet_file: &Path, state_file: &Path) -> anyhow::Result<()> {
+/// (unless `None`) and the state file.
+pub async fn cleanup(
+    pin_path: &Path,
+    subnet_file: Option<&Path>,
+    state_file: &Path,
+) -> anyhow::Result<()> {
     // Pins of another version are removed all the same; only the route
     // needs NODE_CONFIG, and is left if it cannot be read.
     let pinned_cfg = if PinnedState::exists(pin_path) {
@@ -1219,7 +1264,7 @@ pub async fn cleanup(pin_path: &Path, subnet_file: &Path, state_file: &Path) -> 
             "slow-path device removed"
         );
     }
-    for file in [subnet_file, state_file] {
+    for file in [subnet_file, Some(state_file)].into_iter().flatten() {
         match std::fs::remove_file(file) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 return Err(e).with_context(|| format!("removing {}", file.display()));

@@ -171,6 +171,16 @@ impl Datapath {
         decap: Option<DecapMode>,
     ) -> Result<Option<DecapHook>, DatapathError> {
         self.attach_tc(PROG_ENCAP_TC, iface, TcAttachType::Egress)?;
+        self.attach_decap(iface, decap)
+    }
+
+    /// The decap half of [`Self::attach`], on its own for a hook attached
+    /// later than encap (a node taken over from flanneld).
+    pub fn attach_decap(
+        &mut self,
+        iface: &str,
+        decap: Option<DecapMode>,
+    ) -> Result<Option<DecapHook>, DatapathError> {
         let hook = match decap {
             None => None,
             Some(DecapMode::Xdp) => {

@@ -477,6 +477,7 @@ async fn routes(
         local,
         &iface.addrs,
         &endpoint_ips(&s.etcd.etcd_endpoints),
+        &[],
     )
     .await
     {

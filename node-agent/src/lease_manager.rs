@@ -406,6 +406,55 @@ impl LeaseManager {
         Err(LeaseError::Contended(ACQUIRE_ATTEMPTS, me))
     }
 
+    /// Replaces the attributes this node publishes in its held lease (a
+    /// node taken over from flanneld gets weft's VtepMAC), under the etcd
+    /// lease it already has; renewals write them from now on. Conditional
+    /// on the key being unchanged since read, and still this node's.
+    pub async fn publish(&mut self, held: &Acquired, attrs: LeaseAttrs) -> Result<(), LeaseError> {
+        self.attrs = attrs;
+        let key = self.keys.subnet_key(held.subnet);
+        let resp = self.client.get(key.as_str(), None).await?;
+        let Some(kv) = resp.kvs().first() else {
+            return Err(LeaseError::Lost(
+                held.etcd_lease,
+                held.subnet,
+                "nobody (deleted)".to_owned(),
+            ));
+        };
+        match parse_kv(&self.keys, kv.key(), kv.value()) {
+            Ok((_, a)) if a.public_ip == self.attrs.public_ip => {}
+            Ok((_, a)) => {
+                return Err(LeaseError::Lost(
+                    held.etcd_lease,
+                    held.subnet,
+                    format!("node {}", a.public_ip),
+                ));
+            }
+            Err((_, why)) => {
+                return Err(LeaseError::Lost(
+                    held.etcd_lease,
+                    held.subnet,
+                    format!("an unreadable value ({why})"),
+                ));
+            }
+        }
+        let opts = (kv.lease() != 0).then(|| PutOptions::new().with_lease(kv.lease()));
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                key.as_str(),
+                CompareOp::Equal,
+                kv.mod_revision(),
+            )])
+            .and_then([TxnOp::put(key.as_str(), self.attrs.to_json(), opts)]);
+        if self.client.txn(txn).await?.succeeded() {
+            Ok(())
+        } else {
+            Err(LeaseError::Etcd(etcd_client::Error::InvalidArgs(
+                "subnet key changed while publishing".to_owned(),
+            )))
+        }
+    }
+
     async fn grant(&mut self) -> Result<i64, LeaseError> {
         Ok(self
             .client

@@ -28,6 +28,7 @@ pub mod doctor;
 pub mod ebpf;
 pub mod etcd;
 pub mod flannel;
+pub mod flannel_takeover;
 pub mod ipip_slow_path;
 pub mod layout;
 pub mod lease_manager;

@@ -66,6 +66,10 @@ enum Command {
         subnet_file: PathBuf,
         #[arg(long, env = "WEFT_STATE_FILE", default_value = agent_state::DEFAULT_STATE_FILE)]
         state_file: PathBuf,
+        /// Leave the subnet file: flanneld, started before the cleanup
+        /// when rolling a node back to it, has written its own there.
+        #[arg(long)]
+        keep_subnet_file: bool,
     },
 }
 
@@ -130,7 +134,15 @@ async fn run_command(command: Command) -> anyhow::Result<()> {
             pin_path,
             subnet_file,
             state_file,
-        } => agent::cleanup(&pin_path, &subnet_file, &state_file).await,
+            keep_subnet_file,
+        } => {
+            agent::cleanup(
+                &pin_path,
+                (!keep_subnet_file).then_some(&*subnet_file),
+                &state_file,
+            )
+            .await
+        }
     }
 }
 

@@ -9,8 +9,8 @@ use std::{collections::BTreeSet, fs, net::Ipv4Addr, time::Duration};
 use ipnet::Ipv4Net;
 
 use crate::netlink::{
-    ExternalVxlan, Link, Neighbour, NeighbourKind, Netlink, NetlinkError, NetlinkEvent,
-    NetlinkEvents, Route,
+    ExternalVxlan, Link, ListedRoute, Neighbour, NeighbourKind, Netlink, NetlinkError,
+    NetlinkEvent, NetlinkEvents, Route,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -270,14 +270,15 @@ impl ClusterRoute {
 /// gateway, or any route already in the main table that overlaps it (an
 /// underlay route, or another route to the same prefix, which installing
 /// with `replace` would silently overwrite). Skipped: the cluster route
-/// itself (a restart) and routes inside this node's subnet (its container
-/// bridge's).
+/// itself (a restart), routes inside this node's subnet (its container
+/// bridge's) and `adopted`, flanneld's routes, which the agent replaces.
 pub async fn check_network_capture(
     nl: &impl Netlink,
     route: &ClusterRoute,
     local_subnet: Ipv4Net,
     iface_addrs: &[Ipv4Net],
     etcd: &[Ipv4Addr],
+    adopted: &[ListedRoute],
 ) -> Result<(), NetconfError> {
     let network = route.network;
     let captures = |what: String| NetconfError::NetworkCaptures { network, what };
@@ -289,7 +290,7 @@ pub async fn check_network_capture(
     }
     let ours = route.route();
     for r in nl.routes().await? {
-        if r.is(&ours) || local_subnet.contains(&r.dst) {
+        if r.is(&ours) || local_subnet.contains(&r.dst) || adopted.contains(&r) {
             continue;
         }
         let via = match (r.gateway, r.ifindex) {
@@ -694,7 +695,7 @@ mod tests {
     use std::{cell::RefCell, collections::BTreeMap};
 
     use super::*;
-    use crate::netlink::{ListedRoute, NeighbourEntry, VxlanLink, VxlanParams};
+    use crate::netlink::{NeighbourEntry, VxlanLink, VxlanParams};
 
     /// The kernel's tables as a fake netlink sees them: enough state to
     /// check what the logic above installs, deletes and puts back.
@@ -1193,6 +1194,7 @@ mod tests {
                 net("10.244.5.0/24"),
                 addrs,
                 etcd,
+                &[],
             ))
         };
         let underlay = [net("198.18.0.1/24")];
@@ -1216,6 +1218,16 @@ mod tests {
         let mut routed = eth0();
         routed.foreign_routes = vec![foreign("10.244.77.0/24", Some("198.18.0.254"))];
         assert!(captured(&routed, &underlay, &[]).contains("10.244.77.0/24 via 198.18.0.254"));
+        // The same route found as flanneld's (host-gw) is the agent's to replace.
+        block_on(check_network_capture(
+            &routed,
+            &cluster_route(),
+            net("10.244.5.0/24"),
+            &underlay,
+            &[],
+            &routed.foreign_routes,
+        ))
+        .expect("flannel's routes are adopted, not refused");
         let mut wider = eth0();
         wider.foreign_routes = vec![foreign("10.0.0.0/8", Some("198.18.0.254"))];
         assert!(captured(&wider, &underlay, &[]).contains("10.0.0.0/8"));

@@ -149,6 +149,8 @@ pub struct Repairs {
 pub struct ListedRule {
     pub handle: u64,
     pub comment: Option<String>,
+    /// The chain a `jump`/`goto` verdict of the rule names, if any.
+    pub jump: Option<String>,
 }
 
 /// weft's rules in the kernel, as `node-agent status` shows them.
@@ -293,6 +295,7 @@ const NFT_MSG_GETTABLE: u16 = 1;
 const NFT_MSG_DELTABLE: u16 = 2;
 const NFT_MSG_NEWCHAIN: u16 = 3;
 const NFT_MSG_GETCHAIN: u16 = 4;
+const NFT_MSG_DELCHAIN: u16 = 5;
 const NFT_MSG_NEWRULE: u16 = 6;
 const NFT_MSG_GETRULE: u16 = 7;
 const NFT_MSG_DELRULE: u16 = 8;
@@ -338,6 +341,7 @@ const NFT_CMP_NEQ: u32 = 1;
 const NFTA_DATA_VALUE: u16 = 1;
 const NFTA_DATA_VERDICT: u16 = 2;
 const NFTA_VERDICT_CODE: u16 = 1;
+const NFTA_VERDICT_CHAIN: u16 = 2;
 const NFTA_IMMEDIATE_DREG: u16 = 1;
 const NFTA_IMMEDIATE_DATA: u16 = 2;
 const NFTA_MASQ_FLAGS: u16 = 1;
@@ -513,6 +517,37 @@ fn decode_comment(udata: &[u8]) -> Option<String> {
     None
 }
 
+/// The chain a rule's `immediate` verdict (jump or goto) names, found in
+/// its NFTA_RULE_EXPRESSIONS payload.
+fn decode_jump(expressions: &[u8]) -> Option<String> {
+    attributes(expressions)
+        .filter(|(ty, _)| *ty == NFTA_LIST_ELEM)
+        .find_map(|(_, elem)| {
+            let mut name = None;
+            let mut data = None;
+            for (ty, payload) in attributes(elem) {
+                match ty {
+                    NFTA_EXPR_NAME => name = Some(payload),
+                    NFTA_EXPR_DATA => data = Some(payload),
+                    _ => {}
+                }
+            }
+            if name? != b"immediate\0" {
+                return None;
+            }
+            let value = attributes(data?)
+                .find(|(ty, _)| *ty == NFTA_IMMEDIATE_DATA)?
+                .1;
+            let verdict = attributes(value)
+                .find(|(ty, _)| *ty == NFTA_DATA_VERDICT)?
+                .1;
+            let chain = attributes(verdict)
+                .find(|(ty, _)| *ty == NFTA_VERDICT_CHAIN)?
+                .1;
+            Some(String::from_utf8_lossy(chain.strip_suffix(&[0]).unwrap_or(chain)).into_owned())
+        })
+}
+
 /// A transaction: the kernel applies all of it or none of it.
 struct Batch {
     messages: Vec<Vec<u8>>,
@@ -555,6 +590,13 @@ impl Batch {
             });
             a.be32(NFTA_CHAIN_POLICY, NF_ACCEPT as u32);
             a.string(NFTA_CHAIN_TYPE, "nat");
+        });
+    }
+
+    fn del_chain(&mut self, table: &str, chain: &str) {
+        self.push(NFT_MSG_DELCHAIN, 0, |a| {
+            a.string(NFTA_CHAIN_TABLE, table);
+            a.string(NFTA_CHAIN_NAME, chain);
         });
     }
 
@@ -775,6 +817,7 @@ impl Nft {
                 .ok_or(NftError::Malformed { op: "list rules" })?;
             let mut handle = None;
             let mut comment = None;
+            let mut jump = None;
             let mut in_chain = true;
             for (ty, payload) in attributes(attrs) {
                 match ty {
@@ -782,6 +825,7 @@ impl Nft {
                         handle = payload.try_into().ok().map(u64::from_be_bytes);
                     }
                     NFTA_RULE_USERDATA => comment = decode_comment(payload),
+                    NFTA_RULE_EXPRESSIONS => jump = decode_jump(payload),
                     // Older kernels ignore the dump filter: check it here.
                     NFTA_RULE_TABLE => {
                         in_chain &= payload.strip_suffix(&[0]) == Some(table.as_bytes())
@@ -796,10 +840,92 @@ impl Nft {
                 rules.push(ListedRule {
                     handle: handle.ok_or(NftError::Malformed { op: "list rules" })?,
                     comment,
+                    jump,
                 });
             }
         }
         Ok(rules)
+    }
+
+    /// The names of the chains in `table ip <table>`; empty when the table
+    /// does not exist.
+    pub fn chains(&mut self, table: &str) -> Result<Vec<String>, NftError> {
+        if !self.table_exists(table)? {
+            return Ok(Vec::new());
+        }
+        let msg = message(
+            nft_type(NFT_MSG_GETCHAIN),
+            NLM_F_REQUEST | NLM_F_DUMP,
+            NFPROTO_IPV4,
+            0,
+            |a| a.string(NFTA_CHAIN_TABLE, table),
+        );
+        let mut chains = Vec::new();
+        for reply in self.request(msg, true, "list chains")? {
+            let attrs = reply
+                .get(NFGENMSG_LEN..)
+                .ok_or(NftError::Malformed { op: "list chains" })?;
+            let text =
+                |p: &[u8]| String::from_utf8_lossy(p.strip_suffix(&[0]).unwrap_or(p)).into_owned();
+            let mut name = None;
+            let mut in_table = true;
+            for (ty, payload) in attributes(attrs) {
+                match ty {
+                    NFTA_CHAIN_NAME => name = Some(text(payload)),
+                    // Older kernels ignore the dump filter: check it here.
+                    NFTA_CHAIN_TABLE => in_table &= text(payload) == table,
+                    _ => {}
+                }
+            }
+            if in_table && let Some(name) = name {
+                chains.push(name);
+            }
+        }
+        Ok(chains)
+    }
+
+    /// Removes, in one transaction, every chain of `table ip <table>` whose
+    /// name starts with `prefix` (its rules go with it) and every rule of
+    /// the table's other chains that jumps to one of them. Returns the
+    /// chains removed and how many jumps to them.
+    pub fn remove_chains_with_prefix(
+        &mut self,
+        table: &str,
+        prefix: &str,
+    ) -> Result<(Vec<String>, usize), NftError> {
+        let (doomed, others): (Vec<String>, Vec<String>) = self
+            .chains(table)?
+            .into_iter()
+            .partition(|c| c.starts_with(prefix));
+        if doomed.is_empty() {
+            return Ok((doomed, 0));
+        }
+        let mut batch = Batch::new();
+        let mut jumps = 0;
+        for chain in &others {
+            for rule in self.list_rules(table, chain)? {
+                if rule
+                    .jump
+                    .as_deref()
+                    .is_some_and(|j| doomed.iter().any(|d| d == j))
+                {
+                    batch.del_rule(table, chain, rule.handle);
+                    jumps += 1;
+                }
+            }
+        }
+        // A chain is deleted with its rules once nothing jumps to it; jumps
+        // between the doomed chains go with their own chain.
+        for chain in &doomed {
+            for rule in self.list_rules(table, chain)? {
+                batch.del_rule(table, chain, rule.handle);
+            }
+        }
+        for chain in &doomed {
+            batch.del_chain(table, chain);
+        }
+        self.send_batch(batch, "removing chains")?;
+        Ok((doomed, jumps))
     }
 
     /// Sends a transaction and waits for every message's acknowledgement.
@@ -902,6 +1028,27 @@ mod tests {
     }
 
     #[test]
+    fn a_jump_is_read_from_the_rule_expressions_and_an_accept_is_none() {
+        // `-j FLANNEL-FWD` as iptables-nft encodes it: an immediate verdict
+        // NFT_JUMP (-3) naming the chain.
+        let mut jump = Vec::new();
+        Attrs { buf: &mut jump }.expr("immediate", |d| {
+            d.be32(NFTA_IMMEDIATE_DREG, NFT_REG_VERDICT);
+            d.nested(NFTA_IMMEDIATE_DATA, |data| {
+                data.nested(NFTA_DATA_VERDICT, |v| {
+                    v.be32(NFTA_VERDICT_CODE, -3_i32 as u32);
+                    v.string(NFTA_VERDICT_CHAIN, "FLANNEL-FWD");
+                });
+            });
+        });
+        assert_eq!(decode_jump(&jump).as_deref(), Some("FLANNEL-FWD"));
+        let mut accept = Vec::new();
+        encode_expressions(&mut Attrs { buf: &mut accept }, &plan().forward_rules()[0]);
+        assert_eq!(decode_jump(&accept), None);
+        assert_eq!(decode_jump(&[1, 2, 3]), None);
+    }
+
+    #[test]
     fn attributes_are_aligned_and_nested_lengths_cover_their_children() {
         let msg = message(
             nft_type(NFT_MSG_NEWRULE),
@@ -998,6 +1145,7 @@ mod tests {
                 .map(|(i, c)| ListedRule {
                     handle: i as u64,
                     comment: Some((*c).to_owned()),
+                    jump: None,
                 })
                 .collect()
         };
@@ -1007,11 +1155,13 @@ mod tests {
         assert!(!comments_match(&listed(&[exact[1], exact[0]]), &want));
         assert!(!is_ours(&ListedRule {
             handle: 1,
-            comment: Some("docker".to_owned())
+            comment: Some("docker".to_owned()),
+            jump: None,
         }));
         assert!(!is_ours(&ListedRule {
             handle: 1,
-            comment: None
+            comment: None,
+            jump: None,
         }));
     }
 }

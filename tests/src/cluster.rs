@@ -1174,8 +1174,18 @@ exec "$@""#;
     /// Runs `node-agent cleanup` for this host's pin path, subnet and state
     /// files, inside its namespace (cleanup detaches from its devices there).
     pub fn agent_cleanup(&self) -> Result<()> {
+        self.agent_cleanup_with(&[])
+    }
+
+    /// [`Self::agent_cleanup`] with `--keep-subnet-file`: the last step of
+    /// a rollback to flanneld, which has written its own.
+    pub fn agent_cleanup_keeping_subnet_file(&self) -> Result<()> {
+        self.agent_cleanup_with(&["--keep-subnet-file"])
+    }
+
+    fn agent_cleanup_with(&self, extra: &[&str]) -> Result<()> {
         let binary = crate::node_agent_binary()?;
-        let cmd = self.ns.command_keep_mounts(&[
+        let mut cmd = self.ns.command_keep_mounts(&[
             &binary.to_string_lossy(),
             "cleanup",
             "--pin-path",
@@ -1185,6 +1195,7 @@ exec "$@""#;
             "--state-file",
             &self.state_file.to_string_lossy(),
         ]);
+        cmd.args(extra);
         process::run_timeout(cmd, AGENT_CLEANUP_TIMEOUT)
             .with_context(|| format!("host {}: node-agent cleanup", self.index))?;
         Ok(())

@@ -436,6 +436,20 @@ impl Etcd {
         self.get_json(&["get", "-w", "json", "--prefix", "--", prefix])
     }
 
+    /// [`Self::get_prefix`] and the store's revision it was read at: watch
+    /// from the next one ([`Self::watch_prefix`]) and no change is missed.
+    pub fn get_prefix_at(&self, prefix: &str) -> Result<(i64, Vec<(String, String)>)> {
+        let args = ["get", "-w", "json", "--prefix", "--", prefix];
+        let out = self
+            .ctl(&args)
+            .with_context(|| format!("etcdctl {}", args.join(" ")))?;
+        let v: Value = serde_json::from_str(&out).context("etcdctl get printed no JSON")?;
+        let revision = v["header"]["revision"]
+            .as_i64()
+            .with_context(|| format!("no revision in {out:?}"))?;
+        Ok((revision, parse_get_json(&out)?))
+    }
+
     /// Deletes `key`; returns how many keys were deleted (0 or 1).
     pub fn del(&self, key: &str) -> Result<u64> {
         let out = self
@@ -444,6 +458,15 @@ impl Etcd {
         out.trim()
             .parse()
             .with_context(|| format!("etcdctl del printed {out:?}"))
+    }
+
+    /// Starts `etcdctl watch --prefix prefix -w json --rev from`: read its
+    /// stdout (see [`Background::take_stdout`]) line by line with
+    /// [`parse_watch_json`]. It runs until dropped.
+    pub fn watch_prefix(&self, prefix: &str, from: i64) -> Result<Background> {
+        let rev = format!("--rev={from}");
+        // No `--`: etcdctl's watch counts it as an argument.
+        Background::spawn(self.etcdctl(&["watch", "--prefix", "-w", "json", &rev, prefix]))
     }
 
     fn get_json(&self, args: &[&str]) -> Result<Vec<(String, String)>> {
@@ -458,6 +481,40 @@ impl Drop for Etcd {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// One change a watch reported: a put (`value` set) or a delete.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WatchEvent {
+    pub key: String,
+    pub value: Option<String>,
+}
+
+/// Parses one line of `etcdctl watch -w json`: a watch response whose
+/// `Events` carry base64 keys and values; `type` 1 is a delete (a put
+/// has no `type`, protobuf's zero value).
+pub fn parse_watch_json(line: &str) -> Result<Vec<WatchEvent>> {
+    let v: Value = serde_json::from_str(line).context("not JSON")?;
+    let Some(events) = v.get("Events").and_then(Value::as_array) else {
+        return Ok(Vec::new());
+    };
+    let text = |b64: &str| -> Result<String> {
+        String::from_utf8(base64_decode(b64)?).context("not UTF-8")
+    };
+    events
+        .iter()
+        .map(|e| {
+            let kv = e.get("kv").context("event without kv")?;
+            let key = text(kv.get("key").and_then(Value::as_str).context("no key")?)?;
+            let delete = e.get("type").and_then(Value::as_u64) == Some(1);
+            let value = if delete {
+                None
+            } else {
+                Some(text(kv.get("value").and_then(Value::as_str).unwrap_or(""))?)
+            };
+            Ok(WatchEvent { key, value })
+        })
+        .collect()
 }
 
 /// Parses `etcdctl get -w json`: keys and values are base64 in `kvs`, which
@@ -540,6 +597,30 @@ mod tests {
             vec![("/a".into(), "1".into()), ("/b".into(), String::new())]
         );
         assert!(parse_get_json(r#"{"header":{}}"#)?.is_empty());
+        Ok(())
+    }
+
+    #[test]
+    fn parses_etcdctl_watch_json() -> Result<()> {
+        // As etcdctl 3.4 printed a put of /a/x = hello, then its delete.
+        let put = r#"{"Header":{"revision":2},"Events":[{"kv":{"key":"L2EveA==","create_revision":2,"mod_revision":2,"version":1,"value":"aGVsbG8="}}],"CompactRevision":0,"Canceled":false,"Created":false}"#;
+        let del = r#"{"Header":{"revision":3},"Events":[{"type":1,"kv":{"key":"L2EveA==","mod_revision":3}}],"CompactRevision":0,"Canceled":false,"Created":false}"#;
+        assert_eq!(
+            parse_watch_json(put)?,
+            vec![WatchEvent {
+                key: "/a/x".into(),
+                value: Some("hello".into())
+            }]
+        );
+        assert_eq!(
+            parse_watch_json(del)?,
+            vec![WatchEvent {
+                key: "/a/x".into(),
+                value: None
+            }]
+        );
+        assert!(parse_watch_json(r#"{"Header":{},"Created":true}"#)?.is_empty());
+        assert!(parse_watch_json("not json").is_err());
         Ok(())
     }
 }

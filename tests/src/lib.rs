@@ -31,7 +31,7 @@ pub use cluster::{
     CONVERGE, Cluster, Container, Host, RECONCILED, Reconciliation, SWITCH_IP, Signal,
     SubnetEnvExt, TransferStats, switch_port, tcp_transfer, wait_full_mesh, wait_routes,
 };
-pub use etcd::{AGENT_PASSWORD, AGENT_USER, Etcd, EtcdSecurity};
+pub use etcd::{AGENT_PASSWORD, AGENT_USER, Etcd, EtcdSecurity, WatchEvent, parse_watch_json};
 pub use netns::{Capture, Netns, capture};
 /// The subnet file, as the agent's own `flannel` module reads and writes it.
 pub use node_agent::flannel::SubnetEnv;

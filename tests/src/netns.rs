@@ -145,9 +145,7 @@ impl Netns {
 
     /// `ip -n <ns> args...`: cheaper than `ip netns exec <ns> ip ...`.
     pub fn ip(&self, args: &[&str]) -> Result<String> {
-        let mut cmd = Command::new("ip");
-        cmd.args(["-n", &self.name]).args(args);
-        process::run(cmd)
+        ip_in(&self.name, args)
     }
 
     /// Starts `args` in the namespace in the background with stdout and
@@ -437,6 +435,14 @@ pub fn capture(
 }
 
 /// `ip netns exec <ns> args...` for a namespace known by name.
+/// `ip -n <ns> args...` for namespace `ns` by name: [`Netns::ip`] for code
+/// that holds no [`Netns`] (a fixture's background thread).
+pub(crate) fn ip_in(ns: &str, args: &[&str]) -> Result<String> {
+    let mut cmd = Command::new("ip");
+    cmd.args(["-n", ns]).args(args);
+    process::run(cmd)
+}
+
 pub(crate) fn command_in(ns: &str, args: &[&str]) -> Command {
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", ns]).args(args);

@@ -239,6 +239,12 @@ impl Background {
         &self.desc
     }
 
+    /// The child's piped stdout, to read as it runs (started with
+    /// [`Self::spawn`]); `None` the second time.
+    pub fn take_stdout(&mut self) -> Option<std::process::ChildStdout> {
+        self.child.as_mut()?.stdout.take()
+    }
+
     /// The child's pid, until it is finished.
     pub fn id(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)

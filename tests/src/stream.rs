@@ -11,7 +11,8 @@ use anyhow::{Context, Result, ensure};
 use crate::cluster::{Container, python3};
 use crate::process::Background;
 
-const STREAM_PORT: &str = "7788";
+/// The port [`UdpStream::start`] sends to.
+pub const STREAM_PORT: u16 = 7788;
 
 /// argv: bind address, port, seconds to listen. Prints the number of
 /// distinct sequence numbers received.
@@ -85,21 +86,30 @@ impl UdpStream {
         pps: u32,
         duration: Duration,
     ) -> Result<Self> {
+        Self::start_on_port(src, dst, STREAM_PORT, pps, duration)
+    }
+
+    /// [`Self::start`] to UDP `port`: several streams into one container
+    /// each need their own.
+    pub fn start_on_port(
+        src: &Container<'_>,
+        dst: &Container<'_>,
+        port: u16,
+        pps: u32,
+        duration: Duration,
+    ) -> Result<Self> {
         ensure!(pps > 0, "a stream needs a rate");
+        let port = port.to_string();
         let python = python3();
         // The receiver listens past the sender's end, for the last packets.
         let listen = (duration + Duration::from_secs(2))
             .as_secs_f64()
             .to_string();
         let dst_ip = dst.ip().to_string();
-        let receiver = Background::spawn(dst.ns().command(&[
-            python,
-            "-c",
-            RECEIVER,
-            &dst_ip,
-            STREAM_PORT,
-            &listen,
-        ]))?;
+        let receiver = Background::spawn(
+            dst.ns()
+                .command(&[python, "-c", RECEIVER, &dst_ip, &port, &listen]),
+        )?;
         // Give the receiver time to bind.
         std::thread::sleep(Duration::from_millis(300));
         let packets = u64::from(pps) * duration.as_secs().max(1);
@@ -108,7 +118,7 @@ impl UdpStream {
             "-c",
             SENDER,
             &dst_ip,
-            STREAM_PORT,
+            &port,
             &pps.to_string(),
             &packets.to_string(),
         ]))?;

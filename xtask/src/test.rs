@@ -44,7 +44,7 @@ pub fn run(_: &Args) -> Result<()> {
         quick_build: true,
     })?;
     step(
-        "weft-tests: fixture unit tests, BPF_PROG_TEST_RUN, end-to-end, flannel parity (environment, interface choice, doctor) and CNI plugin (podman) tests, one at a time",
+        "weft-tests: fixture unit tests, BPF_PROG_TEST_RUN, end-to-end, flannel parity (environment, interface choice, doctor), migration from flannel and CNI plugin (podman) tests, one at a time",
     );
     let mut e2e = cargo();
     e2e.args([

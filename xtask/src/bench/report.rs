@@ -736,11 +736,37 @@ fn write_reports(r: &Results, json_name: &str) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     std::fs::write(&svg_path, svg(r)).with_context(|| format!("writing {}", svg_path.display()))?;
-    std::fs::write(&md_path, markdown(r, kind, &svg_rel, &json_rel))
-        .with_context(|| format!("writing {}", md_path.display()))?;
+    let old = std::fs::read_to_string(&md_path).ok();
+    let text = keep_migration_section(old.as_deref(), markdown(r, kind, &svg_rel, &json_rel));
+    std::fs::write(&md_path, text).with_context(|| format!("writing {}", md_path.display()))?;
     println!("==> wrote {}", md_path.display());
     println!("==> wrote {}", svg_path.display());
     Ok(())
+}
+
+/// Starts the section of BENCHMARKS.md that no bench run measures: the
+/// packets lost per migration from flannel and per rollback, recorded from
+/// `tests/tests/migration.rs`. A re-render keeps it, from this marker to
+/// the next such marker (another kept section) or the end.
+const MIGRATION_MARKER: &str = "<!-- kept by xtask bench: migration from flannel -->";
+const KEPT_PREFIX: &str = "<!-- kept by xtask bench";
+
+/// `new` with the migration section of `old` (the file being replaced)
+/// appended, if it had one.
+fn keep_migration_section(old: Option<&str>, mut new: String) -> String {
+    let Some(start) = old.and_then(|o| o.find(MIGRATION_MARKER).map(|i| &o[i..])) else {
+        return new;
+    };
+    let end = start[MIGRATION_MARKER.len()..]
+        .find(KEPT_PREFIX)
+        .map_or(start.len(), |i| i + MIGRATION_MARKER.len());
+    if !new.ends_with('\n') {
+        new.push('\n');
+    }
+    new.push('\n');
+    new.push_str(start[..end].trim_end());
+    new.push('\n');
+    new
 }
 
 fn floats(v: &Value) -> Vec<f64> {
@@ -893,4 +919,31 @@ pub fn rerender(path: &std::path::Path) -> Result<()> {
         .map(|n| n.to_string_lossy().into_owned())
         .context("JSON path without a file name")?;
     write_reports(&r, &json_name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rerender_keeps_the_migration_section_and_nothing_else_of_the_old_file() {
+        let old = format!(
+            "# old results\n\n{MIGRATION_MARKER}\n## Migrating from flannel\nlost 0\n\n<!-- kept by xtask bench: other -->\nother\n"
+        );
+        let new = keep_migration_section(Some(&old), "# new results\n".to_owned());
+        assert_eq!(
+            new,
+            format!("# new results\n\n{MIGRATION_MARKER}\n## Migrating from flannel\nlost 0\n")
+        );
+        // Kept again on the next re-render, once.
+        assert_eq!(
+            keep_migration_section(Some(&new), "# new results\n".to_owned()),
+            new
+        );
+        assert_eq!(keep_migration_section(None, "x\n".to_owned()), "x\n");
+        assert_eq!(
+            keep_migration_section(Some("no marker"), "x\n".to_owned()),
+            "x\n"
+        );
+    }
 }
