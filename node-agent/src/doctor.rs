@@ -14,6 +14,7 @@ use crate::{
     agent::{RunSettings, endpoint_ips},
     datapath::DecapMode,
     flannel::{Backend, KeyLayout, NetworkConfig, SubnetEnv, flannel_mtu, underlay_mtu},
+    flannel_takeover,
     netconf::{self, ClusterRoute, IfaceChoice, Interface},
     netlink::{Netlink, RtNetlink},
 };
@@ -471,13 +472,29 @@ async fn routes(
     let local = env
         .map(|e| e.subnet)
         .unwrap_or_else(|| Ipv4Net::from(cfg.network.network()));
+    // On a flannel node not yet migrated, the routes through flannel's own
+    // device are what `run` takes over, not a conflict. (Its host-gw routes
+    // are taken over only once the leases confirm them, which doctor does
+    // not list, so they are still reported.)
+    let flannel_device_routes: Vec<_> =
+        match flannel_takeover::detect(nl, cfg.network, iface.ifindex).await {
+            Ok(state) => {
+                let devices: Vec<u32> = state.devices.iter().map(|d| d.index).collect();
+                state
+                    .routes
+                    .into_iter()
+                    .filter(|r| r.ifindex.is_some_and(|i| devices.contains(&i)))
+                    .collect()
+            }
+            Err(_) => Vec::new(),
+        };
     match netconf::check_network_capture(
         nl,
         &route,
         local,
         &iface.addrs,
         &endpoint_ips(&s.etcd.etcd_endpoints),
-        &[],
+        &flannel_device_routes,
     )
     .await
     {

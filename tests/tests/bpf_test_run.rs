@@ -883,20 +883,6 @@ fn slow_path_rx_drops_frames_without_tunnel_metadata() -> Result<()> {
     Ok(())
 }
 
-/// Runs bpftool, which makes maps of old layouts for the upgrade tests.
-fn bpftool(args: &[&str]) -> Result<()> {
-    let out = std::process::Command::new("bpftool")
-        .args(args)
-        .output()
-        .context("running bpftool (needed to make an old-layout map)")?;
-    ensure!(
-        out.status.success(),
-        "bpftool {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
-
 #[test]
 fn counters_of_the_old_per_reason_layout_are_replaced_on_load() -> Result<()> {
     require_root()?;
@@ -904,23 +890,15 @@ fn counters_of_the_old_per_reason_layout_are_replaced_on_load() -> Result<()> {
     let pins = PinDir::new()?;
     // What an agent from before the per-program counters pinned: a per-CPU
     // array of one u64 per reason.
-    let old = pins.path().join(MAP_COUNTERS);
-    let count = Reason::COUNT.to_string();
-    bpftool(&[
-        "map",
-        "create",
-        &old.to_string_lossy(),
-        "type",
-        "percpu_array",
-        "key",
-        "4",
-        "value",
-        "8",
-        "entries",
-        &count,
-        "name",
-        "COUNTERS",
-    ])?;
+    let old = weft_tests::old_pins::OldMap {
+        name: MAP_COUNTERS,
+        kind: "percpu_array",
+        key: 4,
+        value: 8,
+        entries: Reason::COUNT,
+        flags: 0,
+    }
+    .pin(pins.path())?;
     drop(
         node_agent::datapath::Datapath::load(pins.path(), Default::default())
             .context("old counters must not stop the agent from loading")?,
