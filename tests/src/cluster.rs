@@ -1437,6 +1437,18 @@ pub fn wait_full_mesh(hosts: &[&Host<'_>], envs: &[&SubnetEnv]) -> Result<()> {
     Ok(())
 }
 
+/// The check named `name` in a `node-agent doctor --json` report
+/// ([`Host::doctor`]).
+pub fn doctor_check<'r>(
+    report: &'r serde_json::Value,
+    name: &str,
+) -> Result<&'r serde_json::Value> {
+    report["checks"]
+        .as_array()
+        .and_then(|checks| checks.iter().find(|c| c["name"] == name))
+        .with_context(|| format!("no {name} check in {report:#}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,8 +9,8 @@ use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 use weft_common::NodeConfig;
 use weft_tests::{
-    CONVERGE, Cluster, Host, SWITCH_IP, SubnetEnv, node_agent_binary, require_bpffs, require_root,
-    require_tools, wait_until,
+    CONVERGE, Cluster, Host, SWITCH_IP, SubnetEnv, doctor_check, node_agent_binary, require_bpffs,
+    require_root, require_tools, wait_until,
 };
 
 const CONFIG: &str =
@@ -198,16 +198,8 @@ fn unsupported_settings_and_bad_endpoints_stop_the_agent_with_the_reason() -> Re
     Ok(())
 }
 
-/// The check named `name` in a doctor report.
-fn check<'r>(report: &'r Value, name: &str) -> Result<&'r Value> {
-    report["checks"]
-        .as_array()
-        .and_then(|checks| checks.iter().find(|c| c["name"] == name))
-        .with_context(|| format!("no {name} check in {report:#}"))
-}
-
 fn status<'r>(report: &'r Value, name: &str) -> Result<&'r str> {
-    check(report, name)?["status"]
+    doctor_check(report, name)?["status"]
         .as_str()
         .with_context(|| format!("{name} has no status"))
 }
@@ -258,7 +250,9 @@ fn doctor_passes_on_a_good_host_and_names_planted_problems() -> Result<()> {
         status(&report, "gro")? == "warn",
         "GRO off not found: {report:#}"
     );
-    let fix = check(&report, "gro")?["fix"].as_str().unwrap_or_default();
+    let fix = doctor_check(&report, "gro")?["fix"]
+        .as_str()
+        .unwrap_or_default();
     ensure!(fix.contains("ethtool -K eth0 gro on"), "gro fix: {fix}");
     ns.run(&["ethtool", "-K", "eth0", "gro", "on"])?;
 
@@ -270,7 +264,9 @@ fn doctor_passes_on_a_good_host_and_names_planted_problems() -> Result<()> {
         "a too-wide cni0 passed: {report:#}"
     );
     ensure!(status(&report, "mtu")? == "fail", "{report:#}");
-    let fix = check(&report, "mtu")?["fix"].as_str().unwrap_or_default();
+    let fix = doctor_check(&report, "mtu")?["fix"]
+        .as_str()
+        .unwrap_or_default();
     ensure!(fix.contains("ip link set cni0 mtu 1450"), "mtu fix: {fix}");
     ns.ip(&["link", "set", "cni0", "mtu", "1450"])?;
 
@@ -284,7 +280,7 @@ fn doctor_passes_on_a_good_host_and_names_planted_problems() -> Result<()> {
     ])?;
     let (passed, report) = a.doctor(&[])?;
     ensure!(!passed, "an overlapping route passed: {report:#}");
-    let detail = check(&report, "routes")?["detail"]
+    let detail = doctor_check(&report, "routes")?["detail"]
         .as_str()
         .unwrap_or_default();
     ensure!(

@@ -89,10 +89,7 @@ fn migrate_join_and_roll_back(backend: FlannelBackend, config: &str) -> Result<(
     // doctor does not list.)
     if vxlan {
         let (_, report) = n.doctor(&[])?;
-        let routes = report["checks"]
-            .as_array()
-            .and_then(|checks| checks.iter().find(|c| c["name"] == "routes"))
-            .with_context(|| format!("no routes check in {report:#}"))?;
+        let routes = weft_tests::doctor_check(&report, "routes")?;
         ensure!(
             routes["status"] == "ok",
             "doctor on a flannel vxlan node: {routes:#}"
