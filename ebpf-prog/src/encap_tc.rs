@@ -35,7 +35,7 @@ use ebpf_prog::{
     encap::{
         OUTER_FRAG_OFF, SizeVerdict,
         ipip::{self, IpipParams},
-        outer_ip_id, size_verdict,
+        next_outer_ip_id, outer_ip_id, size_verdict,
         vxlan::{self, VxlanParams, flow_src_port, outer_tos},
     },
     headers::{ETH_HLEN, ETH_P_IP, IP_DF, IPPROTO_UDP, IPV4_HLEN, OUTER_TTL},
@@ -45,7 +45,7 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 use weft_common::{Mode, NodeConfig, Reason, RemoteNode};
 
 use crate::{
-    maps::{Limited, admit, helper_failed, node_config, remote_for},
+    maps::{Limited, OUTER_IP_IDS, admit, helper_failed, node_config, remote_for},
     packet::read_at,
 };
 
@@ -284,11 +284,25 @@ fn ipip_slow_path_tx(
     Ok(unsafe { bpf_redirect(cfg.slow_path_ifindex, 0) } as i32)
 }
 
-/// A fresh outer IP identification per packet; see [`outer_ip_id`].
+/// The outer IP identification for this packet, one per segment it will
+/// become; see [`next_outer_ip_id`].
 #[inline(always)]
-fn fresh_outer_id() -> u16 {
+fn fresh_outer_id(ctx: &TcContext) -> u16 {
     // SAFETY: helper without arguments.
-    outer_ip_id(unsafe { bpf_get_prandom_u32() })
+    let random = unsafe { bpf_get_prandom_u32() };
+    let Some(state) = OUTER_IP_IDS.get_ptr_mut(0) else {
+        // The one slot of an array always exists; still, an ID of its own.
+        return outer_ip_id(random);
+    };
+    // SAFETY: reads a field of the program's own context.
+    let segs = unsafe { (*ctx.skb.skb).gso_segs };
+    // SAFETY: this CPU's slot from a successful lookup; nothing else on
+    // this CPU runs concurrently with this program.
+    unsafe {
+        let (id, next) = next_outer_ip_id(*state, segs, random);
+        *state = next;
+        id
+    }
 }
 
 #[inline(always)]
@@ -311,7 +325,7 @@ fn push_vxlan(
         inner_l3_len,
         tos: outer_tos(ip.tos),
         frag_off: OUTER_FRAG_OFF,
-        ip_id: fresh_outer_id(),
+        ip_id: fresh_outer_id(ctx),
     });
     insert_after_l2(ctx, &headers, VXLAN_FLAGS)
 }
@@ -330,7 +344,7 @@ fn push_ipip(
         inner_l3_len,
         tos: outer_tos(ip.tos),
         frag_off: OUTER_FRAG_OFF,
-        ip_id: fresh_outer_id(),
+        ip_id: fresh_outer_id(ctx),
     });
     insert_after_l2(ctx, &header, IPIP_FLAGS)
 }

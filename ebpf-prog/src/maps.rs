@@ -34,6 +34,12 @@ static EXT_ERR: PerCpuArray<i64> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 pub static RATE_LIMITS: PerCpuArray<RateWindow> = PerCpuArray::with_max_entries(2, 0);
 
+/// Each CPU's outer IP identification counter (see
+/// `ebpf_prog::encap::next_outer_ip_id`; 0 until seeded). Not pinned: a
+/// restart seeds a new one at random.
+#[map]
+pub static OUTER_IP_IDS: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
 /// What [`admit`] limits.
 #[derive(Clone, Copy)]
 #[repr(u32)]

@@ -18,17 +18,39 @@ pub mod vxlan;
 pub const OUTER_FRAG_OFF: u16 = 0;
 const _: () = assert!(OUTER_FRAG_OFF & IP_DF == 0);
 
+/// A random outer IP identification, from a fresh random number
+/// (`bpf_get_prandom_u32`); both halves are folded in so neither half's
+/// quality alone decides. It seeds [`next_outer_ip_id`].
+#[inline(always)]
+pub fn outer_ip_id(random: u32) -> u16 {
+    (random ^ (random >> 16)) as u16
+}
+
+/// Set in a [`next_outer_ip_id`] state once it has been seeded.
+const ID_SEEDED: u32 = 1 << 16;
+
 /// Outer IP identification. With DF clear every outer packet may be
 /// fragmented, so RFC 791 / RFC 6864 section 4.1 want an ID that does not
 /// repeat between packets of the same source, destination and protocol
 /// while fragments may live; a constant would let the receiver splice
-/// fragments of different packets. `random` is a fresh per-packet random
-/// number (`bpf_get_prandom_u32`); both halves are folded in so neither
-/// half's quality alone decides. GSO super-packets get this ID on the first
-/// segment and the kernel increments it per segment (`inet_gso_segment`).
+/// fragments of different packets. The kernel keeps counters for that
+/// (`ip_select_ident`); here each CPU keeps one, `state` (0 when new),
+/// seeded at random so that CPUs and restarts start far apart. A GSO
+/// super-packet takes `segs` consecutive IDs: the kernel writes this ID into
+/// its first segment and increments it per segment (`inet_gso_segment`),
+/// so random IDs per super-packet would let the ranges of two overlap.
+/// Returns the ID and the new state.
 #[inline(always)]
-pub fn outer_ip_id(random: u32) -> u16 {
-    (random ^ (random >> 16)) as u16
+pub fn next_outer_ip_id(state: u32, segs: u32, random: u32) -> (u16, u32) {
+    let id = if state & ID_SEEDED == 0 {
+        outer_ip_id(random)
+    } else {
+        state as u16
+    };
+    // At least one ID (a packet without GSO has gso_segs 0); a count past
+    // 65535 cannot occur (GSO tops out at 64 KiB) and would only wrap.
+    let next = id.wrapping_add(segs.max(1) as u16);
+    (id, ID_SEEDED | u32::from(next))
 }
 
 /// What to do with a packet bound for a tunnel peer, given its size.
@@ -100,6 +122,40 @@ mod tests {
             })
             .collect();
         assert!(ids.len() > 240, "only {} distinct IDs", ids.len());
+    }
+
+    #[test]
+    fn outer_ids_are_consecutive_per_cpu_and_a_super_packet_takes_one_per_segment() {
+        // A new CPU seeds from the random number.
+        let (first, state) = next_outer_ip_id(0, 0, 0x0000_1234);
+        assert_eq!(first, 0x1234);
+        // The next packet follows; a 44-segment super-packet takes 44 IDs.
+        let (second, state) = next_outer_ip_id(state, 1, 0xdead_beef);
+        assert_eq!(second, 0x1235, "the seed is used once");
+        let (third, state) = next_outer_ip_id(state, 44, 0);
+        let (fourth, state) = next_outer_ip_id(state, 0, 0);
+        assert_eq!((third, fourth), (0x1236, 0x1236 + 44));
+        // It wraps, and stays seeded.
+        let (last, state) = next_outer_ip_id(ID_SEEDED | 0xffff, 1, 7);
+        assert_eq!((last, next_outer_ip_id(state, 1, 7).0), (0xffff, 0));
+        // Segments of any mix of packets never share an ID until 65536
+        // have been used.
+        let mut used = std::collections::BTreeSet::new();
+        let mut state = 0;
+        let mut total = 0u32;
+        let mut x: u32 = 0x9e37_79b9;
+        while total < 60_000 {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            let segs = x % 45;
+            let (id, next) = next_outer_ip_id(state, segs, x);
+            state = next;
+            for k in 0..segs.max(1) {
+                assert!(used.insert(id.wrapping_add(k as u16)), "ID {id}+{k} repeated");
+            }
+            total += segs.max(1);
+        }
     }
 
     #[test]
