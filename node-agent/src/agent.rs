@@ -146,6 +146,7 @@ impl RunSettings {
             ifaces: self.iface.clone(),
             regexes: self.iface_regex.clone(),
             can_reach: self.iface_can_reach,
+            public_ip: self.public_ip,
         }
     }
 }
@@ -437,7 +438,18 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
     dp.write_node_config(&node_config)?;
     // host-gw receives plain packets: no decap hook at all. On a veth an XDP
     // program would even turn TSO off on the peer, for nothing.
-    let decap_mode = (decap != 0).then_some(s.decap_mode);
+    let decap_mode = match (decap != 0).then_some(s.decap_mode) {
+        // Only the slow-path device's kernel VXLAN socket can decapsulate
+        // then: not there for ipip, nor while flannel.1 holds the port.
+        Some(DecapMode::Device) if slow_path.is_none() => {
+            tracing::warn!(
+                device = netconf::SLOW_PATH_DEVICE,
+                "--decap-mode device needs the slow-path VXLAN device (a vxlan backend, its port free); decapsulating at XDP or TC ingress instead"
+            );
+            Some(DecapMode::Auto)
+        }
+        mode => mode,
+    };
     let hook = dp.attach(
         &iface.name,
         flannel_takeover::early_decap(&flannel, decap_mode),
@@ -482,8 +494,6 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
     )
     .await
     .context("--healthz-port / --metrics-addr")?;
-    observe::notify_ready(&format!("forwarding for {}", held.subnet));
-
     let table = PeerTable::new(&cfg, held.subnet, public_ip, iface.addrs.clone());
     let peer_maps = dp.take_peer_maps()?;
     let (peer_ips, peer_ips_rx) = tokio::sync::watch::channel(BTreeSet::new());
@@ -510,7 +520,8 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
         attrs,
         peer_ips,
     )
-    .with_status(status.clone());
+    .with_status(status.clone())
+    .with_ready_notice(format!("forwarding for {}", held.subnet));
     tokio::select! {
         () = host.run(&nl, Some(events), peer_ips_rx) => bail!("host networking task stopped"),
         () = keep_firewall(&firewall, nft, Duration::from_secs(s.firewall_resync_secs)) => bail!("firewall task stopped"),

@@ -91,14 +91,21 @@ pub enum DatapathError {
     Pinned(#[from] PinnedError),
 }
 
-/// Where decapsulation runs. XDP is cheapest (before any skb exists); TC
-/// ingress works on every device, e.g. where a driver lacks XDP.
+/// Where decapsulation runs. XDP is cheapest per packet (before any skb
+/// exists); TC ingress works on every device, e.g. where a driver lacks
+/// XDP; `device` leaves it to the kernel's VXLAN socket of the slow-path
+/// device, whose GRO cells merge the inner packets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum DecapMode {
     /// XDP, falling back to TC ingress if XDP cannot attach.
     Auto,
     Xdp,
     Tc,
+    /// No program on `--iface`: the collect-metadata device `weft.vxlan`
+    /// decapsulates every VXLAN packet (UDP tunnel GSO and GRO as the
+    /// kernel's own vxlan device has them) and `weft_slowpath_rx_tc` at its
+    /// TC ingress checks and forwards each. VXLAN only.
+    Device,
 }
 
 /// Which hook decapsulation ended up on.
@@ -106,6 +113,8 @@ pub enum DecapMode {
 pub enum DecapHook {
     Xdp,
     Tc,
+    /// The slow-path device's program only (`--decap-mode device`).
+    Device,
 }
 
 /// What is fixed when the programs load (a change takes a restart, which
@@ -191,6 +200,8 @@ impl Datapath {
                 self.attach_tc(PROG_DECAP_TC, iface, TcAttachType::Ingress)?;
                 Some(DecapHook::Tc)
             }
+            // The caller attaches the slow-path device's program.
+            Some(DecapMode::Device) => Some(DecapHook::Device),
             Some(DecapMode::Auto) => match self.attach_xdp(iface) {
                 Ok(()) => Some(DecapHook::Xdp),
                 Err(xdp) => {

@@ -8,13 +8,13 @@ use std::{fs, io, net::Ipv4Addr, path::Path, time::Duration};
 
 use ipnet::Ipv4Net;
 use serde::Serialize;
-use weft_common::{PROG_DECAP_TC, PROG_DECAP_XDP};
+use weft_common::{PROG_DECAP_TC, PROG_DECAP_XDP, PROG_SLOWPATH_RX_TC};
 
 use crate::{
     agent::{RunSettings, endpoint_ips},
     datapath::DecapMode,
     flannel::{Backend, KeyLayout, NetworkConfig, SubnetEnv, flannel_mtu, underlay_mtu},
-    flannel_takeover,
+    ethtool, flannel_takeover,
     netconf::{self, ClusterRoute, IfaceChoice, Interface},
     netlink::{Netlink, RtNetlink},
 };
@@ -301,14 +301,20 @@ async fn interface(
 }
 
 fn describe_choice(choice: &IfaceChoice) -> String {
+    let mut how: Vec<String> = Vec::new();
     if !choice.ifaces.is_empty() {
-        format!("--iface {}", choice.ifaces.join(","))
-    } else if !choice.regexes.is_empty() {
-        format!("--iface-regex {}", choice.regexes.join(","))
-    } else if let Some(ip) = choice.can_reach {
-        format!("--iface-can-reach {ip}")
-    } else {
-        "the default route".to_owned()
+        how.push(format!("--iface {}", choice.ifaces.join(",")));
+    }
+    if !choice.regexes.is_empty() {
+        how.push(format!("--iface-regex {}", choice.regexes.join(",")));
+    }
+    if let Some(ip) = choice.can_reach {
+        how.push(format!("--iface-can-reach {ip}"));
+    }
+    match (how.is_empty(), choice.public_ip) {
+        (false, _) => how.join(", then "),
+        (true, Some(ip)) => format!("the address --public-ip {ip}"),
+        (true, None) => "the default route".to_owned(),
     }
 }
 
@@ -521,7 +527,15 @@ fn decap_hook(s: &RunSettings, iface: &Interface, cfg: &NetworkConfig) -> Check 
     let driver = ethtool::driver(&iface.name).unwrap_or_else(|e| format!("driver unknown: {e}"));
     let on = format!("{} ({driver})", iface.name);
     let pinned = |name: &str| s.pin_path.join(name).exists();
-    if pinned(PROG_DECAP_XDP) {
+    if s.decap_mode == DecapMode::Device && pinned(PROG_SLOWPATH_RX_TC) {
+        Check::ok(
+            NAME,
+            format!(
+                "the kernel's VXLAN socket of {} decapsulates, {PROG_SLOWPATH_RX_TC} checks each packet (--decap-mode device); no program on {on}",
+                netconf::SLOW_PATH_DEVICE
+            ),
+        )
+    } else if pinned(PROG_DECAP_XDP) {
         Check::ok(NAME, format!("XDP in native mode decapsulates on {on}"))
     } else if pinned(PROG_DECAP_TC) {
         match s.decap_mode {
@@ -548,6 +562,8 @@ fn decap_hook(s: &RunSettings, iface: &Interface, cfg: &NetworkConfig) -> Check 
                     DecapMode::Auto => "tries XDP in native mode, then TC ingress",
                     DecapMode::Xdp => "needs XDP in native mode (--decap-mode xdp)",
                     DecapMode::Tc => "uses TC ingress (--decap-mode tc)",
+                    DecapMode::Device =>
+                        "leaves it to the kernel VXLAN socket of its slow-path device (--decap-mode device)",
                 }
             ),
         )
@@ -558,7 +574,7 @@ fn decap_hook(s: &RunSettings, iface: &Interface, cfg: &NetworkConfig) -> Check 
 /// program passes a decapsulated frame nothing merges it unless it is on.
 fn gro(s: &RunSettings, iface: &Interface, cfg: &NetworkConfig) -> Check {
     const NAME: &str = "gro";
-    if cfg.backend == Backend::HostGw || s.decap_mode == DecapMode::Tc {
+    if cfg.backend == Backend::HostGw || matches!(s.decap_mode, DecapMode::Tc | DecapMode::Device) {
         return Check::ok(NAME, "no XDP decapsulation, GRO state does not matter here");
     }
     let driver = match ethtool::driver(&iface.name) {
@@ -600,96 +616,6 @@ fn forwarding() -> Check {
             "start the agent, or sysctl -w net.ipv4.ip_forward=1 if something turned it off after",
         ),
         Err(e) => Check::skip("forwarding", format!("cannot read {PATH}: {e}")),
-    }
-}
-
-/// Two ethtool queries through `SIOCETHTOOL`, answered for the caller's
-/// network namespace (sysfs would answer for whichever one mounted it).
-mod ethtool {
-    use std::{
-        ffi::CStr,
-        io,
-        os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-    };
-
-    const ETHTOOL_GDRVINFO: u32 = 0x03;
-    const ETHTOOL_GGRO: u32 = 0x2b;
-
-    /// `struct ethtool_drvinfo` (linux/ethtool.h).
-    #[repr(C)]
-    struct DrvInfo {
-        cmd: u32,
-        driver: [u8; 32],
-        version: [u8; 32],
-        fw_version: [u8; 32],
-        bus_info: [u8; 32],
-        erom_version: [u8; 32],
-        reserved2: [u8; 12],
-        n_priv_flags: u32,
-        n_stats: u32,
-        testinfo_len: u32,
-        eedump_len: u32,
-        regdump_len: u32,
-    }
-
-    /// `struct ethtool_value`.
-    #[repr(C)]
-    struct Value {
-        cmd: u32,
-        data: u32,
-    }
-
-    /// Issues `SIOCETHTOOL` for `iface` with `data` as the command buffer.
-    fn ioctl<T>(iface: &str, data: &mut T) -> io::Result<()> {
-        // SAFETY: socket(2) with constant arguments; the result is checked.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a fresh, open socket nothing else owns.
-        let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: ifreq is plain old data; all zeros is a valid value.
-        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-        let name = iface.as_bytes();
-        if name.len() >= req.ifr_name.len() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "interface name too long",
-            ));
-        }
-        for (dst, src) in req.ifr_name.iter_mut().zip(name) {
-            *dst = *src as libc::c_char;
-        }
-        req.ifr_ifru.ifru_data = (data as *mut T).cast();
-        // SAFETY: `req` names the interface and points at `data`, a live,
-        // writable buffer of the layout the command expects; both outlive
-        // the call.
-        let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCETHTOOL, &mut req) };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
-    /// The driver's name, e.g. `veth`, `virtio_net`, `mlx5_core`.
-    pub fn driver(iface: &str) -> io::Result<String> {
-        // SAFETY: DrvInfo is plain old data; all zeros is a valid value.
-        let mut info: DrvInfo = unsafe { std::mem::zeroed() };
-        info.cmd = ETHTOOL_GDRVINFO;
-        ioctl(iface, &mut info)?;
-        Ok(CStr::from_bytes_until_nul(&info.driver)
-            .map(|c| c.to_string_lossy().into_owned())
-            .unwrap_or_default())
-    }
-
-    /// Whether generic receive offload is on.
-    pub fn gro(iface: &str) -> io::Result<bool> {
-        let mut value = Value {
-            cmd: ETHTOOL_GGRO,
-            data: 0,
-        };
-        ioctl(iface, &mut value)?;
-        Ok(value.data != 0)
     }
 }
 

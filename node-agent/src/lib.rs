@@ -27,6 +27,7 @@ pub mod docker_opts;
 pub mod doctor;
 pub mod ebpf;
 pub mod etcd;
+pub mod ethtool;
 pub mod flannel;
 pub mod flannel_takeover;
 pub mod ipip_slow_path;

@@ -47,88 +47,119 @@ pub enum NetconfError {
     SlowPathDeviceMissing { name: String },
 }
 
-/// How the underlay interface is picked, as flanneld's flags do: `--iface`
-/// names or addresses in order, else `--iface-regex` patterns (matched
-/// against names, then addresses), else the interface that routes to
-/// `--iface-can-reach`, else the default route's.
+/// How the underlay interface is picked, as flanneld's flags do. With none
+/// of `--iface`, `--iface-regex` and `--iface-can-reach`: the interface
+/// holding `--public-ip` when that is given, else the default route's.
+/// Otherwise each is tried in that order and the first match wins: the
+/// `--iface` names or addresses in order, then each `--iface-regex` pattern
+/// (against addresses, then names, as flanneld's `ipmatch` does), then the
+/// interface routing to `--iface-can-reach`. flanneld tries them the same
+/// way and stops only when none matches.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct IfaceChoice {
     pub ifaces: Vec<String>,
     pub regexes: Vec<String>,
     pub can_reach: Option<Ipv4Addr>,
+    pub public_ip: Option<Ipv4Addr>,
 }
 
-/// The chosen interface, and the address that chose it (an `--iface` IP or
-/// an address a regex matched), which then defaults the PublicIP.
+impl IfaceChoice {
+    fn names_an_interface(&self) -> bool {
+        !self.ifaces.is_empty() || !self.regexes.is_empty() || self.can_reach.is_some()
+    }
+}
+
+/// The chosen interface, and the address that chose it (an `--iface` IP, an
+/// address a regex matched, or `--public-ip`), which then defaults the
+/// PublicIP.
 pub async fn choose_interface(
     nl: &impl Netlink,
     choice: &IfaceChoice,
 ) -> Result<(Interface, Option<Ipv4Addr>), NetconfError> {
-    if !choice.ifaces.is_empty() {
-        for want in &choice.ifaces {
-            if let Ok(ip) = want.parse::<Ipv4Addr>() {
-                if let Some(found) = interface_with_addr(nl, |a| a == ip).await? {
-                    return Ok((found, Some(ip)));
-                }
-            } else {
-                match Interface::lookup(nl, want).await {
-                    Ok(found) => return Ok((found, None)),
-                    Err(NetconfError::NoInterface { .. }) => {}
-                    Err(e) => return Err(e),
-                }
-            }
-        }
-        return Err(NetconfError::NoMatch {
-            tried: format!("--iface {}", choice.ifaces.join(", ")),
-        });
-    }
-    if !choice.regexes.is_empty() {
-        for pattern in &choice.regexes {
-            let re = regex::Regex::new(pattern).map_err(|source| NetconfError::BadRegex {
-                pattern: pattern.clone(),
-                source,
-            })?;
-            for link in nl.links().await? {
-                if re.is_match(&link.name) {
-                    return Ok((Interface::lookup(nl, &link.name).await?, None));
-                }
-            }
-            if let Some(found) = interface_with_addr(nl, |a| re.is_match(&a.to_string())).await? {
-                let ip = found
-                    .addrs
+    if !choice.names_an_interface() {
+        return match choice.public_ip {
+            Some(ip) => match interface_with_addr(nl, |a| a == ip).await? {
+                Some(found) => Ok((found, Some(ip))),
+                None => Err(NetconfError::NoMatch {
+                    tried: format!(
+                        "--public-ip {ip} (no interface holds it; name the underlay with --iface)"
+                    ),
+                }),
+            },
+            None => {
+                let routes = nl.routes().await?;
+                let ifindex = routes
                     .iter()
-                    .map(Ipv4Net::addr)
-                    .find(|a| re.is_match(&a.to_string()));
-                return Ok((found, ip));
+                    .find(|r| r.dst.prefix_len() == 0)
+                    .and_then(|r| r.ifindex)
+                    .ok_or(NetconfError::NoDefaultRoute)?;
+                Ok((interface_by_index(nl, ifindex).await?, None))
+            }
+        };
+    }
+    let mut tried = Vec::new();
+    for want in &choice.ifaces {
+        if let Ok(ip) = want.parse::<Ipv4Addr>() {
+            if let Some(found) = interface_with_addr(nl, |a| a == ip).await? {
+                return Ok((found, Some(ip)));
+            }
+        } else {
+            match Interface::lookup(nl, want).await {
+                Ok(found) => return Ok((found, None)),
+                Err(NetconfError::NoInterface { .. }) => {}
+                Err(e) => return Err(e),
             }
         }
-        return Err(NetconfError::NoMatch {
-            tried: format!("--iface-regex {}", choice.regexes.join(", ")),
-        });
+        tried.push(format!("--iface {want}"));
     }
-    let routes = nl.routes().await?;
-    let ifindex = match choice.can_reach {
-        Some(target) => routes
+    for pattern in &choice.regexes {
+        let re = regex::Regex::new(pattern).map_err(|source| NetconfError::BadRegex {
+            pattern: pattern.clone(),
+            source,
+        })?;
+        if let Some(found) = interface_with_addr(nl, |a| re.is_match(&a.to_string())).await? {
+            let ip = found
+                .addrs
+                .iter()
+                .map(Ipv4Net::addr)
+                .find(|a| re.is_match(&a.to_string()));
+            return Ok((found, ip));
+        }
+        for link in nl.links().await? {
+            if re.is_match(&link.name) {
+                return Ok((Interface::lookup(nl, &link.name).await?, None));
+            }
+        }
+        tried.push(format!("--iface-regex {pattern}"));
+    }
+    if let Some(target) = choice.can_reach {
+        // The longest listed prefix that holds the target: the main table's
+        // answer. flanneld asks the kernel (RTM_GETROUTE), which also
+        // follows policy rules; weft reads the table it lists.
+        let routes = nl.routes().await?;
+        let ifindex = routes
             .iter()
             .filter(|r| r.dst.contains(&target))
             .max_by_key(|r| r.dst.prefix_len())
-            .and_then(|r| r.ifindex)
-            .ok_or_else(|| NetconfError::NoMatch {
-                tried: format!("--iface-can-reach {target} (no route to it)"),
-            })?,
-        None => routes
-            .iter()
-            .find(|r| r.dst.prefix_len() == 0)
-            .and_then(|r| r.ifindex)
-            .ok_or(NetconfError::NoDefaultRoute)?,
-    };
+            .and_then(|r| r.ifindex);
+        if let Some(ifindex) = ifindex {
+            return Ok((interface_by_index(nl, ifindex).await?, None));
+        }
+        tried.push(format!("--iface-can-reach {target} (no route to it)"));
+    }
+    Err(NetconfError::NoMatch {
+        tried: tried.join(", "),
+    })
+}
+
+async fn interface_by_index(nl: &impl Netlink, ifindex: u32) -> Result<Interface, NetconfError> {
     let link = nl
         .link_by_index(ifindex)
         .await?
         .ok_or_else(|| NetconfError::NoMatch {
             tried: format!("the route's ifindex {ifindex}"),
         })?;
-    Ok((Interface::lookup(nl, &link.name).await?, None))
+    Interface::lookup(nl, &link.name).await
 }
 
 /// The first interface (by ifindex) holding an IPv4 address `matches`.
@@ -911,6 +942,121 @@ mod tests {
         assert_eq!(iface.mac, MAC);
         assert_eq!(iface.mtu, 1500);
         assert_eq!(iface.primary_ipv4().expect("primary"), ip("198.18.0.1"));
+    }
+
+    /// eth0 (index 7, the default route's) and ens5 (index 8, the route to
+    /// 198.19.0.0/16), each with one address.
+    fn two_interfaces() -> FakeNetlink {
+        let link = |index, name: &str| Link {
+            index,
+            name: name.to_owned(),
+            mac: MAC,
+            mtu: 1500,
+            up: true,
+        };
+        let route = |dst: &str, ifindex| ListedRoute {
+            dst: net(dst),
+            gateway: None,
+            ifindex: Some(ifindex),
+            table: 254,
+            onlink: false,
+            mtu: None,
+        };
+        FakeNetlink {
+            links: vec![
+                (link(7, "eth0"), vec![net("198.18.0.1/24")]),
+                (link(8, "ens5"), vec![net("198.19.1.1/24")]),
+            ],
+            foreign_routes: vec![route("0.0.0.0/0", 7), route("198.19.0.0/16", 8)],
+            ..FakeNetlink::default()
+        }
+    }
+
+    fn chosen(choice: IfaceChoice) -> Result<(String, Option<Ipv4Addr>), NetconfError> {
+        let nl = two_interfaces();
+        block_on(choose_interface(&nl, &choice)).map(|(iface, by)| (iface.name, by))
+    }
+
+    fn names(ifaces: &[&str]) -> Vec<String> {
+        ifaces.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn with_no_interface_flag_the_public_ip_or_else_the_default_route_chooses() {
+        let (name, by) = chosen(IfaceChoice::default()).expect("default route");
+        assert_eq!((name.as_str(), by), ("eth0", None));
+        let public = IfaceChoice {
+            public_ip: Some(ip("198.19.1.1")),
+            ..IfaceChoice::default()
+        };
+        let (name, by) = chosen(public).expect("--public-ip");
+        assert_eq!((name.as_str(), by), ("ens5", Some(ip("198.19.1.1"))));
+        let elsewhere = IfaceChoice {
+            public_ip: Some(ip("203.0.113.9")),
+            ..IfaceChoice::default()
+        };
+        let err = chosen(elsewhere).expect_err("no interface holds it");
+        assert!(err.to_string().contains("--public-ip 203.0.113.9"), "{err}");
+    }
+
+    #[test]
+    fn iface_then_regex_then_can_reach_each_used_when_the_one_before_matches_nothing() {
+        let by_iface = IfaceChoice {
+            ifaces: names(&["eth9", "198.19.1.1"]),
+            regexes: names(&["^eth0$"]),
+            ..IfaceChoice::default()
+        };
+        let (name, by) = chosen(by_iface).expect("--iface by address");
+        assert_eq!((name.as_str(), by), ("ens5", Some(ip("198.19.1.1"))));
+        let by_regex = IfaceChoice {
+            ifaces: names(&["eth9"]),
+            regexes: names(&["^wlan", "^ens"]),
+            can_reach: Some(ip("198.18.0.7")),
+            ..IfaceChoice::default()
+        };
+        let (name, by) = chosen(by_regex).expect("--iface-regex by name");
+        assert_eq!((name.as_str(), by), ("ens5", None));
+        let by_route = IfaceChoice {
+            ifaces: names(&["eth9"]),
+            regexes: names(&["^wlan"]),
+            can_reach: Some(ip("198.19.7.7")),
+            ..IfaceChoice::default()
+        };
+        let (name, by) = chosen(by_route).expect("--iface-can-reach");
+        assert_eq!((name.as_str(), by), ("ens5", None));
+    }
+
+    #[test]
+    fn a_regex_matches_addresses_before_names_and_nothing_matching_names_every_try() {
+        // ens5's name and eth0's address both match: the address wins, as
+        // in flanneld's ipmatch.
+        let both = IfaceChoice {
+            regexes: names(&[r"^(ens5|198\.18\.0\.1)$"]),
+            ..IfaceChoice::default()
+        };
+        let (name, by) = chosen(both).expect("a match");
+        assert_eq!((name.as_str(), by), ("eth0", Some(ip("198.18.0.1"))));
+        // Without a default route nothing reaches 203.0.113.9.
+        let nl = FakeNetlink {
+            foreign_routes: vec![],
+            ..two_interfaces()
+        };
+        let none = IfaceChoice {
+            ifaces: names(&["eth9"]),
+            regexes: names(&["^wlan"]),
+            can_reach: Some(ip("203.0.113.9")),
+            ..IfaceChoice::default()
+        };
+        let err = block_on(choose_interface(&nl, &none)).expect_err("nothing matches");
+        let text = err.to_string();
+        for part in ["--iface eth9", "--iface-regex ^wlan", "--iface-can-reach 203.0.113.9"] {
+            assert!(text.contains(part), "{text}");
+        }
+        let bad = IfaceChoice {
+            regexes: names(&["("]),
+            ..IfaceChoice::default()
+        };
+        assert!(matches!(chosen(bad), Err(NetconfError::BadRegex { .. })));
     }
 
     #[test]

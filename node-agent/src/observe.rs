@@ -528,7 +528,8 @@ fn to_text_format(openmetrics: &str) -> String {
 }
 
 /// Tells systemd (`Type=notify`) that the agent is up: leased, data path
-/// attached, route in place. Without `$NOTIFY_SOCKET` (not under systemd)
+/// attached, route in place, and the first relist of the peers done (the
+/// watcher calls it then). Without `$NOTIFY_SOCKET` (not under systemd)
 /// it does nothing; a failure is logged, never fatal.
 pub fn notify_ready(status: &str) {
     let Some(socket) = std::env::var_os("NOTIFY_SOCKET") else {

@@ -174,6 +174,9 @@ pub struct PeerWatcher<M> {
     peer_ips: watch::Sender<BTreeSet<Ipv4Addr>>,
     reported: Reported,
     status: Option<Arc<AgentStatus>>,
+    /// systemd's READY status line, sent once the first relist has filled
+    /// the peer map (`None` once sent, or when not asked for).
+    ready: Option<String>,
 }
 
 impl<M: SubnetMap> PeerWatcher<M> {
@@ -196,7 +199,16 @@ impl<M: SubnetMap> PeerWatcher<M> {
             peer_ips,
             reported: Reported::default(),
             status: None,
+            ready: None,
         }
+    }
+
+    /// Sends systemd READY=1 with `status` after the first reconcile: only
+    /// then is the node attached, routed and forwarding to every peer etcd
+    /// knows, which is what a `Type=notify` unit's dependents wait for.
+    pub fn with_ready_notice(mut self, status: String) -> Self {
+        self.ready = Some(status);
+        self
     }
 
     /// Reports sync state, reconciles and skipped leases to `status`.
@@ -298,6 +310,9 @@ impl<M: SubnetMap> PeerWatcher<M> {
         self.reported.keep_only(&unusable);
         self.report_skipped();
         agent_state::report(&self.status, AgentStatus::reconciled);
+        if let Some(ready) = self.ready.take() {
+            crate::observe::notify_ready(&ready);
+        }
         for e in &report.map_errors {
             tracing::error!(error = %e, "cannot update the peer map");
         }

@@ -179,6 +179,24 @@ impl Cluster {
         Ok(())
     }
 
+    /// The etcd member an agent's watch stream is on, from etcd's own gauge
+    /// of watchers per member (agents connect to every member; a watch
+    /// stream sits on one). `None` if no member reports one.
+    pub fn etcd_member_watched(&self) -> Option<u8> {
+        const SCRIPT: &str = "import sys, urllib.request\nfor l in urllib.request.urlopen(sys.argv[1] + '/metrics', timeout=5).read().decode().splitlines():\n    if l.startswith('etcd_debugging_mvcc_watcher_total '):\n        print(int(float(l.split()[1])))\n";
+        (0..=u8::MAX).map_while(|i| {
+            let url = self.etcd.member_endpoint(usize::from(i)).ok()?;
+            Some((i, url))
+        })
+        .find(|(_, url)| {
+            process::run(self.switch.command(&["python3", "-c", SCRIPT, url]))
+                .ok()
+                .and_then(|out| out.trim().parse::<u64>().ok())
+                .is_some_and(|n| n > 0)
+        })
+        .map(|(i, _)| i)
+    }
+
     /// The namespace holding the underlay bridge and etcd.
     pub fn switch(&self) -> &Netns {
         &self.switch
@@ -217,6 +235,17 @@ impl Cluster {
     /// Writes `leases` (key, value) to etcd under one 24 h etcd lease, as
     /// flannel's are, in transactions of [`TXN_OPS`] puts: for scale runs.
     pub fn put_leases_bulk(&self, leases: &[(String, String)]) -> Result<()> {
+        self.put_leases_in_txns(leases, TXN_OPS)
+    }
+
+    /// [`Self::put_leases_bulk`] with every put its own transaction, so its
+    /// own revision and its own watch response: for filling a watcher's
+    /// buffers.
+    pub fn put_leases_one_per_revision(&self, leases: &[(String, String)]) -> Result<()> {
+        self.put_leases_in_txns(leases, 1)
+    }
+
+    fn put_leases_in_txns(&self, leases: &[(String, String)], per_txn: usize) -> Result<()> {
         let endpoint = self.etcd().endpoint();
         // The client's sockets must live in the switch namespace, where etcd
         // listens: a current-thread runtime on a thread that entered it.
@@ -235,7 +264,7 @@ impl Cluster {
                     .context("granting an etcd lease")?
                     .id();
                 let mut set = tokio::task::JoinSet::new();
-                for chunk in leases.chunks(TXN_OPS) {
+                for chunk in leases.chunks(per_txn) {
                     let ops: Vec<TxnOp> = chunk
                         .iter()
                         .map(|(k, v)| {

@@ -39,6 +39,11 @@ pub use node_agent::flannel::SubnetEnv;
 pub use process::wait_until;
 pub use system::{BPFFS, require_bpffs, require_root, require_tools, workspace_root};
 pub use tempfile::TempDir;
+/// The vxlan network config of the suites that write other nodes' leases
+/// while agents run. Agents lease from 10.244.1.0 to 10.244.99.0 only
+/// (SubnetMax), so a foreign or malformed lease a test writes at
+/// 10.244.100.0 and above never lands on a subnet an agent picked at random.
+pub const VXLAN_CONFIG: &str = r#"{"Network":"10.244.0.0/16","SubnetLen":24,"SubnetMax":"10.244.99.0","Backend":{"Type":"vxlan","VNI":1,"Port":8472}}"#;
 /// Name prefixes; [`sweep_stale`] only touches names of exactly these
 /// shapes: `wtst-<tag>-...` namespaces, `weft-t<tag>-<n>` pin directories
 /// and `weft-tests-<tag>-...` temp directories.

@@ -22,10 +22,7 @@ use weft_tests::{
     wait_routes, wait_until,
 };
 
-/// Agents lease from 10.244.1.0-10.244.99.0 only (SubnetMax), so the
-/// foreign and malformed leases a test writes at 10.244.100.0 and above
-/// while agents run can never land on a subnet an agent picked at random.
-const CONFIG: &str = r#"{"Network":"10.244.0.0/16","SubnetLen":24,"SubnetMax":"10.244.99.0","Backend":{"Type":"vxlan","VNI":1,"Port":8472}}"#;
+const CONFIG: &str = weft_tests::VXLAN_CONFIG;
 
 /// A backend under test: its config, the MTU flannel gives containers with
 /// it, and what its packets look like on the underlay.
@@ -567,6 +564,53 @@ fn tc_ingress_decapsulation_interoperates_with_xdp() -> Result<()> {
             host.index()
         );
     }
+    Ok(())
+}
+
+/// `--decap-mode device` on veth's default offloads, where XDP on the
+/// receiver would strip GSO from its peer and TC cannot pop a tunnel off a
+/// GSO aggregate: no program on eth0, the kernel VXLAN socket of
+/// `weft.vxlan` decapsulates whole aggregates, and `weft_slowpath_rx_tc`
+/// checks, marks and forwards every packet. The peer decapsulates at XDP:
+/// the two modes interoperate.
+#[test]
+fn device_decapsulation_carries_gso_traffic_on_default_veth_offloads() -> Result<()> {
+    preflight()?;
+    let cluster = Cluster::new(CONFIG)?;
+    let device_host = cluster.add_host(1)?;
+    let xdp_host = cluster.add_host(2)?;
+    device_host.start_agent(&["--decap-mode", "device"])?;
+    xdp_host.start_agent(&["--decap-mode", "xdp"])?;
+    let envs = [
+        device_host.wait_subnet_env(CONVERGE)?,
+        xdp_host.wait_subnet_env(CONVERGE)?,
+    ];
+    wait_full_mesh(&[&device_host, &xdp_host], &envs.iter().collect::<Vec<_>>())?;
+    let pins = device_host.pinned_entries()?;
+    ensure!(
+        pins.iter()
+            .any(|p| p.ends_with(weft_common::PROG_SLOWPATH_RX_TC))
+            && !pins.iter().any(|p| {
+                p.ends_with(weft_common::PROG_DECAP_XDP) || p.ends_with(weft_common::PROG_DECAP_TC)
+            }),
+        "--decap-mode device must pin no decap program on eth0, only the slow-path device's: {pins:?}"
+    );
+    let marks = MarkCounters::install(device_host.ns())?;
+    let a = device_host.attach_container()?;
+    let b = xdp_host.attach_container()?;
+    check_both_ways(&a, &b)?;
+    let (marked, unmarked) = marks.read()?;
+    ensure!(
+        marked > 0 && unmarked == 0,
+        "{marked} container packets on eth0 carried --decap-mark, {unmarked} did not"
+    );
+    let pinned = device_host.pinned()?;
+    let through_device = pinned.counter(Reason::DecapsulatedSlowPath)?;
+    ensure!(
+        through_device > 0 && pinned.counter(Reason::Decapsulated)? == 0,
+        "the device host decapsulated {through_device} packets through weft.vxlan and {} elsewhere",
+        pinned.counter(Reason::Decapsulated)?
+    );
     Ok(())
 }
 

@@ -18,8 +18,7 @@ use weft_tests::{
     wait_routes, wait_until,
 };
 
-const CONFIG: &str =
-    r#"{"Network":"10.244.0.0/16","SubnetLen":24,"Backend":{"Type":"vxlan","VNI":1,"Port":8472}}"#;
+const CONFIG: &str = weft_tests::VXLAN_CONFIG;
 const PPS: u32 = 1000;
 
 fn preflight() -> Result<()> {
@@ -47,6 +46,15 @@ fn join_and_time(cluster: &Cluster, index: u8, watchers: &[&Host<'_>]) -> Result
     Ok(took)
 }
 
+/// The etcd member holding an agent's watch (the fault must hit the
+/// member the agents depend on), else `fallback`, said so.
+fn watched_member(cluster: &Cluster, fallback: u8) -> u8 {
+    cluster.etcd_member_watched().unwrap_or_else(|| {
+        eprintln!("no etcd member reports a watch; hitting member {fallback}");
+        fallback
+    })
+}
+
 #[test]
 fn agents_ride_out_a_killed_and_a_partitioned_etcd_member_without_loss() -> Result<()> {
     preflight()?;
@@ -58,23 +66,25 @@ fn agents_ride_out_a_killed_and_a_partitioned_etcd_member_without_loss() -> Resu
     let watchers = [&hosts[0], &hosts[1]];
     let stream = UdpStream::start(&a, &b, PPS, Duration::from_secs(40))?;
 
-    // A member dies: the agents carry on with the other two, and a node
-    // that joins meanwhile still reaches their maps.
-    cluster.etcd().stop_member(0)?;
+    // A member dies, the one holding a watch: the agents carry on with the
+    // other two, and a node that joins meanwhile still reaches their maps.
+    let killed = watched_member(&cluster, 0);
+    cluster.etcd().stop_member(usize::from(killed))?;
     let failover = join_and_time(&cluster, 3, &watchers)
-        .context("a late joiner while etcd member 0 is dead")?;
-    cluster.etcd().restart_member(0)?;
+        .with_context(|| format!("a late joiner while etcd member {killed} is dead"))?;
+    cluster.etcd().restart_member(usize::from(killed))?;
 
     // A member loses its peers but not its clients: it has no leader, so
     // the agents' watches must move off it.
-    cluster.partition_etcd_member(1, true)?;
+    let cut = watched_member(&cluster, 1);
+    cluster.partition_etcd_member(cut, true)?;
     let detection = join_and_time(&cluster, 4, &watchers)
-        .context("a late joiner while etcd member 1 is partitioned")?;
-    cluster.partition_etcd_member(1, false)?;
+        .with_context(|| format!("a late joiner while etcd member {cut} is partitioned"))?;
+    cluster.partition_etcd_member(cut, false)?;
 
     let stats = stream.finish()?;
     eprintln!(
-        "etcd member killed: a joiner reached both agents in {failover:?}; member partitioned: in {detection:?}; stream lost {} of {}",
+        "etcd member {killed} killed: a joiner reached both agents in {failover:?}; member {cut} partitioned: in {detection:?}; stream lost {} of {}",
         stats.lost(),
         stats.packets
     );
@@ -126,11 +136,17 @@ fn killed_stopped_and_upgraded_agents_lose_no_packet() -> Result<()> {
 }
 
 /// While an agent's watch is paused (the agent frozen), leases come and
-/// go and etcd compacts past the revision it was watching from. Thawed, it
-/// must notice the compaction, relist, and end with exactly the live
+/// go, enough of them that etcd can no longer hold the frozen watch's
+/// events (its send window and queue fill, and the watcher falls behind),
+/// and etcd compacts past the revision it was watching from. Thawed, it
+/// must be told of the compaction, relist, and end with exactly the live
 /// leases in its map.
 #[test]
 fn a_compaction_behind_a_paused_watch_ends_in_exactly_the_live_leases() -> Result<()> {
+    /// Puts while frozen, each its own revision and watch response, with a
+    /// 4 KiB pad: over 1 MiB, past a flow-control window and etcd's queue
+    /// of 128 responses per watch stream.
+    const CHURN: usize = 300;
     preflight()?;
     let cluster = Cluster::new(CONFIG)?;
     let (hosts, envs) = cluster.start_hosts(&[1, 2], &[], false)?;
@@ -144,9 +160,16 @@ fn a_compaction_behind_a_paused_watch_ends_in_exactly_the_live_leases() -> Resul
         }),
     };
     let subnet = |i: u8| -> Result<Ipv4Net> { Ok(format!("10.244.{}.0/24", 200 + i).parse()?) };
-    for i in 0..4 {
-        cluster.put_lease(subnet(i)?, &lease(i))?;
+    let pad = "x".repeat(4096);
+    let mut churn = Vec::with_capacity(CHURN);
+    for n in 0..CHURN {
+        let i = (n % 4) as u8;
+        let json = lease(i).to_json();
+        let open = json.strip_suffix('}').context("a lease value is a JSON object")?;
+        let padded = format!(r#"{open},"Pad":"{pad}"}}"#);
+        churn.push((cluster.lease_key(subnet(i)?), padded));
     }
+    cluster.put_leases_one_per_revision(&churn)?;
     for i in [1, 3] {
         cluster.etcd().del(&cluster.lease_key(subnet(i)?))?;
     }
@@ -178,5 +201,15 @@ fn a_compaction_behind_a_paused_watch_ends_in_exactly_the_live_leases() -> Resul
         *last = format!("have {have:?}, want {want:?}");
         Ok((have == want).then_some(()))
     })?;
+    let log = hosts[0].agent_log();
+    ensure!(
+        log.contains("watch start revision was compacted"),
+        "the thawed agent was never told of the compaction (its watch kept up), so this test did not test it:\n{}",
+        weft_tests::process::tail(&log, 20)
+    );
+    ensure!(
+        hosts[0].reconciliations().len() >= 2,
+        "no relist after the compaction"
+    );
     Ok(())
 }

@@ -52,6 +52,61 @@ fn node_config(host: &Host<'_>) -> Result<NodeConfig> {
         .with_context(|| format!("host {}'s NODE_CONFIG is empty", host.index()))
 }
 
+/// systemd's `Type=notify` handshake: READY=1 comes only once the first
+/// relist has filled the peer map, so a unit ordered after weft starts on
+/// a node that already forwards to every peer etcd knew. 200 leases make
+/// a READY sent any earlier (before the watcher ran) find the map short.
+#[test]
+fn systemd_is_told_ready_once_the_peer_map_holds_every_lease() -> Result<()> {
+    const PEERS: u8 = 200;
+    preflight()?;
+    let cluster = Cluster::new(CONFIG)?;
+    let leases: Vec<(String, String)> = (0..PEERS)
+        .map(|i| {
+            let subnet = ipnet::Ipv4Net::new(Ipv4Addr::new(10, 244, 50 + i, 0), 24)?;
+            let lease = node_agent::flannel::LeaseAttrs {
+                public_ip: Ipv4Addr::new(198, 19, i, 1),
+                backend_type: "vxlan".to_owned(),
+                backend_data: Some(node_agent::flannel::VxlanLeaseData {
+                    vni: Some(1),
+                    vtep_mac: [0x02, 0, 0, 0x30, 0, i],
+                }),
+            };
+            Ok((cluster.lease_key(subnet), lease.to_json()))
+        })
+        .collect::<Result<_>>()?;
+    cluster.put_leases_bulk(&leases)?;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("notify");
+    let systemd = std::os::unix::net::UnixDatagram::bind(&path)
+        .with_context(|| format!("binding {}", path.display()))?;
+    systemd.set_read_timeout(Some(CONVERGE))?;
+    let host = cluster.add_host(1)?;
+    let mut env = host.agent_env();
+    env.push(("FLANNELD_IFACE", "eth0".to_owned()));
+    env.push(("NOTIFY_SOCKET", path.to_string_lossy().into_owned()));
+    host.start_agent_env_only(&env)?;
+    let mut buf = [0u8; 1024];
+    let n = systemd.recv(&mut buf).with_context(|| {
+        format!(
+            "no sd_notify message within {CONVERGE:?}; agent log:\n{}",
+            host.agent_log()
+        )
+    })?;
+    // Read at once: the map as it was when systemd was told.
+    let peers = host.peers()?.len();
+    let message = String::from_utf8_lossy(&buf[..n]).into_owned();
+    ensure!(
+        message.starts_with("READY=1\n") && message.contains("STATUS=forwarding for 10.244."),
+        "not a READY notification: {message:?}"
+    );
+    ensure!(
+        peers == usize::from(PEERS),
+        "READY=1 came with {peers} of {PEERS} peers in the map"
+    );
+    Ok(())
+}
+
 /// A flanneld unit's environment, nothing on the command line: the agent
 /// leases, writes the subnet file with the settings the variables asked for
 /// and forwards between containers on two nodes.

@@ -12,7 +12,8 @@
 //! is missing. Run them one at a time (`--test-threads=1`).
 
 use std::collections::BTreeSet;
-use std::time::Duration;
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use ipnet::Ipv4Net;
@@ -35,6 +36,9 @@ const STREAM: Duration = Duration::from_secs(20);
 /// Streams start one after the other (each waits for its receiver); the
 /// step begins once all run.
 const STREAMS_SETTLE: Duration = Duration::from_secs(1);
+/// How long the streams must still run after a step has finished, so that
+/// what the step's last change costs is counted too.
+const AFTER_STEP: Duration = Duration::from_secs(2);
 const STREAM_BASE_PORT: u16 = 7800;
 
 fn preflight() -> Result<()> {
@@ -110,7 +114,7 @@ fn migrate_join_and_roll_back(backend: FlannelBackend, config: &str) -> Result<(
     if vxlan {
         wait_log(&n, "lease now carries weft's VtepMAC")?;
         let (_, eth0_mac) = n.ns().link("eth0")?;
-        wait_peers_follow(&[&f], &[&w], n_subnet, eth0_mac)?;
+        wait_peers_follow(&[&f], &[&w], n_subnet, n.ip(), eth0_mac)?;
     }
     let migration = finish_streams("migration", streams)?;
     if vxlan {
@@ -150,10 +154,7 @@ fn migrate_join_and_roll_back(backend: FlannelBackend, config: &str) -> Result<(
     let jw = cluster.add_host(4)?;
     jw.start_agent(&[])?;
     let jw_env = jw.wait_subnet_env(CONVERGE)?;
-    let taken: BTreeSet<Ipv4Net> = [n_subnet, f_subnet, w_env.subnet, jw_env.subnet].into();
-    let free = (200..=250)
-        .find(|i| !taken.iter().any(|s| s.network().octets()[2] == *i))
-        .context("no free subnet for the flannel joiner")?;
+    let free = free_subnet(&cluster)?;
     let jf = cluster.add_host(5)?;
     let flannel_jf = FlannelNode::start(&jf, backend, free)?;
     let jf_subnet = flannel_jf.env().subnet;
@@ -170,10 +171,11 @@ fn migrate_join_and_roll_back(backend: FlannelBackend, config: &str) -> Result<(
     ping_all(&[&cn, &cf, &cw, &cjw, &cjf])?;
 
     // Roll n back: stop the agent (its data path stays), start flanneld,
-    // wait for the peers to follow its lease, then clean weft up.
+    // wait for the peers to follow its lease, then clean weft up. flanneld
+    // is offered another free subnet: it must find n's lease by PublicIP.
     let streams = start_streams(&three)?;
     n.kill_agent(Signal::Term)?;
-    let flannel_n = FlannelNode::start(&n, backend, 1)?;
+    let flannel_n = FlannelNode::start(&n, backend, free_subnet(&cluster)?)?;
     ensure!(
         flannel_n.env().subnet == n_subnet,
         "flanneld took {} instead of {n_subnet}",
@@ -181,7 +183,7 @@ fn migrate_join_and_roll_back(backend: FlannelBackend, config: &str) -> Result<(
     );
     wait_kernel_routes(&n, &[f_subnet, w_env.subnet, jw_env.subnet, jf_subnet])?;
     if let Some(data) = flannel_n.lease().backend_data {
-        wait_peers_follow(&[&f, &jf], &[&w, &jw], n_subnet, data.vtep_mac)?;
+        wait_peers_follow(&[&f, &jf], &[&w, &jw], n_subnet, n.ip(), data.vtep_mac)?;
     }
     n.agent_cleanup_keeping_subnet_file()?;
     let rollback = finish_streams("rollback", streams)?;
@@ -226,7 +228,7 @@ fn with_takeover_off_flannels_state_stays_for_the_user() -> Result<()> {
     n.wait_subnet_env(CONVERGE)?;
     wait_log(&n, "--flannel-takeover=false")?;
     let (_, eth0_mac) = n.ns().link("eth0")?;
-    wait_peers_follow(&[&f], &[], n.subnet_env()?.subnet, eth0_mac)?;
+    wait_peers_follow(&[&f], &[], n.subnet_env()?.subnet, n.ip(), eth0_mac)?;
     ensure!(
         device_exists(&n, FLANNEL_DEVICE)?,
         "{FLANNEL_DEVICE} was removed"
@@ -244,6 +246,51 @@ fn with_takeover_off_flannels_state_stays_for_the_user() -> Result<()> {
     flannel_f.check()
 }
 
+/// The README's other rollback order: `node-agent cleanup` first, then
+/// flanneld. The node has no data path between the two (losses are not
+/// counted here: the order above is the lossless one), but it ends a
+/// working flannel node on the same subnet, found by its PublicIP.
+#[test]
+fn cleanup_then_flanneld_gives_a_working_flannel_node_on_the_same_subnet() -> Result<()> {
+    preflight()?;
+    let cluster = Cluster::new(VXLAN)?;
+    let n = cluster.add_host(1)?;
+    let f = cluster.add_host(2)?;
+    let flannel_n = FlannelNode::start(&n, FlannelBackend::Vxlan, 1)?;
+    let flannel_f = FlannelNode::start(&f, FlannelBackend::Vxlan, 2)?;
+    let n_subnet = flannel_n.env().subnet;
+    wait_kernel_routes(&n, &[flannel_f.env().subnet])?;
+    flannel_n.stop()?;
+    n.start_agent(&[])?;
+    wait_log(&n, "took over from flannel")?;
+    let (_, eth0_mac) = n.ns().link("eth0")?;
+    wait_peers_follow(&[&f], &[], n_subnet, n.ip(), eth0_mac)?;
+    let (cn, cf) = (n.attach_container()?, f.attach_container()?);
+    ping_all(&[&cn, &cf])?;
+
+    n.kill_agent(Signal::Term)?;
+    n.agent_cleanup()?;
+    ensure!(
+        n.pinned().is_err(),
+        "weft's maps are still pinned after cleanup"
+    );
+    let flannel_n = FlannelNode::start(&n, FlannelBackend::Vxlan, free_subnet(&cluster)?)?;
+    ensure!(
+        flannel_n.env().subnet == n_subnet && n.subnet_env()?.subnet == n_subnet,
+        "flanneld took {} instead of {n_subnet}",
+        flannel_n.env().subnet
+    );
+    let data = flannel_n
+        .lease()
+        .backend_data
+        .context("flanneld's lease has no VtepMAC")?;
+    wait_peers_follow(&[&f], &[], n_subnet, n.ip(), data.vtep_mac)?;
+    ping_all(&[&cn, &cf])?;
+    cf.ping(cn.ip(), 3, 56, false)?;
+    flannel_n.check()?;
+    flannel_f.check()
+}
+
 /// Pings between every pair (both ways in one: replies come back), waiting
 /// for each to work.
 fn ping_all(containers: &[&Container<'_>]) -> Result<()> {
@@ -256,9 +303,28 @@ fn ping_all(containers: &[&Container<'_>]) -> Result<()> {
     Ok(())
 }
 
+/// The third octet of a 10.244.x.0/24 that no lease in etcd holds, from
+/// 200 up: what an emulated flanneld is offered when it finds no lease of
+/// its own.
+fn free_subnet(cluster: &Cluster) -> Result<u8> {
+    (200..=250)
+        .find(|i| {
+            let subnet = Ipv4Net::new(Ipv4Addr::new(10, 244, *i, 0), 24);
+            subnet.is_ok_and(|s| cluster.lease(s).is_ok_and(|lease| lease.is_none()))
+        })
+        .context("no free subnet between 10.244.200.0 and 10.244.250.0")
+}
+
+/// Streams running for one step, and when they started.
+struct Streams {
+    started: Instant,
+    streams: Vec<(String, UdpStream)>,
+}
+
 /// A [`PPS`] stream from every container to every other, each on its own
 /// port; returns once all run.
-fn start_streams(containers: &[&Container<'_>]) -> Result<Vec<(String, UdpStream)>> {
+fn start_streams(containers: &[&Container<'_>]) -> Result<Streams> {
+    let started = Instant::now();
     let mut streams = Vec::new();
     let mut port = STREAM_BASE_PORT;
     for src in containers {
@@ -272,17 +338,21 @@ fn start_streams(containers: &[&Container<'_>]) -> Result<Vec<(String, UdpStream
         }
     }
     std::thread::sleep(STREAMS_SETTLE);
-    Ok(streams)
+    Ok(Streams { started, streams })
 }
 
 /// Waits for every stream, prints what each lost, and fails if one lost
-/// more than [`MAX_LOST`].
-fn finish_streams(
-    step: &str,
-    streams: Vec<(String, UdpStream)>,
-) -> Result<Vec<(String, StreamStats)>> {
+/// more than [`MAX_LOST`], or if the step ended too late for the streams to
+/// have measured it whole.
+fn finish_streams(step: &str, streams: Streams) -> Result<Vec<(String, StreamStats)>> {
+    let took = streams.started.elapsed();
+    eprintln!("{step}: done {took:.1?} after the streams started");
+    ensure!(
+        took + AFTER_STEP <= STREAM,
+        "{step} ended {took:.1?} after the streams started, too late for {STREAM:?} streams to count its losses"
+    );
     let mut done = Vec::new();
-    for (name, stream) in streams {
+    for (name, stream) in streams.streams {
         let stats = stream
             .finish()
             .with_context(|| format!("{step}: stream {name}"))?;
@@ -353,29 +423,35 @@ fn wait_map_subnets(host: &Host<'_>, subnets: &[Ipv4Net]) -> Result<()> {
 }
 
 /// Waits until the flannel nodes' neighbour entry for `subnet`'s gateway
-/// and the weft nodes' SUBNETS entry for it carry VtepMAC `mac`: they
-/// followed the lease's update.
+/// and their fdb entry toward `node` (its PublicIP), and the weft nodes'
+/// SUBNETS entry for `subnet`, carry VtepMAC `mac`: they followed the
+/// lease's update, as flanneld does on one.
 fn wait_peers_follow(
     flannel: &[&Host<'_>],
     weft: &[&Host<'_>],
     subnet: Ipv4Net,
+    node: Ipv4Addr,
     mac: [u8; 6],
 ) -> Result<()> {
     let want = format_mac(&mac);
+    let fdb_entry = format!("{want} dst {node} ");
     for host in flannel {
         let gw = subnet.network().to_string();
         wait_until(
             CONVERGE,
             &format!(
-                "flannel host {}'s neighbour {gw} to be {want}",
+                "flannel host {}'s neighbour {gw} and fdb entry toward {node} to be {want}",
                 host.index()
             ),
             |last| {
-                let out = host
+                let neigh = host
                     .ns()
                     .ip(&["neigh", "show", &gw, "dev", FLANNEL_DEVICE])?;
-                *last = out.trim().to_owned();
-                Ok(out.contains(&want).then_some(()))
+                let fdb = host
+                    .ns()
+                    .run(&["bridge", "fdb", "show", "dev", FLANNEL_DEVICE])?;
+                *last = format!("neighbour: {}; fdb: {}", neigh.trim(), fdb.trim());
+                Ok((neigh.contains(&want) && fdb.contains(&fdb_entry)).then_some(()))
             },
         )?;
     }

@@ -16,10 +16,7 @@ use weft_tests::{
     require_tools, wait_until,
 };
 
-/// Agents lease from 10.244.1.0-10.244.99.0 only (SubnetMax), so the
-/// foreign and malformed leases a test writes at 10.244.100.0 and above
-/// while agents run can never land on a subnet an agent picked at random.
-const CONFIG: &str = r#"{"Network":"10.244.0.0/16","SubnetLen":24,"SubnetMax":"10.244.99.0","Backend":{"Type":"vxlan","VNI":1,"Port":8472}}"#;
+const CONFIG: &str = weft_tests::VXLAN_CONFIG;
 const PROMETHEUS: &str = "/usr/bin/prometheus";
 const PROMTOOL: &str = "/usr/bin/promtool";
 const METRICS_PORT: u16 = 9867;

@@ -263,26 +263,10 @@ mod measure {
         }
     }
 
-    /// The member an agent's watch stream is on, from etcd's own gauge of
-    /// watchers per member (the agents connect to every member; the watch
-    /// stream sits on one). `None` if no member reports one.
-    fn watched_member(cluster: &Cluster, members: usize) -> Option<usize> {
-        const SCRIPT: &str = "import sys, urllib.request\nfor l in urllib.request.urlopen(sys.argv[1] + '/metrics', timeout=5).read().decode().splitlines():\n    if l.startswith('etcd_debugging_mvcc_watcher_total '):\n        print(int(float(l.split()[1])))\n";
-        (0..members).find(|&i| {
-            let Ok(url) = cluster.etcd().member_endpoint(i) else {
-                return false;
-            };
-            process::run(cluster.switch().command(&["python3", "-c", SCRIPT, &url]))
-                .ok()
-                .and_then(|out| out.trim().parse::<u64>().ok())
-                .is_some_and(|n| n > 0)
-        })
-    }
-
     /// The member to hit: the one holding a watch, else the next in turn
     /// (said so in the report).
     fn pick_member(cluster: &Cluster, members: usize, round: usize, out: &mut Fault) -> usize {
-        match watched_member(cluster, members) {
+        match cluster.etcd_member_watched().map(usize::from) {
             Some(m) => {
                 out.targets.push(format!("{m}"));
                 m

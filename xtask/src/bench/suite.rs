@@ -111,6 +111,15 @@ pub const MODES: &[ModeSpec] = &[
         args: &["--decap-mode", "tc"],
     },
     ModeSpec {
+        key: "weft-vxlan-device",
+        label: "weft vxlan, --decap-mode device",
+        kind: Kind::Weft(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#),
+        // No program on the underlay: the kernel's VXLAN socket of the
+        // agent's weft.vxlan decapsulates (its GRO cells merge inner TCP),
+        // weft_slowpath_rx_tc checks and forwards.
+        args: &["--decap-mode", "device"],
+    },
+    ModeSpec {
         key: "weft-host-gw",
         label: "weft host-gw",
         kind: Kind::Weft(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#),
@@ -256,9 +265,25 @@ pub fn run(quick: bool) -> Result<()> {
             .push(format!("BPF program cost failed: {e:#}")),
     }
 
+    // For comparing a few modes while developing: WEFT_BENCH_MODES=<key,...>
+    // (plain routing is always kept: every ratio is to it).
+    let only = std::env::var("WEFT_BENCH_MODES").ok();
+    let modes: Vec<&ModeSpec> = MODES
+        .iter()
+        .filter(|m| {
+            only.as_deref().is_none_or(|keys| {
+                m.kind == Kind::Plain || keys.split(',').any(|k| k.trim() == m.key)
+            })
+        })
+        .collect();
+    if let Some(keys) = &only {
+        results
+            .notes
+            .push(format!("only the modes WEFT_BENCH_MODES={keys} ran"));
+    }
     println!("==> setting up one topology per mode");
-    let clusters: Vec<Result<Cluster>> = MODES.iter().map(make_cluster).collect();
-    let hosts: Vec<Result<Vec<Host<'_>>>> = MODES
+    let clusters: Vec<Result<Cluster>> = modes.iter().map(|m| make_cluster(m)).collect();
+    let hosts: Vec<Result<Vec<Host<'_>>>> = modes
         .iter()
         .zip(&clusters)
         .map(|(spec, c)| match c {
@@ -267,7 +292,7 @@ pub fn run(quick: bool) -> Result<()> {
         })
         .collect();
     let mut envs: Vec<ModeEnv<'_>> = Vec::new();
-    for (spec, h) in MODES.iter().zip(&hosts) {
+    for (spec, h) in modes.iter().zip(&hosts) {
         let env = match h {
             Ok(h) => make_env(spec, h),
             Err(e) => Err(anyhow::anyhow!("{e:#}")),
