@@ -13,8 +13,9 @@ use weft_common::{PROG_DECAP_TC, PROG_DECAP_XDP, PROG_SLOWPATH_RX_TC};
 use crate::{
     agent::{RunSettings, endpoint_ips},
     datapath::DecapMode,
+    ethtool,
     flannel::{Backend, KeyLayout, NetworkConfig, SubnetEnv, flannel_mtu, underlay_mtu},
-    ethtool, flannel_takeover,
+    flannel_takeover,
     netconf::{self, ClusterRoute, IfaceChoice, Interface},
     netlink::{Netlink, RtNetlink},
 };

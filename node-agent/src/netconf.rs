@@ -1049,7 +1049,11 @@ mod tests {
         };
         let err = block_on(choose_interface(&nl, &none)).expect_err("nothing matches");
         let text = err.to_string();
-        for part in ["--iface eth9", "--iface-regex ^wlan", "--iface-can-reach 203.0.113.9"] {
+        for part in [
+            "--iface eth9",
+            "--iface-regex ^wlan",
+            "--iface-can-reach 203.0.113.9",
+        ] {
             assert!(text.contains(part), "{text}");
         }
         let bad = IfaceChoice {

@@ -184,17 +184,18 @@ impl Cluster {
     /// stream sits on one). `None` if no member reports one.
     pub fn etcd_member_watched(&self) -> Option<u8> {
         const SCRIPT: &str = "import sys, urllib.request\nfor l in urllib.request.urlopen(sys.argv[1] + '/metrics', timeout=5).read().decode().splitlines():\n    if l.startswith('etcd_debugging_mvcc_watcher_total '):\n        print(int(float(l.split()[1])))\n";
-        (0..=u8::MAX).map_while(|i| {
-            let url = self.etcd.member_endpoint(usize::from(i)).ok()?;
-            Some((i, url))
-        })
-        .find(|(_, url)| {
-            process::run(self.switch.command(&["python3", "-c", SCRIPT, url]))
-                .ok()
-                .and_then(|out| out.trim().parse::<u64>().ok())
-                .is_some_and(|n| n > 0)
-        })
-        .map(|(i, _)| i)
+        (0..=u8::MAX)
+            .map_while(|i| {
+                let url = self.etcd.member_endpoint(usize::from(i)).ok()?;
+                Some((i, url))
+            })
+            .find(|(_, url)| {
+                process::run(self.switch.command(&["python3", "-c", SCRIPT, url]))
+                    .ok()
+                    .and_then(|out| out.trim().parse::<u64>().ok())
+                    .is_some_and(|n| n > 0)
+            })
+            .map(|(i, _)| i)
     }
 
     /// The namespace holding the underlay bridge and etcd.

@@ -165,7 +165,9 @@ fn a_compaction_behind_a_paused_watch_ends_in_exactly_the_live_leases() -> Resul
     for n in 0..CHURN {
         let i = (n % 4) as u8;
         let json = lease(i).to_json();
-        let open = json.strip_suffix('}').context("a lease value is a JSON object")?;
+        let open = json
+            .strip_suffix('}')
+            .context("a lease value is a JSON object")?;
         let padded = format!(r#"{open},"Pad":"{pad}"}}"#);
         churn.push((cluster.lease_key(subnet(i)?), padded));
     }

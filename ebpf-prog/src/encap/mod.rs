@@ -133,7 +133,7 @@ mod tests {
         let (second, state) = next_outer_ip_id(state, 1, 0xdead_beef);
         assert_eq!(second, 0x1235, "the seed is used once");
         let (third, state) = next_outer_ip_id(state, 44, 0);
-        let (fourth, state) = next_outer_ip_id(state, 0, 0);
+        let (fourth, _) = next_outer_ip_id(state, 0, 0);
         assert_eq!((third, fourth), (0x1236, 0x1236 + 44));
         // It wraps, and stays seeded.
         let (last, state) = next_outer_ip_id(ID_SEEDED | 0xffff, 1, 7);
@@ -152,7 +152,10 @@ mod tests {
             let (id, next) = next_outer_ip_id(state, segs, x);
             state = next;
             for k in 0..segs.max(1) {
-                assert!(used.insert(id.wrapping_add(k as u16)), "ID {id}+{k} repeated");
+                assert!(
+                    used.insert(id.wrapping_add(k as u16)),
+                    "ID {id}+{k} repeated"
+                );
             }
             total += segs.max(1);
         }
