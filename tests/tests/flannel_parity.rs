@@ -45,11 +45,18 @@ fn env_host_and_flag_host<'c>(
     Ok((a, b, env_a, env_b))
 }
 
-/// The host's pinned NODE_CONFIG, which must be written.
+/// The host's pinned NODE_CONFIG, once written: the agent writes the
+/// subnet file first, then loads and configures the data path.
 fn node_config(host: &Host<'_>) -> Result<NodeConfig> {
-    host.pinned()?
-        .node_config()?
-        .with_context(|| format!("host {}'s NODE_CONFIG is empty", host.index()))
+    wait_until(
+        CONVERGE,
+        &format!("host {}'s NODE_CONFIG to be written", host.index()),
+        |last| {
+            let config = host.pinned().and_then(|p| Ok(p.node_config()?));
+            *last = format!("{config:?}");
+            Ok(config.ok().flatten())
+        },
+    )
 }
 
 /// systemd's `Type=notify` handshake: READY=1 comes only once the first
