@@ -438,18 +438,18 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
     dp.write_node_config(&node_config)?;
     // host-gw receives plain packets: no decap hook at all. On a veth an XDP
     // program would even turn TSO off on the peer, for nothing.
-    let decap_mode = match (decap != 0).then_some(s.decap_mode) {
-        // Only the slow-path device's kernel VXLAN socket can decapsulate
-        // then: not there for ipip, nor while flannel.1 holds the port.
-        Some(DecapMode::Device) if slow_path.is_none() => {
-            tracing::warn!(
-                device = netconf::SLOW_PATH_DEVICE,
-                "--decap-mode device needs the slow-path VXLAN device (a vxlan backend, its port free); decapsulating at XDP or TC ingress instead"
-            );
-            Some(DecapMode::Auto)
+    let decap_mode = (decap != 0).then(|| {
+        let driver = crate::ethtool::driver(&iface.name).ok();
+        let (mode, why) = datapath::resolve_decap_mode(
+            s.decap_mode,
+            slow_path.is_some(),
+            driver.as_deref(),
+        );
+        if let Some(why) = why {
+            tracing::info!(requested = ?s.decap_mode, chosen = ?mode, iface = %iface.name, driver = driver.as_deref().unwrap_or("unknown"), "{why}");
         }
-        mode => mode,
-    };
+        mode
+    });
     let hook = dp.attach(
         &iface.name,
         flannel_takeover::early_decap(&flannel, decap_mode),

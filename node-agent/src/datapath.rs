@@ -108,6 +108,40 @@ pub enum DecapMode {
     Device,
 }
 
+/// The decap mode to use for `requested`, given whether the slow-path
+/// device (and so its kernel VXLAN socket) is there and the underlay's
+/// driver; with the reason, to log, when it is not what was asked.
+///
+/// `auto` on a veth takes `device`: XDP on a veth copies every frame
+/// (`veth_convert_skb_to_xdp_buff`) and strips GSO from its peer
+/// (`veth_xdp_set`), so TCP from the peer is segmented in software, while
+/// the kernel VXLAN socket takes the peer's GSO aggregates whole and merges
+/// MTU-sized packets in its GRO cells (BENCHMARKS.md: ~3× the TCP of XDP
+/// on a veth). On other drivers `auto` keeps XDP, which a NIC's driver runs
+/// before any skb exists, with TC as the fallback. `device` without the
+/// device (ipip, or flannel.1 still holding the port) falls back to `auto`.
+pub fn resolve_decap_mode(
+    requested: DecapMode,
+    device_ready: bool,
+    driver: Option<&str>,
+) -> (DecapMode, Option<&'static str>) {
+    match requested {
+        DecapMode::Device if !device_ready => (
+            DecapMode::Auto,
+            Some(
+                "--decap-mode device needs the slow-path VXLAN device (a vxlan backend, its port free); decapsulating at XDP or TC ingress instead",
+            ),
+        ),
+        DecapMode::Auto if device_ready && driver == Some("veth") => (
+            DecapMode::Device,
+            Some(
+                "--decap-mode auto on a veth underlay: the kernel VXLAN socket of the slow-path device decapsulates, since XDP on a veth copies every frame and strips GSO from its peer",
+            ),
+        ),
+        other => (other, None),
+    }
+}
+
 /// Which hook decapsulation ended up on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DecapHook {
@@ -682,5 +716,21 @@ mod tests {
         assert_eq!(fdinfo_ifindex(tcx), Some(7));
         assert_eq!(fdinfo_ifindex("link_type:\txdp\nifindex:\t0\n"), Some(0));
         assert_eq!(fdinfo_ifindex("link_type:\ttracing\nprog_id:\t3\n"), None);
+    }
+
+    #[test]
+    fn auto_takes_the_vxlan_socket_on_a_veth_and_xdp_elsewhere() {
+        use DecapMode::*;
+        let chosen = |requested, ready, driver| resolve_decap_mode(requested, ready, driver).0;
+        assert_eq!(chosen(Auto, true, Some("veth")), Device);
+        assert_eq!(chosen(Auto, true, Some("mlx5_core")), Auto);
+        assert_eq!(chosen(Auto, true, None), Auto, "unknown driver: XDP first");
+        // No slow-path device (ipip, or flannel.1 on the port): XDP first.
+        assert_eq!(chosen(Auto, false, Some("veth")), Auto);
+        assert_eq!(chosen(Device, false, Some("veth")), Auto);
+        // An explicit choice stands, and is not logged as changed.
+        for mode in [Xdp, Tc, Device] {
+            assert_eq!(resolve_decap_mode(mode, true, Some("veth")), (mode, None));
+        }
     }
 }
