@@ -35,7 +35,7 @@ use ebpf_prog::{
     encap::{
         OUTER_FRAG_OFF, SizeVerdict,
         ipip::{self, IpipParams},
-        next_outer_ip_id, outer_ip_id, size_verdict,
+        next_outer_ip_id, outer_ip_id, segments, size_verdict,
         vxlan::{self, VxlanParams, flow_src_port, outer_tos},
     },
     headers::{ETH_HLEN, ETH_P_IP, IP_DF, IPPROTO_UDP, IPV4_HLEN, OUTER_TTL},
@@ -294,8 +294,11 @@ fn fresh_outer_id(ctx: &TcContext) -> u16 {
         // The one slot of an array always exists; still, an ID of its own.
         return outer_ip_id(random);
     };
-    // SAFETY: reads a field of the program's own context.
-    let segs = unsafe { (*ctx.skb.skb).gso_segs };
+    // SAFETY: reads fields of the program's own context.
+    let segs = unsafe {
+        let skb = ctx.skb.skb;
+        segments((*skb).gso_segs, (*skb).gso_size, (*skb).len)
+    };
     // SAFETY: this CPU's slot from a successful lookup; nothing else on
     // this CPU runs concurrently with this program.
     unsafe {

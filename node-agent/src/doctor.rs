@@ -12,7 +12,7 @@ use weft_common::{PROG_DECAP_TC, PROG_DECAP_XDP, PROG_SLOWPATH_RX_TC};
 
 use crate::{
     agent::{RunSettings, endpoint_ips},
-    datapath::DecapMode,
+    datapath::{DecapMode, resolve_decap_mode},
     ethtool,
     flannel::{Backend, KeyLayout, NetworkConfig, SubnetEnv, flannel_mtu, underlay_mtu},
     flannel_takeover,
@@ -525,21 +525,22 @@ fn decap_hook(s: &RunSettings, iface: &Interface, cfg: &NetworkConfig) -> Check 
     if cfg.backend == Backend::HostGw {
         return Check::ok(NAME, "host-gw needs no decapsulation");
     }
-    let driver = ethtool::driver(&iface.name).unwrap_or_else(|e| format!("driver unknown: {e}"));
-    let on = format!("{} ({driver})", iface.name);
-    let pinned = |name: &str| s.pin_path.join(name).exists();
-    if s.decap_mode == DecapMode::Device && pinned(PROG_SLOWPATH_RX_TC) {
-        Check::ok(
+    let driver = ethtool::driver(&iface.name).ok();
+    let on = format!(
+        "{} ({})",
+        iface.name,
+        driver.as_deref().unwrap_or("driver unknown")
+    );
+    match decap_in_use(s, cfg, driver.as_deref()) {
+        (DecapMode::Device, true) => Check::ok(
             NAME,
             format!(
-                "the kernel's VXLAN socket of {} decapsulates, {PROG_SLOWPATH_RX_TC} checks each packet (--decap-mode device); no program on {on}",
+                "the kernel's VXLAN socket of {} decapsulates and {PROG_SLOWPATH_RX_TC} checks each packet; no program on {on}",
                 netconf::SLOW_PATH_DEVICE
             ),
-        )
-    } else if pinned(PROG_DECAP_XDP) {
-        Check::ok(NAME, format!("XDP in native mode decapsulates on {on}"))
-    } else if pinned(PROG_DECAP_TC) {
-        match s.decap_mode {
+        ),
+        (DecapMode::Xdp, true) => Check::ok(NAME, format!("XDP in native mode decapsulates on {on}")),
+        (DecapMode::Tc, true) => match s.decap_mode {
             DecapMode::Tc => Check::ok(
                 NAME,
                 format!("TC ingress decapsulates on {on} (--decap-mode tc)"),
@@ -552,36 +553,56 @@ fn decap_hook(s: &RunSettings, iface: &Interface, cfg: &NetworkConfig) -> Check 
                 ),
                 "use a NIC driver with native XDP, or pass --decap-mode tc to make the choice explicit",
             ),
-        }
-    } else {
-        Check::skip(
+        },
+        (mode, _) => Check::skip(
             NAME,
             format!(
                 "no agent data path is pinned under {} yet; on {on} the agent {}",
                 s.pin_path.display(),
-                match s.decap_mode {
-                    DecapMode::Auto => "tries XDP in native mode, then TC ingress",
-                    DecapMode::Xdp => "needs XDP in native mode (--decap-mode xdp)",
-                    DecapMode::Tc => "uses TC ingress (--decap-mode tc)",
+                match mode {
+                    DecapMode::Auto | DecapMode::Xdp => "tries XDP in native mode, then TC ingress",
+                    DecapMode::Tc => "uses TC ingress",
                     DecapMode::Device =>
-                        "leaves it to the kernel VXLAN socket of its slow-path device (--decap-mode device)",
+                        "leaves it to the kernel VXLAN socket of its slow-path device",
                 }
             ),
-        )
+        ),
+    }
+}
+
+/// How this node decapsulates: from the pinned links when an agent has
+/// attached them (true), else what `run` would choose here (false).
+fn decap_in_use(s: &RunSettings, cfg: &NetworkConfig, driver: Option<&str>) -> (DecapMode, bool) {
+    let pinned = |name: &str| s.pin_path.join(name).exists();
+    if pinned(PROG_DECAP_XDP) {
+        (DecapMode::Xdp, true)
+    } else if pinned(PROG_DECAP_TC) {
+        (DecapMode::Tc, true)
+    } else if pinned(PROG_SLOWPATH_RX_TC) {
+        (DecapMode::Device, true)
+    } else {
+        let vxlan = matches!(cfg.backend, Backend::Vxlan(_));
+        match resolve_decap_mode(s.decap_mode, vxlan, driver).0 {
+            // XDP first, TC only where it cannot attach.
+            DecapMode::Auto => (DecapMode::Xdp, false),
+            mode => (mode, false),
+        }
     }
 }
 
 /// GRO on a veth underlay: veth has it off by default, and after an XDP
 /// program passes a decapsulated frame nothing merges it unless it is on.
+/// Other hooks do not need it: TC passes aggregates and GRO-less frames to
+/// the kernel VXLAN socket, whose GRO cells merge the inner packets.
 fn gro(s: &RunSettings, iface: &Interface, cfg: &NetworkConfig) -> Check {
     const NAME: &str = "gro";
-    if cfg.backend == Backend::HostGw || matches!(s.decap_mode, DecapMode::Tc | DecapMode::Device) {
-        return Check::ok(NAME, "no XDP decapsulation, GRO state does not matter here");
-    }
     let driver = match ethtool::driver(&iface.name) {
         Ok(d) => d,
         Err(e) => return Check::skip(NAME, format!("cannot ask {}'s driver: {e}", iface.name)),
     };
+    if cfg.backend == Backend::HostGw || decap_in_use(s, cfg, Some(&driver)).0 != DecapMode::Xdp {
+        return Check::ok(NAME, "no XDP decapsulation, GRO state does not matter here");
+    }
     match ethtool::gro(&iface.name) {
         Ok(true) => Check::ok(NAME, format!("GRO is on on {} ({driver})", iface.name)),
         Ok(false) if driver == "veth" => Check::problem(

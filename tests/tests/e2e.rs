@@ -1359,6 +1359,7 @@ fn path_mtu_never_black_holes(
     let a = near.attach_container()?;
     let c = far.attach_container()?;
     let (near0, far0) = (counters(&near)?, counters(&far)?);
+    let reassembled0 = [reassembled(&near)?, reassembled(&far)?];
 
     // DF and non-DF pings up to the full 1450-byte MTU, fragmented pings,
     // and TCP at full MSS, both ways: every full-size tunnel packet is
@@ -1383,6 +1384,14 @@ fn path_mtu_never_black_holes(
     ensure!(
         slow_far > 0 && slow_near > 0,
         "full-size packets crossed the narrow hop without the slow path: far {slow_far}, near {slow_near}"
+    );
+    // The hop really fragmented them, and each node put them back together
+    // (under device decapsulation every packet counts as slow path, so that
+    // count alone would not show it).
+    let reassembled1 = [reassembled(&near)?, reassembled(&far)?];
+    ensure!(
+        reassembled1[0] > reassembled0[0] && reassembled1[1] > reassembled0[1],
+        "no outer packet was reassembled: near {reassembled0:?} -> {reassembled1:?} (near, far)"
     );
     if hook_sees_fragments {
         // With GRO, the far node may see the fragments already reassembled
@@ -1453,6 +1462,24 @@ fn path_mtu_never_black_holes(
         "reassembled datagrams did not come through the slow path: near {slow_rx_near}, far {slow_rx_far}"
     );
     Ok(())
+}
+
+/// Datagrams the host's IP layer reassembled (`Ip: ReasmOKs` in its
+/// namespace's /proc/net/snmp).
+fn reassembled(host: &Host<'_>) -> Result<u64> {
+    let snmp = host.ns().run(&["cat", "/proc/net/snmp"])?;
+    let mut ip = snmp.lines().filter(|l| l.starts_with("Ip:"));
+    let (Some(names), Some(values)) = (ip.next(), ip.next()) else {
+        bail!("no Ip: lines in /proc/net/snmp:\n{snmp}");
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(name, _)| *name == "ReasmOKs")
+        .with_context(|| format!("no ReasmOKs in {names}"))?
+        .1
+        .parse()
+        .context("ReasmOKs")
 }
 
 #[test]
@@ -1542,6 +1569,7 @@ fn ipip_across_a_narrow_hop_is_carried_by_the_userspace_slow_path() -> Result<()
     let a = near.attach_container()?;
     let c = far.attach_container()?;
     let (near0, far0) = (counters(&near)?, counters(&far)?);
+    let reassembled0 = [reassembled(&near)?, reassembled(&far)?];
     check_both_ways(&a, &c)?;
     for df in [true, false] {
         // 1452 + 28 = 1480 inner (the ipip cluster MTU), 1500 outer.

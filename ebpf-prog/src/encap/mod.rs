@@ -26,6 +26,20 @@ pub fn outer_ip_id(random: u32) -> u16 {
     (random ^ (random >> 16)) as u16
 }
 
+/// How many packets a packet of `len` bytes leaves as: its GSO segment
+/// count, or, where a GSO packet does not carry one (packets from a tap or
+/// a packet socket with a virtio-net header have `gso_size` but
+/// `gso_segs` 0), an upper bound from its length. Skipping an ID costs
+/// nothing; reusing one would.
+#[inline(always)]
+pub fn segments(gso_segs: u32, gso_size: u32, len: u32) -> u32 {
+    if gso_segs == 0 && gso_size != 0 {
+        len / gso_size + 1
+    } else {
+        gso_segs
+    }
+}
+
 /// Set in a [`next_outer_ip_id`] state once it has been seeded.
 const ID_SEEDED: u32 = 1 << 16;
 
@@ -159,6 +173,14 @@ mod tests {
             }
             total += segs.max(1);
         }
+    }
+
+    #[test]
+    fn a_gso_packet_without_a_segment_count_is_counted_from_its_length() {
+        assert_eq!(segments(0, 0, 1500), 0, "no GSO: next_outer_ip_id takes one");
+        assert_eq!(segments(44, 1448, 64_000), 44);
+        // 64,000 bytes in 1,448-byte segments: 45 at most (44.2).
+        assert_eq!(segments(0, 1448, 64_000), 45);
     }
 
     #[test]
