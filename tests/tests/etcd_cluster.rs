@@ -143,10 +143,12 @@ fn killed_stopped_and_upgraded_agents_lose_no_packet() -> Result<()> {
 /// leases in its map.
 #[test]
 fn a_compaction_behind_a_paused_watch_ends_in_exactly_the_live_leases() -> Result<()> {
-    /// Puts while frozen, each its own revision and watch response, with a
-    /// 4 KiB pad: over 1 MiB, past a flow-control window and etcd's queue
-    /// of 128 responses per watch stream.
-    const CHURN: usize = 300;
+    /// Puts while frozen, each its own revision and watch response, with an
+    /// 8 KiB pad: 24 MiB, far past what the client's HTTP/2 windows (2 MiB
+    /// a stream), the sockets and etcd's queue of 128 responses per watch
+    /// stream can hold, so etcd must hold the watcher back and, after the
+    /// compaction, cancel it. (300 puts of 4 KiB sometimes fit.)
+    const CHURN: usize = 3000;
     preflight()?;
     let cluster = Cluster::new(CONFIG)?;
     let (hosts, envs) = cluster.start_hosts(&[1, 2], &[], false)?;
@@ -160,7 +162,7 @@ fn a_compaction_behind_a_paused_watch_ends_in_exactly_the_live_leases() -> Resul
         }),
     };
     let subnet = |i: u8| -> Result<Ipv4Net> { Ok(format!("10.244.{}.0/24", 200 + i).parse()?) };
-    let pad = "x".repeat(4096);
+    let pad = "x".repeat(8192);
     let mut churn = Vec::with_capacity(CHURN);
     for n in 0..CHURN {
         let i = (n % 4) as u8;
