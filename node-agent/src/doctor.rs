@@ -539,7 +539,9 @@ fn decap_hook(s: &RunSettings, iface: &Interface, cfg: &NetworkConfig) -> Check 
                 netconf::SLOW_PATH_DEVICE
             ),
         ),
-        (DecapMode::Xdp, true) => Check::ok(NAME, format!("XDP in native mode decapsulates on {on}")),
+        (DecapMode::Xdp, true) => {
+            Check::ok(NAME, format!("XDP in native mode decapsulates on {on}"))
+        }
         (DecapMode::Tc, true) => match s.decap_mode {
             DecapMode::Tc => Check::ok(
                 NAME,

@@ -1569,7 +1569,6 @@ fn ipip_across_a_narrow_hop_is_carried_by_the_userspace_slow_path() -> Result<()
     let a = near.attach_container()?;
     let c = far.attach_container()?;
     let (near0, far0) = (counters(&near)?, counters(&far)?);
-    let reassembled0 = [reassembled(&near)?, reassembled(&far)?];
     check_both_ways(&a, &c)?;
     for df in [true, false] {
         // 1452 + 28 = 1480 inner (the ipip cluster MTU), 1500 outer.

@@ -177,7 +177,11 @@ mod tests {
 
     #[test]
     fn a_gso_packet_without_a_segment_count_is_counted_from_its_length() {
-        assert_eq!(segments(0, 0, 1500), 0, "no GSO: next_outer_ip_id takes one");
+        assert_eq!(
+            segments(0, 0, 1500),
+            0,
+            "no GSO: next_outer_ip_id takes one"
+        );
         assert_eq!(segments(44, 1448, 64_000), 44);
         // 64,000 bytes in 1,448-byte segments: 45 at most (44.2).
         assert_eq!(segments(0, 1448, 64_000), 45);
