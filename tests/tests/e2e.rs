@@ -542,13 +542,10 @@ fn tc_ingress_decapsulation_interoperates_with_xdp() -> Result<()> {
     // sender's super-packets whole, which no NIC does.
     tc_host.set_realistic_wire(true)?;
     xdp_host.set_realistic_wire(true)?;
-    tc_host.start_agent(&["--decap-mode", "tc"])?;
-    xdp_host.start_agent(&["--decap-mode", "xdp"])?;
-    let envs = [
-        tc_host.wait_subnet_env(CONVERGE)?,
-        xdp_host.wait_subnet_env(CONVERGE)?,
-    ];
-    wait_full_mesh(&[&tc_host, &xdp_host], &envs.iter().collect::<Vec<_>>())?;
+    start_agents(&[
+        (&tc_host, &["--decap-mode", "tc"]),
+        (&xdp_host, &["--decap-mode", "xdp"]),
+    ])?;
     let pins = tc_host.pinned_entries()?;
     ensure!(
         pins.iter().any(|p| p.ends_with(weft_common::PROG_DECAP_TC))
@@ -589,13 +586,10 @@ fn device_decapsulation_carries_gso_traffic_on_default_veth_offloads() -> Result
     let cluster = Cluster::new(CONFIG)?;
     let device_host = cluster.add_host(1)?;
     let xdp_host = cluster.add_host(2)?;
-    device_host.start_agent(&["--decap-mode", "device"])?;
-    xdp_host.start_agent(&["--decap-mode", "xdp"])?;
-    let envs = [
-        device_host.wait_subnet_env(CONVERGE)?,
-        xdp_host.wait_subnet_env(CONVERGE)?,
-    ];
-    wait_full_mesh(&[&device_host, &xdp_host], &envs.iter().collect::<Vec<_>>())?;
+    start_agents(&[
+        (&device_host, &["--decap-mode", "device"]),
+        (&xdp_host, &["--decap-mode", "xdp"]),
+    ])?;
     let pins = device_host.pinned_entries()?;
     ensure!(
         pins.iter()

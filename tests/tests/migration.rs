@@ -217,12 +217,8 @@ fn migrate_join_and_roll_back(backend: FlannelBackend, config: &str) -> Result<(
 fn with_takeover_off_flannels_state_stays_for_the_user() -> Result<()> {
     preflight()?;
     let cluster = Cluster::new(VXLAN)?;
-    let n = cluster.add_host(1)?;
-    let f = cluster.add_host(2)?;
-    let flannel_n = FlannelNode::start(&n, FlannelBackend::Vxlan, 1)?;
-    let flannel_f = FlannelNode::start(&f, FlannelBackend::Vxlan, 2)?;
+    let (n, f, flannel_n, flannel_f) = two_flannel_vxlan_nodes(&cluster)?;
     let f_subnet = flannel_f.env().subnet;
-    wait_kernel_routes(&n, &[f_subnet])?;
     flannel_n.stop()?;
     n.start_agent(&["--flannel-takeover=false"])?;
     n.wait_subnet_env(CONVERGE)?;
@@ -254,12 +250,8 @@ fn with_takeover_off_flannels_state_stays_for_the_user() -> Result<()> {
 fn cleanup_then_flanneld_gives_a_working_flannel_node_on_the_same_subnet() -> Result<()> {
     preflight()?;
     let cluster = Cluster::new(VXLAN)?;
-    let n = cluster.add_host(1)?;
-    let f = cluster.add_host(2)?;
-    let flannel_n = FlannelNode::start(&n, FlannelBackend::Vxlan, 1)?;
-    let flannel_f = FlannelNode::start(&f, FlannelBackend::Vxlan, 2)?;
+    let (n, f, flannel_n, flannel_f) = two_flannel_vxlan_nodes(&cluster)?;
     let n_subnet = flannel_n.env().subnet;
-    wait_kernel_routes(&n, &[flannel_f.env().subnet])?;
     flannel_n.stop()?;
     n.start_agent(&[])?;
     wait_log(&n, "took over from flannel")?;
@@ -289,6 +281,19 @@ fn cleanup_then_flanneld_gives_a_working_flannel_node_on_the_same_subnet() -> Re
     cf.ping(cn.ip(), 3, 56, false)?;
     flannel_n.check()?;
     flannel_f.check()
+}
+
+/// Hosts 1 and 2 as flannel vxlan nodes `n` and `f` (10.244.1.0/24 and
+/// 10.244.2.0/24), once `n` routes to `f`.
+fn two_flannel_vxlan_nodes(
+    cluster: &Cluster,
+) -> Result<(Host<'_>, Host<'_>, FlannelNode, FlannelNode)> {
+    let n = cluster.add_host(1)?;
+    let f = cluster.add_host(2)?;
+    let flannel_n = FlannelNode::start(&n, FlannelBackend::Vxlan, 1)?;
+    let flannel_f = FlannelNode::start(&f, FlannelBackend::Vxlan, 2)?;
+    wait_kernel_routes(&n, &[flannel_f.env().subnet])?;
+    Ok((n, f, flannel_n, flannel_f))
 }
 
 /// Pings between every pair (both ways in one: replies come back), waiting
