@@ -225,6 +225,15 @@ impl Targets<'_> {
             ratio(kv, Some(1.0)),
             kv.map(|v| v >= 1.3),
         ));
+        let cpu = q(
+            self.med("weft-vxlan", |s| &s.cpu_per_gbps),
+            self.med("kernel-vxlan", |s| &s.cpu_per_gbps),
+        );
+        rows.push((
+            "weft vxlan kernel CPU per Gbit/s ≤ 0.8 × kernel vxlan".into(),
+            ratio(cpu, Some(1.0)),
+            cpu.map(|v| v <= 0.8),
+        ));
         let dr = q(
             self.med("weft-vxlan-dr", |s| &s.tcp1),
             self.med("plain", |s| &s.tcp1),
@@ -369,6 +378,8 @@ fn markdown(r: &Results, kind: &str, svg_rel: &str, json_rel: &str) -> String {
         f(median(&r.gen_ceiling_received).map(|v| v / 1e3), 0)
     );
     gaps(&mut o, r);
+    cpu_table(&mut o, r);
+    offload_table(&mut o, r);
     o.push_str("## Mode comparison (default veth offloads: TSO/GSO on — not a realistic wire)\n\n");
     mode_table(&mut o, r, "default-veth", false);
 
@@ -534,6 +545,53 @@ fn gaps(o: &mut String, r: &Results) {
     }
     o.push_str(&why);
     o.push_str("\n\n");
+}
+
+/// `ethtool -k` of host 1's cable in each phase and mode.
+fn offload_table(out: &mut String, r: &Results) {
+    if r.offloads.is_empty() {
+        return;
+    }
+    out.push_str("## Offloads as measured\n\n`ethtool -k` on both ends of host 1's underlay cable during each phase (an XDP program on a veth turns GSO/TSO off on its peer, whatever was asked).\n\n| phase | mode | offloads |\n|---|---|---|\n");
+    for (phase, modes) in &r.offloads {
+        for spec in MODES {
+            if let Some(summary) = modes.get(spec.key) {
+                let _ = writeln!(out, "| {phase} | {} | {summary} |", spec.label);
+            }
+        }
+    }
+    out.push('\n');
+}
+
+/// Kernel CPU per Gbit/s at a fixed offered TCP rate, realistic wire.
+fn cpu_table(out: &mut String, r: &Results) {
+    let Some(p) = r.phases.get("realistic") else {
+        return;
+    };
+    let med = |key: &str, get: Getter| p.get(key).and_then(|s| median(get(s)));
+    let _ = writeln!(
+        out,
+        "## CPU cost (realistic wire)\n\nOne TCP stream offered at {} Gbit/s (`iperf3 -b`), a rate every mode carries; the whole machine's system, irq and softirq time from `/proc/stat` over the run, in cores per Gbit/s carried (iperf3's own user time left out: the same in every mode). Both hosts' work is in it, sender and receiver. Lower is better.\n\n| mode | carried Gbit/s | kernel cores per Gbit/s | × kernel vxlan | × plain |\n|---|---|---|---|---|",
+        super::traffic::CPU_RATE_GBPS
+    );
+    let kernel = med("kernel-vxlan", |s| &s.cpu_per_gbps);
+    let plain = med("plain", |s| &s.cpu_per_gbps);
+    for spec in MODES {
+        if r.na.contains_key(spec.key) {
+            continue;
+        }
+        let per = med(spec.key, |s| &s.cpu_per_gbps);
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} |",
+            spec.label,
+            f(med(spec.key, |s| &s.cpu_gbps), 2),
+            f(per, 3),
+            ratio(per, kernel),
+            ratio(per, plain),
+        );
+    }
+    out.push('\n');
 }
 
 /// Picks one metric's samples.
@@ -711,6 +769,7 @@ fn to_json(r: &Results, kind: &str) -> Value {
         "bpf_cost": r.cost.iter().map(super::scale::Cost::to_json).collect::<Vec<_>>(),
         "scale": r.scale.to_json(),
         "convergence": r.converge.as_ref().map(super::converge::Convergence::to_json),
+        "offloads": r.offloads,
         "notes": r.notes,
     })
 }
@@ -874,6 +933,8 @@ pub fn from_json(v: &Value) -> Result<Results> {
                     tps: floats(&s["rr_tps"]),
                     p50_us: floats(&s["rr_p50_us"]),
                     p99_us: floats(&s["rr_p99_us"]),
+                    cpu_gbps: floats(&s["cpu_gbps"]),
+                    cpu_per_gbps: floats(&s["cpu_cores_per_gbps"]),
                     errors: strings(&s["errors"]),
                 },
             );
@@ -929,6 +990,12 @@ pub fn from_json(v: &Value) -> Result<Results> {
         cost,
         scale,
         converge,
+        offloads: v["offloads"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(phase, modes)| (phase.clone(), map_str(modes)))
+            .collect(),
         notes: strings(&v["notes"]),
         elapsed_secs: v["elapsed_secs"].as_f64().unwrap_or(0.0),
     })

@@ -154,6 +154,10 @@ pub struct Samples {
     pub tps: Vec<f64>,
     pub p50_us: Vec<f64>,
     pub p99_us: Vec<f64>,
+    /// TCP carried at the CPU run's fixed offered rate, Gbit/s.
+    pub cpu_gbps: Vec<f64>,
+    /// Kernel CPU per Gbit/s at that rate, cores.
+    pub cpu_per_gbps: Vec<f64>,
     pub errors: Vec<String>,
 }
 
@@ -163,6 +167,7 @@ impl Samples {
             "tcp1_gbps": self.tcp1, "tcp4_gbps": self.tcp4,
             "pps_received": self.pps, "pps_sent": self.sent_pps, "loss": self.loss,
             "rr_tps": self.tps, "rr_p50_us": self.p50_us, "rr_p99_us": self.p99_us,
+            "cpu_gbps": self.cpu_gbps, "cpu_cores_per_gbps": self.cpu_per_gbps,
             "errors": self.errors,
         })
     }
@@ -216,6 +221,8 @@ pub struct Results {
     pub cost: Vec<scale::Cost>,
     pub scale: scale::ScaleResults,
     pub converge: Option<converge::Convergence>,
+    /// phase -> mode key -> `ethtool -k` of host 1's cable, both ends.
+    pub offloads: BTreeMap<String, BTreeMap<String, String>>,
     pub notes: Vec<String>,
     pub elapsed_secs: f64,
 }
@@ -317,7 +324,11 @@ pub fn run(quick: bool) -> Result<()> {
     ] {
         println!("==> phase {phase}: {rounds} round(s), modes interleaved");
         for h in hosts.iter().flatten().flatten() {
-            h.set_realistic_wire(realistic)?;
+            set_wire(h, realistic)?;
+        }
+        let offloads = results.offloads.entry(phase.to_owned()).or_default();
+        for env in &envs {
+            offloads.insert(env.spec.key.to_owned(), offload_summary(env.a.host()));
         }
         if !realistic {
             results.notes.push(format!(
@@ -358,7 +369,7 @@ pub fn run(quick: bool) -> Result<()> {
     }
     // The rest runs on the realistic wire.
     for h in hosts.iter().flatten().flatten() {
-        h.set_realistic_wire(true)?;
+        set_wire(h, true)?;
     }
 
     println!("==> convergence");
@@ -508,6 +519,13 @@ fn measure_mode(env: &ModeEnv<'_>, plan: &Plan, realistic: bool, s: &mut Samples
         Err(e) => s.errors.push(format!("pps: {e:#}")),
     }
     if realistic {
+        match traffic::tcp_cpu_per_gbps(a.ns(), b.ip(), plan.tcp_secs) {
+            Ok((gbps, per)) => {
+                s.cpu_gbps.push(gbps);
+                s.cpu_per_gbps.push(per);
+            }
+            Err(e) => s.errors.push(format!("cpu: {e:#}")),
+        }
         match traffic::tcp_rr(a.ns(), b.ns(), b.ip(), plan.rr_secs) {
             Ok(r) => {
                 s.tps.push(r.tps);
@@ -517,6 +535,59 @@ fn measure_mode(env: &ModeEnv<'_>, plan: &Plan, realistic: bool, s: &mut Samples
             Err(e) => s.errors.push(format!("rr: {e:#}")),
         }
     }
+}
+
+/// The realistic wire: no segmentation offloads (MTU-sized frames on the
+/// underlay) and GRO on at both ends of the cable, as NICs ship; or veth's
+/// defaults (TSO/GSO on, GRO off).
+fn set_wire(host: &Host<'_>, realistic: bool) -> Result<()> {
+    host.set_realistic_wire(realistic)?;
+    let gro = if realistic { "on" } else { "off" };
+    let port = switch_port(host.index());
+    for (ns, dev) in [(host.ns(), "eth0"), (host.cluster().switch(), port.as_str())] {
+        ns.run(&["ethtool", "-K", dev, "gro", gro])
+            .with_context(|| format!("GRO {gro} on {dev} of host {}", host.index()))?;
+    }
+    Ok(())
+}
+
+/// The offloads that matter here, as `ethtool -k` reports them, on both
+/// ends of `host`'s cable: `host eth0: gro on, ... / switch port: ...`.
+fn offload_summary(host: &Host<'_>) -> String {
+    const FEATURES: [&str; 4] = [
+        "generic-receive-offload",
+        "tcp-segmentation-offload",
+        "generic-segmentation-offload",
+        "tx-udp_tnl-segmentation",
+    ];
+    let port = switch_port(host.index());
+    [
+        ("host eth0", host.ns().run(&["ethtool", "-k", "eth0"])),
+        (
+            "switch port",
+            host.cluster().switch().run(&["ethtool", "-k", &port]),
+        ),
+    ]
+    .into_iter()
+    .map(|(side, out)| {
+        let features = match out {
+            Ok(out) => FEATURES
+                .iter()
+                .map(|name| {
+                    let state = out
+                        .lines()
+                        .find_map(|l| l.trim().strip_prefix(&format!("{name}:")))
+                        .map_or("?", str::trim);
+                    format!("{name} {state}")
+                })
+                .collect::<Vec<_>>()
+                .join(", "),
+            Err(e) => format!("ethtool failed: {e:#}"),
+        };
+        format!("{side}: {features}")
+    })
+    .collect::<Vec<_>>()
+    .join("; ")
 }
 
 /// `mode: on|off` for each mode: the switch-side end of host 1's cable's

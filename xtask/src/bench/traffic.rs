@@ -94,6 +94,71 @@ pub fn tcp_gbps(client: &Netns, dst: Ipv4Addr, streams: u32, secs: u32) -> Resul
     bail!("iperf3 to {dst} failed: {last}")
 }
 
+/// The offered rate of the CPU-cost run: every mode carries it on the
+/// realistic wire with room to spare, so all do the same work.
+pub const CPU_RATE_GBPS: f64 = 1.0;
+
+/// Kernel CPU (system, irq and softirq time of every CPU, from /proc/stat)
+/// per Gbit/s carried, while `client` sends one TCP stream to `dst` at
+/// [`CPU_RATE_GBPS`] for `secs`: cores per Gbit/s. The user time of iperf3
+/// is left out; it is the same in every mode. Returns (Gbit/s carried,
+/// cores per Gbit/s).
+pub fn tcp_cpu_per_gbps(client: &Netns, dst: Ipv4Addr, secs: u32) -> Result<(f64, f64)> {
+    let before = kernel_jiffies()?;
+    let start = std::time::Instant::now();
+    let out = client.exec(&[
+        "iperf3",
+        "-c",
+        &dst.to_string(),
+        "-p",
+        &IPERF_PORT.to_string(),
+        "-t",
+        &secs.to_string(),
+        "-b",
+        &format!("{CPU_RATE_GBPS}G"),
+        "-J",
+        "-A",
+        "0,1",
+    ])?;
+    let elapsed = start.elapsed().as_secs_f64();
+    let after = kernel_jiffies()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "iperf3 -b to {dst} failed: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let gbps = json(&text, "iperf3")?["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("iperf3 JSON without end.sum_received")?
+        / 1e9;
+    // SAFETY: sysconf with a constant name.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let cores = (after - before) as f64 / hz / elapsed;
+    if gbps <= 0.0 {
+        bail!("iperf3 -b to {dst} carried nothing");
+    }
+    Ok((gbps, cores / gbps))
+}
+
+/// system + irq + softirq jiffies of all CPUs together (/proc/stat's `cpu`
+/// line: user nice system idle iowait irq softirq ...).
+fn kernel_jiffies() -> Result<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .context("no cpu line in /proc/stat")?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().context("a /proc/stat field"))
+        .collect::<Result<_>>()?;
+    let field = |i: usize| v.get(i).copied().context("a short /proc/stat cpu line");
+    Ok(field(2)? + field(5)? + field(6)?)
+}
+
 /// What one packet-rate run measured.
 #[derive(Clone, Copy, Debug)]
 pub struct Pps {
