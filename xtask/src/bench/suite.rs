@@ -544,7 +544,10 @@ fn set_wire(host: &Host<'_>, realistic: bool) -> Result<()> {
     host.set_realistic_wire(realistic)?;
     let gro = if realistic { "on" } else { "off" };
     let port = switch_port(host.index());
-    for (ns, dev) in [(host.ns(), "eth0"), (host.cluster().switch(), port.as_str())] {
+    for (ns, dev) in [
+        (host.ns(), "eth0"),
+        (host.cluster().switch(), port.as_str()),
+    ] {
         ns.run(&["ethtool", "-K", dev, "gro", gro])
             .with_context(|| format!("GRO {gro} on {dev} of host {}", host.index()))?;
     }
