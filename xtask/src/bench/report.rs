@@ -230,7 +230,7 @@ impl Targets<'_> {
             self.med("kernel-vxlan", |s| &s.cpu_per_gbps),
         );
         rows.push((
-            "weft vxlan kernel CPU per Gbit/s ≤ 0.8 × kernel vxlan".into(),
+            "weft vxlan CPU per Gbit/s ≤ 0.8 × kernel vxlan".into(),
             ratio(cpu, Some(1.0)),
             cpu.map(|v| v <= 0.8),
         ));
@@ -563,7 +563,7 @@ fn offload_table(out: &mut String, r: &Results) {
     out.push('\n');
 }
 
-/// Kernel CPU per Gbit/s at a fixed offered TCP rate, realistic wire.
+/// CPU per Gbit/s at a fixed offered TCP rate, realistic wire.
 fn cpu_table(out: &mut String, r: &Results) {
     let Some(p) = r.phases.get("realistic") else {
         return;
@@ -571,7 +571,7 @@ fn cpu_table(out: &mut String, r: &Results) {
     let med = |key: &str, get: Getter| p.get(key).and_then(|s| median(get(s)));
     let _ = writeln!(
         out,
-        "## CPU cost (realistic wire)\n\nOne TCP stream offered at {} Gbit/s (`iperf3 -b`), a rate every mode carries; the whole machine's system, irq and softirq time from `/proc/stat` over the run, in cores per Gbit/s carried (iperf3's own user time left out: the same in every mode). Both hosts' work is in it, sender and receiver. Lower is better.\n\n| mode | carried Gbit/s | kernel cores per Gbit/s | × kernel vxlan | × plain |\n|---|---|---|---|---|",
+        "## CPU cost (realistic wire)\n\nOne TCP stream offered at {} Gbit/s (`iperf3 -b`), a rate every mode carries. CPU is the spare capacity the run takes away: one SCHED_IDLE thread pinned to each CPU counts loop iterations during the run and during one idle second before it, and the cores used are CPUs × (1 − busy rate / idle rate), in cores per Gbit/s carried. Both hosts' work is in it, softirq included, and iperf3's own, the same in every mode. (/proc/stat's system + softirq time came out bimodal here: with tick-based accounting and idle ticks stopped, short bursts of softirq work on a mostly idle CPU are charged to idle.) Lower is better.\n\n| mode | carried Gbit/s | cores per Gbit/s | × kernel vxlan | × plain |\n|---|---|---|---|---|",
         super::traffic::CPU_RATE_GBPS
     );
     let kernel = med("kernel-vxlan", |s| &s.cpu_per_gbps);

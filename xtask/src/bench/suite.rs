@@ -156,7 +156,7 @@ pub struct Samples {
     pub p99_us: Vec<f64>,
     /// TCP carried at the CPU run's fixed offered rate, Gbit/s.
     pub cpu_gbps: Vec<f64>,
-    /// Kernel CPU per Gbit/s at that rate, cores.
+    /// CPU per Gbit/s at that rate (spare capacity taken), cores.
     pub cpu_per_gbps: Vec<f64>,
     pub errors: Vec<String>,
 }

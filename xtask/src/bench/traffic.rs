@@ -100,30 +100,35 @@ pub fn tcp_gbps(client: &Netns, dst: Ipv4Addr, streams: u32, secs: u32) -> Resul
 /// add up to a usable figure in a few seconds.
 pub const CPU_RATE_GBPS: f64 = 3.0;
 
-/// Kernel CPU (system, irq and softirq time of every CPU, from /proc/stat)
-/// per Gbit/s carried, while `client` sends one TCP stream to `dst` at
-/// [`CPU_RATE_GBPS`] for `secs`: cores per Gbit/s. The user time of iperf3
-/// is left out; it is the same in every mode. Returns (Gbit/s carried,
-/// cores per Gbit/s).
+/// CPU per Gbit/s carried while `client` sends one TCP stream to `dst` at
+/// [`CPU_RATE_GBPS`] for `secs`, in cores, measured as the spare CPU the
+/// run takes away (see [`soak`]): all work counts, both hosts', softirq
+/// included, and iperf3's own, the same in every mode. /proc/stat cannot
+/// be used here: with tick-based accounting and idle ticks stopped, bursts
+/// of softirq work on a mostly idle CPU are charged to idle, which gave
+/// bimodal samples (0.01 or 0.4 for the same mode). Returns (Gbit/s
+/// carried, cores per Gbit/s).
 pub fn tcp_cpu_per_gbps(client: &Netns, dst: Ipv4Addr, secs: u32) -> Result<(f64, f64)> {
-    let before = kernel_jiffies()?;
-    let start = std::time::Instant::now();
-    let out = client.exec(&[
-        "iperf3",
-        "-c",
-        &dst.to_string(),
-        "-p",
-        &IPERF_PORT.to_string(),
-        "-t",
-        &secs.to_string(),
-        "-b",
-        &format!("{CPU_RATE_GBPS}G"),
-        "-J",
-        "-A",
-        "0,1",
-    ])?;
-    let elapsed = start.elapsed().as_secs_f64();
-    let after = kernel_jiffies()?;
+    let ((), idle_rate) = soak(|| {
+        std::thread::sleep(Duration::from_secs(1));
+        Ok(())
+    })?;
+    let (out, busy_rate) = soak(|| {
+        client.exec(&[
+            "iperf3",
+            "-c",
+            &dst.to_string(),
+            "-p",
+            &IPERF_PORT.to_string(),
+            "-t",
+            &secs.to_string(),
+            "-b",
+            &format!("{CPU_RATE_GBPS}G"),
+            "-J",
+            "-A",
+            "0,1",
+        ])
+    })?;
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
         bail!(
@@ -135,30 +140,56 @@ pub fn tcp_cpu_per_gbps(client: &Netns, dst: Ipv4Addr, secs: u32) -> Result<(f64
         .as_f64()
         .context("iperf3 JSON without end.sum_received")?
         / 1e9;
-    // SAFETY: sysconf with a constant name.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let cores = (after - before) as f64 / hz / elapsed;
-    if gbps <= 0.0 {
-        bail!("iperf3 -b to {dst} carried nothing");
+    if gbps <= 0.0 || idle_rate <= 0.0 {
+        bail!("iperf3 -b to {dst} carried nothing, or the idle probe did not run");
     }
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get) as f64;
+    let cores = cpus * (1.0 - busy_rate / idle_rate).max(0.0);
     Ok((gbps, cores / gbps))
 }
 
-/// system + irq + softirq jiffies of all CPUs together (/proc/stat's `cpu`
-/// line: user nice system idle iowait irq softirq ...).
-fn kernel_jiffies() -> Result<u64> {
-    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
-    let line = stat
-        .lines()
-        .find(|l| l.starts_with("cpu "))
-        .context("no cpu line in /proc/stat")?;
-    let v: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .map(|x| x.parse().context("a /proc/stat field"))
-        .collect::<Result<_>>()?;
-    let field = |i: usize| v.get(i).copied().context("a short /proc/stat cpu line");
-    Ok(field(2)? + field(5)? + field(6)?)
+/// Runs `work` while one SCHED_IDLE thread per CPU, pinned to it, counts
+/// loop iterations: such threads run only when nothing else wants the CPU
+/// (softirq work preempts them too), so the iterations per second they
+/// manage measure the spare CPU. Returns `work`'s result and that rate.
+fn soak<T>(work: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU64::new(0));
+    let threads: Vec<_> = (0..cpus)
+        .map(|cpu| {
+            let (stop, count) = (Arc::clone(&stop), Arc::clone(&count));
+            std::thread::spawn(move || {
+                // SAFETY: affinity and policy of the calling thread only,
+                // with a zeroed (then filled) cpu_set_t and sched_param.
+                unsafe {
+                    let mut set: libc::cpu_set_t = std::mem::zeroed();
+                    libc::CPU_SET(cpu, &mut set);
+                    libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+                    let param: libc::sched_param = std::mem::zeroed();
+                    libc::sched_setscheduler(0, libc::SCHED_IDLE, &param);
+                }
+                while !stop.load(Ordering::Relaxed) {
+                    let mut x = 0u64;
+                    for i in 0..10_000u64 {
+                        x = std::hint::black_box(x.wrapping_add(i));
+                    }
+                    std::hint::black_box(x);
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    let start = std::time::Instant::now();
+    let result = work();
+    let elapsed = start.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok((result?, count.load(Ordering::Relaxed) as f64 / elapsed))
 }
 
 /// What one packet-rate run measured.
