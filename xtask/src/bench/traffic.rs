@@ -61,24 +61,37 @@ pub fn iperf_server(ns: &Netns, ip: Ipv4Addr) -> Result<Background> {
 /// TCP throughput from `client` to the iperf3 server at `dst`, Gbit/s as
 /// the receiver counted it.
 pub fn tcp_gbps(client: &Netns, dst: Ipv4Addr, streams: u32, secs: u32) -> Result<f64> {
+    iperf3_tcp(client, dst, streams, secs, None)
+}
+
+/// One iperf3 TCP run of `streams` streams, at most `rate_gbps` if given;
+/// Gbit/s as the receiver counted it.
+fn iperf3_tcp(
+    client: &Netns,
+    dst: Ipv4Addr,
+    streams: u32,
+    secs: u32,
+    rate_gbps: Option<f64>,
+) -> Result<f64> {
+    let (dst_s, port, secs_s, streams_s) = (
+        dst.to_string(),
+        IPERF_PORT.to_string(),
+        secs.to_string(),
+        streams.to_string(),
+    );
+    let rate = rate_gbps.map(|r| format!("{r}G"));
+    let mut args = vec![
+        "iperf3", "-c", &dst_s, "-p", &port, "-t", &secs_s, "-P", &streams_s, "-J",
+        // Client on core 0, server on core 1 in every mode: the same
+        // placement each time instead of the scheduler's choice.
+        "-A", "0,1",
+    ];
+    if let Some(rate) = &rate {
+        args.extend(["-b", rate.as_str()]);
+    }
     let mut last = String::new();
     for _ in 0..3 {
-        let out = client.exec(&[
-            "iperf3",
-            "-c",
-            &dst.to_string(),
-            "-p",
-            &IPERF_PORT.to_string(),
-            "-t",
-            &secs.to_string(),
-            "-P",
-            &streams.to_string(),
-            "-J",
-            // Client on core 0, server on core 1 in every mode: the same
-            // placement each time instead of the scheduler's choice.
-            "-A",
-            "0,1",
-        ])?;
+        let out = client.exec(&args)?;
         let text = String::from_utf8_lossy(&out.stdout);
         if out.status.success() {
             let v = json(&text, "iperf3")?;
@@ -96,8 +109,8 @@ pub fn tcp_gbps(client: &Netns, dst: Ipv4Addr, streams: u32, secs: u32) -> Resul
 
 /// The offered rate of the CPU-cost run: every mode carries it on the
 /// realistic wire (the slowest, XDP on a veth, about 5 Gbit/s here), so all
-/// do the same work, and it is high enough that /proc/stat's 10 ms ticks
-/// add up to a usable figure in a few seconds.
+/// do the same work, and it takes enough CPU to stand well above the spare
+/// capacity probe's noise.
 pub const CPU_RATE_GBPS: f64 = 3.0;
 
 /// CPU per Gbit/s carried while `client` sends one TCP stream to `dst` at
@@ -113,33 +126,7 @@ pub fn tcp_cpu_per_gbps(client: &Netns, dst: Ipv4Addr, secs: u32) -> Result<(f64
         std::thread::sleep(Duration::from_secs(1));
         Ok(())
     })?;
-    let (out, busy_rate) = soak(|| {
-        client.exec(&[
-            "iperf3",
-            "-c",
-            &dst.to_string(),
-            "-p",
-            &IPERF_PORT.to_string(),
-            "-t",
-            &secs.to_string(),
-            "-b",
-            &format!("{CPU_RATE_GBPS}G"),
-            "-J",
-            "-A",
-            "0,1",
-        ])
-    })?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        bail!(
-            "iperf3 -b to {dst} failed: {text} {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let gbps = json(&text, "iperf3")?["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .context("iperf3 JSON without end.sum_received")?
-        / 1e9;
+    let (gbps, busy_rate) = soak(|| iperf3_tcp(client, dst, 1, secs, Some(CPU_RATE_GBPS)))?;
     if gbps <= 0.0 || idle_rate <= 0.0 {
         bail!("iperf3 -b to {dst} carried nothing, or the idle probe did not run");
     }
