@@ -594,16 +594,20 @@ fn decap_in_use(s: &RunSettings, cfg: &NetworkConfig, driver: Option<&str>) -> (
 
 /// GRO on a veth underlay: veth has it off by default, and after an XDP
 /// program passes a decapsulated frame nothing merges it unless it is on.
-/// Other hooks do not need it: TC passes aggregates and GRO-less frames to
-/// the kernel VXLAN socket, whose GRO cells merge the inner packets.
+/// It matters only to XDP: TC sees skbs the stack already built, and under
+/// `device` the kernel VXLAN socket's GRO cells merge the inner packets.
 fn gro(s: &RunSettings, iface: &Interface, cfg: &NetworkConfig) -> Check {
     const NAME: &str = "gro";
+    const NOT_XDP: &str = "no XDP decapsulation, GRO state does not matter here";
+    if cfg.backend == Backend::HostGw {
+        return Check::ok(NAME, NOT_XDP);
+    }
     let driver = match ethtool::driver(&iface.name) {
         Ok(d) => d,
         Err(e) => return Check::skip(NAME, format!("cannot ask {}'s driver: {e}", iface.name)),
     };
-    if cfg.backend == Backend::HostGw || decap_in_use(s, cfg, Some(&driver)).0 != DecapMode::Xdp {
-        return Check::ok(NAME, "no XDP decapsulation, GRO state does not matter here");
+    if decap_in_use(s, cfg, Some(&driver)).0 != DecapMode::Xdp {
+        return Check::ok(NAME, NOT_XDP);
     }
     match ethtool::gro(&iface.name) {
         Ok(true) => Check::ok(NAME, format!("GRO is on on {} ({driver})", iface.name)),
