@@ -31,6 +31,18 @@ pub const PROG_MARK_TC: &str = "weft_mark_tc";
 /// Name of the BPF global holding the firewall mark ORed into decapsulated
 /// packets' `skb->mark` (host order); set at load time, 0 = no mark.
 pub const GLOBAL_DECAP_MARK: &str = "DECAP_MARK";
+/// Name of the BPF global saying how decapsulated packets reach their
+/// container (host order): [`HOST_ROUTING_KERNEL`] or [`HOST_ROUTING_BPF`].
+/// Set at load time from the agent's `--host-routing`.
+pub const GLOBAL_HOST_ROUTING: &str = "HOST_ROUTING";
+/// `--host-routing kernel` (the default): decapsulated packets go up the
+/// host's stack on `--iface` and are IP-forwarded to the container, through
+/// netfilter's PREROUTING and FORWARD hooks and conntrack.
+pub const HOST_ROUTING_KERNEL: u32 = 0;
+/// `--host-routing bpf`: the decap program looks the inner destination up in
+/// the FIB itself and hands the frame straight to the container's bridge
+/// (or device), skipping the host's IP forwarding and netfilter.
+pub const HOST_ROUTING_BPF: u32 = 1;
 /// Default of the agent's `--decap-mark`: one bit that kube-proxy (0x4000,
 /// 0x8000), Calico (0xffff0000) and Docker leave alone.
 pub const DEFAULT_DECAP_MARK: u32 = 0x1000;
@@ -214,11 +226,19 @@ pub enum Reason {
     DropIcmpRateLimited = 26,
     /// Dropped: a tunnel packet with another VNI reached the slow path.
     DropForeignVni = 27,
+    /// Decapsulated and handed by BPF straight to the device the FIB
+    /// chose for the inner destination (`--host-routing bpf`), skipping
+    /// the host's IP forwarding and netfilter.
+    DeliveredDirect = 28,
+    /// Dropped: a tunnel packet the slow-path device's socket received for
+    /// a local address other than this node's PublicIP (the socket listens
+    /// on every address; a peer only sends to the PublicIP).
+    DropForeignOuterDestination = 29,
 }
 
 impl Reason {
     /// Number of counter slots; the size of [`MAP_COUNTERS`].
-    pub const COUNT: u32 = 28;
+    pub const COUNT: u32 = 30;
 
     /// Every reason, in index order; for dumping counters.
     pub const ALL: [Reason; Self::COUNT as usize] = [
@@ -250,6 +270,8 @@ impl Reason {
         Reason::DropTooBigNoReply,
         Reason::DropIcmpRateLimited,
         Reason::DropForeignVni,
+        Reason::DeliveredDirect,
+        Reason::DropForeignOuterDestination,
     ];
 
     /// Stable snake-case name, for logs and metrics.
@@ -283,6 +305,8 @@ impl Reason {
             Reason::DropTooBigNoReply => "drop_too_big_no_reply",
             Reason::DropIcmpRateLimited => "drop_icmp_rate_limited",
             Reason::DropForeignVni => "drop_foreign_vni",
+            Reason::DeliveredDirect => "delivered_direct",
+            Reason::DropForeignOuterDestination => "drop_foreign_outer_destination",
         }
     }
 
@@ -304,6 +328,7 @@ impl Reason {
                 | Reason::DropTooBigNoReply
                 | Reason::DropIcmpRateLimited
                 | Reason::DropForeignVni
+                | Reason::DropForeignOuterDestination
         )
     }
 }

@@ -50,9 +50,61 @@ pub fn ipv4_header_is_valid(hdr: &[u8; 20]) -> bool {
     fold(sum) == 0
 }
 
+/// Bytes 8..12 of an IPv4 header (TTL, protocol, checksum) after one hop
+/// of forwarding: TTL one less and the checksum updated incrementally
+/// (RFC 1624 eqn. 3, as the kernel's `ip_decrease_ttl` does), so a
+/// program that forwards a packet itself writes them back in one store.
+/// `None` when the TTL is too low to forward (0 or 1): the kernel's
+/// forwarding path then answers with ICMP "time exceeded".
+#[inline(always)]
+pub fn ipv4_ttl_decremented(word: [u8; 4]) -> Option<[u8; 4]> {
+    let [ttl, proto, c0, c1] = word;
+    if ttl <= 1 {
+        return None;
+    }
+    // ~HC' = ~HC + ~m + m' where m = (ttl, proto) and m' = (ttl - 1, proto).
+    let old = u16::from_be_bytes([ttl, proto]);
+    let new = u16::from_be_bytes([ttl - 1, proto]);
+    let sum = u32::from(!u16::from_be_bytes([c0, c1])) + u32::from(!old) + u32::from(new);
+    let check = fold(sum).to_be_bytes();
+    Some([ttl - 1, proto, check[0], check[1]])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ttl_decrement_keeps_the_checksum_valid() {
+        let mut hdr = [
+            0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0x00, 0x00, 0xc0, 0xa8,
+            0x00, 0x01, 0xc0, 0xa8, 0x00, 0xc7,
+        ];
+        // Every TTL and protocol, including the carries around 0x0100.
+        for ttl in 0..=255u8 {
+            for proto in [0u8, 1, 6, 17, 0xff] {
+                hdr[8] = ttl;
+                hdr[9] = proto;
+                hdr[10..12].fill(0);
+                let check = ipv4_header(&hdr);
+                hdr[10..12].copy_from_slice(&check.to_be_bytes());
+                let word = [hdr[8], hdr[9], hdr[10], hdr[11]];
+                match ipv4_ttl_decremented(word) {
+                    None => assert!(ttl <= 1, "ttl {ttl} refused"),
+                    Some(new) => {
+                        assert_eq!(new[0], ttl - 1);
+                        assert_eq!(new[1], proto);
+                        let mut after = hdr;
+                        after[8..12].copy_from_slice(&new);
+                        assert!(ipv4_header_is_valid(&after), "ttl {ttl} proto {proto}");
+                        // The same checksum a full recomputation gives.
+                        after[10..12].fill(0);
+                        assert_eq!(ipv4_header(&after).to_be_bytes(), [new[2], new[3]]);
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn rfc1071_example_header() {

@@ -51,6 +51,7 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr, udp::UdpHdr};
 use weft_common::{DECAP_IPIP, DECAP_VXLAN, NodeConfig, Reason};
 
 use crate::{
+    host_route,
     maps::{helper_failed, is_known_node, node_config, remote_for},
     mark,
     packet::{PacketWindow, ptr_at_mut, read_at},
@@ -113,7 +114,9 @@ pub fn try_decap_xdp(ctx: &XdpContext) -> Result<u32, Reason> {
     Ok(xdp_action::XDP_PASS)
 }
 
-pub fn try_decap_tc(ctx: &TcContext) -> Result<i32, Reason> {
+/// `Ok((reason, verdict))`: [`Reason::Decapsulated`] up the stack, or
+/// [`Reason::DeliveredDirect`] by host routing.
+pub fn try_decap_tc(ctx: &TcContext) -> Result<(Reason, i32), Reason> {
     let cfg = node_config().ok_or(Reason::PassNotConfigured)?;
     // Classified first, so that only aggregates of tunnel packets for this
     // node count as `PassGso` (not, say, the slow path's re-injected inner
@@ -129,7 +132,10 @@ pub fn try_decap_tc(ctx: &TcContext) -> Result<i32, Reason> {
         return Err(Reason::PassGso);
     }
     pop_tc(ctx, tunnel)?;
-    Ok(TC_ACT_OK)
+    match host_route::deliver(ctx, cfg)? {
+        Some(verdict) => Ok((Reason::DeliveredDirect, verdict)),
+        None => Ok((Reason::Decapsulated, TC_ACT_OK)),
+    }
 }
 
 /// The IP-in-IP slow path: TC ingress of the agent's `weft.ipip` tap. This
@@ -314,7 +320,9 @@ fn outer_fragment(pkt: &impl PacketWindow, cfg: &NodeConfig, ip: &Ipv4Hdr, frags
 /// ingress, exactly where a fast-path decapsulated frame enters the stack;
 /// everything else is dropped, because the device's own stack has no use
 /// for it.
-pub fn try_slowpath_rx(ctx: &TcContext) -> Result<i32, Reason> {
+/// `Ok((reason, verdict))` as for [`try_decap_tc`], with
+/// [`Reason::DecapsulatedSlowPath`] for the way up the stack.
+pub fn try_slowpath_rx(ctx: &TcContext) -> Result<(Reason, i32), Reason> {
     let cfg = node_config().ok_or(Reason::PassNotConfigured)?;
     // SAFETY: all-zero is a valid bpf_tunnel_key.
     let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
@@ -331,6 +339,13 @@ pub fn try_slowpath_rx(ctx: &TcContext) -> Result<i32, Reason> {
     // other VNIs to the stack, so this is where they end.
     if key.tunnel_id != cfg.vni {
         return Err(Reason::DropForeignVni);
+    }
+    // The socket listens on every local address; a peer only sends to the
+    // PublicIP (the fast path passes anything else to the stack, which is
+    // how it gets here). Host order, like `remote_ipv4`.
+    // SAFETY: the IPv4 member of the union, filled by the helper.
+    if unsafe { key.__bindgen_anon_3.local_ipv4 }.to_be_bytes() != cfg.public_ip {
+        return Err(Reason::DropForeignOuterDestination);
     }
     // SAFETY: the IPv4 member of the union; the helper filled it (flags 0
     // means IPv4), in host byte order (net/core/filter.c).
@@ -349,15 +364,21 @@ pub fn try_slowpath_rx(ctx: &TcContext) -> Result<i32, Reason> {
         None,
         ctx.len() as usize,
     )?;
+    // It carries the mark either way (a redirect within the namespace
+    // keeps it).
+    mark::mark_tc(ctx);
+    if let Some(verdict) = host_route::deliver(ctx, cfg)? {
+        return Ok((Reason::DeliveredDirect, verdict));
+    }
     // As on the fast path: the frame must be addressed to `--iface` for the
-    // stack to take it as PACKET_HOST when it is re-injected there, and it
-    // carries the mark (a redirect within the namespace keeps it).
+    // stack to take it as PACKET_HOST when it is re-injected there.
     ctx.skb
         .store(0, &cfg.iface_mac, 0)
         .map_err(|rc| helper_failed(Reason::DropStoreBytes, rc))?;
-    mark::mark_tc(ctx);
     // SAFETY: plain helper call; the verdict it returns is ours.
-    Ok(unsafe { bpf_redirect(cfg.iface_ifindex, u64::from(BPF_F_INGRESS)) } as i32)
+    Ok((Reason::DecapsulatedSlowPath, unsafe {
+        bpf_redirect(cfg.iface_ifindex, u64::from(BPF_F_INGRESS))
+    } as i32))
 }
 
 /// The inner IPv4 header at `off` must be sane, the outer one may not claim

@@ -6,6 +6,8 @@
 //! - `weft_decap_xdp`: XDP on `--iface`. VXLAN or IP-in-IP for this node loses
 //!   its outer headers and goes up the stack as the inner packet.
 //! - `weft_decap_tc`: the same at TC ingress, where XDP cannot attach.
+//!   With `--host-routing bpf` it and `weft_slowpath_rx_tc` hand the inner
+//!   packet straight to the container's bridge (see `host_route`).
 //! - `weft_mark_tc`: TC ingress next to `weft_decap_xdp`, turning XDP's
 //!   "decapsulated" tag into the firewall mark (see `mark`).
 //! - `weft_slowpath_rx_tc`: TC ingress of the agent's collect-metadata VXLAN
@@ -26,6 +28,8 @@
 mod decap;
 #[cfg(target_arch = "bpf")]
 mod encap_tc;
+#[cfg(target_arch = "bpf")]
+mod host_route;
 #[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
@@ -87,8 +91,8 @@ mod entries {
     #[classifier]
     pub fn weft_decap_tc(ctx: TcContext) -> i32 {
         match decap::try_decap_tc(&ctx) {
-            Ok(action) => {
-                count(Program::DecapTc, Reason::Decapsulated, ctx.len());
+            Ok((reason, action)) => {
+                count(Program::DecapTc, reason, ctx.len());
                 action
             }
             Err(reason) => tc_verdict(&ctx, Program::DecapTc, reason),
@@ -104,12 +108,8 @@ mod entries {
     #[classifier]
     pub fn weft_slowpath_rx_tc(ctx: TcContext) -> i32 {
         match decap::try_slowpath_rx(&ctx) {
-            Ok(action) => {
-                count(
-                    Program::SlowpathRxTc,
-                    Reason::DecapsulatedSlowPath,
-                    ctx.len(),
-                );
+            Ok((reason, action)) => {
+                count(Program::SlowpathRxTc, reason, ctx.len());
                 action
             }
             Err(reason) => tc_verdict(&ctx, Program::SlowpathRxTc, reason),

@@ -17,7 +17,7 @@ use weft_common::{
 
 use crate::{
     agent_state::{self, AgentStatus, StateSnapshot},
-    datapath::{self, Datapath, DecapMode, LoadOptions},
+    datapath::{self, Datapath, DecapMode, HostRouting, LoadOptions},
     etcd::EtcdSettings,
     flannel::{
         Backend, KeyLayout, LeaseAttrs, NetworkConfig, SubnetEnv, VxlanLeaseData, datapath_mtu,
@@ -73,6 +73,12 @@ pub struct RunSettings {
     /// Where VXLAN is decapsulated.
     #[arg(long, env = "WEFT_DECAP_MODE", value_enum, default_value_t = DecapMode::Auto)]
     pub decap_mode: DecapMode,
+    /// How decapsulated packets reach their container: `kernel` (IP
+    /// forwarding, through netfilter and conntrack, as with flannel) or
+    /// `bpf` (the decap program hands them to the container's bridge,
+    /// skipping both; see the README's "Host routing").
+    #[arg(long, env = "WEFT_HOST_ROUTING", value_enum, default_value_t = HostRouting::Kernel)]
+    pub host_routing: HostRouting,
     /// flannel renews its lease this many minutes before it expires. weft
     /// renews every hour, earlier than any margin up to 1380 asks; the value
     /// is checked as flannel checks it (1 to 1439).
@@ -363,6 +369,7 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
 
     let load = LoadOptions {
         decap_mark: s.decap_mark,
+        host_routing: s.host_routing,
     };
     let mut dp = Datapath::load(&s.pin_path, load)
         .with_context(|| format!("loading BPF objects under {}", s.pin_path.display()))?;
@@ -481,7 +488,12 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
     host.ensure_route(&nl)
         .await
         .context("installing the cluster route")?;
-    tracing::info!(?hook, pin_path = %s.pin_path.display(), "data path attached");
+    tracing::info!(?hook, host_routing = ?s.host_routing, pin_path = %s.pin_path.display(), "data path attached");
+    if s.host_routing == HostRouting::Bpf && hook == Some(datapath::DecapHook::Xdp) {
+        tracing::warn!(
+            "--host-routing bpf applies to TC and device decapsulation; XDP-decapsulated packets go up the stack and are forwarded by the kernel, and only reassembled ones take the slow path's BPF host routing"
+        );
+    }
     observe::serve(
         &s.observe,
         AgentInfo {

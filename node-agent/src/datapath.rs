@@ -27,9 +27,9 @@ use aya::{
     },
 };
 use weft_common::{
-    Counter, DEFAULT_DECAP_MARK, GLOBAL_DECAP_MARK, MAP_COUNTERS, MAP_NODE_CONFIG, MAP_NODE_IPS,
-    MAP_SUBNETS, NodeConfig, PROG_DECAP_TC, PROG_DECAP_XDP, PROG_ENCAP_TC, PROG_MARK_TC, Reason,
-    RemoteNode,
+    Counter, DEFAULT_DECAP_MARK, GLOBAL_DECAP_MARK, GLOBAL_HOST_ROUTING, HOST_ROUTING_BPF,
+    HOST_ROUTING_KERNEL, MAP_COUNTERS, MAP_NODE_CONFIG, MAP_NODE_IPS, MAP_SUBNETS, NodeConfig,
+    PROG_DECAP_TC, PROG_DECAP_XDP, PROG_ENCAP_TC, PROG_MARK_TC, Reason, RemoteNode,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -108,6 +108,32 @@ pub enum DecapMode {
     Device,
 }
 
+/// How decapsulated packets reach their container (`--host-routing`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum HostRouting {
+    /// Up the host's stack on `--iface`, then IP forwarding: netfilter's
+    /// PREROUTING and FORWARD hooks and conntrack see every packet, as with
+    /// flannel. The default, because Docker's FORWARD rules, kube-proxy and
+    /// firewall rules on `--decap-mark` rely on it.
+    #[default]
+    Kernel,
+    /// The decap program looks the inner destination up in the FIB and
+    /// redirects the frame to the container's bridge itself (TC and device
+    /// decapsulation; XDP-decapsulated packets still go up the stack).
+    /// Skips IP forwarding, netfilter and conntrack for tunnelled traffic.
+    Bpf,
+}
+
+impl HostRouting {
+    /// The value of the programs' `HOST_ROUTING` global.
+    pub fn global(self) -> u32 {
+        match self {
+            HostRouting::Kernel => HOST_ROUTING_KERNEL,
+            HostRouting::Bpf => HOST_ROUTING_BPF,
+        }
+    }
+}
+
 /// The decap mode to use for `requested`, given whether the slow-path
 /// device (and so its kernel VXLAN socket) is there and the underlay's
 /// driver; with the reason, to log, when it is not what was asked.
@@ -157,12 +183,14 @@ pub enum DecapHook {
 pub struct LoadOptions {
     /// ORed into `skb->mark` of every decapsulated packet; 0 = no mark.
     pub decap_mark: u32,
+    pub host_routing: HostRouting,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
         Self {
             decap_mark: DEFAULT_DECAP_MARK,
+            host_routing: HostRouting::default(),
         }
     }
 }
@@ -192,6 +220,7 @@ impl Datapath {
         let ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_path)
             .override_global(GLOBAL_DECAP_MARK, &options.decap_mark, true)
+            .override_global(GLOBAL_HOST_ROUTING, &options.host_routing.global(), true)
             .load(crate::ebpf::OBJECT)?;
         Ok(Self {
             ebpf,

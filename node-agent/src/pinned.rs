@@ -11,11 +11,15 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key};
+use aya::{
+    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key},
+    programs::links::{FdLink, PinnedLink},
+};
 use ipnet::Ipv4Net;
 use weft_common::{
-    Counter, MAP_COUNTERS, MAP_NODE_CONFIG, MAP_NODE_IPS, MAP_SUBNETS, NodeConfig, Program, Reason,
-    RemoteNode, counter_index,
+    Counter, MAP_COUNTERS, MAP_NODE_CONFIG, MAP_NODE_IPS, MAP_SUBNETS, NodeConfig, PROG_DECAP_TC,
+    PROG_DECAP_XDP, PROG_ENCAP_TC, PROG_MARK_TC, PROG_SLOWPATH_IPIP_TC, PROG_SLOWPATH_RX_TC,
+    Program, Reason, RemoteNode, counter_index,
 };
 
 use crate::{
@@ -40,6 +44,15 @@ pub enum PinnedError {
     NothingPinned { path: PathBuf },
     #[error("cannot check the pinned maps' layouts: {0}")]
     Layouts(String),
+    #[error("pinned link {path}: {source}")]
+    Link {
+        path: PathBuf,
+        source: aya::programs::links::LinkError,
+    },
+    #[error("cannot list the loaded BPF programs: {0}")]
+    Programs(aya::programs::ProgramError),
+    #[error("cannot enable BPF run statistics: {0}")]
+    Stats(String),
 }
 
 fn map_err(name: &'static str) -> impl Fn(MapError) -> PinnedError {
@@ -336,6 +349,78 @@ pub fn packets_by_reason(table: &[CounterRow]) -> Vec<(Reason, u64)> {
             (r, n)
         })
         .collect()
+}
+
+/// Names of every program the agent attaches through a link pinned under
+/// `--pin-path` by that name.
+pub const LINKED_PROGRAMS: [&str; 6] = [
+    PROG_ENCAP_TC,
+    PROG_DECAP_XDP,
+    PROG_DECAP_TC,
+    PROG_MARK_TC,
+    PROG_SLOWPATH_RX_TC,
+    PROG_SLOWPATH_IPIP_TC,
+];
+
+/// The kernel's run statistics of one attached program: `run_time_ns` and
+/// `run_cnt` of `bpf_prog_info`, which grow only while BPF statistics are
+/// enabled (`kernel.bpf_stats_enabled=1`, or [`enable_run_stats`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProgramRunStats {
+    pub name: &'static str,
+    /// The kernel's program ID (what `bpftool prog show id` takes).
+    pub id: u32,
+    pub run_time_ns: u64,
+    pub run_count: u64,
+}
+
+/// Run statistics of every program attached through a link pinned under
+/// `pin_path`, in [`LINKED_PROGRAMS`] order; programs not attached on this
+/// node are left out.
+pub fn program_run_stats(pin_path: &Path) -> Result<Vec<ProgramRunStats>, PinnedError> {
+    let mut attached = Vec::new();
+    for name in LINKED_PROGRAMS {
+        let path = pin_path.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let link =
+            FdLink::from(
+                PinnedLink::from_pin(&path).map_err(|source| PinnedError::Link {
+                    path: path.clone(),
+                    source,
+                })?,
+            );
+        let info = link
+            .info()
+            .map_err(|source| PinnedError::Link { path, source })?;
+        attached.push((name, info.program_id()));
+    }
+    let mut stats: Vec<ProgramRunStats> = attached
+        .iter()
+        .map(|&(name, id)| ProgramRunStats {
+            name,
+            id,
+            run_time_ns: 0,
+            run_count: 0,
+        })
+        .collect();
+    for info in aya::programs::loaded_programs() {
+        let info = info.map_err(PinnedError::Programs)?;
+        if let Some(s) = stats.iter_mut().find(|s| s.id == info.id()) {
+            s.run_time_ns = u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX);
+            s.run_count = info.run_count();
+        }
+    }
+    Ok(stats)
+}
+
+/// Turns on the kernel's BPF run statistics (`BPF_ENABLE_STATS`, the same
+/// switch as `sysctl kernel.bpf_stats_enabled=1`) for as long as the
+/// returned descriptor stays open. They cost two clock reads per program
+/// run, so they are off unless someone measures.
+pub fn enable_run_stats() -> Result<std::os::fd::OwnedFd, PinnedError> {
+    aya::sys::enable_stats(aya::sys::Stats::RunTime).map_err(|e| PinnedError::Stats(e.to_string()))
 }
 
 /// The peer-facing maps the watcher owns: `SUBNETS` and `NODE_IPS`.

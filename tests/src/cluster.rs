@@ -1453,6 +1453,24 @@ pub fn wait_routes(host: &Host<'_>, peers: &[(&Host<'_>, &SubnetEnv)]) -> Result
 }
 
 /// [`wait_routes`] for every host against all the others.
+/// Starts an agent with its flags on each host, waits for every subnet
+/// file and until every agent has every other one in its map; returns the
+/// subnet files in the hosts' order.
+pub fn start_agents_meshed(hosts: &[(&Host<'_>, &[&str])]) -> Result<Vec<SubnetEnv>> {
+    for (host, args) in hosts {
+        host.start_agent(args)?;
+    }
+    let envs = hosts
+        .iter()
+        .map(|(h, _)| h.wait_subnet_env(CONVERGE))
+        .collect::<Result<Vec<_>>>()?;
+    wait_full_mesh(
+        &hosts.iter().map(|(h, _)| *h).collect::<Vec<_>>(),
+        &envs.iter().collect::<Vec<_>>(),
+    )?;
+    Ok(envs)
+}
+
 pub fn wait_full_mesh(hosts: &[&Host<'_>], envs: &[&SubnetEnv]) -> Result<()> {
     for (i, host) in hosts.iter().enumerate() {
         let peers: Vec<(&Host<'_>, &SubnetEnv)> = hosts

@@ -29,8 +29,8 @@ use anyhow::{Context, Result, bail};
 
 pub use cluster::{
     CONVERGE, Cluster, Container, Host, RECONCILED, Reconciliation, SWITCH_IP, Signal,
-    SubnetEnvExt, TransferStats, doctor_check, switch_port, tcp_transfer, wait_full_mesh,
-    wait_routes,
+    SubnetEnvExt, TransferStats, doctor_check, start_agents_meshed, switch_port, tcp_transfer,
+    wait_full_mesh, wait_routes,
 };
 pub use etcd::{AGENT_PASSWORD, AGENT_USER, Etcd, EtcdSecurity, WatchEvent, parse_watch_json};
 pub use netns::{Capture, Netns, capture};

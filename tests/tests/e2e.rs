@@ -18,8 +18,8 @@ use weft_common::Reason;
 use weft_tests::process::{Background, Bound};
 use weft_tests::{
     CONVERGE, Cluster, Container, Host, Netns, Signal, SubnetEnv, SubnetEnvExt, baseline,
-    node_agent_binary, require_bpffs, require_root, require_tools, switch_port, wait_full_mesh,
-    wait_routes, wait_until,
+    node_agent_binary, require_bpffs, require_root, require_tools, start_agents_meshed,
+    switch_port, wait_full_mesh, wait_routes, wait_until,
 };
 
 const CONFIG: &str = weft_tests::VXLAN_CONFIG;
@@ -130,21 +130,6 @@ fn start_hosts<'c>(
         check_env(cluster, host, env)?;
     }
     Ok((hosts, envs))
-}
-
-/// Starts an agent on each host with its flags, waits for every subnet file
-/// and until every agent has every other one in its map.
-fn start_agents(hosts: &[(&Host<'_>, &[&str])]) -> Result<Vec<SubnetEnv>> {
-    for (host, args) in hosts {
-        host.start_agent(args)?;
-    }
-    let envs = hosts
-        .iter()
-        .map(|(h, _)| h.wait_subnet_env(CONVERGE))
-        .collect::<Result<Vec<_>>>()?;
-    let hosts: Vec<&Host<'_>> = hosts.iter().map(|(h, _)| *h).collect();
-    wait_full_mesh(&hosts, &envs.iter().collect::<Vec<_>>())?;
-    Ok(envs)
 }
 
 /// The subnet file matches the config and the lease in etcd names the host.
@@ -542,7 +527,7 @@ fn tc_ingress_decapsulation_interoperates_with_xdp() -> Result<()> {
     // sender's super-packets whole, which no NIC does.
     tc_host.set_realistic_wire(true)?;
     xdp_host.set_realistic_wire(true)?;
-    start_agents(&[
+    start_agents_meshed(&[
         (&tc_host, &["--decap-mode", "tc"]),
         (&xdp_host, &["--decap-mode", "xdp"]),
     ])?;
@@ -586,7 +571,7 @@ fn device_decapsulation_carries_gso_traffic_on_default_veth_offloads() -> Result
     let cluster = Cluster::new(CONFIG)?;
     let device_host = cluster.add_host(1)?;
     let xdp_host = cluster.add_host(2)?;
-    start_agents(&[
+    start_agents_meshed(&[
         (&device_host, &["--decap-mode", "device"]),
         (&xdp_host, &["--decap-mode", "xdp"]),
     ])?;
@@ -615,7 +600,103 @@ fn device_decapsulation_carries_gso_traffic_on_default_veth_offloads() -> Result
         "the device host decapsulated {through_device} packets through weft.vxlan and {} elsewhere",
         pinned.counter(Reason::Decapsulated)?
     );
+    // The default, --host-routing kernel, never bypasses the host's stack.
+    ensure!(
+        pinned.counter(Reason::DeliveredDirect)? == 0,
+        "--host-routing kernel delivered packets past IP forwarding"
+    );
     Ok(())
+}
+
+/// `--host-routing bpf`: the decap programs hand decapsulated packets
+/// straight to the container's bridge, so the host's IP forwarding and
+/// netfilter's FORWARD hook never see them, on both hooks that support it
+/// (the slow-path device's program under `device`, and TC ingress). The
+/// routers' TTL decrement still happens (a ping crosses two hops either
+/// way), and the first packets to a container, before its neighbour entry
+/// exists, take the kernel's path, which resolves it.
+#[test]
+fn bpf_host_routing_delivers_to_containers_past_ip_forwarding() -> Result<()> {
+    preflight()?;
+    let cluster = Cluster::new(CONFIG)?;
+    let device_host = cluster.add_host(1)?;
+    let tc_host = cluster.add_host(2)?;
+    start_agents_meshed(&[
+        (
+            &device_host,
+            &["--decap-mode", "device", "--host-routing", "bpf"],
+        ),
+        (&tc_host, &["--decap-mode", "tc", "--host-routing", "bpf"]),
+    ])?;
+    let forwarded = [
+        ForwardCounter::install(device_host.ns())?,
+        ForwardCounter::install(tc_host.ns())?,
+    ];
+    let a = device_host.attach_container()?;
+    let b = tc_host.attach_container()?;
+    check_both_ways(&a, &b)?;
+    for (from, to) in [(&a, &b), (&b, &a)] {
+        let out = from.ping(to.ip(), 1, 56, false)?;
+        ensure!(
+            out.contains("ttl=62"),
+            "a reply crosses two routers (its own host's forwarding, then the other's decap), so it arrives with TTL 62: {out}"
+        );
+    }
+    for (host, counter) in [(&device_host, &forwarded[0]), (&tc_host, &forwarded[1])] {
+        let pinned = host.pinned()?;
+        let direct = pinned.counter(Reason::DeliveredDirect)?;
+        let up_the_stack =
+            pinned.counter(Reason::Decapsulated)? + pinned.counter(Reason::DecapsulatedSlowPath)?;
+        let through_forward = counter.packets()?;
+        // Two 20 MiB transfers and their ACKs are hundreds of packets each
+        // way even where GRO merges them; only the few before the
+        // neighbour entry may take the kernel's path.
+        ensure!(
+            direct > 200 && through_forward < direct / 20 && up_the_stack < direct / 20,
+            "host {}: {direct} packets delivered by BPF host routing, {up_the_stack} decapsulated up the stack, {through_forward} tunnelled container packets through FORWARD",
+            host.index()
+        );
+    }
+    Ok(())
+}
+
+/// An nftables counter, in a host's forward hook, of container packets that
+/// arrived on eth0 (so, decapsulated ones).
+struct ForwardCounter<'n> {
+    ns: &'n Netns,
+}
+
+impl<'n> ForwardCounter<'n> {
+    const TABLE: &'static str = "weft_test_forward";
+
+    fn install(ns: &'n Netns) -> Result<Self> {
+        ns.run(&["nft", "add", "table", "ip", Self::TABLE])?;
+        ns.run(&[
+            "nft",
+            "add chain ip",
+            Self::TABLE,
+            "seen { type filter hook forward priority -300 ; }",
+        ])?;
+        ns.run(&[
+            "nft",
+            "add rule ip",
+            Self::TABLE,
+            "seen iifname eth0 ip saddr",
+            NETWORK,
+            "counter",
+        ])?;
+        Ok(Self { ns })
+    }
+
+    fn packets(&self) -> Result<u64> {
+        let listing = self.ns.run(&["nft", "list", "table", "ip", Self::TABLE])?;
+        let n = listing
+            .split_whitespace()
+            .skip_while(|w| *w != "packets")
+            .nth(1)
+            .with_context(|| format!("no packet count in:\n{listing}"))?;
+        n.parse().with_context(|| format!("packet count {n:?}"))
+    }
 }
 
 /// nftables counters, in a host's prerouting, of container packets arriving
@@ -1048,6 +1129,18 @@ while time.time() < end:
         pass
 "#;
 
+/// One crafted packet: tag, sending namespace, outer destination, inner
+/// source and destination, and the reason it must be counted under (`None`:
+/// honest, decapsulated and delivered).
+type Injection<'a> = (
+    &'a str,
+    &'a Netns,
+    &'a str,
+    &'a str,
+    &'a str,
+    Option<Reason>,
+);
+
 /// What a host that is no node, or a node lying about its containers, can
 /// send with the right VNI and port is dropped and counted; the same packet
 /// with honest addresses from a node arrives (so the injection works).
@@ -1067,11 +1160,19 @@ fn injected_tunnel_packets_are_dropped_and_counted(backend: Backend) -> Result<(
     let from_node2 = envs[1].host_addr(9)?.to_string();
     let in_node3 = envs[2].host_addr(9)?.to_string();
     let nobody = "10.244.250.9";
-    let cases: [(&str, &Netns, &str, &str, Option<Reason>); 6] = [
-        ("honest", hosts[1].ns(), &from_node2, &target_ip, None),
+    let mut cases: Vec<Injection<'_>> = vec![
+        (
+            "honest",
+            hosts[1].ns(),
+            &host1,
+            &from_node2,
+            &target_ip,
+            None,
+        ),
         (
             "stranger",
             stranger.ns(),
+            &host1,
             &from_node2,
             &target_ip,
             Some(Reason::DropUnknownSource),
@@ -1079,6 +1180,7 @@ fn injected_tunnel_packets_are_dropped_and_counted(backend: Backend) -> Result<(
         (
             "spoofed-source",
             hosts[1].ns(),
+            &host1,
             &in_node3,
             &target_ip,
             Some(Reason::DropSpoofedInnerSource),
@@ -1086,6 +1188,7 @@ fn injected_tunnel_packets_are_dropped_and_counted(backend: Backend) -> Result<(
         (
             "nobodys-source",
             hosts[1].ns(),
+            &host1,
             nobody,
             &target_ip,
             Some(Reason::DropSpoofedInnerSource),
@@ -1093,6 +1196,7 @@ fn injected_tunnel_packets_are_dropped_and_counted(backend: Backend) -> Result<(
         (
             "other-node",
             hosts[1].ns(),
+            &host1,
             &from_node2,
             &in_node3,
             Some(Reason::DropForeignInnerDestination),
@@ -1100,11 +1204,30 @@ fn injected_tunnel_packets_are_dropped_and_counted(backend: Backend) -> Result<(
         (
             "multicast",
             hosts[1].ns(),
+            &host1,
             &from_node2,
             "224.0.0.18",
             Some(Reason::DropForeignInnerDestination),
         ),
     ];
+    // A second address of host 1's underlay interface: the kernel VXLAN
+    // socket of the slow path listens on every address, a peer only sends
+    // to the PublicIP. Only VXLAN has such a socket; an IP-in-IP packet to
+    // it is no tunnel packet for this node.
+    let other_local = "198.18.0.201";
+    if kind == "vxlan" {
+        hosts[0]
+            .ns()
+            .ip(&["addr", "add", &format!("{other_local}/24"), "dev", "eth0"])?;
+        cases.push((
+            "other-local-address",
+            hosts[1].ns(),
+            other_local,
+            &from_node2,
+            &target_ip,
+            Some(Reason::DropForeignOuterDestination),
+        ));
+    }
     let python = "python3";
     // An honest packet is decapsulated at a hook on eth0 or, where the
     // kernel VXLAN socket decapsulates (`auto` on a veth), by the slow path.
@@ -1118,7 +1241,7 @@ fn injected_tunnel_packets_are_dropped_and_counted(backend: Backend) -> Result<(
             }
         })
     };
-    for (tag, from, src, dst, reason) in cases {
+    for (tag, from, outer_dst, src, dst, reason) in cases {
         let counted = reason.map_or("decapsulated", |r| r.name());
         let before = count(reason)?;
         let mut listener = Background::spawn(target.ns().command(&[python, "-c", LISTEN]))?;
@@ -1127,7 +1250,7 @@ fn injected_tunnel_packets_are_dropped_and_counted(backend: Backend) -> Result<(
             SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 9999),
             Duration::from_secs(10),
         )?;
-        from.run(&[python, "-c", INJECT, kind, &host1, src, dst, tag])?;
+        from.run(&[python, "-c", INJECT, kind, outer_dst, src, dst, tag])?;
         let received = listener.finish(Duration::from_secs(10))?;
         let after = count(reason)?;
         match reason {
@@ -1341,7 +1464,7 @@ fn path_mtu_never_black_holes(
         // TC ingress, as a NIC's GRO does.
         far.ns().run(&["ethtool", "-K", "eth0", "gro", "on"])?;
     }
-    start_agents(&[(&near, args), (&far, args)])?;
+    start_agents_meshed(&[(&near, args), (&far, args)])?;
     for host in [&near, &far] {
         let dev = host.ns().ip(&["-d", "link", "show", "weft.vxlan"])?;
         ensure!(
@@ -1509,7 +1632,7 @@ fn tc_decap_delivers_gro_aggregates_through_the_slow_path() -> Result<()> {
     let receiver = cluster.add_host(2)?;
     // veth runs GRO (in NAPI) only when asked to, as a NIC does by default.
     receiver.ns().run(&["ethtool", "-K", "eth0", "gro", "on"])?;
-    start_agents(&[(&sender, &[]), (&receiver, &["--decap-mode", "tc"])])?;
+    start_agents_meshed(&[(&sender, &[]), (&receiver, &["--decap-mode", "tc"])])?;
     let a = sender.attach_container()?;
     let b = receiver.attach_container()?;
     let before = counters(&receiver)?;
@@ -1546,7 +1669,7 @@ fn ipip_across_a_narrow_hop_is_carried_by_the_userspace_slow_path() -> Result<()
     let cluster = Cluster::new(IPIP.config)?;
     let near = cluster.add_host(1)?;
     let far = cluster.add_host_behind_narrow_link(3, NARROW_HOP_MTU)?;
-    start_agents(&[(&near, &[]), (&far, &[])])?;
+    start_agents_meshed(&[(&near, &[]), (&far, &[])])?;
     for host in [&near, &far] {
         let dev = host.ns().exec(&["ip", "link", "show", "weft.vxlan"])?;
         ensure!(
@@ -1630,7 +1753,7 @@ fn outer_headers_never_set_df_and_ids_vary_on_the_wire() -> Result<()> {
     // them: GSO super-packets leaving the encap program are cut into
     // segments before the wire, where the capture sees them.
     sender.set_realistic_wire(true)?;
-    start_agents(&[(&sender, &[]), (&receiver, &[])])?;
+    start_agents_meshed(&[(&sender, &[]), (&receiver, &[])])?;
     let a = sender.attach_container()?;
     let b = receiver.attach_container()?;
     a.ping_until(b.ip(), CONVERGE)?;

@@ -14,7 +14,7 @@ use weft_common::{
 use weft_tests::{
     CONVERGE, Cluster, Host, Signal, node_agent_binary,
     old_pins::{NODE_CONFIG_48, OldMap},
-    require_bpffs, require_root, require_tools, wait_full_mesh,
+    require_bpffs, require_root, require_tools, start_agents_meshed,
 };
 
 const CONFIG: &str =
@@ -208,17 +208,7 @@ fn old_counters_and_node_config_are_replaced_and_the_node_forwards() -> Result<(
         "{json}"
     );
 
-    for host in &hosts {
-        host.start_agent(&[])?;
-    }
-    let envs = hosts
-        .iter()
-        .map(|h| h.wait_subnet_env(CONVERGE))
-        .collect::<Result<Vec<_>>>()?;
-    wait_full_mesh(
-        &hosts.iter().collect::<Vec<_>>(),
-        &envs.iter().collect::<Vec<_>>(),
-    )?;
+    start_agents_meshed(&[(&hosts[0], &[]), (&hosts[1], &[])])?;
     let a = hosts[0].attach_container()?;
     let b = hosts[1].attach_container()?;
     a.ping_until(b.ip(), CONVERGE)?;
@@ -325,6 +315,63 @@ fn a_recreated_underlay_interface_is_followed_live_and_after_a_restart() -> Resu
             .agent_log()
             .contains("the pinned link is attached to another interface"),
         "the stale links are not reported"
+    );
+    Ok(())
+}
+
+/// An agent of an older version decapsulated at XDP on a veth, where `auto`
+/// now picks the kernel VXLAN socket (`device`). Restarted over its pins,
+/// the new agent detaches XDP and unpins its link while the slow-path link
+/// of the earlier run is updated in place, and the node keeps forwarding,
+/// now through the slow path only.
+#[test]
+fn an_xdp_node_restarted_with_auto_moves_to_device_decapsulation() -> Result<()> {
+    preflight()?;
+    let cluster = Cluster::new(CONFIG)?;
+    let hosts = [cluster.add_host(1)?, cluster.add_host(2)?];
+    start_agents_meshed(&[(&hosts[0], &["--decap-mode", "xdp"]), (&hosts[1], &[])])?;
+    let a = hosts[0].attach_container()?;
+    let b = hosts[1].attach_container()?;
+    b.ping_until(a.ip(), CONVERGE)?;
+    let xdp_pin = hosts[0].pin_path().join(weft_common::PROG_DECAP_XDP);
+    ensure!(xdp_pin.exists(), "--decap-mode xdp pinned no XDP link");
+    let slow_path_before = slow_path_link_id(&hosts[0])?;
+
+    hosts[0].kill_agent(Signal::Term)?;
+    hosts[0].start_agent(&[])?;
+    hosts[0].wait_subnet_env(CONVERGE)?;
+    weft_tests::wait_until(CONVERGE, "the restarted agent to unpin XDP", |last| {
+        *last = format!("{} is pinned", xdp_pin.display());
+        Ok((!xdp_pin.exists()).then_some(()))
+    })?;
+    let link = hosts[0].ns().ip(&["-d", "link", "show", "eth0"])?;
+    ensure!(
+        !link.contains("xdp"),
+        "XDP is still attached to eth0 after the move to device: {link}"
+    );
+    ensure!(
+        slow_path_link_id(&hosts[0])? == slow_path_before,
+        "the slow-path link was attached afresh instead of updated in place"
+    );
+    let before = hosts[0]
+        .pinned()?
+        .counter(weft_common::Reason::DecapsulatedSlowPath)?;
+    b.ping(a.ip(), 3, 56, false)
+        .context("b -> a after the move to device")?;
+    a.ping(b.ip(), 3, 56, false)
+        .context("a -> b after the move to device")?;
+    let after = hosts[0]
+        .pinned()?
+        .counter(weft_common::Reason::DecapsulatedSlowPath)?;
+    ensure!(
+        after >= before + 6,
+        "the slow path decapsulated {} packets of 6 pings after the move",
+        after - before
+    );
+    let log = hosts[0].agent_log();
+    ensure!(
+        log.contains("chosen=Device"),
+        "the restarted agent did not log its choice of device:\n{log}"
     );
     Ok(())
 }

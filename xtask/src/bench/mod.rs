@@ -11,6 +11,8 @@
 #[cfg(feature = "fixtures")]
 mod converge;
 #[cfg(feature = "fixtures")]
+pub mod inplace;
+#[cfg(feature = "fixtures")]
 pub mod report;
 #[cfg(feature = "fixtures")]
 pub mod scale;

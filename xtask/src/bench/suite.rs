@@ -11,7 +11,7 @@ use weft_tests::{
     Cluster, Container, Host, SubnetEnvExt, baseline, node_agent_binary, switch_port,
 };
 
-use super::{converge, report, scale, traffic};
+use super::{converge, inplace, report, scale, traffic};
 use crate::system::{require_bpffs, require_root, require_tools};
 
 /// Durations and sizes of one run.
@@ -101,6 +101,14 @@ pub const MODES: &[ModeSpec] = &[
         label: "weft vxlan",
         kind: Kind::Weft(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#),
         args: &[],
+    },
+    ModeSpec {
+        key: "weft-vxlan-bpf-host",
+        label: "weft vxlan, --host-routing bpf",
+        kind: Kind::Weft(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#),
+        // Decapsulated packets go straight to the bridge, past the host's
+        // IP forwarding and netfilter (an option, not the default).
+        args: &["--host-routing", "bpf"],
     },
     ModeSpec {
         key: "weft-vxlan-xdp",
@@ -219,6 +227,8 @@ pub struct Results {
     pub gen_ceiling: Vec<f64>,
     pub gen_ceiling_received: Vec<f64>,
     pub cost: Vec<scale::Cost>,
+    /// Each program's kernel run statistics in place (a separate pass).
+    pub inplace: Vec<inplace::InPlaceCost>,
     pub scale: scale::ScaleResults,
     pub converge: Option<converge::Convergence>,
     /// phase -> mode key -> `ethtool -k` of host 1's cable, both ends.
@@ -370,6 +380,14 @@ pub fn run(quick: bool) -> Result<()> {
     // The rest runs on the realistic wire.
     for h in hosts.iter().flatten().flatten() {
         set_wire(h, true)?;
+    }
+
+    println!("==> in-place BPF cost (kernel run statistics)");
+    match inplace::run(&envs, &plan) {
+        Ok(rows) => results.inplace = rows,
+        Err(e) => results
+            .notes
+            .push(format!("in-place BPF cost failed: {e:#}")),
     }
 
     println!("==> convergence");
