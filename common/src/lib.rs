@@ -43,6 +43,11 @@ pub const HOST_ROUTING_KERNEL: u32 = 0;
 /// the FIB itself and hands the frame straight to the container's bridge
 /// (or device), skipping the host's IP forwarding and netfilter.
 pub const HOST_ROUTING_BPF: u32 = 1;
+/// Name of the BPF global saying whether the PublicIP is an address of
+/// `--iface` (1) or not (0: the node sits behind 1:1 NAT, so peers' tunnel
+/// packets arrive for its private address). With 1 the slow path accepts
+/// tunnel packets for the PublicIP only. Set at load time.
+pub const GLOBAL_PUBLIC_IP_IS_LOCAL: &str = "PUBLIC_IP_IS_LOCAL";
 /// Default of the agent's `--decap-mark`: one bit that kube-proxy (0x4000,
 /// 0x8000), Calico (0xffff0000) and Docker leave alone.
 pub const DEFAULT_DECAP_MARK: u32 = 0x1000;

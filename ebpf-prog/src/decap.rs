@@ -342,9 +342,13 @@ pub fn try_slowpath_rx(ctx: &TcContext) -> Result<(Reason, i32), Reason> {
     }
     // The socket listens on every local address; a peer only sends to the
     // PublicIP (the fast path passes anything else to the stack, which is
-    // how it gets here). Host order, like `remote_ipv4`.
-    // SAFETY: the IPv4 member of the union, filled by the helper.
-    if unsafe { key.__bindgen_anon_3.local_ipv4 }.to_be_bytes() != cfg.public_ip {
+    // how it gets here). Behind 1:1 NAT the PublicIP is no local address
+    // and peers' packets arrive for the private one, so the check is off.
+    // SAFETY: the IPv4 member of the union, filled by the helper, in host
+    // order like `remote_ipv4`.
+    if public_ip_is_local()
+        && unsafe { key.__bindgen_anon_3.local_ipv4 }.to_be_bytes() != cfg.public_ip
+    {
         return Err(Reason::DropForeignOuterDestination);
     }
     // SAFETY: the IPv4 member of the union; the helper filled it (flags 0
@@ -379,6 +383,18 @@ pub fn try_slowpath_rx(ctx: &TcContext) -> Result<(Reason, i32), Reason> {
     Ok((Reason::DecapsulatedSlowPath, unsafe {
         bpf_redirect(cfg.iface_ifindex, u64::from(BPF_F_INGRESS))
     } as i32))
+}
+
+/// Whether the PublicIP is an address of `--iface`, written into `.rodata`
+/// by the agent's loader (1, the default) or not (0: 1:1 NAT).
+#[unsafe(no_mangle)]
+static PUBLIC_IP_IS_LOCAL: u32 = 1;
+
+#[inline(always)]
+fn public_ip_is_local() -> bool {
+    // SAFETY: a read of a static. Volatile, so the compiler cannot fold the
+    // value it sees here: the loader patches the real one in.
+    unsafe { core::ptr::read_volatile(&PUBLIC_IP_IS_LOCAL) != 0 }
 }
 
 /// The inner IPv4 header at `off` must be sane, the outer one may not claim

@@ -5,7 +5,8 @@
 //! The decap program asks the FIB what the kernel's forwarding path would
 //! ask (`bpf_fib_lookup` without `BPF_FIB_LOOKUP_OUTPUT`, with `--iface` as
 //! the input device, so `ip_forward` off, policy rules on the input device
-//! and unreachable routes still apply), rewrites the Ethernet header to the
+//! and unreachable routes still apply; rules on the firewall mark do not,
+//! since the lookup carries none), rewrites the Ethernet header to the
 //! neighbour it returns, decrements the TTL as a router does, and redirects
 //! to the egress of that device: the bridge (`cni0`, `docker0`, the CNI
 //! bridge), which delivers to the container's port. This is Cilium's "eBPF
@@ -64,6 +65,11 @@ pub fn deliver(ctx: &TcContext, cfg: &NodeConfig) -> Result<Option<i32>, Reason>
     let Some(ip) = read_at::<Ipv4Hdr>(ctx, ETH_HLEN) else {
         return Ok(None);
     };
+    // Options (record route, timestamps, source routes) are the kernel's
+    // to process when it forwards (ip_forward_options).
+    if ip.vihl & 0x0f != 5 {
+        return Ok(None);
+    }
     // A TTL of 0 or 1 is the kernel's to answer (ICMP time exceeded).
     let Some(ttl_word) = ipv4_ttl_decremented([ip.ttl, ip.proto, ip.check[0], ip.check[1]]) else {
         return Ok(None);

@@ -370,6 +370,7 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
     let load = LoadOptions {
         decap_mark: s.decap_mark,
         host_routing: s.host_routing,
+        public_ip_is_local: iface.addrs.iter().any(|a| a.addr() == public_ip),
     };
     let mut dp = Datapath::load(&s.pin_path, load)
         .with_context(|| format!("loading BPF objects under {}", s.pin_path.display()))?;
@@ -491,7 +492,7 @@ pub async fn run(s: RunSettings) -> anyhow::Result<()> {
     tracing::info!(?hook, host_routing = ?s.host_routing, pin_path = %s.pin_path.display(), "data path attached");
     if s.host_routing == HostRouting::Bpf && hook == Some(datapath::DecapHook::Xdp) {
         tracing::warn!(
-            "--host-routing bpf applies to TC and device decapsulation; XDP-decapsulated packets go up the stack and are forwarded by the kernel, and only reassembled ones take the slow path's BPF host routing"
+            "--host-routing bpf applies to TC and device decapsulation; XDP-decapsulated packets go up the stack and are forwarded by the kernel (with vxlan, reassembled ones still take the slow path's BPF host routing)"
         );
     }
     observe::serve(

@@ -27,9 +27,10 @@ use aya::{
     },
 };
 use weft_common::{
-    Counter, DEFAULT_DECAP_MARK, GLOBAL_DECAP_MARK, GLOBAL_HOST_ROUTING, HOST_ROUTING_BPF,
-    HOST_ROUTING_KERNEL, MAP_COUNTERS, MAP_NODE_CONFIG, MAP_NODE_IPS, MAP_SUBNETS, NodeConfig,
-    PROG_DECAP_TC, PROG_DECAP_XDP, PROG_ENCAP_TC, PROG_MARK_TC, Reason, RemoteNode,
+    Counter, DEFAULT_DECAP_MARK, GLOBAL_DECAP_MARK, GLOBAL_HOST_ROUTING, GLOBAL_PUBLIC_IP_IS_LOCAL,
+    HOST_ROUTING_BPF, HOST_ROUTING_KERNEL, MAP_COUNTERS, MAP_NODE_CONFIG, MAP_NODE_IPS,
+    MAP_SUBNETS, NodeConfig, PROG_DECAP_TC, PROG_DECAP_XDP, PROG_ENCAP_TC, PROG_MARK_TC, Reason,
+    RemoteNode,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -184,6 +185,10 @@ pub struct LoadOptions {
     /// ORed into `skb->mark` of every decapsulated packet; 0 = no mark.
     pub decap_mark: u32,
     pub host_routing: HostRouting,
+    /// Whether the PublicIP is an address of `--iface`; false behind 1:1
+    /// NAT, where peers' tunnel packets arrive for the private address and
+    /// the slow path must accept them there.
+    pub public_ip_is_local: bool,
 }
 
 impl Default for LoadOptions {
@@ -191,6 +196,7 @@ impl Default for LoadOptions {
         Self {
             decap_mark: DEFAULT_DECAP_MARK,
             host_routing: HostRouting::default(),
+            public_ip_is_local: true,
         }
     }
 }
@@ -221,6 +227,11 @@ impl Datapath {
             .default_map_pin_directory(pin_path)
             .override_global(GLOBAL_DECAP_MARK, &options.decap_mark, true)
             .override_global(GLOBAL_HOST_ROUTING, &options.host_routing.global(), true)
+            .override_global(
+                GLOBAL_PUBLIC_IP_IS_LOCAL,
+                &u32::from(options.public_ip_is_local),
+                true,
+            )
             .load(crate::ebpf::OBJECT)?;
         Ok(Self {
             ebpf,

@@ -52,7 +52,7 @@ pub enum PinnedError {
     #[error("cannot list the loaded BPF programs: {0}")]
     Programs(aya::programs::ProgramError),
     #[error("cannot enable BPF run statistics: {0}")]
-    Stats(String),
+    Stats(#[source] aya::sys::SyscallError),
 }
 
 fn map_err(name: &'static str) -> impl Fn(MapError) -> PinnedError {
@@ -420,7 +420,7 @@ pub fn program_run_stats(pin_path: &Path) -> Result<Vec<ProgramRunStats>, Pinned
 /// returned descriptor stays open. They cost two clock reads per program
 /// run, so they are off unless someone measures.
 pub fn enable_run_stats() -> Result<std::os::fd::OwnedFd, PinnedError> {
-    aya::sys::enable_stats(aya::sys::Stats::RunTime).map_err(|e| PinnedError::Stats(e.to_string()))
+    aya::sys::enable_stats(aya::sys::Stats::RunTime).map_err(PinnedError::Stats)
 }
 
 /// The peer-facing maps the watcher owns: `SUBNETS` and `NODE_IPS`.

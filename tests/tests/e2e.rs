@@ -1897,3 +1897,62 @@ fn nested_vxlan_between_containers_over_vxlan() -> Result<()> {
 fn nested_vxlan_between_containers_over_ipip() -> Result<()> {
     nested_vxlan_between_containers(IPIP, false)
 }
+
+/// A node behind 1:1 NAT: its `--public-ip` is no address of its own, and a
+/// NAT (the switch here) rewrites the outer destination of its peers'
+/// tunnel packets to its private address. The fast path passes those (they
+/// are not for the PublicIP) and the slow path decapsulates them: the
+/// outer-destination check, which guards nodes whose PublicIP is local,
+/// is off there.
+#[test]
+fn a_node_behind_one_to_one_nat_receives_through_the_slow_path() -> Result<()> {
+    preflight()?;
+    let cluster = Cluster::new(CONFIG)?;
+    let natted = cluster.add_host(1)?;
+    let peer = cluster.add_host(2)?;
+    let nat_ip = "198.18.0.203";
+    let switch = cluster.switch();
+    peer.ns().ip(&[
+        "route",
+        "add",
+        nat_ip,
+        "via",
+        &weft_tests::SWITCH_IP.to_string(),
+    ])?;
+    switch.run(&["sysctl", "-w", "net.ipv4.ip_forward=1"])?;
+    switch.run(&["sysctl", "-w", "net.ipv4.conf.all.send_redirects=0"])?;
+    switch.run(&["nft", "add", "table", "ip", "weft_test_nat"])?;
+    switch.run(&[
+        "nft",
+        "add chain ip weft_test_nat",
+        "pre { type nat hook prerouting priority -100 ; }",
+    ])?;
+    switch.run(&[
+        "nft",
+        "add rule ip weft_test_nat pre ip daddr",
+        nat_ip,
+        "dnat to",
+        &natted.ip().to_string(),
+    ])?;
+    // Not start_agents_meshed: its wait expects every host's own address
+    // as its PublicIP; the pings below wait for the mesh instead.
+    natted.start_agent(&["--public-ip", nat_ip])?;
+    peer.start_agent(&[])?;
+    for host in [&natted, &peer] {
+        host.wait_subnet_env(CONVERGE)?;
+    }
+    let a = natted.attach_container()?;
+    let b = peer.attach_container()?;
+    b.ping_until(a.ip(), CONVERGE)
+        .context("the peer's container cannot reach the NATed node's")?;
+    a.ping(b.ip(), 3, 56, false)?;
+    check_tcp(&b, &a)?;
+    let pinned = natted.pinned()?;
+    let through_slow_path = pinned.counter(Reason::DecapsulatedSlowPath)?;
+    let refused = pinned.counter(Reason::DropForeignOuterDestination)?;
+    ensure!(
+        through_slow_path > 0 && refused == 0,
+        "behind NAT: {through_slow_path} decapsulated by the slow path, {refused} refused for their outer destination"
+    );
+    Ok(())
+}

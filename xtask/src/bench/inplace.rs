@@ -85,8 +85,12 @@ pub fn run(envs: &[ModeEnv<'_>], plan: &Plan) -> Result<Vec<InPlaceCost>> {
                     mode: env.spec.key.to_owned(),
                     host: (*host).to_owned(),
                     program: end.name.to_owned(),
-                    runs: end.run_count - start.map_or(0, |s| s.run_count),
-                    run_time_ns: end.run_time_ns - start.map_or(0, |s| s.run_time_ns),
+                    runs: end
+                        .run_count
+                        .saturating_sub(start.map_or(0, |s| s.run_count)),
+                    run_time_ns: end
+                        .run_time_ns
+                        .saturating_sub(start.map_or(0, |s| s.run_time_ns)),
                     mb_carried,
                 });
             }
