@@ -413,7 +413,9 @@ fn an_own_dual_stack_lease_is_kept_under_its_own_key() -> Result<()> {
     // under a live etcd lease.
     let subnet: Ipv4Net = "10.244.77.0/24".parse()?;
     let key = dual_stack_key(&cluster, subnet, "fd00:0:0:4d::-64");
-    let id = grant(etcd, 3600)?;
+    // A full 24 h, as flannel grants: with less the agent renews at once,
+    // moving the key to a new lease, and the check below would race it.
+    let id = grant(etcd, 86_400)?;
     put_with_lease(etcd, &key, &vxlan_lease(host.ip()).to_json(), id)?;
 
     host.start_agent(&[])?;
