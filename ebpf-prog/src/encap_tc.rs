@@ -38,7 +38,7 @@ use ebpf_prog::{
         next_outer_ip_id, outer_ip_id, segments, size_verdict,
         vxlan::{self, VxlanParams, flow_src_port, outer_tos},
     },
-    headers::{ETH_HLEN, ETH_P_IP, IP_DF, IPPROTO_UDP, IPV4_HLEN, OUTER_TTL},
+    headers::{AF_INET, ETH_HLEN, ETH_P_IP, IP_DF, IPPROTO_UDP, IPV4_HLEN, OUTER_TTL},
     icmp,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
@@ -48,8 +48,6 @@ use crate::{
     maps::{Limited, OUTER_IP_IDS, admit, helper_failed, node_config, remote_for},
     packet::read_at,
 };
-
-const AF_INET: u8 = 2;
 
 /// `BPF_F_ADJ_ROOM_ENCAP_L2(len)` from the UAPI header, a C macro that bindgen
 /// cannot see: the inner L2 header length in the top byte.

@@ -6,6 +6,8 @@ pub const UDP_HLEN: usize = 8;
 pub const VXLAN_HLEN: usize = 8;
 
 pub const ETH_P_IP: u16 = 0x0800;
+/// Address family of `bpf_fib_lookup` and `bpf_redir_neigh` for IPv4.
+pub const AF_INET: u8 = 2;
 pub const IPPROTO_UDP: u8 = 17;
 
 /// IPv4 flags/fragment-offset field: Don't Fragment.

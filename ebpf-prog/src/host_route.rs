@@ -28,7 +28,10 @@ use aya_ebpf::{
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect},
     programs::TcContext,
 };
-use ebpf_prog::{checksum::ipv4_ttl_decremented, headers::ETH_HLEN};
+use ebpf_prog::{
+    checksum::ipv4_ttl_decremented,
+    headers::{AF_INET, ETH_HLEN},
+};
 use network_types::ip::Ipv4Hdr;
 use weft_common::{HOST_ROUTING_BPF, NodeConfig, Reason};
 
@@ -40,7 +43,6 @@ use crate::{maps::helper_failed, packet::read_at};
 #[unsafe(no_mangle)]
 static HOST_ROUTING: u32 = 0;
 
-const AF_INET: u8 = 2;
 /// Offset of the TTL, protocol and checksum word in the IPv4 header.
 const TTL_OFF: usize = 8;
 
